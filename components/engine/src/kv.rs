@@ -1,0 +1,102 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, Options, ReadOptions, WriteOptions, DB};
+
+use crate::Result;
+
+pub use rocksdb::WriteBatch;
+
+/// Column families of the KV engine.
+pub mod cf {
+    /// MVCC versions: `encode_bytes(user_key) ++ !revision` → version record.
+    pub const MVCC: &str = "mvcc";
+    /// Revision index: `revision ++ sub` → user key; drives watch replay,
+    /// compaction and hashing in revision order.
+    pub const REVISION: &str = "revision";
+    /// Per-region and node-wide metadata (region state, apply state, ...).
+    pub const META: &str = "meta";
+    pub const ALL: [&str; 3] = [MVCC, REVISION, META];
+}
+
+/// The node's RocksDB instance. Cheap to clone.
+#[derive(Clone)]
+pub struct KvEngine {
+    db: Arc<DB>,
+}
+
+pub type RawIter<'a> = DBRawIteratorWithThreadMode<'a, DB>;
+
+impl KvEngine {
+    /// Opens (creating if missing) the engine at `path`.
+    pub fn open(path: &Path) -> Result<KvEngine> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        let db = DB::open_cf(&opts, path, cf::ALL)?;
+        Ok(KvEngine { db: Arc::new(db) })
+    }
+
+    fn handle(&self, name: &str) -> &ColumnFamily {
+        // The column families are created in `open`; a missing one is a bug.
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("column family {name} not opened"))
+    }
+
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.handle(cf), key)?)
+    }
+
+    pub fn put_to(&self, batch: &mut WriteBatch, cf: &str, key: &[u8], value: &[u8]) {
+        batch.put_cf(self.handle(cf), key, value);
+    }
+
+    pub fn delete_from(&self, batch: &mut WriteBatch, cf: &str, key: &[u8]) {
+        batch.delete_cf(self.handle(cf), key);
+    }
+
+    /// Applies `batch` atomically. Not fsynced (see the crate docs).
+    pub fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
+    /// A raw iterator over `cf` bounded to `[lower, upper)` (`upper` empty =
+    /// unbounded). Call `seek`/`seek_for_prev` before reading.
+    pub fn iter(&self, cf: &str, lower: &[u8], upper: &[u8]) -> RawIter<'_> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower.to_vec());
+        if !upper.is_empty() {
+            opts.set_iterate_upper_bound(upper.to_vec());
+        }
+        self.db.raw_iterator_cf_opt(self.handle(cf), opts)
+    }
+
+    /// Reclaims the space of deleted keys in `[start, end)` of `cf` now,
+    /// rather than whenever RocksDB gets to it.
+    pub fn compact_range(&self, cf: &str, start: Option<&[u8]>, end: Option<&[u8]>) {
+        self.db.compact_range_cf(self.handle(cf), start, end);
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync_wal(&self) -> Result<()> {
+        Ok(self.db.flush_wal(true)?)
+    }
+
+    /// Bytes of live SST files over all column families.
+    pub fn live_data_size(&self) -> u64 {
+        cf::ALL
+            .iter()
+            .filter_map(|name| {
+                self.db
+                    .property_int_value_cf(self.handle(name), "rocksdb.live-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+}

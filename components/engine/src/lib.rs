@@ -1,0 +1,23 @@
+//! The two storage engines of a node.
+//!
+//! * [`KvEngine`]: one RocksDB instance holding the state machine of every
+//!   region on the node (MVCC versions, the revision index, region and apply
+//!   state), in the column families listed in [`cf`].
+//! * [`RaftLogEngine`]: one raft-engine instance holding the raft logs, hard
+//!   states and conf states of every region on the node, keyed by region id.
+//!
+//! Durability contract: a raft log write with `sync = true` is on disk when it
+//! returns; RocksDB writes go through its WAL without fsync, because every
+//! state-machine change can be re-derived from the raft log above the
+//! persisted apply index (see `raftstore`). Raft log GC therefore must not pass
+//! an apply index that RocksDB has not synced ([`KvEngine::sync_wal`]).
+
+mod error;
+mod kv;
+mod raft_log;
+
+pub use error::{Error, Result};
+pub use kv::{cf, KvEngine, RawIter, WriteBatch};
+pub use raft;
+pub use raft_log::{RaftLogBatch, RaftLogEngine};
+pub use rocksdb;

@@ -1,0 +1,65 @@
+//! etcd's multi-version key-value model on the node's RocksDB.
+//!
+//! * [`codec`]: key and version encodings of the MVCC and revision column
+//!   families.
+//! * [`MvccStore`] (`store.rs`, the layer's contract): reads at any revision,
+//!   change listing for watch replay, physical compaction, stable hashing.
+//! * [`check`]: etcd's request validation (empty keys, txn limits, put/delete
+//!   overlaps), in etcd's order.
+//! * [`exec`]: etcd's request semantics (Range options, Put flags, DeleteRange,
+//!   nested Txn with compares) evaluated into mutations a raft entry carries.
+//!
+//! The store holds no "current revision": revisions come from the placement
+//! driver's oracle, and the region's apply state tracks what was applied and
+//! compacted.
+
+pub mod check;
+pub mod codec;
+pub mod exec;
+mod store;
+
+pub use store::{CompactStats, KeyRange, MvccStore, RangeResult};
+
+/// Errors of the MVCC layer. The etcd-visible ones carry etcd's meaning; the
+/// server maps them to etcd's gRPC codes and texts.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Error {
+    #[error("key is not provided")]
+    EmptyKey,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("value is provided")]
+    ValueProvided,
+    #[error("lease is provided")]
+    LeaseProvided,
+    #[error("invalid sort option")]
+    InvalidSortOption,
+    #[error("too many operations in txn request")]
+    TooManyOps,
+    #[error("duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error("required revision has been compacted")]
+    Compacted,
+    #[error("required revision is a future revision")]
+    FutureRev,
+    #[error("corrupted mvcc data: {0}")]
+    Corrupted(String),
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<engine::Error> for Error {
+    fn from(e: engine::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<engine::rocksdb::Error> for Error {
+    fn from(e: engine::rocksdb::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

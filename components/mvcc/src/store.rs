@@ -1,0 +1,371 @@
+//! The MVCC store: etcd's key history on the node's RocksDB.
+//!
+//! Every method takes the revision it works at explicitly; the store keeps
+//! no notion of "current" or "compacted" revision — those belong to the
+//! region's apply state, and the callers check them first (reads below the
+//! compaction revision or above the current one never reach this layer).
+//! Key ranges use etcd's convention, see [`KeyRange`].
+
+use engine::{cf, KvEngine, WriteBatch};
+use proto::mvccpb::{event::EventType, Event, KeyValue};
+use proto::raft_cmdpb::{mutation::Op, Mutation};
+
+use crate::codec::{self, Version};
+use crate::Result;
+
+/// A key range in etcd's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: Vec<u8>,
+    /// `None`: the single key `start`. `Some(empty)`: every key `>= start`.
+    /// `Some(end)`: `[start, end)`; empty when `end <= start`.
+    pub end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// From an etcd request's `key` and `range_end`: an empty `range_end`
+    /// is the single key, `"\0"` means "to the end of the keyspace".
+    pub fn from_etcd(key: &[u8], range_end: &[u8]) -> KeyRange {
+        let end = match range_end {
+            [] => None,
+            [0] => Some(Vec::new()),
+            end => Some(end.to_vec()),
+        };
+        KeyRange {
+            start: key.to_vec(),
+            end,
+        }
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        match &self.end {
+            None => key == self.start.as_slice(),
+            Some(end) => key >= self.start.as_slice() && (end.is_empty() || key < end.as_slice()),
+        }
+    }
+
+    /// Exclusive upper bound as raw bytes; empty = unbounded.
+    fn upper(&self) -> Vec<u8> {
+        match &self.end {
+            None => {
+                let mut next = self.start.clone();
+                next.push(0);
+                next
+            }
+            Some(end) => end.clone(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(&self.end, Some(end) if !end.is_empty() && end.as_slice() <= self.start.as_slice())
+    }
+}
+
+/// What [`MvccStore::range`] found.
+#[derive(Debug, Default, PartialEq)]
+pub struct RangeResult {
+    /// Live keys in key order, at most `limit` of them.
+    pub kvs: Vec<KeyValue>,
+    /// All live keys in the range, regardless of `limit`.
+    pub count: usize,
+}
+
+/// Counts of a physical compaction.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CompactStats {
+    pub versions_removed: usize,
+    pub versions_kept: usize,
+}
+
+#[derive(Clone)]
+pub struct MvccStore {
+    engine: KvEngine,
+}
+
+const COMPACT_BATCH: usize = 1024;
+
+impl MvccStore {
+    pub fn new(engine: KvEngine) -> MvccStore {
+        MvccStore { engine }
+    }
+
+    pub fn engine(&self) -> &KvEngine {
+        &self.engine
+    }
+
+    /// The live version of `key` as of `rev` (`None` if it did not exist or
+    /// was deleted then). `i64::MAX` reads the newest version.
+    pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+        let range = KeyRange {
+            start: key.to_vec(),
+            end: None,
+        };
+        Ok(self.range(&range, rev, 1, true)?.kvs.pop())
+    }
+
+    /// Live keys of `range` as of `rev`, in key order. Collects at most
+    /// `limit` of them (0 = all) and only when `collect` (count-only reads
+    /// skip decoding values); `count` always covers the whole range.
+    pub fn range(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        limit: usize,
+        collect: bool,
+    ) -> Result<RangeResult> {
+        let mut out = RangeResult::default();
+        if range.is_empty() {
+            return Ok(out);
+        }
+        let lower = codec::mvcc_lower_bound(&range.start);
+        let upper = codec::mvcc_upper_bound(&range.upper());
+        let mut it = self.engine.iter(cf::MVCC, &lower, &upper);
+        it.seek(codec::mvcc_key(&range.start, rev));
+        while it.valid() {
+            let Some(raw_key) = it.key() else { break };
+            let (user_key, version_rev) = codec::decode_mvcc_key(raw_key)?;
+            if version_rev > rev {
+                it.seek(codec::mvcc_key(&user_key, rev));
+                continue;
+            }
+            let raw_value = it.value().unwrap_or_default();
+            if raw_value.first() != Some(&1) {
+                out.count += 1;
+                if collect && (limit == 0 || out.kvs.len() < limit) {
+                    let version = Version::decode(raw_value)?;
+                    if let Some(kv) = key_value(user_key.clone(), version_rev, version) {
+                        out.kvs.push(kv);
+                    }
+                }
+            }
+            it.seek(codec::mvcc_key_end(&user_key));
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Stages the changes of one revision into `batch`. `create_revision` 0
+    /// in a put means the key is created by `rev`. The caller guarantees one
+    /// change per key per revision and distinct `sub`s.
+    pub fn stage_changes(&self, batch: &mut WriteBatch, rev: i64, mutations: &[Mutation]) {
+        for m in mutations {
+            let version = match m.op() {
+                Op::Put => Version::Put {
+                    create_revision: if m.create_revision == 0 {
+                        rev
+                    } else {
+                        m.create_revision
+                    },
+                    version: m.version,
+                    lease: m.lease,
+                    value: m.value.clone(),
+                },
+                Op::Delete => Version::Tombstone,
+            };
+            self.engine.put_to(
+                batch,
+                cf::MVCC,
+                &codec::mvcc_key(&m.key, rev),
+                &version.encode(),
+            );
+            self.engine.put_to(
+                batch,
+                cf::REVISION,
+                &codec::revision_key(rev, m.sub),
+                &m.key,
+            );
+        }
+    }
+
+    /// Changes to keys in `range` with revisions in `[from_rev, to_rev]`, in
+    /// revision order, at most `limit` (0 = all). Deletes carry only the key
+    /// and mod_revision, as in etcd. With `prev_kv`, each event also carries
+    /// the key's previous live version (absent if compacted away).
+    pub fn events(
+        &self,
+        range: &KeyRange,
+        from_rev: i64,
+        to_rev: i64,
+        limit: usize,
+        prev_kv: bool,
+    ) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        if from_rev > to_rev || range.is_empty() {
+            return Ok(events);
+        }
+        let lower = codec::revision_key(from_rev, 0);
+        let upper = codec::revision_key(to_rev.saturating_add(1), 0);
+        let mut it = self.engine.iter(cf::REVISION, &lower, &upper);
+        it.seek(lower);
+        while it.valid() && (limit == 0 || events.len() < limit) {
+            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
+                break;
+            };
+            if range.contains(user_key) {
+                let (rev, _) = codec::decode_revision_key(raw_key)?;
+                if let Some(event) = self.event_at(user_key, rev, prev_kv)? {
+                    events.push(event);
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(events)
+    }
+
+    fn event_at(&self, key: &[u8], rev: i64, prev_kv: bool) -> Result<Option<Event>> {
+        let Some(raw) = self.engine.get(cf::MVCC, &codec::mvcc_key(key, rev))? else {
+            // Compacted away between reading the index and the version.
+            return Ok(None);
+        };
+        let version = Version::decode(&raw)?;
+        let (r#type, kv) = match key_value(key.to_vec(), rev, version) {
+            Some(kv) => (EventType::Put, kv),
+            None => (
+                EventType::Delete,
+                KeyValue {
+                    key: key.to_vec(),
+                    mod_revision: rev,
+                    ..Default::default()
+                },
+            ),
+        };
+        let prev_kv = if prev_kv {
+            self.get(key, rev - 1)?
+        } else {
+            None
+        };
+        Ok(Some(Event {
+            r#type: r#type as i32,
+            kv: Some(kv),
+            prev_kv,
+        }))
+    }
+
+    /// Physically removes, for keys in `[lower, upper)` (`upper` empty =
+    /// unbounded), every version that no read at or above `rev` can see:
+    /// versions superseded at or before `rev`, and tombstones at or before
+    /// `rev` with everything older. Reads at `rev` itself still work.
+    /// Versions are removed oldest first, so a crash half way never makes an
+    /// older version visible again.
+    pub fn compact(&self, rev: i64, lower: &[u8], upper: &[u8]) -> Result<CompactStats> {
+        let mut stats = CompactStats::default();
+        let start = codec::revision_key(1, 0);
+        let end = codec::revision_key(rev.saturating_add(1), 0);
+        let mut it = self.engine.iter(cf::REVISION, &start, &end);
+        it.seek(start);
+        let mut batch = WriteBatch::default();
+        let mut staged = 0;
+        while it.valid() {
+            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
+                break;
+            };
+            if user_key >= lower && (upper.is_empty() || user_key < upper) {
+                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
+                if self.visible_after_compaction(user_key, version_rev, rev)? {
+                    stats.versions_kept += 1;
+                } else {
+                    self.engine.delete_from(
+                        &mut batch,
+                        cf::MVCC,
+                        &codec::mvcc_key(user_key, version_rev),
+                    );
+                    self.engine.delete_from(&mut batch, cf::REVISION, raw_key);
+                    stats.versions_removed += 1;
+                    staged += 1;
+                    if staged >= COMPACT_BATCH {
+                        self.engine.write(std::mem::take(&mut batch))?;
+                        staged = 0;
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        self.engine.write(batch)?;
+        if stats.versions_removed > 0 {
+            self.engine.compact_range(cf::MVCC, None, None);
+            self.engine
+                .compact_range(cf::REVISION, Some(&start), Some(&end));
+        }
+        Ok(stats)
+    }
+
+    /// Whether the version of `key` at `version_rev` (<= `compact_rev`)
+    /// survives a compaction at `compact_rev`: only the newest version at or
+    /// below it does, and only if it is not a tombstone.
+    fn visible_after_compaction(
+        &self,
+        key: &[u8],
+        version_rev: i64,
+        compact_rev: i64,
+    ) -> Result<bool> {
+        let lower = codec::mvcc_lower_bound(key);
+        let upper = codec::mvcc_key_end(key);
+        let mut it = self.engine.iter(cf::MVCC, &lower, &upper);
+        it.seek(codec::mvcc_key(key, compact_rev));
+        if !it.valid() {
+            it.status()?;
+            return Ok(false);
+        }
+        let newest_rev = match it.key() {
+            Some(raw) => codec::decode_mvcc_key(raw)?.1,
+            None => return Ok(false),
+        };
+        Ok(newest_rev == version_rev && it.value().and_then(|v| v.first()) != Some(&1))
+    }
+
+    /// CRC32 of the history of keys in `[lower, upper)` up to `rev`, as a
+    /// compaction at `compact_rev` leaves it. Independent of how far the
+    /// physical clean-up of that compaction has got, so equal on every
+    /// replica that applied the same log prefix.
+    pub fn hash(&self, rev: i64, compact_rev: i64, lower: &[u8], upper: &[u8]) -> Result<u32> {
+        let mut hasher = crc32fast::Hasher::new();
+        let start = codec::revision_key(1, 0);
+        let end = codec::revision_key(rev.saturating_add(1), 0);
+        let mut it = self.engine.iter(cf::REVISION, &start, &end);
+        it.seek(start);
+        while it.valid() {
+            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
+                break;
+            };
+            if user_key >= lower && (upper.is_empty() || user_key < upper) {
+                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
+                if version_rev > compact_rev
+                    || self.visible_after_compaction(user_key, version_rev, compact_rev)?
+                {
+                    let value = self
+                        .engine
+                        .get(cf::MVCC, &codec::mvcc_key(user_key, version_rev))?
+                        .unwrap_or_default();
+                    hasher.update(raw_key);
+                    hasher.update(&(user_key.len() as u32).to_be_bytes());
+                    hasher.update(user_key);
+                    hasher.update(&value);
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(hasher.finalize())
+    }
+}
+
+fn key_value(key: Vec<u8>, mod_revision: i64, version: Version) -> Option<KeyValue> {
+    match version {
+        Version::Put {
+            create_revision,
+            version,
+            lease,
+            value,
+        } => Some(KeyValue {
+            key,
+            create_revision,
+            mod_revision,
+            version,
+            value,
+            lease,
+        }),
+        Version::Tombstone => None,
+    }
+}

@@ -1,0 +1,115 @@
+//! The contract between nodes and PD. Nodes depend on [`PdClient`] only, so
+//! an embedded PD ([`crate::LocalPdClient`]) and a remote one
+//! ([`crate::RpcPdClient`]) are interchangeable.
+
+use proto::metapb;
+
+/// Errors of PD operations. `Clone` because one batched RPC answers many
+/// callers with the same outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PdError {
+    #[error("cluster is not bootstrapped")]
+    NotBootstrapped,
+    #[error("cluster is already bootstrapped")]
+    AlreadyBootstrapped,
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("cluster id mismatch: expected {expected}, PD has {actual}")]
+    ClusterIdMismatch { expected: u64, actual: u64 },
+    /// The PD storage failed; the operation may or may not have taken effect.
+    #[error("PD storage error: {0}")]
+    Storage(String),
+    /// The id or revision space is used up (practically unreachable, but it
+    /// must not wrap around).
+    #[error("{0} space exhausted")]
+    Exhausted(&'static str),
+    /// This PD instance was closed; no further values are handed out by it.
+    #[error("PD is closed")]
+    Closed,
+    /// No PD endpoint could be reached, or the connection broke mid-call.
+    #[error("PD unavailable: {0}")]
+    Unavailable(String),
+    /// Any other error reported by a remote PD or by the RPC layer.
+    #[error("PD error: {0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, PdError>;
+
+/// A region and its leader, if PD knows it.
+pub type RegionWithLeader = (metapb::Region, Option<metapb::Peer>);
+
+#[async_trait::async_trait]
+pub trait PdClient: Send + Sync {
+    /// The cluster id. It is drawn at random when the PD data dir is created
+    /// and never changes afterwards, so it is known even before bootstrap.
+    async fn cluster_id(&self) -> Result<u64>;
+
+    async fn is_bootstrapped(&self) -> Result<bool>;
+
+    /// Creates the cluster with its first node and first region.
+    /// The region must cover the whole keyspace (empty start and end key) and
+    /// the ids must be non-zero; otherwise `Err(InvalidArgument)`.
+    /// `Err(AlreadyBootstrapped)` if done before, even with identical
+    /// arguments: a caller that lost the reply of its own successful bootstrap
+    /// sees this error on retry and should read the state back instead.
+    async fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()>;
+
+    /// A unique id, > 0, never reused, also across PD restarts and crashes.
+    /// Works before bootstrap (the bootstrap ids come from here). Ids are
+    /// increasing but not consecutive: a restart skips the unused window.
+    async fn alloc_id(&self) -> Result<u64>;
+
+    /// Adds or replaces a node. `Err(NotBootstrapped)` before bootstrap,
+    /// `Err(InvalidArgument)` for id 0 or for reviving a tombstoned node.
+    async fn put_node(&self, node: metapb::Node) -> Result<()>;
+
+    /// `Ok(None)` for an unknown id. `Err(NotBootstrapped)` before bootstrap.
+    async fn get_node(&self, id: u64) -> Result<Option<metapb::Node>>;
+
+    /// All nodes, tombstones included, ordered by id.
+    /// `Err(NotBootstrapped)` before bootstrap.
+    async fn get_all_nodes(&self) -> Result<Vec<metapb::Node>>;
+
+    /// The region containing `key` (start <= key < end, empty end = +inf) and
+    /// its leader if known. `Ok(None)` when no region covers the key, which
+    /// happens briefly after a split while PD has heard from only one side.
+    /// `Err(NotBootstrapped)` before bootstrap.
+    async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>>;
+
+    /// `Ok(None)` for an unknown id (also for a region merged away).
+    /// `Err(NotBootstrapped)` before bootstrap.
+    async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>>;
+
+    /// Every region overlapping `[start, end)` in key order (the first one may
+    /// start before `start`); `end` empty = +inf; `limit` 0 = no limit.
+    /// Holes in the keyspace are skipped silently. `Err(NotBootstrapped)`
+    /// before bootstrap.
+    async fn scan_regions(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<RegionWithLeader>>;
+
+    /// Reports the region's current meta and leader; a heartbeat with an
+    /// older epoch than PD knows (for this region, or for a region it
+    /// overlaps) is ignored and still returns `Ok`. Overlapped regions with an
+    /// older version are dropped (the split/merge made them obsolete).
+    /// `Err(InvalidArgument)` for id 0, a missing epoch, an empty range, or a
+    /// leader that is not one of the region's peers.
+    /// `Err(NotBootstrapped)` before bootstrap.
+    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()>;
+
+    /// Revision oracle: hands out `count` (>=1, else `Err(InvalidArgument)`)
+    /// consecutive revisions and returns the first. Every value is greater
+    /// than every revision handed out before, also across PD restarts and
+    /// crashes. A fresh cluster's current revision is 1, so the first
+    /// allocation returns 2. Works before bootstrap.
+    async fn alloc_revisions(&self, count: u32) -> Result<i64>;
+
+    /// The highest revision handed out so far (1 on a fresh cluster). Never
+    /// decreases, also across restarts. Linearizable: the value is at least
+    /// every revision handed out before this call started.
+    async fn current_revision(&self) -> Result<i64>;
+}

@@ -1,0 +1,88 @@
+//! [`PdClient`] over an in-process [`PdCore`], for a node that embeds PD.
+
+use std::sync::Arc;
+
+use proto::metapb;
+
+use crate::client::{PdClient, RegionWithLeader, Result};
+use crate::pd_core::PdCore;
+
+/// Calls the embedded core directly: no batching is needed because the
+/// oracle's fast path is a mutex-protected increment.
+#[derive(Debug, Clone)]
+pub struct LocalPdClient {
+    core: Arc<PdCore>,
+}
+
+impl LocalPdClient {
+    pub fn new(core: Arc<PdCore>) -> Self {
+        LocalPdClient { core }
+    }
+
+    pub fn core(&self) -> &Arc<PdCore> {
+        &self.core
+    }
+}
+
+#[async_trait::async_trait]
+impl PdClient for LocalPdClient {
+    async fn cluster_id(&self) -> Result<u64> {
+        Ok(self.core.cluster_id())
+    }
+
+    async fn is_bootstrapped(&self) -> Result<bool> {
+        Ok(self.core.is_bootstrapped())
+    }
+
+    async fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()> {
+        self.core.bootstrap(node, region)
+    }
+
+    async fn alloc_id(&self) -> Result<u64> {
+        self.core.alloc_id()
+    }
+
+    async fn put_node(&self, node: metapb::Node) -> Result<()> {
+        self.core.put_node(node)
+    }
+
+    async fn get_node(&self, id: u64) -> Result<Option<metapb::Node>> {
+        self.core.get_node(id)
+    }
+
+    async fn get_all_nodes(&self) -> Result<Vec<metapb::Node>> {
+        self.core.get_all_nodes()
+    }
+
+    async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
+        self.core.get_region(key)
+    }
+
+    async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
+        self.core.get_region_by_id(id)
+    }
+
+    async fn scan_regions(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<RegionWithLeader>> {
+        self.core.scan_regions(start, end, limit)
+    }
+
+    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()> {
+        self.core.region_heartbeat(region, leader)
+    }
+
+    async fn alloc_revisions(&self, count: u32) -> Result<i64> {
+        self.core.alloc_revisions(count)
+    }
+
+    async fn current_revision(&self) -> Result<i64> {
+        if self.core.is_closed() {
+            return Err(crate::client::PdError::Closed);
+        }
+        Ok(self.core.current_revision())
+    }
+}

@@ -1,0 +1,613 @@
+//! [`PdClient`] over gRPC, with endpoint failover and TSO-style batching of
+//! revision requests.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::metapb;
+use proto::pdpb::{self, pd_client::PdClient as GrpcClient};
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, info, warn};
+
+use crate::client::{PdClient, PdError, RegionWithLeader, Result};
+
+#[derive(Debug, Clone)]
+pub struct RpcPdClientConfig {
+    /// Per endpoint; a dead endpoint costs at most this before the next one
+    /// is tried.
+    pub connect_timeout: Duration,
+    /// Per RPC.
+    pub request_timeout: Duration,
+}
+
+impl Default for RpcPdClientConfig {
+    fn default() -> Self {
+        RpcPdClientConfig {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Talks to one of several PD endpoints: the first reachable one in list
+/// order, switching (again in list order) when the connection breaks.
+///
+/// Cheap to clone; clones share the connection and the revision batcher.
+/// Must be created inside a tokio runtime, which runs the batcher task.
+#[derive(Debug, Clone)]
+pub struct RpcPdClient {
+    inner: Arc<Inner>,
+    tso_tx: mpsc::UnboundedSender<TsoRequest>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Vec<Endpoint>,
+    /// 0 until learned from the first PD reached; afterwards every endpoint
+    /// must report the same id.
+    cluster_id: AtomicU64,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    generation: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    generation: u64,
+    url: String,
+    client: GrpcClient<Channel>,
+}
+
+#[derive(Debug)]
+enum TsoRequest {
+    Alloc {
+        count: u32,
+        tx: oneshot::Sender<Result<i64>>,
+    },
+    Current {
+        tx: oneshot::Sender<Result<i64>>,
+    },
+}
+
+/// tonic's transport errors say little at the top level ("transport error");
+/// the cause is in the source chain.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Statuses after which the request may not have reached a working PD, so
+/// another endpoint is worth a try.
+fn is_connection_failure(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
+    )
+}
+
+fn status_to_error(s: &Status) -> PdError {
+    if is_connection_failure(s) {
+        PdError::Unavailable(format!("{:?}: {}", s.code(), s.message()))
+    } else {
+        PdError::Other(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
+    h.and_then(|h| h.error.as_ref()).is_some_and(|e| {
+        e.r#type == pdpb::ErrorType::RegionNotFound as i32
+            || e.r#type == pdpb::ErrorType::NodeNotFound as i32
+    })
+}
+
+impl Inner {
+    fn request_header(&self) -> Option<pdpb::RequestHeader> {
+        Some(pdpb::RequestHeader {
+            cluster_id: self.cluster_id.load(Ordering::Acquire),
+        })
+    }
+
+    /// Maps a response header's error to a [`PdError`].
+    fn check(&self, h: Option<&pdpb::ResponseHeader>) -> Result<()> {
+        let Some(h) = h else {
+            return Err(PdError::Other("response without header".into()));
+        };
+        let Some(e) = &h.error else {
+            return Ok(());
+        };
+        use pdpb::ErrorType as T;
+        Err(match T::try_from(e.r#type).unwrap_or(T::Unknown) {
+            T::Ok => return Ok(()),
+            T::NotBootstrapped => PdError::NotBootstrapped,
+            T::AlreadyBootstrapped => PdError::AlreadyBootstrapped,
+            T::InvalidArgument => PdError::InvalidArgument(e.message.clone()),
+            T::ClusterIdMismatch => PdError::ClusterIdMismatch {
+                expected: self.cluster_id.load(Ordering::Acquire),
+                actual: h.cluster_id,
+            },
+            T::RegionNotFound | T::NodeNotFound | T::Unknown => PdError::Other(e.message.clone()),
+        })
+    }
+
+    /// Connects to the first endpoint, in list order, that answers
+    /// GetMembers with the expected cluster id.
+    async fn connect_any(&self) -> Result<Conn> {
+        let mut errors = Vec::new();
+        for ep in &self.endpoints {
+            let url = ep.uri().to_string();
+            let channel = match ep.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(endpoint = %url, error = %error_chain(&e), "PD endpoint unreachable");
+                    errors.push(format!("{url}: {}", error_chain(&e)));
+                    continue;
+                }
+            };
+            let mut client = GrpcClient::new(channel);
+            let resp = match client
+                .get_members(pdpb::GetMembersRequest {
+                    header: self.request_header(),
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    errors.push(format!("{url}: {:?}: {}", s.code(), s.message()));
+                    continue;
+                }
+            };
+            let actual = resp.header.as_ref().map_or(0, |h| h.cluster_id);
+            if let Err(e) = self.check(resp.header.as_ref()) {
+                errors.push(format!("{url}: {e}"));
+                continue;
+            }
+            if actual == 0 {
+                errors.push(format!("{url}: no cluster id in response"));
+                continue;
+            }
+            match self
+                .cluster_id
+                .compare_exchange(0, actual, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {}
+                Err(known) if known == actual => {}
+                Err(known) => {
+                    warn!(endpoint = %url, expected = known, actual, "PD endpoint belongs to another cluster");
+                    errors.push(format!("{url}: cluster id {actual}, expected {known}"));
+                    continue;
+                }
+            }
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            info!(endpoint = %url, cluster_id = actual, "connected to PD");
+            return Ok(Conn {
+                generation,
+                url,
+                client,
+            });
+        }
+        Err(PdError::Unavailable(format!(
+            "no PD endpoint reachable ({})",
+            errors.join("; ")
+        )))
+    }
+
+    async fn conn(&self) -> Result<Conn> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self.connect_any().await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Drops the connection unless someone already replaced it.
+    async fn invalidate(&self, generation: u64) {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|c| c.generation == generation) {
+            *guard = None;
+        }
+    }
+
+    /// Runs one RPC; on a connection failure reconnects (trying every
+    /// endpoint in order) and retries once. Retrying is safe for every PD
+    /// call: allocations at worst skip values, and a repeated bootstrap
+    /// reports AlreadyBootstrapped.
+    async fn call<R, F, Fut>(&self, f: F) -> Result<R>
+    where
+        F: Fn(GrpcClient<Channel>, Option<pdpb::RequestHeader>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, Status>>,
+    {
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = self.conn().await?;
+            match f(conn.client.clone(), self.request_header()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if is_connection_failure(&s) => {
+                    warn!(endpoint = %conn.url, code = ?s.code(), message = s.message(), "PD call failed, reconnecting");
+                    self.invalidate(conn.generation).await;
+                    last = Some(s);
+                }
+                Err(s) => return Err(status_to_error(&s)),
+            }
+        }
+        Err(last.map_or_else(
+            || PdError::Unavailable("PD call failed".into()),
+            |s| status_to_error(&s),
+        ))
+    }
+
+    async fn alloc_revisions_rpc(&self, count: u32) -> Result<i64> {
+        let resp = self
+            .call(|mut c, header| async move {
+                c.alloc_revisions(pdpb::AllocRevisionsRequest { header, count })
+                    .await
+            })
+            .await?;
+        self.check(resp.header.as_ref())?;
+        Ok(resp.first)
+    }
+
+    async fn current_revision_rpc(&self) -> Result<i64> {
+        let resp = self
+            .call(|mut c, header| async move {
+                c.current_revision(pdpb::CurrentRevisionRequest { header })
+                    .await
+            })
+            .await?;
+        self.check(resp.header.as_ref())?;
+        Ok(resp.revision)
+    }
+}
+
+/// The batcher: one revision RPC in flight at a time; everything that queued
+/// meanwhile goes into the next RPC. A request is only ever drained before the
+/// RPC serving it starts, which is what makes `current_revision` linearizable.
+async fn tso_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<TsoRequest>) {
+    let mut carried: Option<TsoRequest> = None;
+    loop {
+        let first = match carried.take() {
+            Some(r) => r,
+            None => match rx.recv().await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        let mut allocs: Vec<(u32, oneshot::Sender<Result<i64>>)> = Vec::new();
+        let mut reads: Vec<oneshot::Sender<Result<i64>>> = Vec::new();
+        let mut total: u64 = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                TsoRequest::Alloc { count, tx } => {
+                    if total + u64::from(count) > u64::from(u32::MAX) {
+                        // Keep the batch within one RPC's u32 count.
+                        carried = Some(TsoRequest::Alloc { count, tx });
+                        break;
+                    }
+                    total += u64::from(count);
+                    allocs.push((count, tx));
+                }
+                TsoRequest::Current { tx } => reads.push(tx),
+            }
+            next = rx.try_recv().ok();
+        }
+
+        if allocs.is_empty() {
+            let r = inner.current_revision_rpc().await;
+            for tx in reads {
+                let _ = tx.send(r.clone());
+            }
+            continue;
+        }
+        // One AllocRevisions serves the readers too: the last revision it
+        // hands out is the current revision at a moment after every batched
+        // caller arrived, exactly what a separate CurrentRevision would give.
+        match inner.alloc_revisions_rpc(total as u32).await {
+            Ok(first) => {
+                let mut next = first;
+                for (count, tx) in allocs {
+                    let _ = tx.send(Ok(next));
+                    next += i64::from(count);
+                }
+                for tx in reads {
+                    let _ = tx.send(Ok(next - 1));
+                }
+                // MUTATION: serve readers that arrived during the RPC.
+                while let Ok(r) = rx.try_recv() {
+                    match r {
+                        TsoRequest::Current { tx } => { let _ = tx.send(Ok(next - 1)); }
+                        other => { carried = Some(other); break; }
+                    }
+                }
+            }
+            Err(e) => {
+                for (_, tx) in allocs {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                for tx in reads {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn parse_endpoint(raw: &str, config: &RpcPdClientConfig) -> Result<Endpoint> {
+    let raw = raw.trim();
+    let url = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("http://{raw}")
+    };
+    let ep = Endpoint::from_shared(url.clone())
+        .map_err(|e| PdError::InvalidArgument(format!("bad PD endpoint {raw:?}: {e}")))?;
+    if ep.uri().host().is_none() {
+        return Err(PdError::InvalidArgument(format!(
+            "bad PD endpoint {raw:?}: no host"
+        )));
+    }
+    Ok(ep
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.request_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(3)))
+}
+
+impl RpcPdClient {
+    /// Connects to the first reachable endpoint (`http://host:port`, scheme
+    /// optional) and learns the cluster id. `Err(InvalidArgument)` for an
+    /// empty list or a malformed URL, `Err(Unavailable)` if none answers.
+    pub async fn connect<S: AsRef<str>>(
+        endpoints: &[S],
+        config: RpcPdClientConfig,
+    ) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(PdError::InvalidArgument("no PD endpoints given".into()));
+        }
+        let endpoints = endpoints
+            .iter()
+            .map(|e| parse_endpoint(e.as_ref(), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let inner = Arc::new(Inner {
+            endpoints,
+            cluster_id: AtomicU64::new(0),
+            conn: tokio::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+        });
+        let first = inner.connect_any().await?;
+        *inner.conn.lock().await = Some(first);
+        let (tso_tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(tso_loop(inner.clone(), rx));
+        Ok(RpcPdClient { inner, tso_tx })
+    }
+
+    /// The URL of the endpoint currently in use, if connected.
+    pub async fn current_endpoint(&self) -> Option<String> {
+        self.inner.conn.lock().await.as_ref().map(|c| c.url.clone())
+    }
+
+    /// The members as reported by the PD currently connected.
+    pub async fn get_members(&self) -> Result<pdpb::GetMembersResponse> {
+        let resp =
+            self.inner
+                .call(|mut c, header| async move {
+                    c.get_members(pdpb::GetMembersRequest { header }).await
+                })
+                .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp)
+    }
+
+    async fn tso(&self, req: TsoRequest, rx: oneshot::Receiver<Result<i64>>) -> Result<i64> {
+        let stopped = || PdError::Unavailable("revision batcher stopped".into());
+        self.tso_tx.send(req).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+fn region_pair(
+    region: Option<metapb::Region>,
+    leader: Option<metapb::Peer>,
+) -> Option<RegionWithLeader> {
+    region.map(|r| (r, leader))
+}
+
+#[async_trait::async_trait]
+impl PdClient for RpcPdClient {
+    async fn cluster_id(&self) -> Result<u64> {
+        let known = self.inner.cluster_id.load(Ordering::Acquire);
+        if known != 0 {
+            return Ok(known);
+        }
+        let resp = self.get_members().await?;
+        Ok(resp.header.map_or(0, |h| h.cluster_id))
+    }
+
+    async fn is_bootstrapped(&self) -> Result<bool> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.is_bootstrapped(pdpb::IsBootstrappedRequest { header })
+                    .await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.bootstrapped)
+    }
+
+    async fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::BootstrapRequest {
+                    header,
+                    node: Some(node.clone()),
+                    region: Some(region.clone()),
+                };
+                async move { c.bootstrap(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())
+    }
+
+    async fn alloc_id(&self) -> Result<u64> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move { c.alloc_id(pdpb::AllocIdRequest { header }).await })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        if resp.id == 0 {
+            return Err(PdError::Other("PD returned id 0".into()));
+        }
+        Ok(resp.id)
+    }
+
+    async fn put_node(&self, node: metapb::Node) -> Result<()> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::PutNodeRequest {
+                    header,
+                    node: Some(node.clone()),
+                };
+                async move { c.put_node(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())
+    }
+
+    async fn get_node(&self, id: u64) -> Result<Option<metapb::Node>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_node(pdpb::GetNodeRequest {
+                    header,
+                    node_id: id,
+                })
+                .await
+            })
+            .await?;
+        if is_not_found(resp.header.as_ref()) {
+            return Ok(None);
+        }
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.node)
+    }
+
+    async fn get_all_nodes(&self) -> Result<Vec<metapb::Node>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_all_nodes(pdpb::GetAllNodesRequest { header }).await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.nodes)
+    }
+
+    async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::GetRegionRequest {
+                    header,
+                    key: key.to_vec(),
+                };
+                async move { c.get_region(req).await }
+            })
+            .await?;
+        if is_not_found(resp.header.as_ref()) {
+            return Ok(None);
+        }
+        self.inner.check(resp.header.as_ref())?;
+        Ok(region_pair(resp.region, resp.leader))
+    }
+
+    async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_region_by_id(pdpb::GetRegionByIdRequest {
+                    header,
+                    region_id: id,
+                })
+                .await
+            })
+            .await?;
+        if is_not_found(resp.header.as_ref()) {
+            return Ok(None);
+        }
+        self.inner.check(resp.header.as_ref())?;
+        Ok(region_pair(resp.region, resp.leader))
+    }
+
+    async fn scan_regions(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<RegionWithLeader>> {
+        // The wire limit is u32; a larger one is as good as "no limit".
+        let limit = u32::try_from(limit).unwrap_or(0);
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::ScanRegionsRequest {
+                    header,
+                    start_key: start.to_vec(),
+                    end_key: end.to_vec(),
+                    limit,
+                };
+                async move { c.scan_regions(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp
+            .regions
+            .into_iter()
+            .filter_map(|r| region_pair(r.region, r.leader))
+            .collect())
+    }
+
+    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::RegionHeartbeatRequest {
+                    header,
+                    region: Some(region.clone()),
+                    leader: Some(leader.clone()),
+                };
+                async move { c.region_heartbeat(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())
+    }
+
+    async fn alloc_revisions(&self, count: u32) -> Result<i64> {
+        if count == 0 {
+            return Err(PdError::InvalidArgument("revision count 0".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tso(TsoRequest::Alloc { count, tx }, rx).await
+    }
+
+    async fn current_revision(&self) -> Result<i64> {
+        let (tx, rx) = oneshot::channel();
+        self.tso(TsoRequest::Current { tx }, rx).await
+    }
+}

@@ -1,0 +1,339 @@
+//! The `pdpb.PD` gRPC service over a [`PdCore`].
+//!
+//! Application errors travel in the response header (so a client can tell
+//! "not bootstrapped" from a broken connection); a gRPC status is used only
+//! when this member cannot serve at all (closed), which makes clients fail
+//! over to another endpoint.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use proto::pdpb::{self, pd_server};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use crate::client::{PdError, RegionWithLeader};
+use crate::pd_core::PdCore;
+
+#[derive(Debug, Clone)]
+pub struct PdService {
+    core: Arc<PdCore>,
+}
+
+pub(crate) fn error_to_proto(e: &PdError) -> pdpb::Error {
+    use pdpb::ErrorType as T;
+    let t = match e {
+        PdError::NotBootstrapped => T::NotBootstrapped,
+        PdError::AlreadyBootstrapped => T::AlreadyBootstrapped,
+        PdError::InvalidArgument(_) => T::InvalidArgument,
+        PdError::ClusterIdMismatch { .. } => T::ClusterIdMismatch,
+        _ => T::Unknown,
+    };
+    pdpb::Error {
+        r#type: t as i32,
+        message: e.to_string(),
+    }
+}
+
+fn not_found(t: pdpb::ErrorType, message: String) -> pdpb::Error {
+    pdpb::Error {
+        r#type: t as i32,
+        message,
+    }
+}
+
+fn region_response(
+    header: Option<pdpb::ResponseHeader>,
+    found: Option<RegionWithLeader>,
+) -> pdpb::GetRegionResponse {
+    let (region, leader) = match found {
+        Some((r, l)) => (Some(r), l),
+        None => (None, None),
+    };
+    pdpb::GetRegionResponse {
+        header,
+        region,
+        leader,
+    }
+}
+
+impl PdService {
+    pub fn new(core: Arc<PdCore>) -> Self {
+        PdService { core }
+    }
+
+    /// The tower service to add to a `tonic::transport::Server`.
+    pub fn into_server(self) -> pd_server::PdServer<PdService> {
+        pd_server::PdServer::new(self)
+    }
+
+    fn header(&self, error: Option<pdpb::Error>) -> Option<pdpb::ResponseHeader> {
+        Some(pdpb::ResponseHeader {
+            cluster_id: self.core.cluster_id(),
+            error,
+        })
+    }
+
+    /// Runs `f` after checking the request's cluster id, and sorts its
+    /// outcome into header error vs. gRPC status.
+    fn run<T>(
+        &self,
+        req_header: Option<&pdpb::RequestHeader>,
+        f: impl FnOnce() -> Result<T, PdError>,
+    ) -> Result<(Option<pdpb::ResponseHeader>, Option<T>), Status> {
+        let want = req_header.map_or(0, |h| h.cluster_id);
+        let result = if want != 0 && want != self.core.cluster_id() {
+            Err(PdError::ClusterIdMismatch {
+                expected: want,
+                actual: self.core.cluster_id(),
+            })
+        } else {
+            f()
+        };
+        match result {
+            Ok(v) => Ok((self.header(None), Some(v))),
+            Err(PdError::Closed) => Err(Status::unavailable("PD member is shutting down")),
+            Err(e) => Ok((self.header(Some(error_to_proto(&e))), None)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pd_server::Pd for PdService {
+    async fn get_members(
+        &self,
+        req: Request<pdpb::GetMembersRequest>,
+    ) -> Result<Response<pdpb::GetMembersResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || {
+            Ok((self.core.members(), self.core.member().clone()))
+        })?;
+        let (members, leader) = match v {
+            Some((m, l)) => (m, Some(l)),
+            None => (Vec::new(), None),
+        };
+        Ok(Response::new(pdpb::GetMembersResponse {
+            header,
+            members,
+            leader,
+        }))
+    }
+
+    async fn is_bootstrapped(
+        &self,
+        req: Request<pdpb::IsBootstrappedRequest>,
+    ) -> Result<Response<pdpb::IsBootstrappedResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || Ok(self.core.is_bootstrapped()))?;
+        Ok(Response::new(pdpb::IsBootstrappedResponse {
+            header,
+            bootstrapped: v.unwrap_or(false),
+        }))
+    }
+
+    async fn bootstrap(
+        &self,
+        req: Request<pdpb::BootstrapRequest>,
+    ) -> Result<Response<pdpb::BootstrapResponse>, Status> {
+        let req = req.into_inner();
+        let (header, _) = self.run(req.header.as_ref(), || {
+            let node = req
+                .node
+                .ok_or_else(|| PdError::InvalidArgument("bootstrap without node".into()))?;
+            let region = req
+                .region
+                .ok_or_else(|| PdError::InvalidArgument("bootstrap without region".into()))?;
+            self.core.bootstrap(node, region)
+        })?;
+        Ok(Response::new(pdpb::BootstrapResponse { header }))
+    }
+
+    async fn alloc_id(
+        &self,
+        req: Request<pdpb::AllocIdRequest>,
+    ) -> Result<Response<pdpb::AllocIdResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || self.core.alloc_id())?;
+        Ok(Response::new(pdpb::AllocIdResponse {
+            header,
+            id: v.unwrap_or(0),
+        }))
+    }
+
+    async fn put_node(
+        &self,
+        req: Request<pdpb::PutNodeRequest>,
+    ) -> Result<Response<pdpb::PutNodeResponse>, Status> {
+        let req = req.into_inner();
+        let (header, _) = self.run(req.header.as_ref(), || {
+            let node = req
+                .node
+                .ok_or_else(|| PdError::InvalidArgument("put_node without node".into()))?;
+            self.core.put_node(node)
+        })?;
+        Ok(Response::new(pdpb::PutNodeResponse { header }))
+    }
+
+    async fn get_node(
+        &self,
+        req: Request<pdpb::GetNodeRequest>,
+    ) -> Result<Response<pdpb::GetNodeResponse>, Status> {
+        let req = req.into_inner();
+        let (mut header, v) = self.run(req.header.as_ref(), || self.core.get_node(req.node_id))?;
+        let node = v.flatten();
+        if node.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
+            header = self.header(Some(not_found(
+                pdpb::ErrorType::NodeNotFound,
+                format!("node {} not found", req.node_id),
+            )));
+        }
+        Ok(Response::new(pdpb::GetNodeResponse { header, node }))
+    }
+
+    async fn get_all_nodes(
+        &self,
+        req: Request<pdpb::GetAllNodesRequest>,
+    ) -> Result<Response<pdpb::GetAllNodesResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || self.core.get_all_nodes())?;
+        Ok(Response::new(pdpb::GetAllNodesResponse {
+            header,
+            nodes: v.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_region(
+        &self,
+        req: Request<pdpb::GetRegionRequest>,
+    ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
+        let req = req.into_inner();
+        let (mut header, v) = self.run(req.header.as_ref(), || self.core.get_region(&req.key))?;
+        let found = v.flatten();
+        if found.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
+            header = self.header(Some(not_found(
+                pdpb::ErrorType::RegionNotFound,
+                format!("no region contains key {:?}", req.key),
+            )));
+        }
+        Ok(Response::new(region_response(header, found)))
+    }
+
+    async fn get_region_by_id(
+        &self,
+        req: Request<pdpb::GetRegionByIdRequest>,
+    ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
+        let req = req.into_inner();
+        let (mut header, v) = self.run(req.header.as_ref(), || {
+            self.core.get_region_by_id(req.region_id)
+        })?;
+        let found = v.flatten();
+        if found.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
+            header = self.header(Some(not_found(
+                pdpb::ErrorType::RegionNotFound,
+                format!("region {} not found", req.region_id),
+            )));
+        }
+        Ok(Response::new(region_response(header, found)))
+    }
+
+    async fn scan_regions(
+        &self,
+        req: Request<pdpb::ScanRegionsRequest>,
+    ) -> Result<Response<pdpb::ScanRegionsResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || {
+            self.core
+                .scan_regions(&req.start_key, &req.end_key, req.limit as usize)
+        })?;
+        let regions = v
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(region, leader)| pdpb::RegionWithLeader {
+                region: Some(region),
+                leader,
+            })
+            .collect();
+        Ok(Response::new(pdpb::ScanRegionsResponse { header, regions }))
+    }
+
+    async fn region_heartbeat(
+        &self,
+        req: Request<pdpb::RegionHeartbeatRequest>,
+    ) -> Result<Response<pdpb::RegionHeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let (header, _) = self.run(req.header.as_ref(), || {
+            let region = req
+                .region
+                .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
+            let leader = req
+                .leader
+                .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
+            self.core.region_heartbeat(region, leader)
+        })?;
+        Ok(Response::new(pdpb::RegionHeartbeatResponse { header }))
+    }
+
+    async fn alloc_revisions(
+        &self,
+        req: Request<pdpb::AllocRevisionsRequest>,
+    ) -> Result<Response<pdpb::AllocRevisionsResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || self.core.alloc_revisions(req.count))?;
+        Ok(Response::new(pdpb::AllocRevisionsResponse {
+            header,
+            first: v.unwrap_or(0),
+        }))
+    }
+
+    async fn current_revision(
+        &self,
+        req: Request<pdpb::CurrentRevisionRequest>,
+    ) -> Result<Response<pdpb::CurrentRevisionResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header.as_ref(), || {
+            if self.core.is_closed() {
+                return Err(PdError::Closed);
+            }
+            Ok(self.core.current_revision())
+        })?;
+        Ok(Response::new(pdpb::CurrentRevisionResponse {
+            header,
+            revision: v.unwrap_or(0),
+        }))
+    }
+}
+
+/// Serves PD on `listener` until `shutdown` completes, then drains in-flight
+/// requests. Does not close the core: the caller does that afterwards, so the
+/// last requests are still answered.
+pub async fn serve<F>(
+    core: Arc<PdCore>,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
+    serve_listeners(core, vec![listener], shutdown).await
+}
+
+/// Like [`serve`], on several listeners at once (one per client URL).
+pub async fn serve_listeners<F>(
+    core: Arc<PdCore>,
+    listeners: Vec<TcpListener>,
+    shutdown: F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: Future<Output = ()> + Send,
+{
+    let incoming = futures::stream::select_all(
+        listeners
+            .into_iter()
+            .map(|l| TcpIncoming::from(l).with_nodelay(Some(true))),
+    );
+    tonic::transport::Server::builder()
+        .add_service(PdService::new(core).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

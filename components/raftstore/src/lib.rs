@@ -1,0 +1,20 @@
+//! Region replicas of a node: raft-rs groups over the shared raft-engine log
+//! and the shared RocksDB state machine.
+//!
+//! [`Store`] opens a node's engines and runs one [`peer`] loop per hosted
+//! region; [`RegionHandle`] (contract in `store.rs`) is how the layers above
+//! propose commands and take linearizable read barriers. Commands carry
+//! mutations computed by the leader (see the `mvcc` crate's `exec`), so
+//! applying is deterministic and never reads. [`storage`] implements
+//! raft-rs's `Storage` on raft-engine.
+
+mod error;
+mod keys;
+mod logger;
+pub mod peer;
+pub mod storage;
+mod store;
+
+pub use error::{Error, Result};
+pub use peer::PeerStatus;
+pub use store::{NodeIdent, RegionHandle, Store};

@@ -1,0 +1,534 @@
+//! One region replica: a raft-rs `RawNode` driven on its own thread.
+//!
+//! Each loop turn drains the mailbox (so concurrent proposals share one
+//! raft-engine fsync), ticks, and handles one `Ready`: new entries and the
+//! hard state are synced to raft-engine before anything that depends on
+//! them, committed entries are applied to RocksDB in one write batch
+//! together with the apply state, and then the waiting callers are told.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
+use mvcc::MvccStore;
+use parking_lot::Mutex;
+use prost::Message as _;
+use proto::metapb;
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
+use proto::raft_serverpb::RaftApplyState;
+use raft::eraftpb::{Entry, EntryType};
+use raft::{RawNode, StateRole};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::keys;
+use crate::storage::PeerStorage;
+use crate::{Error, Result};
+
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Raft log entries kept behind the apply index before GC.
+const LOG_GC_THRESHOLD: u64 = 4096;
+
+pub type Callback = oneshot::Sender<Result<()>>;
+
+pub enum PeerMsg {
+    /// Replicate and apply `cmd`; answered once applied (or rejected).
+    Propose {
+        cmd: RaftCmdRequest,
+        cb: Callback,
+    },
+    /// Linearizable read barrier: answered once this replica is confirmed
+    /// leader by a quorum and has applied everything committed before.
+    ReadIndex {
+        cb: Callback,
+    },
+    CompactionDone {
+        revision: i64,
+    },
+    Stop,
+}
+
+/// A replica's state as other threads see it.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStatus {
+    pub region: metapb::Region,
+    pub peer_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub leader_peer_id: u64,
+    /// Leader that has applied an entry of its own term: only then is its
+    /// state machine complete enough to evaluate requests against.
+    pub ready_leader: bool,
+    pub applied_revision: i64,
+    pub compact_revision: i64,
+}
+
+pub struct PeerShared {
+    pub status: Mutex<PeerStatus>,
+    /// Highest compaction revision whose physical clean-up has finished.
+    pub physically_compacted: watch::Sender<i64>,
+}
+
+struct Proposal {
+    index: u64,
+    term: u64,
+    cb: Callback,
+}
+
+pub struct Peer {
+    region: metapb::Region,
+    peer_id: u64,
+    raw: RawNode<PeerStorage>,
+    kv: KvEngine,
+    log: RaftLogEngine,
+    mvcc: MvccStore,
+    apply_state: RaftApplyState,
+    proposals: VecDeque<Proposal>,
+    next_read_id: u64,
+    /// Read barriers waiting for raft to confirm leadership, by request id.
+    pending_reads: HashMap<u64, Callback>,
+    /// Confirmed read barriers waiting for the apply index to reach theirs.
+    ready_reads: Vec<(u64, Callback)>,
+    was_leader: bool,
+    shared: Arc<PeerShared>,
+    mailbox: Sender<PeerMsg>,
+}
+
+impl Peer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        region: metapb::Region,
+        peer_id: u64,
+        raw: RawNode<PeerStorage>,
+        kv: KvEngine,
+        log: RaftLogEngine,
+        apply_state: RaftApplyState,
+        shared: Arc<PeerShared>,
+        mailbox: Sender<PeerMsg>,
+    ) -> Peer {
+        Peer {
+            mvcc: MvccStore::new(kv.clone()),
+            region,
+            peer_id,
+            raw,
+            kv,
+            log,
+            apply_state,
+            proposals: VecDeque::new(),
+            next_read_id: 0,
+            pending_reads: HashMap::new(),
+            ready_reads: Vec::new(),
+            was_leader: false,
+            shared,
+            mailbox,
+        }
+    }
+
+    /// The replica's event loop; returns when stopped or its mailbox closes.
+    pub fn run(mut self, rx: Receiver<PeerMsg>) {
+        let region_id = self.region.id;
+        if self.apply_state.pending_compact_revision != 0 {
+            self.spawn_compaction(self.apply_state.pending_compact_revision);
+        }
+        // A sole voter need not wait an election timeout after a restart.
+        if self.raw.raft.prs().conf().voters().ids().len() == 1 {
+            if let Err(e) = self.raw.campaign() {
+                warn!(region_id, "campaign failed: {e}");
+            }
+        }
+        let mut last_tick = Instant::now();
+        'outer: loop {
+            let wait = TICK_INTERVAL.saturating_sub(last_tick.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    if !self.handle(msg) {
+                        break;
+                    }
+                    while let Ok(msg) = rx.try_recv() {
+                        if !self.handle(msg) {
+                            break 'outer;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_tick.elapsed() >= TICK_INTERVAL {
+                self.raw.tick();
+                last_tick = Instant::now();
+            }
+            if let Err(e) = self.on_ready() {
+                // The log or the state machine could not be written: going on
+                // could acknowledge writes that are not durable.
+                error!(region_id, "storage failure, stopping the process: {e}");
+                std::process::abort();
+            }
+        }
+        self.fail_all(|| Error::Stopped(region_id));
+        info!(region_id, "region replica stopped");
+    }
+
+    fn handle(&mut self, msg: PeerMsg) -> bool {
+        match msg {
+            PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
+            PeerMsg::ReadIndex { cb } => self.read_index(cb),
+            PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
+            PeerMsg::Stop => return false,
+        }
+        true
+    }
+
+    fn is_ready_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+            && self.apply_state.applied_term == self.raw.raft.term
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader_id = self.raw.raft.leader_id;
+        Error::NotLeader {
+            region_id: self.region.id,
+            leader: self
+                .region
+                .peers
+                .iter()
+                .find(|p| p.id == leader_id)
+                .cloned(),
+        }
+    }
+
+    fn check_epoch(&self, cmd: &RaftCmdRequest) -> Result<()> {
+        let current = self.region.region_epoch.clone().unwrap_or_default();
+        let given = cmd
+            .header
+            .as_ref()
+            .and_then(|h| h.region_epoch.clone())
+            .unwrap_or_default();
+        if given != current {
+            return Err(Error::EpochNotMatch {
+                region_id: self.region.id,
+                current: self.region.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self, cmd: RaftCmdRequest, cb: Callback) {
+        if !self.is_ready_leader() {
+            let _ = cb.send(Err(self.not_leader()));
+            return;
+        }
+        if let Err(e) = self.check_epoch(&cmd) {
+            let _ = cb.send(Err(e));
+            return;
+        }
+        let index = self.raw.raft.raft_log.last_index() + 1;
+        let term = self.raw.raft.term;
+        if let Err(e) = self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
+            let _ = cb.send(Err(Error::StaleCommand(format!("proposal dropped: {e}"))));
+            return;
+        }
+        if self.raw.raft.raft_log.last_index() < index {
+            let _ = cb.send(Err(Error::StaleCommand("proposal dropped".into())));
+            return;
+        }
+        self.proposals.push_back(Proposal { index, term, cb });
+    }
+
+    fn read_index(&mut self, cb: Callback) {
+        if !self.is_ready_leader() {
+            let _ = cb.send(Err(self.not_leader()));
+            return;
+        }
+        self.next_read_id += 1;
+        let id = self.next_read_id;
+        self.pending_reads.insert(id, cb);
+        self.raw.read_index(id.to_be_bytes().to_vec());
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            self.after_ready();
+            return Ok(());
+        }
+        let region_id = self.region.id;
+        let mut ready = self.raw.ready();
+        self.send_messages(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            return Err(Error::Corrupted(
+                "received a region snapshot, which a single-replica region never needs".into(),
+            ));
+        }
+        for rs in ready.take_read_states() {
+            let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
+            if let Some(cb) = id.ok().and_then(|id| self.pending_reads.remove(&id)) {
+                self.ready_reads.push((rs.index, cb));
+            }
+        }
+        self.apply(ready.take_committed_entries())?;
+        let mut batch = RaftLogBatch::default();
+        batch.append(region_id, ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            batch.put_hard_state(region_id, hs)?;
+            self.raw.mut_store().set_hard_state(hs.clone());
+        }
+        if !batch.is_empty() {
+            self.log.write(&mut batch, ready.must_sync())?;
+        }
+        self.send_messages(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.raw.raft.hard_state();
+            hs.commit = commit;
+            let mut batch = RaftLogBatch::default();
+            batch.put_hard_state(region_id, &hs)?;
+            // Commit index is recoverable from the quorum; no fsync needed.
+            self.log.write(&mut batch, false)?;
+            self.raw.mut_store().set_hard_state(hs);
+        }
+        self.send_messages(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.gc_raft_log()?;
+        self.after_ready();
+        Ok(())
+    }
+
+    fn send_messages(&self, msgs: Vec<raft::eraftpb::Message>) {
+        // Replicas on other nodes come with the raft transport; a one-voter
+        // group produces no messages to send.
+        for m in msgs {
+            warn!(
+                region_id = self.region.id,
+                to = m.to,
+                "no transport for raft message; dropped"
+            );
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut wb = WriteBatch::default();
+        let mut results = Vec::with_capacity(entries.len());
+        let mut new_compaction = None;
+        for e in &entries {
+            let res = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => Ok(()),
+                EntryType::EntryNormal => self.apply_command(e, &mut wb, &mut new_compaction),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    Err(Error::StaleCommand(
+                        "membership changes are not supported by this node yet".into(),
+                    ))
+                }
+            };
+            self.apply_state.applied_index = e.index;
+            self.apply_state.applied_term = e.term;
+            results.push((e.index, e.term, res));
+        }
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::apply_state_key(self.region.id),
+            &self.apply_state.encode_to_vec(),
+        );
+        self.kv.write(wb)?;
+        {
+            // Visible before anyone hears of the writes, so a caller's next
+            // serializable read sees at least its own write.
+            let mut status = self.shared.status.lock();
+            status.applied_index = self.apply_state.applied_index;
+            status.applied_revision = self.apply_state.applied_revision;
+            status.compact_revision = self.apply_state.compact_revision;
+        }
+        for (index, term, res) in results {
+            self.respond(index, term, res);
+        }
+        if let Some(rev) = new_compaction {
+            self.spawn_compaction(rev);
+        }
+        Ok(())
+    }
+
+    fn apply_command(
+        &mut self,
+        e: &Entry,
+        wb: &mut WriteBatch,
+        new_compaction: &mut Option<i64>,
+    ) -> Result<()> {
+        let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
+        self.check_epoch(&cmd)?;
+        match cmd.cmd {
+            Some(Cmd::Write(w)) => {
+                if w.revision <= self.apply_state.applied_revision {
+                    return Err(Error::StaleCommand(format!(
+                        "revision {} is not above applied revision {}",
+                        w.revision, self.apply_state.applied_revision
+                    )));
+                }
+                self.mvcc.stage_changes(wb, w.revision, &w.mutations);
+                self.apply_state.applied_revision = w.revision;
+                Ok(())
+            }
+            Some(Cmd::Compact(c)) => {
+                if c.revision <= self.apply_state.compact_revision {
+                    return Err(Error::Mvcc(mvcc::Error::Compacted));
+                }
+                self.apply_state.compact_revision = c.revision;
+                self.apply_state.pending_compact_revision = c.revision;
+                *new_compaction = Some(c.revision);
+                Ok(())
+            }
+            None => Err(Error::Corrupted("raft command without a body".into())),
+        }
+    }
+
+    fn respond(&mut self, index: u64, term: u64, res: Result<()>) {
+        let mut res = Some(res);
+        while let Some(p) = self.proposals.front() {
+            if p.index > index {
+                break;
+            }
+            let Some(p) = self.proposals.pop_front() else {
+                break;
+            };
+            if p.index == index && p.term == term {
+                if let Some(res) = res.take() {
+                    let _ = p.cb.send(res);
+                }
+            } else {
+                // Its log slot was taken by another leader's entry.
+                let _ = p.cb.send(Err(Error::StaleCommand(
+                    "proposal overwritten by a new leader".into(),
+                )));
+            }
+        }
+    }
+
+    fn spawn_compaction(&self, revision: i64) {
+        let mvcc = self.mvcc.clone();
+        let mailbox = self.mailbox.clone();
+        let (start, end) = (self.region.start_key.clone(), self.region.end_key.clone());
+        let region_id = self.region.id;
+        std::thread::Builder::new()
+            .name(format!("compact-{region_id}"))
+            .spawn(move || match mvcc.compact(revision, &start, &end) {
+                Ok(stats) => {
+                    info!(region_id, revision, ?stats, "compaction finished");
+                    let _ = mailbox.send(PeerMsg::CompactionDone { revision });
+                }
+                // Retried at the next restart: the pending revision stays.
+                Err(e) => error!(region_id, revision, "compaction failed: {e}"),
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| error!(region_id, "cannot start compaction thread: {e}"));
+    }
+
+    fn on_compaction_done(&mut self, revision: i64) {
+        if self.apply_state.pending_compact_revision == revision {
+            self.apply_state.pending_compact_revision = 0;
+            let mut wb = WriteBatch::default();
+            self.kv.put_to(
+                &mut wb,
+                cf::META,
+                &keys::apply_state_key(self.region.id),
+                &self.apply_state.encode_to_vec(),
+            );
+            if let Err(e) = self.kv.write(wb) {
+                error!(
+                    region_id = self.region.id,
+                    "persisting compaction state: {e}"
+                );
+            }
+        }
+        self.shared.physically_compacted.send_if_modified(|done| {
+            let advanced = revision > *done;
+            if advanced {
+                *done = revision;
+            }
+            advanced
+        });
+    }
+
+    /// Drops applied raft log entries once enough have piled up. The apply
+    /// state must be durable first: a restart replays from the applied index.
+    fn gc_raft_log(&mut self) -> Result<()> {
+        let applied = self.apply_state.applied_index;
+        let truncated = self.raw.store().truncated_index();
+        if applied < truncated + LOG_GC_THRESHOLD {
+            return Ok(());
+        }
+        let mut compact_to = applied;
+        if self.raw.raft.state == StateRole::Leader {
+            // Keep what followers still need.
+            for (_, pr) in self.raw.raft.prs().iter() {
+                compact_to = compact_to.min(pr.matched);
+            }
+        }
+        if compact_to <= truncated {
+            return Ok(());
+        }
+        let term = raft::Storage::term(self.raw.store(), compact_to)?;
+        self.apply_state.truncated_index = compact_to;
+        self.apply_state.truncated_term = term;
+        let mut wb = WriteBatch::default();
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::apply_state_key(self.region.id),
+            &self.apply_state.encode_to_vec(),
+        );
+        self.kv.write(wb)?;
+        self.kv.sync_wal()?;
+        self.log.compact_to(self.region.id, compact_to + 1)?;
+        self.raw.mut_store().set_truncated(compact_to, term);
+        Ok(())
+    }
+
+    fn after_ready(&mut self) {
+        let applied = self.apply_state.applied_index;
+        let mut i = 0;
+        while i < self.ready_reads.len() {
+            if self.ready_reads[i].0 <= applied {
+                let (_, cb) = self.ready_reads.swap_remove(i);
+                let _ = cb.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if self.was_leader && !leader {
+            // raft-rs forgets read requests across a leader change.
+            let reads: Vec<Callback> = self.pending_reads.drain().map(|(_, cb)| cb).collect();
+            for cb in reads {
+                let _ = cb.send(Err(self.not_leader()));
+            }
+        }
+        self.was_leader = leader;
+        let mut status = self.shared.status.lock();
+        status.region = self.region.clone();
+        status.peer_id = self.peer_id;
+        status.term = self.raw.raft.term;
+        status.commit_index = self.raw.raft.raft_log.committed;
+        status.applied_index = applied;
+        status.leader_peer_id = self.raw.raft.leader_id;
+        status.ready_leader = self.is_ready_leader();
+        status.applied_revision = self.apply_state.applied_revision;
+        status.compact_revision = self.apply_state.compact_revision;
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> Error) {
+        for p in self.proposals.drain(..) {
+            let _ = p.cb.send(Err(err()));
+        }
+        for (_, cb) in self.pending_reads.drain() {
+            let _ = cb.send(Err(err()));
+        }
+        for (_, cb) in self.ready_reads.drain(..) {
+            let _ = cb.send(Err(err()));
+        }
+    }
+}

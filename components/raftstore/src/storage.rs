@@ -1,0 +1,137 @@
+//! raft-rs `Storage` over the node's shared raft-engine log.
+//!
+//! Log layout of a region: entries `(truncated_index, last_index]` live in
+//! raft-engine; the term of `truncated_index` is kept in the apply state so
+//! raft can still match the entry just before the first one. A region
+//! created by bootstrap starts "truncated" at [`INIT_INDEX`] with everything
+//! up to it applied, which lets every replica start from the same point.
+
+use engine::RaftLogEngine;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+/// Index and term a bootstrapped region's log starts at.
+pub const INIT_INDEX: u64 = 5;
+pub const INIT_TERM: u64 = 5;
+
+pub struct PeerStorage {
+    region_id: u64,
+    log: RaftLogEngine,
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated_index: u64,
+    truncated_term: u64,
+}
+
+impl PeerStorage {
+    pub fn new(
+        region_id: u64,
+        log: RaftLogEngine,
+        hard_state: HardState,
+        conf_state: ConfState,
+        truncated_index: u64,
+        truncated_term: u64,
+    ) -> PeerStorage {
+        PeerStorage {
+            region_id,
+            log,
+            hard_state,
+            conf_state,
+            truncated_index,
+            truncated_term,
+        }
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState) {
+        self.hard_state = hs;
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
+    pub fn set_truncated(&mut self, index: u64, term: u64) {
+        self.truncated_index = index;
+        self.truncated_term = term;
+    }
+
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated_index
+    }
+
+    fn last(&self) -> u64 {
+        self.log
+            .last_index(self.region_id)
+            .map_or(self.truncated_index, |i| i.max(self.truncated_index))
+    }
+
+    fn storage_error(e: engine::Error) -> raft::Error {
+        raft::Error::Store(StorageError::Other(Box::new(e)))
+    }
+}
+
+impl raft::Storage for PeerStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max = max_size.into().map(|m| m as usize);
+        let entries = self
+            .log
+            .entries(self.region_id, low, high, max)
+            .map_err(Self::storage_error)?;
+        if entries.is_empty() && low < high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.truncated_index {
+            return Ok(self.truncated_term);
+        }
+        if idx < self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self
+            .log
+            .entry(self.region_id, idx)
+            .map_err(Self::storage_error)?
+        {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated_index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Region snapshots (for replicas far behind) arrive with multi-node
+        // replication; a one-voter group never asks for one.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}

@@ -1,0 +1,67 @@
+//! Key latches of a region leader: a write holds them from evaluation until
+//! its entry is applied, so no other write can evaluate against a state its
+//! own change is about to replace.
+//!
+//! Writes that touch only single keys latch hashed slots under a shared
+//! region latch; writes that touch a key range take the region latch
+//! exclusively. Slots are locked in ascending order, so two writers never
+//! wait on each other in a cycle.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+
+const SLOTS: usize = 2048;
+
+pub struct Latches {
+    region: Arc<RwLock<()>>,
+    slots: Vec<Arc<Mutex<()>>>,
+}
+
+/// What a write needs latched.
+pub enum LatchSet {
+    Keys(Vec<Vec<u8>>),
+    Everything,
+}
+
+#[allow(dead_code)] // the guards are held for their Drop
+pub enum LatchGuard {
+    Keys(OwnedRwLockReadGuard<()>, Vec<OwnedMutexGuard<()>>),
+    Everything(OwnedRwLockWriteGuard<()>),
+}
+
+impl Default for Latches {
+    fn default() -> Self {
+        Latches {
+            region: Arc::new(RwLock::new(())),
+            slots: (0..SLOTS).map(|_| Arc::new(Mutex::new(()))).collect(),
+        }
+    }
+}
+
+impl Latches {
+    pub async fn acquire(&self, set: LatchSet) -> LatchGuard {
+        match set {
+            LatchSet::Everything => LatchGuard::Everything(self.region.clone().write_owned().await),
+            LatchSet::Keys(keys) => {
+                let shared = self.region.clone().read_owned().await;
+                let mut slots: Vec<usize> = keys.iter().map(|k| slot(k)).collect();
+                slots.sort_unstable();
+                slots.dedup();
+                let mut guards = Vec::with_capacity(slots.len());
+                for s in slots {
+                    guards.push(self.slots[s].clone().lock_owned().await);
+                }
+                LatchGuard::Keys(shared, guards)
+            }
+        }
+    }
+}
+
+fn slot(key: &[u8]) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % SLOTS
+}

@@ -1,0 +1,48 @@
+//! etcd's gRPC status codes and texts for every error a request can meet
+//! (etcd's `rpctypes`), so clients that match on them keep working.
+
+use tonic::{Code, Status};
+
+pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+
+pub fn status(err: router::Error) -> Status {
+    use mvcc::Error as M;
+    use raftstore::Error as R;
+    match err {
+        router::Error::Mvcc(m) => match m {
+            M::EmptyKey => Status::invalid_argument("etcdserver: key is not provided"),
+            M::KeyNotFound => Status::invalid_argument("etcdserver: key not found"),
+            M::ValueProvided => Status::invalid_argument("etcdserver: value is provided"),
+            M::LeaseProvided => Status::invalid_argument("etcdserver: lease is provided"),
+            M::InvalidSortOption => Status::invalid_argument("etcdserver: invalid sort option"),
+            M::TooManyOps => {
+                Status::invalid_argument("etcdserver: too many operations in txn request")
+            }
+            M::DuplicateKey => {
+                Status::invalid_argument("etcdserver: duplicate key given in txn request")
+            }
+            M::LeaseNotFound => Status::not_found("etcdserver: requested lease not found"),
+            M::Compacted => {
+                Status::out_of_range("etcdserver: mvcc: required revision has been compacted")
+            }
+            M::FutureRev => {
+                Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
+            }
+            M::Corrupted(e) | M::Storage(e) => Status::internal(format!("etcdserver: {e}")),
+        },
+        router::Error::Region(r) => match r {
+            R::NotLeader { .. } | R::RegionNotFound(_) => {
+                Status::unavailable("etcdserver: no leader")
+            }
+            R::EpochNotMatch { .. } | R::StaleCommand(_) => {
+                Status::unavailable("etcdserver: leader changed")
+            }
+            R::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
+            R::Mvcc(m) => status(router::Error::Mvcc(m)),
+            other => Status::internal(format!("etcdserver: {other}")),
+        },
+        router::Error::Pd(e) => Status::unavailable(format!("etcdserver: placement driver: {e}")),
+        router::Error::NoRegion(_) => Status::unavailable("etcdserver: no leader"),
+        e @ router::Error::CrossRegion => Status::new(Code::Unimplemented, e.to_string()),
+    }
+}

@@ -1,0 +1,55 @@
+//! The etcd-facing server of a node.
+//!
+//! [`node::start`] opens the node's engines, joins or bootstraps the cluster
+//! through the placement driver (embedded in dev mode), and serves etcd's
+//! gRPC services plus etcd's HTTP `/version` and `/health` on the client
+//! URLs. KV, Maintenance and Cluster are served here; services not built
+//! yet (Watch, Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
+//! Request errors carry etcd's codes and texts ([`errors`]).
+
+pub mod cluster;
+pub mod config;
+pub mod errors;
+mod http;
+pub mod kv;
+pub mod maintenance;
+pub mod node;
+
+use std::sync::Arc;
+
+use pd::PdClient;
+use proto::etcdserverpb::ResponseHeader;
+use raftstore::{NodeIdent, PeerStatus};
+use router::Router;
+
+pub use config::Config;
+
+/// What every service of a node shares.
+pub struct NodeContext {
+    pub router: Router,
+    pub pd: Arc<dyn PdClient>,
+    pub ident: NodeIdent,
+    pub config: Config,
+}
+
+impl NodeContext {
+    /// Status of the region this node reports for node-wide fields (raft
+    /// term, index, leader): the one covering the start of the keyspace.
+    pub fn main_region_status(&self) -> PeerStatus {
+        self.router
+            .store()
+            .regions()
+            .into_iter()
+            .map(|r| r.status())
+            .min_by(|a, b| a.region.start_key.cmp(&b.region.start_key))
+            .unwrap_or_default()
+    }
+
+    /// Sets the cluster, member and raft term fields of a response header.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(ResponseHeader::default);
+        h.cluster_id = self.ident.cluster_id;
+        h.member_id = self.ident.node_id;
+        h.raft_term = self.main_region_status().term;
+    }
+}

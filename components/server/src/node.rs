@@ -1,0 +1,241 @@
+//! Start-up, bootstrap and shutdown of a node.
+
+use std::sync::Arc;
+
+use pd::{LocalPdClient, PdClient, PdConfig, PdCore, RpcPdClient, RpcPdClientConfig};
+use proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+};
+use proto::metapb;
+use raftstore::{NodeIdent, Store};
+use router::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::cluster::ClusterService;
+use crate::config::{socket_addr, Config};
+use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
+use crate::maintenance::MaintenanceService;
+use crate::NodeContext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("listen tcp {addr}: {err}")]
+    Listen { addr: String, err: std::io::Error },
+    #[error("cannot use data dir {path}: {err}")]
+    DataDir { path: String, err: String },
+    #[error("placement driver: {0}")]
+    Pd(#[from] pd::PdError),
+    #[error("storage: {0}")]
+    Store(#[from] raftstore::Error),
+    #[error("{0}")]
+    Cluster(String),
+}
+
+/// A started node; [`RunningNode::shutdown`] stops it cleanly.
+pub struct RunningNode {
+    pub ctx: Arc<NodeContext>,
+    store: Arc<Store>,
+    pd_core: Option<Arc<PdCore>>,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+pub async fn start(config: Config) -> Result<RunningNode, StartError> {
+    let config = config.finish()?;
+    // Ports first: an occupied port is the most common start-up error and
+    // must not leave half-opened storage behind.
+    let mut listeners = Vec::new();
+    for url in &config.listen_client_urls {
+        let addr = socket_addr(url)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| StartError::Listen {
+                addr: addr.to_string(),
+                err,
+            })?;
+        listeners.push(listener);
+    }
+    let data_dir = config.data_dir.clone();
+    let data_dir_error = |err: String| StartError::DataDir {
+        path: data_dir.display().to_string(),
+        err,
+    };
+    std::fs::create_dir_all(&data_dir).map_err(|e| data_dir_error(e.to_string()))?;
+    let probe = data_dir.join(".write-probe");
+    std::fs::write(&probe, b"").map_err(|e| data_dir_error(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+
+    let (pd, pd_core): (Arc<dyn PdClient>, Option<Arc<PdCore>>) = if config.pd_endpoints.is_empty()
+    {
+        let core = PdCore::open(PdConfig::new(data_dir.join("pd")))
+            .map_err(|e| data_dir_error(e.to_string()))?;
+        (Arc::new(LocalPdClient::new(core.clone())), Some(core))
+    } else {
+        let client =
+            RpcPdClient::connect(&config.pd_endpoints, RpcPdClientConfig::default()).await?;
+        (Arc::new(client), None)
+    };
+    let store = Arc::new(Store::open(&data_dir).map_err(|e| data_dir_error(e.to_string()))?);
+    let ident = join_cluster(&config, &store, pd.as_ref()).await?;
+    info!(
+        cluster_id = ident.cluster_id,
+        node_id = ident.node_id,
+        "node identity"
+    );
+
+    let ctx = Arc::new(NodeContext {
+        router: Router::new(store.clone(), pd.clone()),
+        pd,
+        ident,
+        config: config.clone(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = Vec::new();
+    for listener in listeners {
+        let addr = listener.local_addr().ok();
+        let routes = grpc_routes(ctx.clone());
+        let mut stopped = stopped.clone();
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            });
+        info!(?addr, "serving etcd clients");
+        servers.push(tokio::spawn(server));
+    }
+    Ok(RunningNode {
+        ctx,
+        store,
+        pd_core,
+        stop,
+        servers,
+    })
+}
+
+fn grpc_routes(ctx: Arc<NodeContext>) -> tonic::service::Routes {
+    let kv = KvServer::new(KvService::new(ctx.clone()))
+        .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
+        .max_encoding_message_size(usize::MAX);
+    let maintenance = MaintenanceServer::new(MaintenanceService::new(ctx.clone()))
+        .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
+        .max_encoding_message_size(usize::MAX);
+    let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
+    let routes = tonic::service::Routes::new(kv)
+        .add_service(maintenance)
+        .add_service(cluster);
+    let router = routes.into_axum_router().merge(crate::http::routes(ctx));
+    tonic::service::Routes::from(router)
+}
+
+/// Finds this node's identity, bootstrapping the cluster (first node, one
+/// region over the whole keyspace) if neither PD nor the node has one.
+async fn join_cluster(
+    config: &Config,
+    store: &Store,
+    pd: &dyn PdClient,
+) -> Result<NodeIdent, StartError> {
+    let cluster_id = pd.cluster_id().await?;
+    let ident = match store.node_ident()? {
+        Some(ident) if ident.cluster_id != cluster_id => return Err(StartError::Cluster(format!(
+            "data dir belongs to cluster {} but the placement driver serves cluster {cluster_id}",
+            ident.cluster_id
+        ))),
+        Some(ident) => {
+            if !pd.is_bootstrapped().await? {
+                // Crashed between bootstrapping locally and in PD: finish.
+                let region = store
+                    .regions()
+                    .first()
+                    .map(|r| r.status().region)
+                    .ok_or_else(|| StartError::Cluster("node identity without regions".into()))?;
+                pd.bootstrap(node_meta(config, ident.node_id), region)
+                    .await?;
+            }
+            ident
+        }
+        None => {
+            if pd.is_bootstrapped().await? {
+                return Err(StartError::Cluster(
+                    "the cluster is already bootstrapped; joining nodes to it is not supported yet"
+                        .into(),
+                ));
+            }
+            let node_id = pd.alloc_id().await?;
+            let region = metapb::Region {
+                id: pd.alloc_id().await?,
+                start_key: Vec::new(),
+                end_key: Vec::new(),
+                region_epoch: Some(metapb::RegionEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                peers: vec![metapb::Peer {
+                    id: pd.alloc_id().await?,
+                    node_id,
+                    role: metapb::PeerRole::Voter as i32,
+                }],
+            };
+            let ident = NodeIdent {
+                cluster_id,
+                node_id,
+            };
+            store.bootstrap(ident, region.clone())?;
+            pd.bootstrap(node_meta(config, node_id), region).await?;
+            info!(node_id, "bootstrapped a new cluster");
+            ident
+        }
+    };
+    pd.put_node(node_meta(config, ident.node_id)).await?;
+    Ok(ident)
+}
+
+fn node_meta(config: &Config, node_id: u64) -> metapb::Node {
+    metapb::Node {
+        id: node_id,
+        name: config.name.clone(),
+        peer_urls: config.advertise_peer_urls.clone(),
+        client_urls: config.advertise_client_urls.clone(),
+        state: metapb::NodeState::Up as i32,
+    }
+}
+
+impl RunningNode {
+    /// Stops serving, waits for in-flight requests, stops the replicas and
+    /// persists the embedded PD's exact position.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for s in self.servers {
+            let _ = s.await;
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        if let Some(core) = self.pd_core {
+            if let Err(e) = core.close() {
+                tracing::error!("closing the embedded placement driver: {e}");
+            }
+        }
+        info!("node stopped");
+    }
+
+    /// Waits until a server task ends on its own (an error).
+    pub async fn wait_failure(&mut self) -> String {
+        if self.servers.is_empty() {
+            return std::future::pending().await;
+        }
+        let (res, idx, _) = futures::future::select_all(self.servers.iter_mut()).await;
+        self.servers.remove(idx);
+        match res {
+            Ok(Ok(())) => "client server stopped".into(),
+            Ok(Err(e)) => format!("client server failed: {e}"),
+            Err(e) => format!("client server panicked: {e}"),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds and runs metastore-node. With no arguments: a single-node dev server
+# with an embedded placement driver on http://127.0.0.1:2379, data kept in
+# ./default.metastore across restarts. Arguments go to metastore-node.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+"$root/scripts/setup.sh"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
+cargo build --manifest-path "$root/Cargo.toml" -p metastore-node -p metastore-pd
+exec "$CARGO_TARGET_DIR/debug/metastore-node" "$@"

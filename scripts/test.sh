@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, process-level tests against real
+# metastore-node processes with etcdctl and the etcd-client crate, the
+# differential test against a real etcd, and the crash test.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+"$root/scripts/setup.sh"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast -- --test-threads=2

@@ -1,0 +1,222 @@
+//! Harness for the process-level tests: starts real `metastore-node` and
+//! Debian `etcd` processes on free loopback ports with throw-away data
+//! directories, and kills and removes them on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary in the cargo target directory the tests were
+/// built into (`target/<profile>/deps/test-xxx` → `target/<profile>/NAME`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port} within 30s");
+}
+
+/// A `metastore-node` in dev mode (embedded PD) on free ports.
+pub struct Node {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    extra_args: Vec<String>,
+}
+
+impl Node {
+    pub fn start_dev() -> Node {
+        Self::start_dev_with(&[])
+    }
+
+    /// Starts a dev node with additional command-line flags.
+    pub fn start_dev_with(extra_args: &[&str]) -> Node {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut node = Node {
+            child: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("node.log"))
+            .expect("node log file");
+        let mut child = Command::new(bin_path("metastore-node"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--advertise-peer-urls", &peer_url])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn metastore-node");
+        wait_for_port(self.client_port, &mut child, "metastore-node");
+        self.child = Some(child);
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The node's log so far (stderr), for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().expect("wait for node")
+    }
+
+    /// Starts the node again on the same ports and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the node first");
+        self.spawn();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A real etcd (Debian's `etcd-server`) on free ports, for differential tests.
+pub struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    client_port: u16,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client_port = free_port();
+        let peer_port = free_port();
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let mut child = Command::new("etcd")
+            .args(["--name", "default"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd (apt-get install etcd-server)");
+        wait_for_port(client_port, &mut child, "etcd");
+        Etcd {
+            child,
+            _dir: dir,
+            client_port,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs Debian's `etcdctl` (v3 API) against `endpoint`.
+///
+/// The endpoint is passed without its `http://`: etcdctl 3.4's endpoint
+/// commands then send it as the HTTP/2 `:authority`, which Go's gRPC server
+/// tolerates but Rust's h2 rejects as malformed (see README, known gaps).
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
+    let endpoint = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl (apt-get install etcd-client)")
+}
+
+/// Connects the `etcd-client` crate to `endpoint`, retrying while the
+/// server finishes starting.
+pub async fn client(endpoint: &str) -> etcd_client::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match etcd_client::Client::connect([endpoint], None).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("connect {endpoint}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
