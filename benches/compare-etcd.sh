@@ -193,16 +193,16 @@ wait_ready ms "$MS_EPS"
 # write row (op-guide/performance.md: 8-byte keys, 256-byte values, 100 conns,
 # 1000 clients) with the total scaled to a 2-core machine.
 if [[ $QUICK == 1 ]]; then
-    W1000=10000 W1=500 R=10000 T=5000
+    W1000=10000 W1=500 R=10000 R1=200 T=5000
 else
-    W1000=50000 W1=2000 R=50000 T=20000
+    W1000=50000 W1=2000 R=50000 R1=1000 T=20000
 fi
 WORKLOADS=(
     "put 1000 clients|--conns=100 --clients=1000|put --key-size=8 --val-size=256 --sequential-keys --key-space-size=100000 --total=$W1000"
     "put 1 client|--conns=1 --clients=1|put --key-size=8 --val-size=256 --sequential-keys --key-space-size=100000 --total=$W1"
     "range linearizable 1000 clients|--conns=100 --clients=1000|range compare-bench-key --consistency=l --total=$R"
     "range serializable 1000 clients|--conns=100 --clients=1000|range compare-bench-key --consistency=s --total=$R"
-    "range linearizable 1 client|--conns=1 --clients=1|range compare-bench-key --consistency=l --total=$((R / 10))"
+    "range linearizable 1 client|--conns=1 --clients=1|range compare-bench-key --consistency=l --total=$R1"
     "txn-put 1000 clients|--conns=100 --clients=1000|txn-put --key-size=8 --val-size=256 --txn-ops=1 --key-space-size=100000 --total=$T"
 )
 

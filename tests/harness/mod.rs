@@ -142,6 +142,72 @@ impl Drop for Node {
     }
 }
 
+/// A `metastore-pd` placement driver on free ports.
+pub struct Pd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Pd {
+    pub fn start() -> Pd {
+        let mut pd = Pd {
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        pd.spawn();
+        pd
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("pd.log"))
+            .expect("pd log file");
+        let mut child = Command::new(bin_path("metastore-pd"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint()])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peer_port),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn metastore-pd");
+        wait_for_port(self.client_port, &mut child, "metastore-pd");
+        self.child = Some(child);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the PD first");
+        self.spawn();
+    }
+}
+
+impl Drop for Pd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// A real etcd (Debian's `etcd-server`) on free ports, for differential tests.
 pub struct Etcd {
     child: Child,

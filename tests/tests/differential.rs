@@ -246,9 +246,7 @@ async fn send(c: &mut KvClient<Channel>, op: &Op) -> Outcome {
             normalize_header(&mut x.header)
         }),
         Op::Txn(r) => outcome(c.txn(r.clone()).await, normalize_txn),
-        Op::Compact(r) => outcome(c.compact(r.clone()).await, |x| {
-            normalize_header(&mut x.header)
-        }),
+        Op::Compact(r) => outcome(c.compact(*r).await, |x| normalize_header(&mut x.header)),
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use pd::{PdConfig, PdCore};
+use pd::{PdConfig, PdCore, PdError};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
@@ -195,8 +195,18 @@ async fn run(s: Settings) -> Result<(), String> {
     config.name = s.name.clone();
     config.client_urls = s.advertise_client_urls.clone();
     config.peer_urls = s.peer_urls.clone();
-    let core = PdCore::open(config)
-        .map_err(|e| format!("cannot use data dir {}: {e}", s.data_dir.display()))?;
+    let core = PdCore::open(config).map_err(|e| {
+        let detail = match e {
+            PdError::Storage(m) => m,
+            other => other.to_string(),
+        };
+        let hint = if detail.contains("lock file") {
+            " (is another metastore-pd using it?)"
+        } else {
+            ""
+        };
+        format!("unusable data dir: {detail}{hint}")
+    })?;
 
     info!(
         name = %s.name,
@@ -230,6 +240,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

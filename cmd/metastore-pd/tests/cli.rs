@@ -147,6 +147,15 @@ async fn clean_shutdown_on_signals_keeps_revisions_exact() {
     let pd = connect(&url).await;
     let first = pd.alloc_revisions(5).await.unwrap();
     assert_eq!(first, 2);
+    // A second instance on the same data dir is refused, not corrupting it.
+    let other = format!("http://127.0.0.1:{}", free_port());
+    assert_one_line_error(
+        &run(
+            &["--listen-client-urls", &other, "--name", "pd1"],
+            dir.path(),
+        ),
+        "another metastore-pd",
+    );
     let cluster_id = pd.cluster_id().await.unwrap();
     drop(pd);
     let out = stop(child, "-TERM");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use proto::{metapb, pdpb};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::client::{PdError, RegionWithLeader, Result};
 use crate::storage::Storage;
@@ -83,9 +83,7 @@ fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
 
 impl ClusterState {
     fn entry_with_leader(&self, id: u64) -> Option<RegionWithLeader> {
-        self.regions
-            .get(&id)
-            .map(|e| (e.region.clone(), e.leader.clone()))
+        self.regions.get(&id).map(|e| (e.region.clone(), e.leader))
     }
 
     /// Ids of the regions overlapping [start, end), in key order.
@@ -505,7 +503,7 @@ impl PdCore {
         if !e.region.end_key.is_empty() && key >= e.region.end_key.as_slice() {
             return Ok(None);
         }
-        Ok(Some((e.region.clone(), e.leader.clone())))
+        Ok(Some((e.region.clone(), e.leader)))
     }
 
     pub fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
@@ -593,9 +591,9 @@ impl PdCore {
             debug!(region_id = region.id, epoch = ?new_epoch, "region meta updated");
             c.insert_region(region.clone());
         }
-        match c.regions.get_mut(&region.id) {
-            Some(e) => e.leader = Some(leader),
-            None => warn!(region_id = region.id, "region vanished during heartbeat"),
+        // Present: either known before or inserted just above.
+        if let Some(e) = c.regions.get_mut(&region.id) {
+            e.leader = Some(leader);
         }
         Ok(())
     }

@@ -325,13 +325,6 @@ async fn tso_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<TsoRequest>
                 for tx in reads {
                     let _ = tx.send(Ok(next - 1));
                 }
-                // MUTATION: serve readers that arrived during the RPC.
-                while let Ok(r) = rx.try_recv() {
-                    match r {
-                        TsoRequest::Current { tx } => { let _ = tx.send(Ok(next - 1)); }
-                        other => { carried = Some(other); break; }
-                    }
-                }
             }
             Err(e) => {
                 for (_, tx) in allocs {
@@ -590,7 +583,7 @@ impl PdClient for RpcPdClient {
                 let req = pdpb::RegionHeartbeatRequest {
                     header,
                     region: Some(region.clone()),
-                    leader: Some(leader.clone()),
+                    leader: Some(leader),
                 };
                 async move { c.region_heartbeat(req).await }
             })

@@ -135,7 +135,7 @@ async fn full_api_over_grpc() {
     let peer_id = pd.alloc_id().await.unwrap();
     assert!(0 < node_id && node_id < region_id && region_id < peer_id);
     let p1 = peer(peer_id, node_id);
-    let r1 = region(region_id, b"", b"", 1, vec![p1.clone()]);
+    let r1 = region(region_id, b"", b"", 1, vec![p1]);
     pd.bootstrap(node(node_id), r1.clone()).await.unwrap();
     assert!(pd.is_bootstrapped().await.unwrap());
     assert_eq!(
@@ -160,23 +160,21 @@ async fn full_api_over_grpc() {
     // Split into [, m) and [m, ).
     let r2_id = pd.alloc_id().await.unwrap();
     let p2 = peer(pd.alloc_id().await.unwrap(), node_id);
-    let left = region(region_id, b"", b"m", 2, vec![p1.clone()]);
-    let right = region(r2_id, b"m", b"", 2, vec![p2.clone()]);
-    pd.region_heartbeat(left.clone(), p1.clone()).await.unwrap();
-    pd.region_heartbeat(right.clone(), p2.clone())
-        .await
-        .unwrap();
+    let left = region(region_id, b"", b"m", 2, vec![p1]);
+    let right = region(r2_id, b"m", b"", 2, vec![p2]);
+    pd.region_heartbeat(left.clone(), p1).await.unwrap();
+    pd.region_heartbeat(right.clone(), p2).await.unwrap();
     assert_eq!(
         pd.get_region(b"a").await.unwrap(),
-        Some((left.clone(), Some(p1.clone())))
+        Some((left.clone(), Some(p1)))
     );
     assert_eq!(
         pd.get_region(b"m").await.unwrap(),
-        Some((right.clone(), Some(p2.clone())))
+        Some((right.clone(), Some(p2)))
     );
     assert_eq!(
         pd.get_region_by_id(r2_id).await.unwrap(),
-        Some((right.clone(), Some(p2.clone())))
+        Some((right.clone(), Some(p2)))
     );
     assert_eq!(pd.get_region_by_id(424_242).await.unwrap(), None);
     let all = pd.scan_regions(b"", b"", 0).await.unwrap();
@@ -187,7 +185,7 @@ async fn full_api_over_grpc() {
     assert_eq!(pd.scan_regions(b"n", b"", 0).await.unwrap().len(), 1);
     assert_eq!(pd.scan_regions(b"", b"", 1).await.unwrap().len(), 1);
     // Stale heartbeat (older version) is ignored, not an error.
-    pd.region_heartbeat(r1.clone(), p1.clone()).await.unwrap();
+    pd.region_heartbeat(r1.clone(), p1).await.unwrap();
     assert_eq!(pd.get_region(b"z").await.unwrap().unwrap().0.id, r2_id);
     // A leader outside the region is rejected.
     assert!(matches!(
@@ -235,50 +233,55 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
 
     const TASKS: usize = 64;
     const OPS: usize = 40;
+    // Several rounds: a batcher that serves a reader from an RPC that started
+    // before the reader arrived fails the floor check only now and then.
+    const ROUNDS: usize = 20;
     let max_done = Arc::new(AtomicI64::new(1));
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let pd = pd.clone();
-        let core = core.clone();
-        let max_done = max_done.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            for i in 0..OPS {
-                if t % 4 == 0 && (t + i) % 3 != 0 {
-                    // Another node allocating through its own path: a
-                    // reader of this client must see it once it completed.
-                    let n = (i % 3 + 1) as u32;
-                    let first = core.alloc_revisions(n).unwrap();
-                    let last = first + i64::from(n) - 1;
-                    mine.push((first, last));
-                    max_done.fetch_max(last, Ordering::SeqCst);
-                    tokio::task::yield_now().await;
-                } else if (t + i) % 3 == 0 {
-                    let floor = max_done.load(Ordering::SeqCst);
-                    let cur = pd.current_revision().await.unwrap();
-                    assert!(cur >= floor, "current_revision {cur} < completed {floor}");
-                } else {
-                    let n = ((t * 7 + i) % 5 + 1) as u32;
-                    let first = pd.alloc_revisions(n).await.unwrap();
-                    let last = first + i64::from(n) - 1;
-                    mine.push((first, last));
-                    max_done.fetch_max(last, Ordering::SeqCst);
-                }
-            }
-            mine
-        }));
-    }
     let mut seen = BTreeSet::new();
     let mut count = 0usize;
-    for t in tasks {
-        for (first, last) in t.await.unwrap() {
-            for r in first..=last {
-                count += 1;
-                assert!(seen.insert(r), "revision {r} handed out twice");
+    for _ in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let pd = pd.clone();
+            let core = core.clone();
+            let max_done = max_done.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..OPS {
+                    if t % 4 == 0 && (t + i) % 3 != 0 {
+                        // Another node allocating through its own path: a
+                        // reader of this client must see it once completed.
+                        let n = (i % 3 + 1) as u32;
+                        let first = core.alloc_revisions(n).unwrap();
+                        let last = first + i64::from(n) - 1;
+                        mine.push((first, last));
+                        max_done.fetch_max(last, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                    } else if (t + i) % 3 == 0 {
+                        let floor = max_done.load(Ordering::SeqCst);
+                        let cur = pd.current_revision().await.unwrap();
+                        assert!(cur >= floor, "current_revision {cur} < completed {floor}");
+                    } else {
+                        let n = ((t * 7 + i) % 5 + 1) as u32;
+                        let first = pd.alloc_revisions(n).await.unwrap();
+                        let last = first + i64::from(n) - 1;
+                        mine.push((first, last));
+                        max_done.fetch_max(last, Ordering::SeqCst);
+                    }
+                }
+                mine
+            }));
+        }
+        for t in tasks {
+            for (first, last) in t.await.unwrap() {
+                for r in first..=last {
+                    count += 1;
+                    assert!(seen.insert(r), "revision {r} handed out twice");
+                }
             }
         }
     }
-    let calls = TASKS * OPS * 3 / 4;
+    let calls = ROUNDS * TASKS * OPS * 3 / 4;
     let used = rpcs.load(Ordering::Relaxed) - before;
     assert!(used < calls, "no batching: {used} RPCs for {calls} calls");
     // Failure-free: consecutive from 2 (a fresh cluster is at 1).
@@ -308,7 +311,7 @@ async fn connect_skips_dead_endpoint() {
     server.stop().await;
 
     // Nothing alive at all: a clear Unavailable naming the endpoints.
-    let err = RpcPdClient::connect(&[dead.clone()], config())
+    let err = RpcPdClient::connect(std::slice::from_ref(&dead), config())
         .await
         .unwrap_err();
     match err {

@@ -200,11 +200,11 @@ impl Peer {
     }
 
     fn check_epoch(&self, cmd: &RaftCmdRequest) -> Result<()> {
-        let current = self.region.region_epoch.clone().unwrap_or_default();
+        let current = self.region.region_epoch.unwrap_or_default();
         let given = cmd
             .header
             .as_ref()
-            .and_then(|h| h.region_epoch.clone())
+            .and_then(|h| h.region_epoch)
             .unwrap_or_default();
         if given != current {
             return Err(Error::EpochNotMatch {

@@ -283,7 +283,7 @@ impl Router {
 fn header(region: &proto::metapb::Region) -> RaftRequestHeader {
     RaftRequestHeader {
         region_id: region.id,
-        region_epoch: region.region_epoch.clone(),
+        region_epoch: region.region_epoch,
         proposal_id: 0,
     }
 }

@@ -144,10 +144,12 @@ async fn join_cluster(
 ) -> Result<NodeIdent, StartError> {
     let cluster_id = pd.cluster_id().await?;
     let ident = match store.node_ident()? {
-        Some(ident) if ident.cluster_id != cluster_id => return Err(StartError::Cluster(format!(
+        Some(ident) if ident.cluster_id != cluster_id => {
+            return Err(StartError::Cluster(format!(
             "data dir belongs to cluster {} but the placement driver serves cluster {cluster_id}",
             ident.cluster_id
-        ))),
+        )))
+        }
         Some(ident) => {
             if !pd.is_bootstrapped().await? {
                 // Crashed between bootstrapping locally and in PD: finish.

@@ -50,7 +50,7 @@ fn bootstrapped(dir: &Path) -> Arc<PdCore> {
 }
 
 fn leader_of(r: &metapb::Region) -> metapb::Peer {
-    r.peers[0].clone()
+    r.peers[0]
 }
 
 #[test]
@@ -338,11 +338,10 @@ fn stale_heartbeats_are_ignored() {
 
     // Same epoch, new leader: accepted.
     let r2 = region(2, b"g", b"p", 1, 3);
-    pd.region_heartbeat(r2.clone(), r2.peers[1].clone())
-        .unwrap();
+    pd.region_heartbeat(r2.clone(), r2.peers[1]).unwrap();
     assert_eq!(
         pd.get_region_by_id(2).unwrap().unwrap().1,
-        Some(r2.peers[1].clone())
+        Some(r2.peers[1])
     );
     // Newer conf_ver: accepted and persisted.
     let mut r2b = region(2, b"g", b"p", 2, 3);
