@@ -65,16 +65,7 @@ impl Cluster for ClusterService {
                 is_learner: false,
             })
             .collect();
-        let mut header = Some(ResponseHeader {
-            revision: self
-                .ctx
-                .router
-                .current_revision()
-                .await
-                .map_err(errors::status)?,
-            ..Default::default()
-        });
-        self.ctx.fill_header(&mut header);
+        let header = self.ctx.current_header().await?;
         Ok(Response::new(MemberListResponse { header, members }))
     }
 

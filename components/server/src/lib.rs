@@ -45,6 +45,21 @@ impl NodeContext {
             .unwrap_or_default()
     }
 
+    /// A complete header at the oracle's current revision, for responses
+    /// that read no keys.
+    pub async fn current_header(&self) -> Result<Option<ResponseHeader>, tonic::Status> {
+        let mut header = Some(ResponseHeader {
+            revision: self
+                .router
+                .current_revision()
+                .await
+                .map_err(errors::status)?,
+            ..Default::default()
+        });
+        self.fill_header(&mut header);
+        Ok(header)
+    }
+
     /// Sets the cluster, member and raft term fields of a response header.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let h = header.get_or_insert_with(ResponseHeader::default);

@@ -32,16 +32,7 @@ impl MaintenanceService {
             .hash_kv(revision)
             .await
             .map_err(errors::status)?;
-        let mut header = Some(ResponseHeader {
-            revision: self
-                .ctx
-                .router
-                .current_revision()
-                .await
-                .map_err(errors::status)?,
-            ..Default::default()
-        });
-        self.ctx.fill_header(&mut header);
+        let header = self.ctx.current_header().await?;
         Ok(HashKvResponse {
             header,
             hash,
@@ -62,16 +53,7 @@ impl Maintenance for MaintenanceService {
             ));
         }
         // No quota is enforced yet, so no alarm can be raised.
-        let mut header = Some(ResponseHeader {
-            revision: self
-                .ctx
-                .router
-                .current_revision()
-                .await
-                .map_err(errors::status)?,
-            ..Default::default()
-        });
-        self.ctx.fill_header(&mut header);
+        let header = self.ctx.current_header().await?;
         Ok(Response::new(AlarmResponse {
             header,
             alarms: Vec::new(),
