@@ -6,7 +6,8 @@
 //! propose commands and take linearizable read barriers. Commands carry
 //! mutations computed by the leader (see the `mvcc` crate's `exec`), so
 //! applying is deterministic and never reads. [`storage`] implements
-//! raft-rs's `Storage` on raft-engine.
+//! raft-rs's `Storage` on raft-engine. [`Transport`] carries raft messages
+//! between nodes.
 
 mod error;
 mod keys;
@@ -14,7 +15,9 @@ mod logger;
 pub mod peer;
 pub mod storage;
 mod store;
+pub mod transport;
 
 pub use error::{Error, Result};
 pub use peer::PeerStatus;
 pub use store::{NodeIdent, RegionHandle, Store};
+pub use transport::{DropTransport, Transport};

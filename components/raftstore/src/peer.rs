@@ -17,18 +17,20 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
-use proto::raft_serverpb::RaftApplyState;
+use proto::raft_serverpb::{RaftApplyState, RaftMessage};
 use raft::eraftpb::{Entry, EntryType};
 use raft::{RawNode, StateRole};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::keys;
 use crate::storage::PeerStorage;
+use crate::transport::Transport;
 use crate::{Error, Result};
 
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
-/// Raft log entries kept behind the apply index before GC.
+/// Raft log entries kept behind the apply index before GC. Replicas that
+/// fall further behind would need a snapshot, which does not exist yet.
 const LOG_GC_THRESHOLD: u64 = 4096;
 
 pub type Callback = oneshot::Sender<Result<()>>;
@@ -47,6 +49,8 @@ pub enum PeerMsg {
     CompactionDone {
         revision: i64,
     },
+    /// A raft message from a peer on another node.
+    Raft(RaftMessage),
     Stop,
 }
 
@@ -95,6 +99,7 @@ pub struct Peer {
     was_leader: bool,
     shared: Arc<PeerShared>,
     mailbox: Sender<PeerMsg>,
+    transport: Arc<dyn Transport>,
 }
 
 impl Peer {
@@ -108,6 +113,7 @@ impl Peer {
         apply_state: RaftApplyState,
         shared: Arc<PeerShared>,
         mailbox: Sender<PeerMsg>,
+        transport: Arc<dyn Transport>,
     ) -> Peer {
         Peer {
             mvcc: MvccStore::new(kv.clone()),
@@ -124,6 +130,7 @@ impl Peer {
             was_leader: false,
             shared,
             mailbox,
+            transport,
         }
     }
 
@@ -176,6 +183,7 @@ impl Peer {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
             PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
+            PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
         }
         true
@@ -237,6 +245,72 @@ impl Peer {
         self.proposals.push_back(Proposal { index, term, cb });
     }
 
+    /// Steps a peer's message into raft. Whatever a peer sends, a bad
+    /// message is logged and dropped: one faulty node must not stop this one.
+    fn on_raft_message(&mut self, msg: RaftMessage) {
+        let region_id = self.region.id;
+        let from_peer = msg.from_peer.unwrap_or_default();
+        let to_peer = msg.to_peer.unwrap_or_default();
+        if msg.region_id != region_id || to_peer.id != self.peer_id {
+            debug!(
+                region_id,
+                msg_region = msg.region_id,
+                to = to_peer.id,
+                "raft message for another replica; dropped"
+            );
+            return;
+        }
+        if !self.region.peers.iter().any(|p| p.id == from_peer.id) {
+            debug!(
+                region_id,
+                from = from_peer.id,
+                "raft message from a non-member; dropped"
+            );
+            return;
+        }
+        let m = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
+        {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(
+                    region_id,
+                    from = from_peer.id,
+                    "undecodable raft message dropped: {e}"
+                );
+                return;
+            }
+        };
+        // The envelope is what routing trusted; a payload claiming other
+        // endpoints would let raft attribute it to the wrong peer.
+        if m.from != from_peer.id || m.to != self.peer_id {
+            warn!(
+                region_id,
+                from = from_peer.id,
+                msg_from = m.from,
+                msg_to = m.to,
+                "raft message with mismatched endpoints dropped"
+            );
+            return;
+        }
+        // A peer that knows a snapshot is coming would hand us state we
+        // cannot install yet; refuse it before raft acts on it.
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            warn!(
+                region_id,
+                from = from_peer.id,
+                "region snapshots are not supported yet; dropped"
+            );
+            return;
+        }
+        if let Err(e) = self.raw.step(m) {
+            debug!(
+                region_id,
+                from = from_peer.id,
+                "raft rejected a message: {e}"
+            );
+        }
+    }
+
     fn read_index(&mut self, cb: Callback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
@@ -257,8 +331,10 @@ impl Peer {
         let mut ready = self.raw.ready();
         self.send_messages(ready.take_messages());
         if !ready.snapshot().is_empty() {
+            // Incoming snapshots are refused in `on_raft_message`, so raft
+            // can only produce one here if its state is not what we wrote.
             return Err(Error::Corrupted(
-                "received a region snapshot, which a single-replica region never needs".into(),
+                "raft produced a region snapshot, which this node cannot install yet".into(),
             ));
         }
         for rs in ready.take_read_states() {
@@ -297,14 +373,39 @@ impl Peer {
     }
 
     fn send_messages(&self, msgs: Vec<raft::eraftpb::Message>) {
-        // Replicas on other nodes come with the raft transport; a one-voter
-        // group produces no messages to send.
+        if msgs.is_empty() {
+            return;
+        }
+        let region_id = self.region.id;
+        let from_peer = self
+            .region
+            .peers
+            .iter()
+            .find(|p| p.id == self.peer_id)
+            .copied();
         for m in msgs {
-            warn!(
-                region_id = self.region.id,
-                to = m.to,
-                "no transport for raft message; dropped"
-            );
+            let Some(to_peer) = self.region.peers.iter().find(|p| p.id == m.to).copied() else {
+                warn!(
+                    region_id,
+                    to = m.to,
+                    "raft message to a peer not in the region; dropped"
+                );
+                continue;
+            };
+            let message = match protobuf::Message::write_to_bytes(&m) {
+                Ok(b) => b,
+                Err(e) => {
+                    error!(region_id, to = m.to, "cannot encode raft message: {e}");
+                    continue;
+                }
+            };
+            self.transport.send(RaftMessage {
+                region_id,
+                from_peer,
+                to_peer: Some(to_peer),
+                region_epoch: self.region.region_epoch,
+                message,
+            });
         }
     }
 

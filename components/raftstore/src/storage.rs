@@ -128,8 +128,9 @@ impl raft::Storage for PeerStorage {
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Region snapshots (for replicas far behind) arrive with multi-node
-        // replication; a one-voter group never asks for one.
+        // Region snapshots do not exist yet: a replica can only catch up
+        // from the log, which is why a leader's log GC keeps what every
+        // follower has not matched.
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

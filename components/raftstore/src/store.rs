@@ -10,6 +10,10 @@
 //! * `read_index` resolves once a quorum confirmed this replica's leadership
 //!   and everything committed before the call is applied here.
 //! * `status` is a snapshot taken after the replica's last loop turn.
+//!
+//! Replicas reach their peers on other nodes through the [`Transport`] the
+//! store was opened with; messages from other nodes come in through
+//! [`Store::on_raft_message`].
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -23,16 +27,17 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
+use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
 use raft::eraftpb::{ConfState, HardState};
 use raft::RawNode;
 use tokio::sync::{oneshot, watch};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::keys;
 use crate::logger::raft_logger;
 use crate::peer::{Peer, PeerMsg, PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
+use crate::transport::{DropTransport, Transport};
 use crate::{Error, Result};
 
 /// Cluster and node id this node's data belongs to.
@@ -105,12 +110,20 @@ pub struct Store {
     log: RaftLogEngine,
     regions: DashMap<u64, RegionHandle>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    transport: Arc<dyn Transport>,
 }
 
 impl Store {
     /// Opens the engines under `data_dir` (`kv/`, `raft/`) and starts every
-    /// region replica found there.
+    /// region replica found there, with no way to reach other nodes (enough
+    /// for single-replica regions).
     pub fn open(data_dir: &Path) -> Result<Store> {
+        Self::open_with_transport(data_dir, Arc::new(DropTransport))
+    }
+
+    /// Like [`Store::open`], with replicas sending their raft messages to
+    /// other nodes through `transport`.
+    pub fn open_with_transport(data_dir: &Path, transport: Arc<dyn Transport>) -> Result<Store> {
         let kv = KvEngine::open(&data_dir.join("kv"))?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
         let store = Store {
@@ -119,6 +132,7 @@ impl Store {
             log,
             regions: DashMap::new(),
             threads: Mutex::new(Vec::new()),
+            transport,
         };
         let (lower, upper) = keys::region_state_bounds();
         let mut states = Vec::new();
@@ -164,9 +178,11 @@ impl Store {
         }))
     }
 
-    /// Makes this node the first replica of the cluster's first `region`
-    /// (whose only peer is on `ident.node_id`) and starts it. Durable when
-    /// it returns.
+    /// Makes this node a replica of one of the cluster's initial `region`s
+    /// (one of whose peers is on `ident.node_id`) and starts it. Every node
+    /// named in the region bootstraps it the same way, so all replicas start
+    /// from the same log position with all peers as voters. Durable when it
+    /// returns.
     pub fn bootstrap(&self, ident: NodeIdent, region: metapb::Region) -> Result<()> {
         if !region.peers.iter().any(|p| p.node_id == ident.node_id) {
             return Err(Error::Corrupted(
@@ -291,6 +307,7 @@ impl Store {
             apply_state,
             shared.clone(),
             tx.clone(),
+            self.transport.clone(),
         );
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
@@ -307,6 +324,23 @@ impl Store {
         );
         info!(region_id, peer_id, "region replica started");
         Ok(())
+    }
+
+    /// Hands a raft message from another node to the replica it is for.
+    /// Messages for regions not hosted here are dropped: the sender retries,
+    /// and creating replicas on demand needs snapshots.
+    pub fn on_raft_message(&self, msg: RaftMessage) {
+        let region_id = msg.region_id;
+        let Some(mailbox) = self.regions.get(&region_id).map(|r| r.mailbox.clone()) else {
+            debug!(
+                region_id,
+                "raft message for a region not hosted here; dropped"
+            );
+            return;
+        };
+        if mailbox.send(PeerMsg::Raft(msg)).is_err() {
+            debug!(region_id, "raft message for a stopped replica; dropped");
+        }
     }
 
     pub fn region(&self, region_id: u64) -> Option<RegionHandle> {
