@@ -10,7 +10,7 @@
 #
 # Usage: benches/compare-etcd.sh [--quick] [--rounds N] [--replicas 1|3]
 #                                [--no-build] [--out FILE] [--keep]
-#   --quick      smaller totals and one round (a couple of minutes)
+#   --quick      smaller totals and one round (under a minute once built)
 #   --rounds N   A/B rounds per workload (default 3, quick 1)
 #   --replicas N members per system (default 1; 3 needs MetaStore cluster
 #                support, i.e. a metastore-node that takes --initial-cluster)
@@ -240,7 +240,11 @@ done
 # --- table ---------------------------------------------------------------------
 ETCD_VERSION="$("$ETCD" --version 2>/dev/null | head -n1 | awk '{print $NF}')"
 CPU="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1)"
-REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+REV="$(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)"
+if [[ $BUILD == 0 ]]; then
+    # The binaries may predate the work tree.
+    REV+=" (binaries not rebuilt by this run)"
+fi
 NAMES="$(printf '%s\n' "${WORKLOADS[@]}" | cut -d'|' -f1)"
 TABLE="$(python3 - "$RESULTS" "${#WORKLOADS[@]}" "$ROUNDS" <<EOF
 import json, os, statistics, sys

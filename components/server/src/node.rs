@@ -12,7 +12,7 @@ use router::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::cluster::ClusterService;
@@ -103,11 +103,16 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         let mut stopped = stopped.clone();
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
-            .tcp_nodelay(true)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            });
+            // Our own incoming stream bypasses the builder's nodelay setting;
+            // without it Nagle holds a response's trailers for the client's
+            // delayed ACK (40 ms) whenever the connection is otherwise idle.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            );
         info!(?addr, "serving etcd clients");
         servers.push(tokio::spawn(server));
     }
