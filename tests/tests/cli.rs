@@ -53,11 +53,14 @@ fn bad_flags_ports_and_data_dirs_fail_with_one_clear_line() {
     let file = dir.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let free = format!("http://127.0.0.1:{}", free_port());
+    let free_peer = format!("http://127.0.0.1:{}", free_port());
     let (ok, err) = run_node(&[
         "--data-dir",
         file.to_str().unwrap(),
         "--listen-client-urls",
         &free,
+        "--listen-peer-urls",
+        &free_peer,
     ]);
     assert!(!ok);
     assert!(
@@ -77,11 +80,14 @@ fn bad_flags_ports_and_data_dirs_fail_with_one_clear_line() {
 fn second_node_on_same_data_dir_is_refused() {
     let node = Node::start_dev();
     let free = format!("http://127.0.0.1:{}", free_port());
+    let free_peer = format!("http://127.0.0.1:{}", free_port());
     let (ok, err) = run_node(&[
         "--data-dir",
         node.data_dir().to_str().unwrap(),
         "--listen-client-urls",
         &free,
+        "--listen-peer-urls",
+        &free_peer,
     ]);
     assert!(!ok);
     assert!(last_line(&err).contains("cannot use data dir"), "{err}");

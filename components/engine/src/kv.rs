@@ -1,7 +1,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, DBRawIteratorWithThreadMode, Options, ReadOptions, SnapshotWithThreadMode,
+    WriteOptions, DB,
+};
 
 use crate::Result;
 
@@ -76,6 +79,28 @@ impl KvEngine {
         self.db.raw_iterator_cf_opt(self.handle(cf), opts)
     }
 
+    /// A consistent point-in-time view of every column family, for readers
+    /// that must see several keys as of one write (e.g. region snapshots).
+    pub fn snapshot(&self) -> KvSnapshot<'_> {
+        KvSnapshot {
+            engine: self,
+            snap: self.db.snapshot(),
+        }
+    }
+
+    /// Stages the deletion of every key in `[start, end)` of `cf`.
+    pub fn delete_range_to(&self, batch: &mut WriteBatch, cf: &str, start: &[u8], end: &[u8]) {
+        batch.delete_range_cf(self.handle(cf), start, end);
+    }
+
+    /// Applies `batch` and makes it durable before returning, for writes
+    /// that later raft-engine writes depend on.
+    pub fn write_sync(&self, batch: WriteBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        Ok(self.db.write_opt(batch, &opts)?)
+    }
+
     /// Reclaims the space of deleted keys in `[start, end)` of `cf` now,
     /// rather than whenever RocksDB gets to it.
     pub fn compact_range(&self, cf: &str, start: Option<&[u8]>, end: Option<&[u8]>) {
@@ -98,5 +123,27 @@ impl KvEngine {
                     .flatten()
             })
             .sum()
+    }
+}
+
+/// A point-in-time view of a [`KvEngine`]; see [`KvEngine::snapshot`].
+pub struct KvSnapshot<'a> {
+    engine: &'a KvEngine,
+    snap: SnapshotWithThreadMode<'a, DB>,
+}
+
+impl KvSnapshot<'_> {
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snap.get_cf(self.engine.handle(cf), key)?)
+    }
+
+    /// Like [`KvEngine::iter`], reading this snapshot.
+    pub fn iter(&self, cf: &str, lower: &[u8], upper: &[u8]) -> RawIter<'_> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lower.to_vec());
+        if !upper.is_empty() {
+            opts.set_iterate_upper_bound(upper.to_vec());
+        }
+        self.snap.raw_iterator_cf_opt(self.engine.handle(cf), opts)
     }
 }

@@ -17,7 +17,7 @@ mod kv;
 mod raft_log;
 
 pub use error::{Error, Result};
-pub use kv::{cf, KvEngine, RawIter, WriteBatch};
+pub use kv::{cf, KvEngine, KvSnapshot, RawIter, WriteBatch};
 pub use raft;
 pub use raft_log::{RaftLogBatch, RaftLogEngine};
 pub use rocksdb;

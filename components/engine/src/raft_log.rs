@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use protobuf::Message;
 use raft::eraftpb::{ConfState, Entry, HardState};
-use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize};
+use raft_engine::{Command, Config, Engine, LogBatch, MessageExt, ReadableSize};
 
 use crate::Result;
 
@@ -53,6 +53,13 @@ impl RaftLogBatch {
         self.batch
             .put_message(region_id, CONF_STATE_KEY.to_vec(), cs)?;
         Ok(())
+    }
+
+    /// Drops the region's whole log, hard state and conf state. Later
+    /// changes in the same batch apply after it, so a batch can replace a
+    /// region's log state atomically (e.g. when installing a snapshot).
+    pub fn clean(&mut self, region_id: u64) {
+        self.batch.add_command(region_id, Command::Clean);
     }
 
     pub fn is_empty(&self) -> bool {

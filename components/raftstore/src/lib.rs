@@ -6,18 +6,20 @@
 //! propose commands and take linearizable read barriers. Commands carry
 //! mutations computed by the leader (see the `mvcc` crate's `exec`), so
 //! applying is deterministic and never reads. [`storage`] implements
-//! raft-rs's `Storage` on raft-engine. [`Transport`] carries raft messages
-//! between nodes.
+//! raft-rs's `Storage` on raft-engine, including region snapshots (encoded
+//! by the `snapshot` module) for replicas behind the log GC. [`Transport`]
+//! carries raft messages between nodes.
 
 mod error;
 mod keys;
 mod logger;
 pub mod peer;
+mod snapshot;
 pub mod storage;
 mod store;
 pub mod transport;
 
 pub use error::{Error, Result};
 pub use peer::PeerStatus;
-pub use store::{NodeIdent, RegionHandle, Store};
+pub use store::{NodeIdent, RegionHandle, Store, StoreOptions};
 pub use transport::{DropTransport, Transport};

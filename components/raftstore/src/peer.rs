@@ -5,6 +5,8 @@
 //! hard state are synced to raft-engine before anything that depends on
 //! them, committed entries are applied to RocksDB in one write batch
 //! together with the apply state, and then the waiting callers are told.
+//! A region snapshot from the leader replaces the replica's data and log
+//! (see [`Peer::install_snapshot`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -18,20 +20,21 @@ use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
 use proto::raft_serverpb::{RaftApplyState, RaftMessage};
-use raft::eraftpb::{Entry, EntryType};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{Entry, EntryType, MessageType, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::keys;
+use crate::snapshot::{self, RegionSnapshot};
 use crate::storage::PeerStorage;
 use crate::transport::Transport;
 use crate::{Error, Result};
 
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
-/// Raft log entries kept behind the apply index before GC. Replicas that
-/// fall further behind would need a snapshot, which does not exist yet.
-const LOG_GC_THRESHOLD: u64 = 4096;
+/// Default number of applied raft log entries kept before GC. Replicas that
+/// fall further behind catch up through a region snapshot.
+pub const DEFAULT_LOG_GC_THRESHOLD: u64 = 4096;
 
 pub type Callback = oneshot::Sender<Result<()>>;
 
@@ -62,6 +65,8 @@ pub struct PeerStatus {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Last index dropped from the raft log (the log starts after it).
+    pub truncated_index: u64,
     pub leader_peer_id: u64,
     /// Leader that has applied an entry of its own term: only then is its
     /// state machine complete enough to evaluate requests against.
@@ -97,6 +102,10 @@ pub struct Peer {
     /// Confirmed read barriers waiting for the apply index to reach theirs.
     ready_reads: Vec<(u64, Callback)>,
     was_leader: bool,
+    log_gc_threshold: u64,
+    /// A snapshot validated when it arrived, kept until raft hands it back
+    /// for installing, so it is decoded once.
+    incoming_snapshot: Option<(u64, u64, RegionSnapshot)>,
     shared: Arc<PeerShared>,
     mailbox: Sender<PeerMsg>,
     transport: Arc<dyn Transport>,
@@ -114,6 +123,7 @@ impl Peer {
         shared: Arc<PeerShared>,
         mailbox: Sender<PeerMsg>,
         transport: Arc<dyn Transport>,
+        log_gc_threshold: u64,
     ) -> Peer {
         Peer {
             mvcc: MvccStore::new(kv.clone()),
@@ -128,6 +138,8 @@ impl Peer {
             pending_reads: HashMap::new(),
             ready_reads: Vec::new(),
             was_leader: false,
+            log_gc_threshold,
+            incoming_snapshot: None,
             shared,
             mailbox,
             transport,
@@ -292,15 +304,22 @@ impl Peer {
             );
             return;
         }
-        // A peer that knows a snapshot is coming would hand us state we
-        // cannot install yet; refuse it before raft acts on it.
-        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            warn!(
-                region_id,
-                from = from_peer.id,
-                "region snapshots are not supported yet; dropped"
-            );
-            return;
+        // Once raft accepts a snapshot it must be installed, so its data
+        // is checked before raft sees it.
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            let meta = m.get_snapshot().get_metadata();
+            match snapshot::decode(&self.region, m.get_snapshot().get_data()) {
+                Ok(snap) => self.incoming_snapshot = Some((meta.index, meta.term, snap)),
+                Err(e) => {
+                    warn!(
+                        region_id,
+                        from = from_peer.id,
+                        index = meta.index,
+                        "malformed region snapshot dropped: {e}"
+                    );
+                    return;
+                }
+            }
         }
         if let Err(e) = self.raw.step(m) {
             debug!(
@@ -308,6 +327,10 @@ impl Peer {
                 from = from_peer.id,
                 "raft rejected a message: {e}"
             );
+        }
+        if self.raw.raft.raft_log.unstable_snapshot().is_none() {
+            // Not accepted (stale, or not a snapshot): nothing to keep.
+            self.incoming_snapshot = None;
         }
     }
 
@@ -331,11 +354,14 @@ impl Peer {
         let mut ready = self.raw.ready();
         self.send_messages(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            // Incoming snapshots are refused in `on_raft_message`, so raft
-            // can only produce one here if its state is not what we wrote.
-            return Err(Error::Corrupted(
-                "raft produced a region snapshot, which this node cannot install yet".into(),
-            ));
+            // raft-rs returns no committed entries with a snapshot, and the
+            // entries in this ready follow it: install it first.
+            let mut hs = ready
+                .hs()
+                .cloned()
+                .unwrap_or_else(|| self.raw.store().hard_state().clone());
+            hs.commit = ready.snapshot().get_metadata().index;
+            self.install_snapshot(ready.snapshot(), hs)?;
         }
         for rs in ready.take_read_states() {
             let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
@@ -372,7 +398,81 @@ impl Peer {
         Ok(())
     }
 
-    fn send_messages(&self, msgs: Vec<raft::eraftpb::Message>) {
+    /// Replaces this replica's data and log by `snap`'s. RocksDB is synced
+    /// first: a crash before the raft-engine write leaves the new apply
+    /// state (truncated at the snapshot) with the old log, which start-up
+    /// reconciles; a crash before the RocksDB write leaves the old state,
+    /// and the leader sends the snapshot again.
+    fn install_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        mut hs: raft::eraftpb::HardState,
+    ) -> Result<()> {
+        let region_id = self.region.id;
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let data = match self.incoming_snapshot.take() {
+            Some((i, t, data)) if i == index && t == term => data,
+            _ => snapshot::decode(&self.region, snap.get_data())?,
+        };
+        let mut wb = WriteBatch::default();
+        snapshot::stage_apply(&self.kv, &mut wb, &self.region, &data)?;
+        let mut apply_state = RaftApplyState {
+            applied_index: index,
+            applied_term: term,
+            truncated_index: index,
+            truncated_term: term,
+            applied_revision: data.applied_revision,
+            compact_revision: data.compact_revision,
+            pending_compact_revision: 0,
+        };
+        if data.compact_revision > 0 {
+            // The leader's physical clean-up may not be done; redo it here.
+            apply_state.pending_compact_revision = data.compact_revision;
+        }
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::apply_state_key(region_id),
+            &apply_state.encode_to_vec(),
+        );
+        self.kv.write_sync(wb)?;
+
+        hs.term = hs.term.max(term);
+        let mut batch = RaftLogBatch::default();
+        batch.clean(region_id);
+        batch.put_hard_state(region_id, &hs)?;
+        batch.put_conf_state(region_id, meta.get_conf_state())?;
+        self.log.write(&mut batch, true)?;
+
+        let store = self.raw.mut_store();
+        store.set_truncated(index, term);
+        store.set_conf_state(meta.get_conf_state().clone());
+        store.set_hard_state(hs);
+        self.apply_state = apply_state;
+        info!(
+            region_id,
+            index,
+            term,
+            mvcc_entries = data.mvcc.len(),
+            revision_entries = data.revision.len(),
+            applied_revision = data.applied_revision,
+            "installed region snapshot"
+        );
+        {
+            let mut status = self.shared.status.lock();
+            status.applied_index = index;
+            status.truncated_index = index;
+            status.applied_revision = data.applied_revision;
+            status.compact_revision = data.compact_revision;
+        }
+        if data.compact_revision > 0 {
+            self.spawn_compaction(data.compact_revision);
+        }
+        Ok(())
+    }
+
+    fn send_messages(&mut self, msgs: Vec<raft::eraftpb::Message>) {
         if msgs.is_empty() {
             return;
         }
@@ -392,6 +492,7 @@ impl Peer {
                 );
                 continue;
             };
+            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
             let message = match protobuf::Message::write_to_bytes(&m) {
                 Ok(b) => b,
                 Err(e) => {
@@ -406,6 +507,14 @@ impl Peer {
                 region_epoch: self.region.region_epoch,
                 message,
             });
+            if let Some(to) = snapshot_to {
+                // The transport does not confirm delivery. Reporting it
+                // done lets raft probe the follower again: if the snapshot
+                // was lost, the follower's rejection triggers a new one
+                // instead of raft waiting for it forever.
+                info!(region_id, to, "sent region snapshot");
+                self.raw.report_snapshot(to, SnapshotStatus::Finish);
+            }
         }
     }
 
@@ -559,14 +668,19 @@ impl Peer {
     fn gc_raft_log(&mut self) -> Result<()> {
         let applied = self.apply_state.applied_index;
         let truncated = self.raw.store().truncated_index();
-        if applied < truncated + LOG_GC_THRESHOLD {
+        let threshold = self.log_gc_threshold;
+        if applied < truncated + threshold {
             return Ok(());
         }
         let mut compact_to = applied;
         if self.raw.raft.state == StateRole::Leader {
-            // Keep what followers still need.
+            // Keep what followers close behind still need; one further
+            // behind (stopped, partitioned) gets a snapshot instead of
+            // pinning the log.
             for (_, pr) in self.raw.raft.prs().iter() {
-                compact_to = compact_to.min(pr.matched);
+                if pr.matched + threshold >= applied {
+                    compact_to = compact_to.min(pr.matched);
+                }
             }
         }
         if compact_to <= truncated {
@@ -615,6 +729,7 @@ impl Peer {
         status.term = self.raw.raft.term;
         status.commit_index = self.raw.raft.raft_log.committed;
         status.applied_index = applied;
+        status.truncated_index = self.raw.store().truncated_index();
         status.leader_peer_id = self.raw.raft.leader_id;
         status.ready_leader = self.is_ready_leader();
         status.applied_revision = self.apply_state.applied_revision;

@@ -5,10 +5,16 @@
 //! raft can still match the entry just before the first one. A region
 //! created by bootstrap starts "truncated" at [`INIT_INDEX`] with everything
 //! up to it applied, which lets every replica start from the same point.
+//! Installing a region snapshot moves the truncation point to the
+//! snapshot's index, with the log after it empty.
 
-use engine::RaftLogEngine;
+use engine::{KvEngine, RaftLogEngine};
+use proto::metapb;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use tracing::{error, info};
+
+use crate::snapshot;
 
 /// Index and term a bootstrapped region's log starts at.
 pub const INIT_INDEX: u64 = 5;
@@ -17,6 +23,9 @@ pub const INIT_TERM: u64 = 5;
 pub struct PeerStorage {
     region_id: u64,
     log: RaftLogEngine,
+    /// State machine and key range, to build region snapshots from.
+    kv: KvEngine,
+    region: metapb::Region,
     hard_state: HardState,
     conf_state: ConfState,
     truncated_index: u64,
@@ -25,16 +34,19 @@ pub struct PeerStorage {
 
 impl PeerStorage {
     pub fn new(
-        region_id: u64,
+        region: metapb::Region,
         log: RaftLogEngine,
+        kv: KvEngine,
         hard_state: HardState,
         conf_state: ConfState,
         truncated_index: u64,
         truncated_term: u64,
     ) -> PeerStorage {
         PeerStorage {
-            region_id,
+            region_id: region.id,
             log,
+            kv,
+            region,
             hard_state,
             conf_state,
             truncated_index,
@@ -53,6 +65,10 @@ impl PeerStorage {
     pub fn set_truncated(&mut self, index: u64, term: u64) {
         self.truncated_index = index;
         self.truncated_term = term;
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
     }
 
     pub fn truncated_index(&self) -> u64 {
@@ -127,12 +143,39 @@ impl raft::Storage for PeerStorage {
         Ok(self.last())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Region snapshots do not exist yet: a replica can only catch up
-        // from the log, which is why a leader's log GC keeps what every
-        // follower has not matched.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// Builds the snapshot synchronously on the peer's thread from one
+    /// RocksDB snapshot at the current applied index. Consistent because
+    /// apply runs on the same thread, but the whole region is read and
+    /// encoded in memory while the replica's loop waits: fine for small
+    /// regions, a background generator with a snapshot store is the
+    /// next step for large ones.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
+        // raft-rs panics on any other error from here; a failed read is
+        // retried at the next attempt to reach the follower.
+        let (apply_state, data) = snapshot::generate(&self.kv, &self.region).map_err(|e| {
+            error!(
+                region_id = self.region_id,
+                to, "cannot build region snapshot: {e}"
+            );
+            unavailable()
+        })?;
+        if apply_state.applied_index < request_index {
+            return Err(unavailable());
+        }
+        info!(
+            region_id = self.region_id,
+            to,
+            index = apply_state.applied_index,
+            bytes = data.len(),
+            "generated region snapshot"
+        );
+        let mut snap = Snapshot::default();
+        snap.set_data(data.into());
+        let meta = snap.mut_metadata();
+        meta.index = apply_state.applied_index;
+        meta.term = apply_state.applied_term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snap)
     }
 }

@@ -35,7 +35,7 @@ use tracing::{debug, info};
 
 use crate::keys;
 use crate::logger::raft_logger;
-use crate::peer::{Peer, PeerMsg, PeerShared, PeerStatus};
+use crate::peer::{Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
 use crate::{Error, Result};
@@ -103,6 +103,22 @@ impl RegionHandle {
     }
 }
 
+/// Tunables of a [`Store`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Applied raft log entries kept before a replica drops its log prefix.
+    /// Replicas further behind than this catch up through a snapshot.
+    pub log_gc_threshold: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            log_gc_threshold: DEFAULT_LOG_GC_THRESHOLD,
+        }
+    }
+}
+
 /// The engines of a node and the region replicas on them.
 pub struct Store {
     data_dir: std::path::PathBuf,
@@ -111,6 +127,7 @@ pub struct Store {
     regions: DashMap<u64, RegionHandle>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     transport: Arc<dyn Transport>,
+    options: StoreOptions,
 }
 
 impl Store {
@@ -124,6 +141,15 @@ impl Store {
     /// Like [`Store::open`], with replicas sending their raft messages to
     /// other nodes through `transport`.
     pub fn open_with_transport(data_dir: &Path, transport: Arc<dyn Transport>) -> Result<Store> {
+        Self::open_with_options(data_dir, transport, StoreOptions::default())
+    }
+
+    /// Like [`Store::open_with_transport`], with non-default `options`.
+    pub fn open_with_options(
+        data_dir: &Path,
+        transport: Arc<dyn Transport>,
+        options: StoreOptions,
+    ) -> Result<Store> {
         let kv = KvEngine::open(&data_dir.join("kv"))?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
         let store = Store {
@@ -133,6 +159,7 @@ impl Store {
             regions: DashMap::new(),
             threads: Mutex::new(Vec::new()),
             transport,
+            options,
         };
         let (lower, upper) = keys::region_state_bounds();
         let mut states = Vec::new();
@@ -258,11 +285,12 @@ impl Store {
                 )))
             }
         };
-        let hard_state = self.log.hard_state(region.id)?.unwrap_or_default();
+        let hard_state = self.reconcile_log(region.id, &apply_state)?;
         let conf_state = self.log.conf_state(region.id)?.unwrap_or_default();
         let storage = PeerStorage::new(
-            region.id,
+            region.clone(),
             self.log.clone(),
+            self.kv.clone(),
             hard_state,
             conf_state,
             apply_state.truncated_index,
@@ -308,6 +336,7 @@ impl Store {
             shared.clone(),
             tx.clone(),
             self.transport.clone(),
+            self.options.log_gc_threshold,
         );
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
@@ -326,9 +355,41 @@ impl Store {
         Ok(())
     }
 
+    /// The region's hard state, made consistent with its apply state. The
+    /// apply state decides: a snapshot install writes it (synced) before
+    /// replacing the raft log, so after a crash in between the log may
+    /// still be the old one, with a commit index and entries below the new
+    /// truncation point.
+    fn reconcile_log(&self, region_id: u64, apply_state: &RaftApplyState) -> Result<HardState> {
+        let mut hs = self.log.hard_state(region_id)?.unwrap_or_default();
+        let stored = hs.clone();
+        if hs.commit < apply_state.applied_index {
+            hs.commit = apply_state.applied_index;
+        }
+        if hs.term < apply_state.truncated_term {
+            hs.term = apply_state.truncated_term;
+            hs.vote = 0;
+        }
+        if hs != stored {
+            info!(region_id, ?stored, reconciled = ?hs, "raft hard state behind the apply state");
+            let mut batch = RaftLogBatch::default();
+            batch.put_hard_state(region_id, &hs)?;
+            self.log.write(&mut batch, true)?;
+        }
+        if self
+            .log
+            .first_index(region_id)
+            .is_some_and(|first| first <= apply_state.truncated_index)
+        {
+            self.log
+                .compact_to(region_id, apply_state.truncated_index + 1)?;
+        }
+        Ok(hs)
+    }
+
     /// Hands a raft message from another node to the replica it is for.
     /// Messages for regions not hosted here are dropped: the sender retries,
-    /// and creating replicas on demand needs snapshots.
+    /// and creating replicas on demand (from a snapshot) is not built yet.
     pub fn on_raft_message(&self, msg: RaftMessage) {
         let region_id = msg.region_id;
         let Some(mailbox) = self.regions.get(&region_id).map(|r| r.mailbox.clone()) else {

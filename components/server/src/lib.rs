@@ -5,7 +5,8 @@
 //! gRPC services plus etcd's HTTP `/version` and `/health` on the client
 //! URLs. KV, Maintenance and Cluster are served here; services not built
 //! yet (Watch, Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
-//! Request errors carry etcd's codes and texts ([`errors`]).
+//! Request errors carry etcd's codes and texts ([`errors`]). Raft messages
+//! between nodes travel over gRPC on the peer URLs ([`raft_transport`]).
 
 pub mod cluster;
 pub mod config;
@@ -14,6 +15,7 @@ mod http;
 pub mod kv;
 pub mod maintenance;
 pub mod node;
+pub mod raft_transport;
 
 use std::sync::Arc;
 

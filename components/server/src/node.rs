@@ -19,6 +19,7 @@ use crate::cluster::ClusterService;
 use crate::config::{socket_addr, Config};
 use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
 use crate::maintenance::MaintenanceService;
+use crate::raft_transport::{GrpcTransport, PdResolver, RaftTransportService};
 use crate::NodeContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,17 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
             })?;
         listeners.push(listener);
     }
+    let mut peer_listeners = Vec::new();
+    for url in &config.listen_peer_urls {
+        let addr = socket_addr(url)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| StartError::Listen {
+                addr: addr.to_string(),
+                err,
+            })?;
+        peer_listeners.push(listener);
+    }
     let data_dir = config.data_dir.clone();
     let data_dir_error = |err: String| StartError::DataDir {
         path: data_dir.display().to_string(),
@@ -81,7 +93,14 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
             RpcPdClient::connect(&config.pd_endpoints, RpcPdClientConfig::default()).await?;
         (Arc::new(client), None)
     };
-    let store = Arc::new(Store::open(&data_dir).map_err(|e| data_dir_error(e.to_string()))?);
+    let transport = Arc::new(GrpcTransport::new(
+        tokio::runtime::Handle::current(),
+        Arc::new(PdResolver::new(pd.clone())),
+    ));
+    let store = Arc::new(
+        Store::open_with_transport(&data_dir, transport)
+            .map_err(|e| data_dir_error(e.to_string()))?,
+    );
     let ident = join_cluster(&config, &store, pd.as_ref()).await?;
     info!(
         cluster_id = ident.cluster_id,
@@ -114,6 +133,22 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
                 },
             );
         info!(?addr, "serving etcd clients");
+        servers.push(tokio::spawn(server));
+    }
+    for listener in peer_listeners {
+        let addr = listener.local_addr().ok();
+        let mut stopped_signal = stopped.clone();
+        let service = RaftTransportService::new(store.clone(), stopped.clone()).into_server();
+        let server = tonic::transport::Server::builder()
+            .add_service(service)
+            // Raft heartbeats and appends are small; Nagle would hold them.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stopped_signal.wait_for(|s| *s).await;
+                },
+            );
+        info!(?addr, "serving raft peers");
         servers.push(tokio::spawn(server));
     }
     Ok(RunningNode {
@@ -240,9 +275,9 @@ impl RunningNode {
         let (res, idx, _) = futures::future::select_all(self.servers.iter_mut()).await;
         self.servers.remove(idx);
         match res {
-            Ok(Ok(())) => "client server stopped".into(),
-            Ok(Err(e)) => format!("client server failed: {e}"),
-            Err(e) => format!("client server panicked: {e}"),
+            Ok(Ok(())) => "server stopped".into(),
+            Ok(Err(e)) => format!("server failed: {e}"),
+            Err(e) => format!("server panicked: {e}"),
         }
     }
 }

@@ -19,7 +19,7 @@ use proto::raft_cmdpb::{
     mutation::Op, raft_cmd_request::Cmd, Mutation, RaftCmdRequest, RaftRequestHeader, WriteRequest,
 };
 use proto::raft_serverpb::RaftMessage;
-use raftstore::{NodeIdent, RegionHandle, Store, Transport};
+use raftstore::{NodeIdent, RegionHandle, Store, StoreOptions, Transport};
 use tempfile::TempDir;
 
 pub const REGION_ID: u64 = 1;
@@ -205,6 +205,7 @@ pub struct Cluster {
     pub router: Arc<Router>,
     dirs: HashMap<u64, TempDir>,
     delayer: Option<JoinHandle<()>>,
+    options: StoreOptions,
 }
 
 pub fn region(n: u64) -> metapb::Region {
@@ -224,6 +225,16 @@ pub fn region(n: u64) -> metapb::Region {
             })
             .collect(),
     }
+}
+
+/// A write deleting `key` at `rev`.
+pub fn delete(rev: i64, key: &str) -> RaftCmdRequest {
+    let mut cmd = write(rev, key, "");
+    if let Some(Cmd::Write(w)) = cmd.cmd.as_mut() {
+        w.mutations[0].op = Op::Delete as i32;
+        w.mutations[0].version = 0;
+    }
+    cmd
 }
 
 pub fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
@@ -252,6 +263,12 @@ impl Cluster {
     /// `n` nodes, each bootstrapping region 1 with peers 1..=n on nodes
     /// 1..=n.
     pub fn new(n: u64) -> Cluster {
+        Self::with_options(n, StoreOptions::default())
+    }
+
+    /// Like [`Cluster::new`], every node opened (and reopened) with
+    /// `options`.
+    pub fn with_options(n: u64, options: StoreOptions) -> Cluster {
         let (tx, rx) = mpsc::channel();
         let router = Arc::new(Router {
             stores: RwLock::new(HashMap::new()),
@@ -265,10 +282,16 @@ impl Cluster {
             router,
             dirs: HashMap::new(),
             delayer: Some(delayer),
+            options,
         };
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open_with_transport(dir.path(), cluster.router.clone()).unwrap();
+            let store = Store::open_with_options(
+                dir.path(),
+                cluster.router.clone(),
+                cluster.options.clone(),
+            )
+            .unwrap();
             let ident = NodeIdent {
                 cluster_id: CLUSTER_ID,
                 node_id: id,
@@ -471,7 +494,12 @@ impl Cluster {
 
     /// Reopens node `id` from its data dir.
     pub fn restart_node(&self, id: u64) {
-        let store = Store::open_with_transport(self.dirs[&id].path(), self.router.clone()).unwrap();
+        let store = Store::open_with_options(
+            self.dirs[&id].path(),
+            self.router.clone(),
+            self.options.clone(),
+        )
+        .unwrap();
         self.router.stores.write().insert(id, Arc::new(store));
     }
 }

@@ -1,0 +1,199 @@
+//! Replicas that fell behind the leader's log GC catch up through a region
+//! snapshot: afterwards their data equals the leader's, including keys the
+//! leader deleted meanwhile, and normal replication resumes.
+
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use cluster::{delete, write, Cluster};
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest};
+use raftstore::StoreOptions;
+
+const GC_THRESHOLD: u64 = 50;
+
+fn cluster() -> Cluster {
+    Cluster::with_options(
+        3,
+        StoreOptions {
+            log_gc_threshold: GC_THRESHOLD,
+        },
+    )
+}
+
+fn others(all: &[u64], but: u64) -> Vec<u64> {
+    all.iter().copied().filter(|&id| id != but).collect()
+}
+
+/// Waits until node `id` has applied revision `rev`.
+async fn wait_revision(c: &Cluster, id: u64, rev: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.handle(id).status().applied_revision < rev {
+        assert!(
+            Instant::now() < deadline,
+            "node {id} never reached revision {rev}: {:?}",
+            c.handle(id).status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts every node's state hashes the same at the leader's revision.
+async fn assert_same_hash(c: &Cluster) {
+    let applied = c.wait_same_applied(&[1, 2, 3]).await;
+    let (_, h) = c.leader().await;
+    let s = h.status();
+    let hashes: Vec<u32> = (1..=3)
+        .map(|id| {
+            let st = c.handle(id).status();
+            assert_eq!(st.applied_revision, s.applied_revision, "node {id}");
+            assert_eq!(st.compact_revision, s.compact_revision, "node {id}");
+            c.store(id)
+                .mvcc()
+                .hash(s.applied_revision, s.compact_revision, b"", b"")
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        hashes.iter().all(|&x| x == hashes[0]),
+        "hashes differ at index {applied}: {hashes:?}"
+    );
+}
+
+/// Stops a follower, writes `n` entries so the leader's log GC passes the
+/// follower, and returns the follower and its applied index when stopped.
+async fn leave_behind(c: &Cluster, rev: &mut i64, n: usize) -> (u64, u64) {
+    let (leader, _) = c.leader().await;
+    let follower = others(&[1, 2, 3], leader)[0];
+    c.wait_same_applied(&[1, 2, 3]).await;
+    let stopped_at = c.handle(follower).status().applied_index;
+    c.stop_node(follower);
+    for i in 0..n {
+        c.must_put(rev, &format!("b{i}"), &format!("v{i}")).await;
+    }
+    let running = others(&[1, 2, 3], follower);
+    c.wait_same_applied(&running).await;
+    for id in running {
+        let truncated = c.handle(id).status().truncated_index;
+        assert!(
+            truncated > stopped_at,
+            "node {id} kept its log from {truncated}, the follower stopped at {stopped_at}"
+        );
+    }
+    (follower, stopped_at)
+}
+
+#[tokio::test]
+async fn lagging_follower_catches_up_by_snapshot() {
+    let c = cluster();
+    c.leader().await;
+    let mut rev = 0;
+    for i in 0..10 {
+        c.must_put(&mut rev, &format!("a{i}"), "old").await;
+    }
+    let (follower, stopped_at) = leave_behind(&c, &mut rev, 150).await;
+    // Overwrite some keys and compact, so the snapshot carries history
+    // and a compaction point.
+    for i in 0..5 {
+        c.must_put(&mut rev, &format!("a{i}"), "new").await;
+    }
+    let (_, h) = c.leader().await;
+    h.propose(RaftCmdRequest {
+        header: write(0, "", "").header,
+        cmd: Some(Cmd::Compact(CompactRequest { revision: rev - 2 })),
+    })
+    .await
+    .unwrap();
+
+    c.restart_node(follower);
+    wait_revision(&c, follower, rev).await;
+    let st = c.handle(follower).status();
+    assert!(
+        st.truncated_index > stopped_at,
+        "the follower's log restarts after the snapshot: {st:?}"
+    );
+    for i in 0..150 {
+        assert_eq!(
+            c.get(follower, &format!("b{i}")),
+            Some(format!("v{i}").into_bytes()),
+            "b{i}"
+        );
+    }
+    for i in 0..10 {
+        let want = if i < 5 { "new" } else { "old" };
+        assert_eq!(
+            c.get(follower, &format!("a{i}")).as_deref(),
+            Some(want.as_bytes())
+        );
+    }
+    assert_same_hash(&c).await;
+
+    // Normal replication resumes from the log after the snapshot.
+    for i in 0..20 {
+        c.must_put(&mut rev, &format!("c{i}"), "after").await;
+    }
+    c.must_get_on(&[follower], "c19", "after").await;
+    assert_same_hash(&c).await;
+
+    // The installed state (log, hard and conf state) survives a restart.
+    c.stop_node(follower);
+    c.restart_node(follower);
+    assert_eq!(c.get(follower, "b149").as_deref(), Some(&b"v149"[..]));
+    c.must_put(&mut rev, "d", "restarted").await;
+    c.must_get_on(&[follower], "d", "restarted").await;
+    assert_same_hash(&c).await;
+}
+
+#[tokio::test]
+async fn snapshot_removes_keys_deleted_meanwhile() {
+    let c = cluster();
+    c.leader().await;
+    let mut rev = 0;
+    c.must_put(&mut rev, "gone", "1").await;
+    c.must_put(&mut rev, "kept", "1").await;
+    c.must_get_on(&[1, 2, 3], "kept", "1").await;
+    let (leader, _) = c.leader().await;
+    let follower = others(&[1, 2, 3], leader)[0];
+    c.wait_same_applied(&[1, 2, 3]).await;
+    let stopped_at = c.handle(follower).status().applied_index;
+    c.stop_node(follower);
+    loop {
+        rev += 1;
+        let (_, h) = c.leader().await;
+        if h.propose(delete(rev, "gone")).await.is_ok() {
+            break;
+        }
+    }
+    for i in 0..120 {
+        c.must_put(&mut rev, &format!("b{i}"), "x").await;
+    }
+    // Compacted past the delete, the leader no longer has even a tombstone
+    // of `gone`: only deleting the follower's own data removes its copy.
+    let (l, h) = c.leader().await;
+    h.propose(RaftCmdRequest {
+        header: write(0, "", "").header,
+        cmd: Some(Cmd::Compact(CompactRequest { revision: rev })),
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), h.wait_physically_compacted(rev))
+        .await
+        .expect("compaction finishes")
+        .unwrap();
+    assert!(
+        c.handle(l).status().truncated_index > stopped_at,
+        "the leader's log no longer holds what the follower needs"
+    );
+    assert_eq!(c.get(l, "gone"), None);
+
+    c.restart_node(follower);
+    assert_eq!(c.get(follower, "gone").as_deref(), Some(&b"1"[..]));
+    wait_revision(&c, follower, rev).await;
+    assert_eq!(
+        c.get(follower, "gone"),
+        None,
+        "stale key survived the snapshot"
+    );
+    assert_eq!(c.get(follower, "kept").as_deref(), Some(&b"1"[..]));
+    assert_same_hash(&c).await;
+}
