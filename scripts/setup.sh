@@ -32,7 +32,7 @@ version = "0.0.0"
 edition = "2021"
 
 [dependencies]
-librocksdb-sys = { version = "=$version", default-features = false, features = ["lz4", "static"] }
+librocksdb-sys = { version = "=${version%%+*}", default-features = false, features = ["lz4", "static"] }
 
 [profile.release]
 debug = false
