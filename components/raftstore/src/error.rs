@@ -17,6 +17,10 @@ pub enum Error {
         region_id: u64,
         current: metapb::Region,
     },
+    /// A membership change that cannot apply to the region as it is (a peer
+    /// that is not there, a second peer on one node, ...).
+    #[error("invalid membership change: {0}")]
+    InvalidConfChange(String),
     #[error("stale command: {0}")]
     StaleCommand(String),
     #[error("region {0} is shutting down")]

@@ -23,3 +23,6 @@ pub use error::{Error, Result};
 pub use peer::PeerStatus;
 pub use store::{NodeIdent, RegionHandle, Store, StoreOptions};
 pub use transport::{DropTransport, Transport};
+
+/// The kinds of membership change `RegionHandle::change_peers` takes.
+pub use raft::eraftpb::ConfChangeType;

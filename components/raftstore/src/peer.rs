@@ -7,8 +7,15 @@
 //! together with the apply state, and then the waiting callers are told.
 //! A region snapshot from the leader replaces the replica's data and log
 //! (see [`Peer::install_snapshot`]).
+//!
+//! Membership changes are raft-rs `ConfChangeV2` entries whose context is a
+//! `metapb::Region` carrying the epoch they were proposed against and the
+//! changed peers (raft only knows peer ids, the region also needs their
+//! nodes). Applying one updates raft's configuration, the region's peers
+//! and roles, and bumps `conf_ver`; a replica that finds itself removed
+//! marks its region state `Tombstone` and stops.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +26,11 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
-use proto::raft_serverpb::{RaftApplyState, RaftMessage};
-use raft::eraftpb::{Entry, EntryType, MessageType, Snapshot};
+use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
+    Entry, EntryType, MessageType, Snapshot,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
@@ -47,6 +57,11 @@ pub enum PeerMsg {
     /// Linearizable read barrier: answered once this replica is confirmed
     /// leader by a quorum and has applied everything committed before.
     ReadIndex {
+        cb: Callback,
+    },
+    /// Replicate and apply a membership change; answered once applied.
+    ChangePeers {
+        changes: Vec<(ConfChangeType, metapb::Peer)>,
         cb: Callback,
     },
     CompactionDone {
@@ -85,6 +100,9 @@ struct Proposal {
     index: u64,
     term: u64,
     cb: Callback,
+    /// raft-rs turns a membership change it refuses into an empty normal
+    /// entry; such a proposal must not be answered with success.
+    conf_change: bool,
 }
 
 pub struct Peer {
@@ -109,6 +127,10 @@ pub struct Peer {
     shared: Arc<PeerShared>,
     mailbox: Sender<PeerMsg>,
     transport: Arc<dyn Transport>,
+    /// Set once a membership change removed this replica: the loop ends.
+    destroyed: bool,
+    /// Run when the loop of a removed replica ends (unregisters it).
+    on_destroy: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Peer {
@@ -143,7 +165,21 @@ impl Peer {
             shared,
             mailbox,
             transport,
+            destroyed: false,
+            on_destroy: None,
         }
+    }
+
+    /// `f` runs on the replica's thread when a membership change removed
+    /// it and its loop ended.
+    pub fn set_on_destroy(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_destroy = Some(Box::new(f));
+    }
+
+    /// Whether the replica has its region's data: false for a replica
+    /// created on demand until its first snapshot is installed.
+    fn is_initialized(&self) -> bool {
+        self.apply_state.applied_index > 0
     }
 
     /// The replica's event loop; returns when stopped or its mailbox closes.
@@ -185,15 +221,48 @@ impl Peer {
                 error!(region_id, "storage failure, stopping the process: {e}");
                 std::process::abort();
             }
+            if self.destroyed {
+                break;
+            }
         }
         self.fail_all(|| Error::Stopped(region_id));
+        if self.destroyed {
+            self.destroy();
+        }
         info!(region_id, "region replica stopped");
+    }
+
+    /// Cleans up after this replica was removed from its region. The
+    /// tombstone region state is already written (with the apply state), so
+    /// the replica is not restarted. Its raft log goes; its MVCC data stays
+    /// in RocksDB for now (a snapshot of a later replica of the region on
+    /// this node overwrites that range).
+    fn destroy(&mut self) {
+        let region_id = self.region.id;
+        let mut batch = RaftLogBatch::default();
+        batch.clean(region_id);
+        if let Err(e) = self.log.write(&mut batch, false) {
+            warn!(
+                region_id,
+                "cannot drop the raft log of a removed replica: {e}"
+            );
+        }
+        self.shared.status.lock().region = self.region.clone();
+        if let Some(f) = self.on_destroy.take() {
+            f();
+        }
+        info!(
+            region_id,
+            peer_id = self.peer_id,
+            "replica removed from its region; tombstoned"
+        );
     }
 
     fn handle(&mut self, msg: PeerMsg) -> bool {
         match msg {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
+            PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
@@ -219,6 +288,9 @@ impl Peer {
         }
     }
 
+    /// Data commands check the epoch's `version` only (TiKV does the same):
+    /// a membership change (`conf_ver`) does not change which keys the
+    /// region owns, so a command built before one is still valid.
     fn check_epoch(&self, cmd: &RaftCmdRequest) -> Result<()> {
         let current = self.region.region_epoch.unwrap_or_default();
         let given = cmd
@@ -226,7 +298,7 @@ impl Peer {
             .as_ref()
             .and_then(|h| h.region_epoch)
             .unwrap_or_default();
-        if given != current {
+        if given.version != current.version {
             return Err(Error::EpochNotMatch {
                 region_id: self.region.id,
                 current: self.region.clone(),
@@ -254,7 +326,129 @@ impl Peer {
             let _ = cb.send(Err(Error::StaleCommand("proposal dropped".into())));
             return;
         }
-        self.proposals.push_back(Proposal { index, term, cb });
+        self.proposals.push_back(Proposal {
+            index,
+            term,
+            cb,
+            conf_change: false,
+        });
+    }
+
+    /// Whether `changes` can apply to the region as it is now. Checked on
+    /// the leader only; apply rejects the change if the epoch moved since.
+    fn check_conf_change(&self, changes: &[(ConfChangeType, metapb::Peer)]) -> Result<()> {
+        let invalid = |what: String| Err(Error::InvalidConfChange(what));
+        if changes.is_empty() {
+            return invalid("no changes".into());
+        }
+        let in_joint = self.region.peers.iter().any(|p| {
+            matches!(
+                p.role(),
+                metapb::PeerRole::IncomingVoter | metapb::PeerRole::DemotingVoter
+            )
+        });
+        if in_joint || self.raw.raft.has_pending_conf() {
+            return Err(Error::StaleCommand(
+                "another membership change is in progress".into(),
+            ));
+        }
+        let mut ids = HashSet::new();
+        let mut new_nodes = HashSet::new();
+        for (ty, peer) in changes {
+            if peer.id == 0 || peer.node_id == 0 {
+                return invalid(format!("peer {peer:?} without id or node"));
+            }
+            if !ids.insert(peer.id) {
+                return invalid(format!("peer {} changed twice", peer.id));
+            }
+            let existing = self.region.peers.iter().find(|p| p.id == peer.id);
+            match (ty, existing) {
+                (ConfChangeType::RemoveNode, None) => {
+                    return invalid(format!("peer {} is not in the region", peer.id))
+                }
+                (ConfChangeType::RemoveNode, Some(p)) => {
+                    // raft-rs would keep such a voter in the outgoing half
+                    // only, a role the region meta cannot express.
+                    if changes.len() > 1 && p.role() == metapb::PeerRole::Voter {
+                        return invalid(format!(
+                            "voter {} must be demoted before it is removed with other changes",
+                            peer.id
+                        ));
+                    }
+                }
+                (_, Some(p)) if p.node_id != peer.node_id => {
+                    return invalid(format!(
+                        "peer {} is on node {}, not {}",
+                        peer.id, p.node_id, peer.node_id
+                    ))
+                }
+                (_, Some(_)) => {}
+                (_, None) => {
+                    // Every replica of a region on a distinct node.
+                    if self.region.peers.iter().any(|p| p.node_id == peer.node_id)
+                        || !new_nodes.insert(peer.node_id)
+                    {
+                        return invalid(format!(
+                            "node {} already has a replica of the region",
+                            peer.node_id
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: Callback) {
+        if !self.is_ready_leader() {
+            let _ = cb.send(Err(self.not_leader()));
+            return;
+        }
+        if let Err(e) = self.check_conf_change(&changes) {
+            let _ = cb.send(Err(e));
+            return;
+        }
+        let mut cc = ConfChangeV2::default();
+        // One change uses raft's simple protocol; several go through joint
+        // consensus, which raft-rs leaves by itself once it is applied.
+        cc.set_transition(ConfChangeTransition::Auto);
+        for (ty, peer) in &changes {
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(*ty);
+            single.node_id = peer.id;
+            cc.mut_changes().push(single);
+        }
+        let context = metapb::Region {
+            id: self.region.id,
+            region_epoch: self.region.region_epoch,
+            peers: changes.iter().map(|(_, p)| *p).collect(),
+            ..Default::default()
+        };
+        cc.set_context(context.encode_to_vec().into());
+        let index = self.raw.raft.raft_log.last_index() + 1;
+        let term = self.raw.raft.term;
+        if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+            let _ = cb.send(Err(Error::StaleCommand(format!(
+                "membership change dropped: {e}"
+            ))));
+            return;
+        }
+        if self.raw.raft.raft_log.last_index() < index {
+            let _ = cb.send(Err(Error::StaleCommand("membership change dropped".into())));
+            return;
+        }
+        info!(
+            region_id = self.region.id,
+            index,
+            ?changes,
+            "proposed membership change"
+        );
+        self.proposals.push_back(Proposal {
+            index,
+            term,
+            cb,
+            conf_change: true,
+        });
     }
 
     /// Steps a peer's message into raft. Whatever a peer sends, a bad
@@ -273,12 +467,17 @@ impl Peer {
             return;
         }
         if !self.region.peers.iter().any(|p| p.id == from_peer.id) {
-            debug!(
-                region_id,
-                from = from_peer.id,
-                "raft message from a non-member; dropped"
-            );
-            return;
+            if self.is_initialized() || from_peer.id == 0 || from_peer.node_id == 0 {
+                debug!(
+                    region_id,
+                    from = from_peer.id,
+                    "raft message from a non-member; dropped"
+                );
+                return;
+            }
+            // A replica created on demand knows no members until its
+            // snapshot arrives; it must be able to answer whoever leads.
+            self.region.peers.push(from_peer);
         }
         let m = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
         {
@@ -308,7 +507,16 @@ impl Peer {
         // is checked before raft sees it.
         if m.get_msg_type() == MessageType::MsgSnapshot {
             let meta = m.get_snapshot().get_metadata();
-            match snapshot::decode(&self.region, m.get_snapshot().get_data()) {
+            match snapshot::decode(region_id, m.get_snapshot().get_data()) {
+                Ok(snap) if !snap.region.peers.iter().any(|p| p.id == self.peer_id) => {
+                    warn!(
+                        region_id,
+                        from = from_peer.id,
+                        index = meta.index,
+                        "region snapshot without this replica dropped"
+                    );
+                    return;
+                }
                 Ok(snap) => self.incoming_snapshot = Some((meta.index, meta.term, snap)),
                 Err(e) => {
                     warn!(
@@ -370,6 +578,10 @@ impl Peer {
             }
         }
         self.apply(ready.take_committed_entries())?;
+        if self.destroyed {
+            // Removed from the region: nothing more of this group matters.
+            return Ok(());
+        }
         let mut batch = RaftLogBatch::default();
         batch.append(region_id, ready.entries())?;
         if let Some(hs) = ready.hs() {
@@ -392,13 +604,18 @@ impl Peer {
         }
         self.send_messages(light.take_messages());
         self.apply(light.take_committed_entries())?;
+        if self.destroyed {
+            return Ok(());
+        }
         self.raw.advance_apply();
         self.gc_raft_log()?;
         self.after_ready();
         Ok(())
     }
 
-    /// Replaces this replica's data and log by `snap`'s. RocksDB is synced
+    /// Replaces this replica's data, region meta and log by `snap`'s (a
+    /// replica created on demand gets its range, epoch and peers here).
+    /// RocksDB is synced
     /// first: a crash before the raft-engine write leaves the new apply
     /// state (truncated at the snapshot) with the old log, which start-up
     /// reconciles; a crash before the RocksDB write leaves the old state,
@@ -413,10 +630,22 @@ impl Peer {
         let (index, term) = (meta.index, meta.term);
         let data = match self.incoming_snapshot.take() {
             Some((i, t, data)) if i == index && t == term => data,
-            _ => snapshot::decode(&self.region, snap.get_data())?,
+            _ => snapshot::decode(region_id, snap.get_data())?,
         };
         let mut wb = WriteBatch::default();
-        snapshot::stage_apply(&self.kv, &mut wb, &self.region, &data)?;
+        // Until splits exist, the snapshot's range is the replica's own (or
+        // the first one a replica created on demand gets).
+        snapshot::stage_apply(&self.kv, &mut wb, &data)?;
+        let region_state = RegionLocalState {
+            region: Some(data.region.clone()),
+            state: PeerState::Normal as i32,
+        };
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::region_state_key(region_id),
+            &region_state.encode_to_vec(),
+        );
         let mut apply_state = RaftApplyState {
             applied_index: index,
             applied_term: term,
@@ -450,6 +679,7 @@ impl Peer {
         store.set_conf_state(meta.get_conf_state().clone());
         store.set_hard_state(hs);
         self.apply_state = apply_state;
+        self.region = data.region.clone();
         info!(
             region_id,
             index,
@@ -461,6 +691,7 @@ impl Peer {
         );
         {
             let mut status = self.shared.status.lock();
+            status.region = self.region.clone();
             status.applied_index = index;
             status.truncated_index = index;
             status.applied_revision = data.applied_revision;
@@ -525,19 +756,36 @@ impl Peer {
         let mut wb = WriteBatch::default();
         let mut results = Vec::with_capacity(entries.len());
         let mut new_compaction = None;
+        let mut new_conf_state = None;
         for e in &entries {
+            let is_conf = e.get_entry_type() != EntryType::EntryNormal;
             let res = match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => Ok(()),
                 EntryType::EntryNormal => self.apply_command(e, &mut wb, &mut new_compaction),
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    Err(Error::StaleCommand(
-                        "membership changes are not supported by this node yet".into(),
-                    ))
+                    match self.apply_conf_change(e, &mut wb) {
+                        Ok(cs) => {
+                            new_conf_state = Some(cs);
+                            Ok(())
+                        }
+                        Err(err) => {
+                            info!(
+                                region_id = self.region.id,
+                                index = e.index,
+                                "membership change rejected: {err}"
+                            );
+                            Err(err)
+                        }
+                    }
                 }
             };
             self.apply_state.applied_index = e.index;
             self.apply_state.applied_term = e.term;
-            results.push((e.index, e.term, res));
+            results.push((e.index, e.term, is_conf, res));
+            if self.destroyed {
+                // The entries after this replica's removal are not its own.
+                break;
+            }
         }
         self.kv.put_to(
             &mut wb,
@@ -546,6 +794,14 @@ impl Peer {
             &self.apply_state.encode_to_vec(),
         );
         self.kv.write(wb)?;
+        if let Some(cs) = new_conf_state {
+            // Informational copy next to the log: start-up derives the conf
+            // state from the region meta, which is written with the apply
+            // state above and so always matches the applied index.
+            let mut batch = RaftLogBatch::default();
+            batch.put_conf_state(self.region.id, &cs)?;
+            self.log.write(&mut batch, false)?;
+        }
         {
             // Visible before anyone hears of the writes, so a caller's next
             // serializable read sees at least its own write.
@@ -554,8 +810,8 @@ impl Peer {
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
         }
-        for (index, term, res) in results {
-            self.respond(index, term, res);
+        for (index, term, is_conf, res) in results {
+            self.respond(index, term, is_conf, res);
         }
         if let Some(rev) = new_compaction {
             self.spawn_compaction(rev);
@@ -596,7 +852,85 @@ impl Peer {
         }
     }
 
-    fn respond(&mut self, index: u64, term: u64, res: Result<()>) {
+    /// Applies a committed membership change: raft's configuration, then the
+    /// region meta (peers, roles, `conf_ver`) staged into `wb` with the
+    /// apply state. Returns the new conf state. An error leaves everything
+    /// unchanged; every replica decides the same, as the check only reads
+    /// the entry and the region meta at this index.
+    fn apply_conf_change(&mut self, e: &Entry, wb: &mut WriteBatch) -> Result<ConfState> {
+        let corrupted = |err: protobuf::ProtobufError| Error::Corrupted(err.to_string());
+        let cc = if e.get_entry_type() == EntryType::EntryConfChange {
+            let v1 =
+                <ConfChange as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?;
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(v1.get_change_type());
+            single.node_id = v1.node_id;
+            let mut cc = ConfChangeV2::default();
+            cc.mut_changes().push(single);
+            cc.set_context(v1.context.clone());
+            cc
+        } else {
+            <ConfChangeV2 as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?
+        };
+        let new_peers = if cc.get_changes().is_empty() {
+            // raft-rs's own proposal leaving a joint configuration: no
+            // context, nothing to check against.
+            Vec::new()
+        } else {
+            let ctx = metapb::Region::decode(cc.get_context())?;
+            if ctx.id != self.region.id || ctx.region_epoch != self.region.region_epoch {
+                return Err(Error::EpochNotMatch {
+                    region_id: self.region.id,
+                    current: self.region.clone(),
+                });
+            }
+            let matches = ctx.peers.len() == cc.get_changes().len()
+                && ctx
+                    .peers
+                    .iter()
+                    .zip(cc.get_changes())
+                    .all(|(p, c)| p.id == c.node_id);
+            if !matches {
+                return Err(Error::Corrupted(
+                    "membership change context does not match its changes".into(),
+                ));
+            }
+            ctx.peers
+        };
+        let cs = self.raw.apply_conf_change(&cc)?;
+        let mut region = region_with_conf_state(&self.region, &cs, &new_peers);
+        let mut epoch = region.region_epoch.unwrap_or_default();
+        epoch.conf_ver += 1;
+        region.region_epoch = Some(epoch);
+        let removed = !region.peers.iter().any(|p| p.id == self.peer_id);
+        let state = RegionLocalState {
+            region: Some(region.clone()),
+            state: if removed {
+                PeerState::Tombstone
+            } else {
+                PeerState::Normal
+            } as i32,
+        };
+        self.kv.put_to(
+            wb,
+            cf::META,
+            &keys::region_state_key(region.id),
+            &state.encode_to_vec(),
+        );
+        info!(
+            region_id = region.id,
+            index = e.index,
+            conf_ver = epoch.conf_ver,
+            peers = ?region.peers,
+            "applied membership change"
+        );
+        self.raw.mut_store().set_conf_state(cs.clone());
+        self.region = region;
+        self.destroyed = removed;
+        Ok(cs)
+    }
+
+    fn respond(&mut self, index: u64, term: u64, is_conf: bool, res: Result<()>) {
         let mut res = Some(res);
         while let Some(p) = self.proposals.front() {
             if p.index > index {
@@ -605,7 +939,11 @@ impl Peer {
             let Some(p) = self.proposals.pop_front() else {
                 break;
             };
-            if p.index == index && p.term == term {
+            if p.index == index && p.term == term && p.conf_change && !is_conf {
+                let _ = p.cb.send(Err(Error::StaleCommand(
+                    "raft refused the membership change".into(),
+                )));
+            } else if p.index == index && p.term == term {
                 if let Some(res) = res.take() {
                     let _ = p.cb.send(res);
                 }
@@ -676,7 +1014,8 @@ impl Peer {
         if self.raw.raft.state == StateRole::Leader {
             // Keep what followers close behind still need; one further
             // behind (stopped, partitioned) gets a snapshot instead of
-            // pinning the log.
+            // pinning the log. The progress set includes learners, so a
+            // learner catching up is treated like any follower.
             for (_, pr) in self.raw.raft.prs().iter() {
                 if pr.matched + threshold >= applied {
                     compact_to = compact_to.min(pr.matched);
@@ -747,4 +1086,84 @@ impl Peer {
             let _ = cb.send(Err(err()));
         }
     }
+}
+
+/// `old`'s meta with its peers replaced by the members of `cs`, each with
+/// the role `cs` gives it. Nodes come from `old` or, for new peers, from
+/// `added`. Peer order is kept: old peers first, then new ones.
+pub(crate) fn region_with_conf_state(
+    old: &metapb::Region,
+    cs: &ConfState,
+    added: &[metapb::Peer],
+) -> metapb::Region {
+    use metapb::PeerRole;
+    let incoming: HashSet<u64> = cs.voters.iter().copied().collect();
+    let outgoing: HashSet<u64> = cs.voters_outgoing.iter().copied().collect();
+    let learners: HashSet<u64> = cs.learners.iter().copied().collect();
+    let joint = !outgoing.is_empty();
+    let mut region = old.clone();
+    region.peers.clear();
+    let mut seen = HashSet::new();
+    for p in old.peers.iter().chain(added) {
+        if !seen.insert(p.id) {
+            continue;
+        }
+        let role = if incoming.contains(&p.id) && (!joint || outgoing.contains(&p.id)) {
+            PeerRole::Voter
+        } else if incoming.contains(&p.id) {
+            PeerRole::IncomingVoter
+        } else if outgoing.contains(&p.id) {
+            // Only in the outgoing half: becoming a learner (raft-rs's
+            // learners_next); removing a voter in a joint change is refused.
+            PeerRole::DemotingVoter
+        } else if learners.contains(&p.id) {
+            PeerRole::Learner
+        } else {
+            continue;
+        };
+        let mut peer = *p;
+        peer.set_role(role);
+        region.peers.push(peer);
+    }
+    for id in incoming.iter().chain(&outgoing).chain(&learners) {
+        if !seen.contains(id) {
+            error!(
+                region_id = old.id,
+                peer_id = id,
+                "raft member without a node; left out"
+            );
+        }
+    }
+    region
+}
+
+/// The raft configuration `region`'s peer roles describe: what start-up
+/// restores, so it always matches the applied index (the region meta is
+/// written with the apply state).
+pub(crate) fn conf_state_from_region(region: &metapb::Region) -> ConfState {
+    use metapb::PeerRole;
+    let ids = |roles: &[PeerRole]| -> Vec<u64> {
+        region
+            .peers
+            .iter()
+            .filter(|p| roles.contains(&p.role()))
+            .map(|p| p.id)
+            .collect()
+    };
+    let mut cs = ConfState {
+        voters: ids(&[PeerRole::Voter, PeerRole::IncomingVoter]),
+        learners: ids(&[PeerRole::Learner]),
+        ..Default::default()
+    };
+    let joint = region
+        .peers
+        .iter()
+        .any(|p| matches!(p.role(), PeerRole::IncomingVoter | PeerRole::DemotingVoter));
+    if joint {
+        cs.voters_outgoing = ids(&[PeerRole::Voter, PeerRole::DemotingVoter]);
+        cs.learners_next = ids(&[PeerRole::DemotingVoter]);
+        // Every joint change here is proposed with automatic leave.
+        cs.auto_leave = true;
+    }
+    cs
 }

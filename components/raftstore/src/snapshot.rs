@@ -4,36 +4,44 @@
 //! Encoding of `Snapshot.data` (all integers big-endian):
 //!
 //! ```text
-//! magic    b"MSRS" | version u8 = 1
+//! magic    b"MSRS" | version u8 = 2
 //! region_id u64 | applied_revision i64 | compact_revision i64
+//! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
 //! records: tag u8 (1 = MVCC CF, 2 = revision CF)
 //!          | key_len u32 | key | value_len u32 | value
 //! end:     tag u8 = 0, then nothing
 //! ```
 //!
-//! The blob comes from another node, so decoding checks every length and
-//! that every record belongs to the region's key range: a malformed or
-//! foreign snapshot is rejected before anything is written.
+//! The region meta travels with the data because a replica created on
+//! demand knows nothing of its region but the id until the snapshot comes.
+//! It is read from the same RocksDB snapshot as the data, so it is the meta
+//! as of the snapshot's applied index.
+//!
+//! The blob comes from another node, so decoding checks every length, that
+//! the meta is for the expected region, and that every record belongs to
+//! the meta's key range: a malformed or foreign snapshot is rejected before
+//! anything is written.
 
 use engine::{cf, KvEngine, KvSnapshot, WriteBatch};
 use mvcc::codec;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_serverpb::RaftApplyState;
+use proto::raft_serverpb::{RaftApplyState, RegionLocalState};
 
 use crate::keys;
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"MSRS";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const TAG_END: u8 = 0;
 const TAG_MVCC: u8 = 1;
 const TAG_REVISION: u8 = 2;
 
 /// The decoded content of a region snapshot.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct RegionSnapshot {
-    pub region_id: u64,
+    /// The region meta at the snapshot's applied index.
+    pub region: metapb::Region,
     pub applied_revision: i64,
     pub compact_revision: i64,
     pub mvcc: Vec<(Vec<u8>, Vec<u8>)>,
@@ -45,44 +53,51 @@ fn in_range(region: &metapb::Region, user_key: &[u8]) -> bool {
         && (region.end_key.is_empty() || user_key < region.end_key.as_slice())
 }
 
-fn put_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) -> Result<()> {
-    let too_big = || Error::Corrupted("snapshot record larger than 4 GiB".into());
-    out.push(tag);
-    out.extend_from_slice(
-        &u32::try_from(key.len())
-            .map_err(|_| too_big())?
-            .to_be_bytes(),
-    );
-    out.extend_from_slice(key);
-    out.extend_from_slice(
-        &u32::try_from(value.len())
-            .map_err(|_| too_big())?
-            .to_be_bytes(),
-    );
-    out.extend_from_slice(value);
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) -> Result<()> {
+    let len = u32::try_from(b.len())
+        .map_err(|_| Error::Corrupted("snapshot record larger than 4 GiB".into()))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(b);
     Ok(())
 }
 
-/// Reads `region`'s apply state and data from one RocksDB snapshot, so
-/// the data is exactly the state at the returned apply state's applied
-/// index (the apply state is written in the same batch as the data).
-pub fn generate(kv: &KvEngine, region: &metapb::Region) -> Result<(RaftApplyState, Vec<u8>)> {
+fn put_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) -> Result<()> {
+    out.push(tag);
+    put_bytes(out, key)?;
+    put_bytes(out, value)
+}
+
+/// Reads region `region_id`'s meta, apply state and data from one RocksDB
+/// snapshot, so the data and meta are exactly the state at the returned
+/// apply state's applied index (apply writes all three in one batch).
+pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8>)> {
     let snap = kv.snapshot();
-    let apply_state = match snap.get(cf::META, &keys::apply_state_key(region.id))? {
+    let apply_state = match snap.get(cf::META, &keys::apply_state_key(region_id))? {
         Some(raw) => RaftApplyState::decode(raw.as_slice())?,
         None => {
             return Err(Error::Corrupted(format!(
-                "region {} without apply state",
-                region.id
+                "region {region_id} without apply state"
             )))
         }
     };
+    let region = match snap.get(cf::META, &keys::region_state_key(region_id))? {
+        Some(raw) => RegionLocalState::decode(raw.as_slice())?
+            .region
+            .unwrap_or_default(),
+        None => {
+            return Err(Error::Corrupted(format!(
+                "region {region_id} without region state"
+            )))
+        }
+    };
+    let region = &region;
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
-    out.extend_from_slice(&region.id.to_be_bytes());
+    out.extend_from_slice(&region_id.to_be_bytes());
     out.extend_from_slice(&apply_state.applied_revision.to_be_bytes());
     out.extend_from_slice(&apply_state.compact_revision.to_be_bytes());
+    put_bytes(&mut out, &region.encode_to_vec())?;
     scan(&snap, cf::MVCC, region, |k, v| {
         put_record(&mut out, TAG_MVCC, k, v)
     })?;
@@ -158,8 +173,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes and validates snapshot data for `region`.
-pub fn decode(region: &metapb::Region, data: &[u8]) -> Result<RegionSnapshot> {
+/// Decodes and validates snapshot data for region `region_id`.
+pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     let bad = |what: &str| Error::Corrupted(format!("region snapshot: {what}"));
     let mut r = Reader { data };
     if r.take(MAGIC.len())? != MAGIC {
@@ -168,15 +183,26 @@ pub fn decode(region: &metapb::Region, data: &[u8]) -> Result<RegionSnapshot> {
     if r.u8()? != VERSION {
         return Err(bad("unknown version"));
     }
-    let mut snap = RegionSnapshot {
-        region_id: r.u64()?,
-        applied_revision: r.u64()? as i64,
-        compact_revision: r.u64()? as i64,
-        ..Default::default()
-    };
-    if snap.region_id != region.id {
+    if r.u64()? != region_id {
         return Err(bad("for another region"));
     }
+    let applied_revision = r.u64()? as i64;
+    let compact_revision = r.u64()? as i64;
+    let region = metapb::Region::decode(r.bytes()?.as_slice()).map_err(|_| bad("region meta"))?;
+    if region.id != region_id {
+        return Err(bad("region meta of another region"));
+    }
+    if region.region_epoch.is_none() || region.peers.is_empty() {
+        return Err(bad("region meta without epoch or peers"));
+    }
+    let mut snap = RegionSnapshot {
+        region,
+        applied_revision,
+        compact_revision,
+        ..Default::default()
+    };
+    let region = &snap.region;
+    let (mut mvcc, mut revision) = (Vec::new(), Vec::new());
     loop {
         match r.u8()? {
             TAG_END => break,
@@ -187,7 +213,7 @@ pub fn decode(region: &metapb::Region, data: &[u8]) -> Result<RegionSnapshot> {
                 if !in_range(region, &user_key) {
                     return Err(bad("mvcc key outside the region"));
                 }
-                snap.mvcc.push((k, v));
+                mvcc.push((k, v));
             }
             TAG_REVISION => {
                 let (k, v) = (r.bytes()?, r.bytes()?);
@@ -195,7 +221,7 @@ pub fn decode(region: &metapb::Region, data: &[u8]) -> Result<RegionSnapshot> {
                 if !in_range(region, &v) {
                     return Err(bad("revision entry outside the region"));
                 }
-                snap.revision.push((k, v));
+                revision.push((k, v));
             }
             _ => return Err(bad("unknown record tag")),
         }
@@ -203,17 +229,17 @@ pub fn decode(region: &metapb::Region, data: &[u8]) -> Result<RegionSnapshot> {
     if !r.data.is_empty() {
         return Err(bad("trailing bytes"));
     }
+    snap.mvcc = mvcc;
+    snap.revision = revision;
     Ok(snap)
 }
 
-/// Stages into `wb` the replacement of `region`'s MVCC and revision data by
-/// `snap`'s. Deletes come first in the batch, so puts of the same keys win.
-pub fn stage_apply(
-    kv: &KvEngine,
-    wb: &mut WriteBatch,
-    region: &metapb::Region,
-    snap: &RegionSnapshot,
-) -> Result<()> {
+/// Stages into `wb` the replacement of the MVCC and revision data in the
+/// snapshot region's range by `snap`'s. The range is the snapshot's, not the
+/// replica's: a replica created on demand has no range yet. Deletes come
+/// first in the batch, so puts of the same keys win.
+pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) -> Result<()> {
+    let region = &snap.region;
     let lower = codec::mvcc_lower_bound(&region.start_key);
     let upper = codec::mvcc_upper_bound(&region.end_key);
     if upper.is_empty() {
@@ -258,21 +284,34 @@ mod tests {
             id: 7,
             start_key: b"b".to_vec(),
             end_key: b"d".to_vec(),
-            ..Default::default()
+            region_epoch: Some(metapb::RegionEpoch {
+                conf_ver: 2,
+                version: 1,
+            }),
+            peers: vec![metapb::Peer {
+                id: 1,
+                node_id: 1,
+                role: 0,
+            }],
         }
     }
 
-    fn encoded(records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    fn encoded_with(region: &metapb::Region, records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         out.push(VERSION);
         out.extend_from_slice(&7u64.to_be_bytes());
         out.extend_from_slice(&3i64.to_be_bytes());
         out.extend_from_slice(&1i64.to_be_bytes());
+        put_bytes(&mut out, &region.encode_to_vec()).unwrap();
         for (tag, k, v) in records {
             put_record(&mut out, *tag, k, v).unwrap();
         }
         out.push(TAG_END);
         out
+    }
+
+    fn encoded(records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        encoded_with(&region(), records)
     }
 
     #[test]
@@ -286,36 +325,48 @@ mod tests {
                 b"c".to_vec(),
             ),
         ]);
-        let snap = decode(&region(), &good).unwrap();
+        let snap = decode(7, &good).unwrap();
+        assert_eq!(snap.region, region());
         assert_eq!(snap.applied_revision, 3);
         assert_eq!(snap.compact_revision, 1);
         assert_eq!(snap.mvcc.len(), 1);
         assert_eq!(snap.revision.len(), 1);
 
         for n in 0..good.len() {
-            assert!(decode(&region(), &good[..n]).is_err(), "prefix {n}");
+            assert!(decode(7, &good[..n]).is_err(), "prefix {n}");
         }
         let mut trailing = good.clone();
         trailing.push(0);
-        assert!(decode(&region(), &trailing).is_err());
+        assert!(decode(7, &trailing).is_err());
+        assert!(decode(8, &good).is_err());
         let mut other = region();
         other.id = 8;
-        assert!(decode(&other, &good).is_err());
+        assert!(decode(7, &encoded_with(&other, &[])).is_err());
+        let mut no_peers = region();
+        no_peers.peers.clear();
+        assert!(decode(7, &encoded_with(&no_peers, &[])).is_err());
         let outside = encoded(&[(TAG_MVCC, codec::mvcc_key(b"e", 3), put.clone())]);
-        assert!(decode(&region(), &outside).is_err());
+        assert!(decode(7, &outside).is_err());
         let outside = encoded(&[(
             TAG_REVISION,
             codec::revision_key(3, 0).to_vec(),
             b"a".to_vec(),
         )]);
-        assert!(decode(&region(), &outside).is_err());
+        assert!(decode(7, &outside).is_err());
         let bad_key = encoded(&[(TAG_MVCC, b"xx".to_vec(), put)]);
-        assert!(decode(&region(), &bad_key).is_err());
+        assert!(decode(7, &bad_key).is_err());
         let mut huge_len = MAGIC.to_vec();
         huge_len.push(VERSION);
         huge_len.extend_from_slice(&7u64.to_be_bytes());
         huge_len.extend_from_slice(&[0; 16]);
+        put_bytes(&mut huge_len, &region().encode_to_vec()).unwrap();
         huge_len.extend_from_slice(&[TAG_MVCC, 0xFF, 0xFF, 0xFF, 0xFF]);
-        assert!(decode(&region(), &huge_len).is_err());
+        assert!(decode(7, &huge_len).is_err());
+        let mut huge_meta = MAGIC.to_vec();
+        huge_meta.push(VERSION);
+        huge_meta.extend_from_slice(&7u64.to_be_bytes());
+        huge_meta.extend_from_slice(&[0; 16]);
+        huge_meta.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+        assert!(decode(7, &huge_meta).is_err());
     }
 }

@@ -6,7 +6,9 @@
 //! created by bootstrap starts "truncated" at [`INIT_INDEX`] with everything
 //! up to it applied, which lets every replica start from the same point.
 //! Installing a region snapshot moves the truncation point to the
-//! snapshot's index, with the log after it empty.
+//! snapshot's index, with the log after it empty. A replica created on
+//! demand (see `Store::on_raft_message`) starts with everything empty:
+//! truncated at 0 with no conf state, so the leader must send a snapshot.
 
 use engine::{KvEngine, RaftLogEngine};
 use proto::metapb;
@@ -23,9 +25,8 @@ pub const INIT_TERM: u64 = 5;
 pub struct PeerStorage {
     region_id: u64,
     log: RaftLogEngine,
-    /// State machine and key range, to build region snapshots from.
+    /// State machine and region meta, to build region snapshots from.
     kv: KvEngine,
-    region: metapb::Region,
     hard_state: HardState,
     conf_state: ConfState,
     truncated_index: u64,
@@ -46,7 +47,6 @@ impl PeerStorage {
             region_id: region.id,
             log,
             kv,
-            region,
             hard_state,
             conf_state,
             truncated_index,
@@ -153,7 +153,7 @@ impl raft::Storage for PeerStorage {
         let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
         // raft-rs panics on any other error from here; a failed read is
         // retried at the next attempt to reach the follower.
-        let (apply_state, data) = snapshot::generate(&self.kv, &self.region).map_err(|e| {
+        let (apply_state, data) = snapshot::generate(&self.kv, self.region_id).map_err(|e| {
             error!(
                 region_id = self.region_id,
                 to, "cannot build region snapshot: {e}"
@@ -175,6 +175,8 @@ impl raft::Storage for PeerStorage {
         let meta = snap.mut_metadata();
         meta.index = apply_state.applied_index;
         meta.term = apply_state.applied_term;
+        // The conf state is the one at the applied index too: conf changes
+        // are applied (and this conf state updated) on this same thread.
         meta.set_conf_state(self.conf_state.clone());
         Ok(snap)
     }

@@ -10,6 +10,30 @@
 //! * `read_index` resolves once a quorum confirmed this replica's leadership
 //!   and everything committed before the call is applied here.
 //! * `status` is a snapshot taken after the replica's last loop turn.
+//! * `change_peers` proposes one raft membership change (`ConfChangeV2`) on
+//!   the leader and resolves once it is applied here, like `propose`. The
+//!   changes are checked against the region as the leader sees it: a
+//!   `RemoveNode` of a peer not in the region, an `AddLearnerNode` or
+//!   `AddNode` of a new peer on a node already holding one, or a peer named
+//!   twice fail with `InvalidConfChange`; an empty list too. `AddNode` of a
+//!   learner promotes it; `AddLearnerNode` of a voter demotes it. Several
+//!   changes go through joint consensus, left automatically by raft-rs, and
+//!   may not remove a voter (demote it first). While a change is not yet
+//!   applied (or the region is joint) another fails with `StaleCommand`; so
+//!   does one raft refuses. The change carries the epoch it was proposed
+//!   against and apply rejects it (`EpochNotMatch`) if `conf_ver` moved.
+//!   Once applied, `conf_ver` is one higher on every replica. Removing the
+//!   leader's own peer is allowed: it answers, then stops like any removed
+//!   replica (which marks its region state `Tombstone` and is unregistered
+//!   here, so it is neither found by `region` nor restarted by `open`).
+//!   Data commands check only the epoch's `version`, so membership changes
+//!   do not fail writes in flight.
+//!
+//! A message for a region not hosted here, addressed to a peer on this
+//! node and of a kind only a leader sends (append, heartbeat, snapshot),
+//! creates an uninitialized replica (no range, no data, empty log) that
+//! asks the leader for a snapshot; `regions` leaves such replicas out until
+//! the snapshot gave them a range, `region` finds them.
 //!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
@@ -28,14 +52,16 @@ use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
-use raft::eraftpb::{ConfState, HardState};
+use raft::eraftpb::{ConfChangeType, ConfState, HardState, MessageType};
 use raft::RawNode;
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::keys;
 use crate::logger::raft_logger;
-use crate::peer::{Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD};
+use crate::peer::{
+    conf_state_from_region, Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD,
+};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
 use crate::{Error, Result};
@@ -83,6 +109,14 @@ impl RegionHandle {
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
 
+    /// Proposes a membership change of the region (see the contract above)
+    /// and waits until it is applied on this replica.
+    pub async fn change_peers(&self, changes: Vec<(ConfChangeType, metapb::Peer)>) -> Result<()> {
+        let (cb, rx) = oneshot::channel();
+        self.send(PeerMsg::ChangePeers { changes, cb })?;
+        rx.await.map_err(|_| Error::Stopped(self.region_id))?
+    }
+
     pub fn status(&self) -> PeerStatus {
         self.shared.status.lock().clone()
     }
@@ -124,7 +158,11 @@ pub struct Store {
     data_dir: std::path::PathBuf,
     kv: KvEngine,
     log: RaftLogEngine,
-    regions: DashMap<u64, RegionHandle>,
+    /// Shared with the replicas, which unregister themselves when removed.
+    regions: Arc<DashMap<u64, RegionHandle>>,
+    /// Serializes creating replicas on demand, so concurrent messages for
+    /// one new region create it once.
+    create_lock: Mutex<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     transport: Arc<dyn Transport>,
     options: StoreOptions,
@@ -156,7 +194,8 @@ impl Store {
             data_dir: data_dir.to_owned(),
             kv,
             log,
-            regions: DashMap::new(),
+            regions: Arc::new(DashMap::new()),
+            create_lock: Mutex::new(()),
             threads: Mutex::new(Vec::new()),
             transport,
             options,
@@ -203,6 +242,28 @@ impl Store {
             cluster_id: u64::from_be_bytes(c.try_into().unwrap_or_default()),
             node_id: u64::from_be_bytes(n.try_into().unwrap_or_default()),
         }))
+    }
+
+    /// Records the identity of a node joining an existing cluster: it hosts
+    /// no region until a leader's message creates a replica here. Fails if
+    /// the node already belongs to another identity.
+    pub fn set_node_ident(&self, ident: NodeIdent) -> Result<()> {
+        match self.node_ident()? {
+            Some(current) if current == ident => Ok(()),
+            Some(current) => Err(Error::Corrupted(format!(
+                "node already has identity {current:?}"
+            ))),
+            None => {
+                let mut ident_bytes = ident.cluster_id.to_be_bytes().to_vec();
+                ident_bytes.extend_from_slice(&ident.node_id.to_be_bytes());
+                let mut wb = WriteBatch::default();
+                self.kv
+                    .put_to(&mut wb, cf::META, keys::NODE_IDENT_KEY, &ident_bytes);
+                self.kv.write(wb)?;
+                self.kv.sync_wal()?;
+                Ok(())
+            }
+        }
     }
 
     /// Makes this node a replica of one of the cluster's initial `region`s
@@ -286,7 +347,53 @@ impl Store {
             }
         };
         let hard_state = self.reconcile_log(region.id, &apply_state)?;
-        let conf_state = self.log.conf_state(region.id)?.unwrap_or_default();
+        // From the region meta, not raft-engine's copy: the meta rolls back
+        // with the apply state after a crash, so it matches the applied
+        // index and the membership entries above it are applied again.
+        let conf_state = conf_state_from_region(&region);
+        self.spawn_peer(region, peer_id, apply_state, hard_state, conf_state)
+    }
+
+    /// Creates an uninitialized replica of region `region_id` for `to_peer`
+    /// (on this node), which knows only the peer that contacted it. Its log
+    /// is empty and truncated at 0 with no conf state, so raft-rs rejects
+    /// the leader's appends and the leader sends a snapshot, which brings
+    /// the region meta. Nothing is persisted for it before that snapshot: a
+    /// restart forgets it and the leader's next message creates it again.
+    fn create_peer(&self, region_id: u64, to_peer: metapb::Peer, from: metapb::Peer) -> Result<()> {
+        // A former replica's log (tombstoned, or an uninitialized one from
+        // before a restart) must not leak into the new one.
+        let mut batch = RaftLogBatch::default();
+        batch.clean(region_id);
+        self.log.write(&mut batch, true)?;
+        let region = metapb::Region {
+            id: region_id,
+            peers: vec![to_peer, from],
+            ..Default::default()
+        };
+        info!(
+            region_id,
+            peer_id = to_peer.id,
+            from = from.id,
+            "creating replica on demand"
+        );
+        self.spawn_peer(
+            region,
+            to_peer.id,
+            RaftApplyState::default(),
+            HardState::default(),
+            ConfState::default(),
+        )
+    }
+
+    fn spawn_peer(
+        &self,
+        region: metapb::Region,
+        peer_id: u64,
+        apply_state: RaftApplyState,
+        hard_state: HardState,
+        conf_state: ConfState,
+    ) -> Result<()> {
         let storage = PeerStorage::new(
             region.clone(),
             self.log.clone(),
@@ -326,7 +433,7 @@ impl Store {
             .0,
         });
         let region_id = region.id;
-        let peer = Peer::new(
+        let mut peer = Peer::new(
             region,
             peer_id,
             raw,
@@ -338,6 +445,11 @@ impl Store {
             self.transport.clone(),
             self.options.log_gc_threshold,
         );
+        let regions = self.regions.clone();
+        let own = shared.clone();
+        peer.set_on_destroy(move || {
+            regions.remove_if(&region_id, |_, h| Arc::ptr_eq(&h.shared, &own));
+        });
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
             .spawn(move || peer.run(rx))
@@ -388,28 +500,100 @@ impl Store {
     }
 
     /// Hands a raft message from another node to the replica it is for.
-    /// Messages for regions not hosted here are dropped: the sender retries,
-    /// and creating replicas on demand (from a snapshot) is not built yet.
+    /// A leader's message to a peer on this node for a region not hosted
+    /// here creates the replica (see the module docs); any other message
+    /// for an unknown region is dropped (the sender retries).
     pub fn on_raft_message(&self, msg: RaftMessage) {
         let region_id = msg.region_id;
-        let Some(mailbox) = self.regions.get(&region_id).map(|r| r.mailbox.clone()) else {
-            debug!(
-                region_id,
-                "raft message for a region not hosted here; dropped"
-            );
-            return;
+        let mailbox = match self.regions.get(&region_id).map(|r| r.mailbox.clone()) {
+            Some(mailbox) => mailbox,
+            None => match self.maybe_create(&msg) {
+                Ok(Some(mailbox)) => mailbox,
+                Ok(None) => {
+                    debug!(
+                        region_id,
+                        "raft message for a region not hosted here; dropped"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    warn!(region_id, "cannot create a replica on demand: {e}");
+                    return;
+                }
+            },
         };
         if mailbox.send(PeerMsg::Raft(msg)).is_err() {
             debug!(region_id, "raft message for a stopped replica; dropped");
         }
     }
 
+    /// Creates the replica `msg` is for, if `msg` may create one: returns
+    /// its mailbox, or `None` when the message is to be dropped.
+    fn maybe_create(&self, msg: &RaftMessage) -> Result<Option<mpsc::Sender<PeerMsg>>> {
+        let region_id = msg.region_id;
+        let (Some(to_peer), Some(from_peer)) = (msg.to_peer, msg.from_peer) else {
+            return Ok(None);
+        };
+        if region_id == 0 || to_peer.id == 0 || from_peer.id == 0 || from_peer.id == to_peer.id {
+            return Ok(None);
+        }
+        let Some(ident) = self.node_ident()? else {
+            return Ok(None);
+        };
+        if to_peer.node_id != ident.node_id {
+            return Ok(None);
+        }
+        // Only what a leader sends: a vote or a response may come from a
+        // stale or removed peer and must not bring a replica back.
+        let Ok(m) = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
+        else {
+            return Ok(None);
+        };
+        if !matches!(
+            m.get_msg_type(),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot
+        ) {
+            return Ok(None);
+        }
+        let _guard = self.create_lock.lock();
+        if let Some(r) = self.regions.get(&region_id) {
+            return Ok(Some(r.mailbox.clone()));
+        }
+        if let Some(raw) = self.kv.get(cf::META, &keys::region_state_key(region_id))? {
+            let state = RegionLocalState::decode(raw.as_slice())?;
+            let local = state
+                .region
+                .as_ref()
+                .and_then(|r| r.region_epoch)
+                .unwrap_or_default();
+            let sent = msg.region_epoch.unwrap_or_default();
+            // A replica removed from the region stays removed, unless the
+            // region has changed membership since (added here again).
+            if state.state() != PeerState::Tombstone || sent.conf_ver <= local.conf_ver {
+                debug!(
+                    region_id,
+                    state = ?state.state(),
+                    "message for a region this node left; not recreated"
+                );
+                return Ok(None);
+            }
+        }
+        self.create_peer(region_id, to_peer, from_peer)?;
+        Ok(self.regions.get(&region_id).map(|r| r.mailbox.clone()))
+    }
+
     pub fn region(&self, region_id: u64) -> Option<RegionHandle> {
         self.regions.get(&region_id).map(|r| r.clone())
     }
 
+    /// The initialized replicas: a replica created on demand is left out
+    /// until its snapshot gave it a key range.
     pub fn regions(&self) -> Vec<RegionHandle> {
-        self.regions.iter().map(|r| r.clone()).collect()
+        self.regions
+            .iter()
+            .filter(|r| r.shared.status.lock().applied_index > 0)
+            .map(|r| r.clone())
+            .collect()
     }
 
     /// Bytes of the node's engine files on disk (etcd's `dbSize`).

@@ -19,6 +19,7 @@ use proto::raft_cmdpb::{
     mutation::Op, raft_cmd_request::Cmd, Mutation, RaftCmdRequest, RaftRequestHeader, WriteRequest,
 };
 use proto::raft_serverpb::RaftMessage;
+use raft::eraftpb::ConfChangeType;
 use raftstore::{NodeIdent, RegionHandle, Store, StoreOptions, Transport};
 use tempfile::TempDir;
 
@@ -266,6 +267,27 @@ impl Cluster {
         Self::with_options(n, StoreOptions::default())
     }
 
+    /// `n` nodes bootstrapping region 1 as in [`Cluster::new`], plus
+    /// `spare` more nodes (ids n+1..) that host no region but are reachable,
+    /// ready to receive new replicas.
+    pub fn new_with_spare(n: u64, spare: u64) -> Cluster {
+        let mut c = Self::new(n);
+        for id in n + 1..=n + spare {
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                Store::open_with_options(dir.path(), c.router.clone(), c.options.clone()).unwrap();
+            store
+                .set_node_ident(NodeIdent {
+                    cluster_id: CLUSTER_ID,
+                    node_id: id,
+                })
+                .unwrap();
+            c.router.stores.write().insert(id, Arc::new(store));
+            c.dirs.insert(id, dir);
+        }
+        c
+    }
+
     /// Like [`Cluster::new`], every node opened (and reopened) with
     /// `options`.
     pub fn with_options(n: u64, options: StoreOptions) -> Cluster {
@@ -320,6 +342,32 @@ impl Cluster {
         self.store(id).region(REGION_ID).unwrap()
     }
 
+    /// Node `id`'s replica of the region, if it hosts one.
+    pub fn try_handle(&self, id: u64) -> Option<RegionHandle> {
+        self.store(id).region(REGION_ID)
+    }
+
+    /// Proposes `changes` on the current leader until one attempt is
+    /// applied; retryable failures (leader change, a change in progress)
+    /// are retried.
+    pub async fn must_change_peers(&self, changes: Vec<(ConfChangeType, metapb::Peer)>) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, h) = self.leader().await;
+            let res =
+                tokio::time::timeout(Duration::from_secs(5), h.change_peers(changes.clone())).await;
+            match res {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) if e.is_retryable() || matches!(e, raftstore::Error::Stopped(_)) => {
+                    assert!(Instant::now() < deadline, "change {changes:?}: {e}")
+                }
+                Ok(Err(e)) => panic!("change {changes:?}: {e}"),
+                Err(_) => assert!(Instant::now() < deadline, "change {changes:?}: timed out"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until exactly one running replica is a ready leader.
     pub async fn leader(&self) -> (u64, RegionHandle) {
         self.leader_among(&self.running()).await
@@ -329,9 +377,10 @@ impl Cluster {
     pub async fn leader_among(&self, nodes: &[u64]) -> (u64, RegionHandle) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
+            // Nodes without a replica (spare, removed) are skipped.
             let leaders: Vec<(u64, RegionHandle)> = nodes
                 .iter()
-                .map(|&id| (id, self.handle(id)))
+                .filter_map(|&id| Some((id, self.try_handle(id)?)))
                 .filter(|(_, h)| h.status().ready_leader)
                 .collect();
             if leaders.len() == 1 {
@@ -342,7 +391,7 @@ impl Cluster {
                 "no single leader among {nodes:?}: {:?}",
                 nodes
                     .iter()
-                    .map(|&id| self.handle(id).status())
+                    .filter_map(|&id| self.try_handle(id).map(|h| h.status()))
                     .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;

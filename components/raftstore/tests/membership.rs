@@ -1,0 +1,264 @@
+//! Membership changes: a replica added on an empty node (as a learner)
+//! catches up through a snapshot, is promoted to voter, and a voter is
+//! removed; acknowledged writes stay on every current voter throughout and
+//! the removed replica is gone for good (tombstoned).
+
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use cluster::{Cluster, REGION_ID};
+use proto::metapb::{self, PeerRole};
+use raft::eraftpb::ConfChangeType;
+
+fn peer(id: u64) -> metapb::Peer {
+    metapb::Peer {
+        id,
+        node_id: id,
+        role: 0,
+    }
+}
+
+/// Polls `cond` until it holds, failing with `what` after 15 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The role of peer `peer_id` in node `node`'s view of the region.
+fn role_on(c: &Cluster, node: u64, peer_id: u64) -> Option<PeerRole> {
+    let region = c.try_handle(node)?.status().region;
+    region
+        .peers
+        .iter()
+        .find(|p| p.id == peer_id)
+        .map(|p| p.role())
+}
+
+fn conf_ver_on(c: &Cluster, node: u64) -> u64 {
+    c.try_handle(node)
+        .and_then(|h| h.status().region.region_epoch)
+        .map_or(0, |e| e.conf_ver)
+}
+
+/// Writes `n` keys `{prefix}{i}` and records them in `acked`.
+async fn write_keys(
+    c: &Cluster,
+    rev: &mut i64,
+    prefix: &str,
+    n: usize,
+    acked: &mut Vec<(String, String)>,
+) {
+    for i in 0..n {
+        let (k, v) = (format!("{prefix}{i}"), format!("v{prefix}{i}"));
+        c.must_put(rev, &k, &v).await;
+        acked.push((k, v));
+    }
+}
+
+/// Every acknowledged write is on every node of `nodes`, and their states
+/// hash the same at the leader's revision.
+async fn assert_consistent(c: &Cluster, nodes: &[u64], acked: &[(String, String)]) {
+    if let Some((k, v)) = acked.last() {
+        c.must_get_on(nodes, k, v).await;
+    }
+    c.wait_same_applied(nodes).await;
+    for &id in nodes {
+        for (k, v) in acked {
+            assert_eq!(
+                c.get(id, k).as_deref(),
+                Some(v.as_bytes()),
+                "node {id}: {k}"
+            );
+        }
+    }
+    let (_, h) = c.leader_among(nodes).await;
+    let s = h.status();
+    let hashes: Vec<u32> = nodes
+        .iter()
+        .map(|&id| {
+            let st = c.handle(id).status();
+            assert_eq!(st.applied_revision, s.applied_revision, "node {id}");
+            c.store(id)
+                .mvcc()
+                .hash(s.applied_revision, s.compact_revision, b"", b"")
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        hashes.iter().all(|&x| x == hashes[0]),
+        "hashes differ on {nodes:?}: {hashes:?}"
+    );
+}
+
+/// Adds node 4's peer as a learner and waits until it has the data.
+async fn add_learner_4(c: &Cluster, acked: &[(String, String)]) {
+    assert!(c.try_handle(4).is_none(), "the spare node starts empty");
+    c.must_change_peers(vec![(ConfChangeType::AddLearnerNode, peer(4))])
+        .await;
+    wait_until("node 4 hosts the region", || {
+        c.try_handle(4)
+            .is_some_and(|h| h.status().applied_index > 0)
+    })
+    .await;
+    let (k, v) = acked.last().unwrap();
+    c.must_get_on(&[4], k, v).await;
+}
+
+#[tokio::test]
+async fn learner_catches_up_by_snapshot_and_does_not_vote() {
+    let c = Cluster::new_with_spare(3, 1);
+    let mut rev = 0;
+    let mut acked = Vec::new();
+    write_keys(&c, &mut rev, "a", 20, &mut acked).await;
+    add_learner_4(&c, &acked).await;
+
+    // The new replica started with an empty log: only a snapshot, at an
+    // index past the bootstrap point, can have brought it the data.
+    let s4 = c.handle(4).status();
+    assert!(s4.truncated_index > 5, "{s4:?}");
+    let (leader, h) = c.leader().await;
+    assert_eq!(s4.region.start_key, h.status().region.start_key);
+    assert_eq!(s4.region.end_key, h.status().region.end_key);
+    for id in 1..=4 {
+        wait_until(&format!("node {id} sees the learner"), || {
+            conf_ver_on(&c, id) == 2 && role_on(&c, id, 4) == Some(PeerRole::Learner)
+        })
+        .await;
+        for voter in 1..=3 {
+            assert_eq!(role_on(&c, id, voter), Some(PeerRole::Voter), "node {id}");
+        }
+    }
+    assert!(!c.handle(4).status().ready_leader);
+    assert_consistent(&c, &[1, 2, 3, 4], &acked).await;
+
+    // The learner is no part of the quorum: with it cut off and one voter
+    // down, two of the three voters still commit. Were it a voter, two of
+    // four could not.
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != follower).collect();
+    c.partition(&[4], &[1, 2, 3]);
+    c.stop_node(follower);
+    write_keys(&c, &mut rev, "b", 10, &mut acked).await;
+    assert_consistent(&c, &rest, &acked).await;
+    assert!(!c.handle(4).status().ready_leader);
+
+    c.heal();
+    c.restart_node(follower);
+    write_keys(&c, &mut rev, "c", 5, &mut acked).await;
+    assert_consistent(&c, &[1, 2, 3, 4], &acked).await;
+}
+
+#[tokio::test]
+async fn promote_learner_then_remove_a_voter() {
+    let c = Cluster::new_with_spare(3, 1);
+    let mut rev = 0;
+    let mut acked = Vec::new();
+    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
+    add_learner_4(&c, &acked).await;
+
+    c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
+        .await;
+    for id in 1..=4 {
+        wait_until(&format!("node {id} sees peer 4 promoted"), || {
+            conf_ver_on(&c, id) == 3 && role_on(&c, id, 4) == Some(PeerRole::Voter)
+        })
+        .await;
+    }
+    write_keys(&c, &mut rev, "b", 10, &mut acked).await;
+    assert_consistent(&c, &[1, 2, 3, 4], &acked).await;
+
+    // Node 1 may be the leader: it then answers and steps out itself.
+    c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(1))])
+        .await;
+    wait_until("node 1's replica stops", || c.try_handle(1).is_none()).await;
+    for id in 2..=4 {
+        wait_until(&format!("node {id} sees peer 1 removed"), || {
+            conf_ver_on(&c, id) == 4 && role_on(&c, id, 1).is_none()
+        })
+        .await;
+        let region = c.handle(id).status().region;
+        let mut ids: Vec<u64> = region.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [2, 3, 4], "node {id}");
+        assert!(region.peers.iter().all(|p| p.role() == PeerRole::Voter));
+    }
+    write_keys(&c, &mut rev, "c", 10, &mut acked).await;
+    assert_consistent(&c, &[2, 3, 4], &acked).await;
+
+    // Tombstoned: a restart does not bring the replica back.
+    c.stop_node(1);
+    c.restart_node(1);
+    assert!(c.store(1).region(REGION_ID).is_none());
+    write_keys(&c, &mut rev, "d", 5, &mut acked).await;
+    assert!(c.store(1).region(REGION_ID).is_none());
+    assert_consistent(&c, &[2, 3, 4], &acked).await;
+}
+
+#[tokio::test]
+async fn invalid_changes_are_refused() {
+    let c = Cluster::new_with_spare(3, 1);
+    let (_, h) = c.leader().await;
+    let invalid =
+        |r: raftstore::Result<()>| matches!(r, Err(raftstore::Error::InvalidConfChange(_)));
+    // Not a member.
+    assert!(invalid(
+        h.change_peers(vec![(ConfChangeType::RemoveNode, peer(9))])
+            .await
+    ));
+    // A second replica on node 2.
+    let twin = metapb::Peer {
+        id: 9,
+        node_id: 2,
+        role: 0,
+    };
+    assert!(invalid(
+        h.change_peers(vec![(ConfChangeType::AddLearnerNode, twin)])
+            .await
+    ));
+    assert!(invalid(h.change_peers(Vec::new()).await));
+    // A follower refuses with not-leader.
+    let (leader, _) = c.leader().await;
+    let follower = [1, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    assert!(matches!(
+        c.handle(follower)
+            .change_peers(vec![(ConfChangeType::AddLearnerNode, peer(4))])
+            .await,
+        Err(raftstore::Error::NotLeader { .. })
+    ));
+    assert_eq!(conf_ver_on(&c, leader), 1);
+}
+
+#[tokio::test]
+async fn removing_the_leader_hands_over() {
+    let c = Cluster::new_with_spare(3, 1);
+    let mut rev = 0;
+    let mut acked = Vec::new();
+    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
+    add_learner_4(&c, &acked).await;
+    c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
+        .await;
+    let (leader, h) = c.leader().await;
+    // Proposed on the leader itself, which applies it, answers, and stops.
+    h.change_peers(vec![(ConfChangeType::RemoveNode, peer(leader))])
+        .await
+        .unwrap();
+    wait_until("the old leader's replica stops", || {
+        c.try_handle(leader).is_none()
+    })
+    .await;
+    let rest: Vec<u64> = (1..=4).filter(|&id| id != leader).collect();
+    write_keys(&c, &mut rev, "b", 10, &mut acked).await;
+    let (new_leader, _) = c.leader().await;
+    assert_ne!(new_leader, leader);
+    for &id in &rest {
+        wait_until(&format!("node {id} sees the old leader removed"), || {
+            role_on(&c, id, leader).is_none()
+        })
+        .await;
+    }
+    assert_consistent(&c, &rest, &acked).await;
+}
