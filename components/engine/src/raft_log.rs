@@ -1,7 +1,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use protobuf::Message;
 use raft::eraftpb::{ConfState, Entry, HardState};
 use raft_engine::{Command, Config, Engine, LogBatch, MessageExt, ReadableSize};
 
@@ -133,9 +132,5 @@ impl RaftLogEngine {
     /// Bytes of log files on disk.
     pub fn size(&self) -> usize {
         self.engine.get_used_size()
-    }
-
-    pub fn entry_size(e: &Entry) -> usize {
-        e.compute_size() as usize
     }
 }
