@@ -5,6 +5,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary in the cargo target directory the tests were
@@ -24,18 +25,37 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago and that this test
+/// process has not handed out before.
+///
+/// Ports come from 10000–29999, below Linux's ephemeral range, so no
+/// outgoing connection can take one between this call and the server's bind
+/// (the OS's own port-0 choice comes from the ephemeral range, where client
+/// sockets of the tests themselves compete for it); a per-process counter
+/// keeps two servers of one test run from getting the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "ran out of test ports");
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn wait_for_port(port: u16, child: &mut Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // Someone answers on the port; make sure it is our process.
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{what} exited early with {status}");
+            }
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
