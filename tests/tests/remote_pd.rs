@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use integration_tests::{client, Node, Pd};
+use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_with_remote_pd_survives_pd_kill9() {
@@ -41,4 +42,31 @@ async fn node_with_remote_pd_survives_pd_kill9() {
         .unwrap();
     assert_eq!(r.count(), 20);
     assert!(r.header().unwrap().revision() >= next);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_leaders_are_reported_to_pd() {
+    let pd = Pd::start();
+    let node = Node::start_dev_with(&["--pd-endpoints", &pd.endpoint()]);
+    let mut c = client(&node.endpoint()).await;
+    let member_id = c
+        .put("k", "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .member_id();
+    let pd_client = RpcPdClient::connect(&[pd.endpoint()], RpcPdClientConfig::default())
+        .await
+        .unwrap();
+    let mut leader = None;
+    for _ in 0..50 {
+        if let Some((_, Some(l))) = pd_client.get_region(b"k").await.unwrap() {
+            leader = Some(l);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = leader.expect("PD learns the region's leader from heartbeats");
+    assert_eq!(leader.node_id, member_id);
 }

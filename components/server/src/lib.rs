@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod config;
 pub mod errors;
+mod heartbeat;
 mod http;
 pub mod kv;
 pub mod maintenance;

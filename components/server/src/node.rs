@@ -45,6 +45,7 @@ pub struct RunningNode {
     pd_core: Option<Arc<PdCore>>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    heartbeats: JoinHandle<()>,
 }
 
 pub async fn start(config: Config) -> Result<RunningNode, StartError> {
@@ -151,12 +152,18 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         info!(?addr, "serving raft peers");
         servers.push(tokio::spawn(server));
     }
+    let heartbeats = tokio::spawn(crate::heartbeat::run(
+        store.clone(),
+        ctx.pd.clone(),
+        stopped.clone(),
+    ));
     Ok(RunningNode {
         ctx,
         store,
         pd_core,
         stop,
         servers,
+        heartbeats,
     })
 }
 
@@ -257,6 +264,7 @@ impl RunningNode {
         for s in self.servers {
             let _ = s.await;
         }
+        let _ = self.heartbeats.await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {
