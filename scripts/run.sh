@@ -6,5 +6,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 "$root/scripts/setup.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
-cargo build --manifest-path "$root/Cargo.toml" -p metastore-node -p metastore-pd
+# Binaries only; the test script builds every target (a different feature
+# resolution for build scripts, so switching between the two rebuilds a few
+# crates, not RocksDB).
+cargo build --manifest-path "$root/Cargo.toml" --workspace --bins
 exec "$CARGO_TARGET_DIR/debug/metastore-node" "$@"

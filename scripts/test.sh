@@ -7,5 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 "$root/scripts/setup.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
-cargo build --workspace --bins
+# --all-targets resolves features exactly as `cargo test` does, so the
+# second step reuses this build instead of relinking everything.
+cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=2
