@@ -9,5 +9,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
 # Binaries only; the test script builds every target (a different feature
 # resolution for build scripts, so switching between the two rebuilds a few
 # crates, not RocksDB).
-cargo build --manifest-path "$root/Cargo.toml" --workspace --bins
+# Built from the workspace root so .cargo/config.toml (prebuilt RocksDB)
+# applies; the server itself runs in the caller's directory.
+(cd "$root" && cargo build --workspace --bins)
 exec "$CARGO_TARGET_DIR/debug/metastore-node" "$@"
