@@ -2,7 +2,7 @@
 //! an embedded PD ([`crate::LocalPdClient`]) and a remote one
 //! ([`crate::RpcPdClient`]) are interchangeable.
 
-use proto::metapb;
+use proto::{metapb, pdpb};
 
 /// Errors of PD operations. `Clone` because one batched RPC answers many
 /// callers with the same outcome.
@@ -38,6 +38,31 @@ pub type Result<T> = std::result::Result<T, PdError>;
 
 /// A region and its leader, if PD knows it.
 pub type RegionWithLeader = (metapb::Region, Option<metapb::Peer>);
+
+/// What a region's leader reports about its region.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegionHeartbeat {
+    pub region: metapb::Region,
+    pub leader: metapb::Peer,
+    /// Peers whose log is well behind the commit index (still catching up).
+    pub pending_peers: Vec<metapb::Peer>,
+    /// Peers the leader has not heard from for a while.
+    pub down_peers: Vec<metapb::Peer>,
+}
+
+/// The next membership or leadership step PD wants a region's leader to
+/// take. It was decided against the epoch of the heartbeat that returned it;
+/// the leader drops it if its region has changed since.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegionOperator {
+    /// Add a replica on `peer.node_id` as a learner (it catches up by
+    /// snapshot without counting for quorum).
+    AddLearner(metapb::Peer),
+    /// Make a caught-up learner a voter.
+    PromoteLearner(metapb::Peer),
+    RemovePeer(metapb::Peer),
+    TransferLeader(metapb::Peer),
+}
 
 #[async_trait::async_trait]
 pub trait PdClient: Send + Sync {
@@ -92,14 +117,16 @@ pub trait PdClient: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RegionWithLeader>>;
 
-    /// Reports the region's current meta and leader; a heartbeat with an
-    /// older epoch than PD knows (for this region, or for a region it
-    /// overlaps) is ignored and still returns `Ok`. Overlapped regions with an
-    /// older version are dropped (the split/merge made them obsolete).
+    /// Reports the region's current meta and leader, and returns the next
+    /// step the scheduler wants taken (replica placement, see
+    /// [`crate::schedule`]), if any. A heartbeat with an older epoch than PD
+    /// knows (for this region, or for a region it overlaps) is ignored and
+    /// returns `Ok(None)`. Overlapped regions with an older version are
+    /// dropped (the split/merge made them obsolete).
     /// `Err(InvalidArgument)` for id 0, a missing epoch, an empty range, or a
     /// leader that is not one of the region's peers.
     /// `Err(NotBootstrapped)` before bootstrap.
-    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()>;
+    async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>>;
 
     /// Revision oracle: hands out `count` (>=1, else `Err(InvalidArgument)`)
     /// consecutive revisions and returns the first. Every value is greater
@@ -112,4 +139,39 @@ pub trait PdClient: Send + Sync {
     /// decreases, also across restarts. Linearizable: the value is at least
     /// every revision handed out before this call started.
     async fn current_revision(&self) -> Result<i64>;
+}
+
+/// Fills the operator fields of a heartbeat response.
+pub(crate) fn operator_to_proto(op: &RegionOperator, resp: &mut pdpb::RegionHeartbeatResponse) {
+    use pdpb::ChangePeerType as T;
+    let change = |t: T, peer: &metapb::Peer| {
+        Some(pdpb::ChangePeer {
+            change_type: t as i32,
+            peer: Some(*peer),
+        })
+    };
+    match op {
+        RegionOperator::AddLearner(p) => resp.change_peer = change(T::AddLearner, p),
+        RegionOperator::PromoteLearner(p) => resp.change_peer = change(T::PromoteLearner, p),
+        RegionOperator::RemovePeer(p) => resp.change_peer = change(T::RemovePeer, p),
+        RegionOperator::TransferLeader(p) => {
+            resp.transfer_leader = Some(pdpb::TransferLeader { peer: Some(*p) })
+        }
+    }
+}
+
+/// The operator of a heartbeat response; `None` if it has none or one this
+/// client does not understand (a newer PD), which is safe to skip.
+pub(crate) fn operator_from_proto(resp: &pdpb::RegionHeartbeatResponse) -> Option<RegionOperator> {
+    use pdpb::ChangePeerType as T;
+    if let Some(t) = &resp.transfer_leader {
+        return t.peer.map(RegionOperator::TransferLeader);
+    }
+    let c = resp.change_peer.as_ref()?;
+    let peer = c.peer?;
+    match T::try_from(c.change_type).ok()? {
+        T::AddLearner => Some(RegionOperator::AddLearner(peer)),
+        T::PromoteLearner => Some(RegionOperator::PromoteLearner(peer)),
+        T::RemovePeer => Some(RegionOperator::RemovePeer(peer)),
+    }
 }

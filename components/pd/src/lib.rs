@@ -44,10 +44,13 @@ pub mod client;
 pub mod local;
 pub mod pd_core;
 pub mod rpc_client;
+pub mod schedule;
 pub mod service;
 pub mod storage;
 
-pub use crate::client::{PdClient, PdError, RegionWithLeader, Result};
+pub use crate::client::{
+    PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+};
 pub use crate::local::LocalPdClient;
 pub use crate::pd_core::{PdConfig, PdCore};
 pub use crate::rpc_client::{RpcPdClient, RpcPdClientConfig};

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use proto::metapb;
 
-use crate::client::{PdClient, RegionWithLeader, Result};
+use crate::client::{PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
 use crate::pd_core::PdCore;
 
 /// Calls the embedded core directly: no batching is needed because the
@@ -71,8 +71,8 @@ impl PdClient for LocalPdClient {
         self.core.scan_regions(start, end, limit)
     }
 
-    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()> {
-        self.core.region_heartbeat(region, leader)
+    async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
+        self.core.handle_region_heartbeat(hb)
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {

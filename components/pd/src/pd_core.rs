@@ -11,7 +11,8 @@ use parking_lot::{Mutex, RwLock};
 use proto::{metapb, pdpb};
 use tracing::{debug, info};
 
-use crate::client::{PdError, RegionWithLeader, Result};
+use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::schedule::{ClusterView, ScheduleConfig, Scheduler};
 use crate::storage::Storage;
 
 /// How an id allocator or the oracle persists ahead of what it hands out.
@@ -34,6 +35,7 @@ pub struct PdConfig {
     /// Revisions persisted ahead per synchronous write; a crash skips at most
     /// this many revisions.
     pub revision_window: i64,
+    pub schedule: ScheduleConfig,
 }
 
 impl PdConfig {
@@ -45,6 +47,7 @@ impl PdConfig {
             peer_urls: Vec::new(),
             id_window: DEFAULT_ID_WINDOW,
             revision_window: DEFAULT_REVISION_WINDOW,
+            schedule: ScheduleConfig::default(),
         }
     }
 }
@@ -170,6 +173,7 @@ pub struct PdCore {
     // Separate from `cluster` because it is on every write's path.
     oracle: Mutex<Oracle>,
     cluster: RwLock<ClusterState>,
+    scheduler: Scheduler,
 }
 
 impl std::fmt::Debug for PdCore {
@@ -285,6 +289,7 @@ impl PdCore {
                 closed: false,
             }),
             cluster: RwLock::new(cluster),
+            scheduler: Scheduler::new(config.schedule),
         }))
     }
 
@@ -526,7 +531,18 @@ impl PdCore {
             .collect())
     }
 
-    pub fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()> {
+    /// Records the heartbeat and asks the scheduler for the region's next
+    /// step (see [`crate::client::PdClient::region_heartbeat`]).
+    pub fn handle_region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
+        if !self.region_heartbeat(hb.region.clone(), hb.leader)? {
+            return Ok(None);
+        }
+        self.scheduler.schedule(self, &hb)
+    }
+
+    /// Records a region's meta and leader; `Ok(false)` if the heartbeat was
+    /// stale and ignored.
+    pub fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<bool> {
         self.check_open()?;
         validate_region(&region)?;
         if !region
@@ -553,7 +569,7 @@ impl PdCore {
                         ?old,
                         "stale region heartbeat ignored"
                     );
-                    return Ok(());
+                    return Ok(false);
                 }
                 origin.region != region
             }
@@ -575,7 +591,7 @@ impl PdCore {
                         overlapped = *id,
                         "region heartbeat overlaps a newer region, ignored"
                     );
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -595,7 +611,30 @@ impl PdCore {
         if let Some(e) = c.regions.get_mut(&region.id) {
             e.leader = Some(leader);
         }
-        Ok(())
+        Ok(true)
+    }
+}
+
+impl ClusterView for PdCore {
+    fn nodes(&self) -> Result<Vec<metapb::Node>> {
+        self.get_all_nodes()
+    }
+
+    fn regions(&self) -> Result<Vec<metapb::Region>> {
+        Ok(self
+            .scan_regions(&[], &[], 0)?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    fn alloc_id(&self) -> Result<u64> {
+        PdCore::alloc_id(self)
+    }
+
+    fn set_node_state(&self, mut node: metapb::Node, state: metapb::NodeState) -> Result<()> {
+        node.state = state as i32;
+        self.put_node(node)
     }
 }
 

@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::client::{PdClient, PdError, RegionWithLeader, Result};
+use crate::client::{PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
 
 #[derive(Debug, Clone)]
 pub struct RpcPdClientConfig {
@@ -576,19 +576,22 @@ impl PdClient for RpcPdClient {
             .collect())
     }
 
-    async fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<()> {
+    async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
         let resp = self
             .inner
             .call(|mut c, header| {
                 let req = pdpb::RegionHeartbeatRequest {
                     header,
-                    region: Some(region.clone()),
-                    leader: Some(leader),
+                    region: Some(hb.region.clone()),
+                    leader: Some(hb.leader),
+                    pending_peers: hb.pending_peers.clone(),
+                    down_peers: hb.down_peers.clone(),
                 };
                 async move { c.region_heartbeat(req).await }
             })
             .await?;
-        self.inner.check(resp.header.as_ref())
+        self.inner.check(resp.header.as_ref())?;
+        Ok(crate::client::operator_from_proto(&resp))
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::client::{PdError, RegionWithLeader};
+use crate::client::{PdError, RegionHeartbeat, RegionWithLeader};
 use crate::pd_core::PdCore;
 
 #[derive(Debug, Clone)]
@@ -262,16 +262,33 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::RegionHeartbeatRequest>,
     ) -> Result<Response<pdpb::RegionHeartbeatResponse>, Status> {
         let req = req.into_inner();
-        let (header, _) = self.run(req.header.as_ref(), || {
+        let (header, v) = self.run(req.header.as_ref(), || {
             let region = req
                 .region
                 .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
             let leader = req
                 .leader
                 .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
-            self.core.region_heartbeat(region, leader)
+            let epoch = region.region_epoch;
+            let region_id = region.id;
+            let op = self.core.handle_region_heartbeat(RegionHeartbeat {
+                region,
+                leader,
+                pending_peers: req.pending_peers,
+                down_peers: req.down_peers,
+            })?;
+            Ok((region_id, epoch, op))
         })?;
-        Ok(Response::new(pdpb::RegionHeartbeatResponse { header }))
+        let mut resp = pdpb::RegionHeartbeatResponse {
+            header,
+            ..Default::default()
+        };
+        if let Some((region_id, epoch, Some(op))) = v {
+            resp.region_id = region_id;
+            resp.region_epoch = epoch;
+            crate::client::operator_to_proto(&op, &mut resp);
+        }
+        Ok(Response::new(resp))
     }
 
     async fn alloc_revisions(

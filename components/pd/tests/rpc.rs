@@ -162,8 +162,8 @@ async fn full_api_over_grpc() {
     let p2 = peer(pd.alloc_id().await.unwrap(), node_id);
     let left = region(region_id, b"", b"m", 2, vec![p1]);
     let right = region(r2_id, b"m", b"", 2, vec![p2]);
-    pd.region_heartbeat(left.clone(), p1).await.unwrap();
-    pd.region_heartbeat(right.clone(), p2).await.unwrap();
+    pd.region_heartbeat(hb(left.clone(), p1)).await.unwrap();
+    pd.region_heartbeat(hb(right.clone(), p2)).await.unwrap();
     assert_eq!(
         pd.get_region(b"a").await.unwrap(),
         Some((left.clone(), Some(p1)))
@@ -185,11 +185,11 @@ async fn full_api_over_grpc() {
     assert_eq!(pd.scan_regions(b"n", b"", 0).await.unwrap().len(), 1);
     assert_eq!(pd.scan_regions(b"", b"", 1).await.unwrap().len(), 1);
     // Stale heartbeat (older version) is ignored, not an error.
-    pd.region_heartbeat(r1.clone(), p1).await.unwrap();
+    pd.region_heartbeat(hb(r1.clone(), p1)).await.unwrap();
     assert_eq!(pd.get_region(b"z").await.unwrap().unwrap().0.id, r2_id);
     // A leader outside the region is rejected.
     assert!(matches!(
-        pd.region_heartbeat(left.clone(), peer(77, 77)).await,
+        pd.region_heartbeat(hb(left.clone(), peer(77, 77))).await,
         Err(PdError::InvalidArgument(_))
     ));
 
@@ -385,4 +385,12 @@ async fn refuses_an_endpoint_of_another_cluster() {
     }
     let _ = stop_b.send(());
     b.await.unwrap().unwrap();
+}
+
+fn hb(region: metapb::Region, leader: metapb::Peer) -> pd::RegionHeartbeat {
+    pd::RegionHeartbeat {
+        region,
+        leader,
+        ..Default::default()
+    }
 }

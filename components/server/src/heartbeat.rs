@@ -35,8 +35,13 @@ pub async fn run(store: Arc<Store>, pd: Arc<dyn PdClient>, mut stopped: watch::R
             if !due {
                 continue;
             }
-            match pd.region_heartbeat(status.region.clone(), *leader).await {
-                Ok(()) => {
+            let hb = pd::RegionHeartbeat {
+                region: status.region.clone(),
+                leader: *leader,
+                ..Default::default()
+            };
+            match pd.region_heartbeat(hb).await {
+                Ok(_) => {
                     reported.insert(status.region.id, (status.term, Instant::now()));
                 }
                 // PD may be restarting; the next round retries.
