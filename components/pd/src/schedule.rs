@@ -221,9 +221,10 @@ impl Scheduler {
                 *load.entry(p.node_id).or_default() += 1;
             }
         }
+        // A member added but never started has no client URLs yet.
         let candidate = nodes
             .values()
-            .filter(|n| n.state() == NodeState::Up)
+            .filter(|n| n.state() == NodeState::Up && !n.client_urls.is_empty())
             .filter(|n| !region.peers.iter().any(|p| p.node_id == n.id))
             .min_by_key(|n| (load.get(&n.id).copied().unwrap_or(0), n.id));
 
@@ -304,6 +305,7 @@ mod tests {
         metapb::Node {
             id,
             state: state as i32,
+            client_urls: vec![format!("http://127.0.0.1:{id}")],
             ..Default::default()
         }
     }

@@ -7,6 +7,10 @@ const APPLY_SUFFIX: u8 = b'a';
 /// Node identity (cluster id and node id), written once at bootstrap.
 pub const NODE_IDENT_KEY: &[u8] = b"node_ident";
 
+/// A cluster bootstrap this node has started but PD has not confirmed yet:
+/// the intended identity and first region.
+pub const PREPARED_BOOTSTRAP_KEY: &[u8] = b"prepared_bootstrap";
+
 pub fn region_state_key(region_id: u64) -> Vec<u8> {
     region_key(region_id, STATE_SUFFIX)
 }

@@ -64,6 +64,12 @@ pub enum PeerMsg {
         changes: Vec<(ConfChangeType, metapb::Peer)>,
         cb: Callback,
     },
+    /// Hand leadership to `peer_id`; answered once the transfer started
+    /// (raft-rs aborts it silently if the target does not win in time).
+    TransferLeader {
+        peer_id: u64,
+        cb: Callback,
+    },
     CompactionDone {
         revision: i64,
     },
@@ -88,7 +94,17 @@ pub struct PeerStatus {
     pub ready_leader: bool,
     pub applied_revision: i64,
     pub compact_revision: i64,
+    /// On the leader: peers whose log is well behind the commit index.
+    pub pending_peers: Vec<u64>,
+    /// On the leader: peers it has not heard from for [`PEER_DOWN_AFTER`].
+    pub down_peers: Vec<u64>,
 }
+
+/// A peer further behind the commit index than this is reported pending
+/// (a learner is promoted only once it is not).
+pub const PENDING_LAG: u64 = 64;
+/// A peer silent for this long is reported down to PD.
+pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(10);
 
 pub struct PeerShared {
     pub status: Mutex<PeerStatus>,
@@ -131,6 +147,9 @@ pub struct Peer {
     destroyed: bool,
     /// Run when the loop of a removed replica ends (unregisters it).
     on_destroy: Option<Box<dyn FnOnce() + Send>>,
+    /// When each peer last sent this replica a message (for down peers).
+    last_heard: HashMap<u64, Instant>,
+    started: Instant,
 }
 
 impl Peer {
@@ -167,6 +186,8 @@ impl Peer {
             transport,
             destroyed: false,
             on_destroy: None,
+            last_heard: HashMap::new(),
+            started: Instant::now(),
         }
     }
 
@@ -263,6 +284,7 @@ impl Peer {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
+            PeerMsg::TransferLeader { peer_id, cb } => self.transfer_leader(peer_id, cb),
             PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
@@ -451,6 +473,59 @@ impl Peer {
         });
     }
 
+    fn transfer_leader(&mut self, peer_id: u64, cb: Callback) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = cb.send(Err(self.not_leader()));
+            return;
+        }
+        let is_voter = self
+            .region
+            .peers
+            .iter()
+            .any(|p| p.id == peer_id && p.role() == metapb::PeerRole::Voter);
+        if !is_voter {
+            let _ = cb.send(Err(Error::InvalidConfChange(format!(
+                "peer {peer_id} is not a voter of region {}",
+                self.region.id
+            ))));
+            return;
+        }
+        if peer_id != self.peer_id {
+            info!(
+                region_id = self.region.id,
+                to = peer_id,
+                "transferring leadership"
+            );
+            self.raw.transfer_leader(peer_id);
+        }
+        let _ = cb.send(Ok(()));
+    }
+
+    /// Peers behind the commit index or silent, as the leader sees them.
+    fn lagging_peers(&self) -> (Vec<u64>, Vec<u64>) {
+        if self.raw.raft.state != StateRole::Leader {
+            return (Vec::new(), Vec::new());
+        }
+        let committed = self.raw.raft.raft_log.committed;
+        let mut pending = Vec::new();
+        let mut down = Vec::new();
+        for (id, pr) in self.raw.raft.prs().iter() {
+            if *id == self.peer_id {
+                continue;
+            }
+            if pr.matched + PENDING_LAG < committed || pr.state == raft::ProgressState::Snapshot {
+                pending.push(*id);
+            }
+            // A peer never heard from is silent since this replica started.
+            let since = self.last_heard.get(id).unwrap_or(&self.started);
+            let silent = since.elapsed() >= PEER_DOWN_AFTER;
+            if silent {
+                down.push(*id);
+            }
+        }
+        (pending, down)
+    }
+
     /// Steps a peer's message into raft. Whatever a peer sends, a bad
     /// message is logged and dropped: one faulty node must not stop this one.
     fn on_raft_message(&mut self, msg: RaftMessage) {
@@ -503,6 +578,7 @@ impl Peer {
             );
             return;
         }
+        self.last_heard.insert(from_peer.id, Instant::now());
         // Once raft accepts a snapshot it must be installed, so its data
         // is checked before raft sees it.
         if m.get_msg_type() == MessageType::MsgSnapshot {
@@ -1073,6 +1149,7 @@ impl Peer {
         status.ready_leader = self.is_ready_leader();
         status.applied_revision = self.apply_state.applied_revision;
         status.compact_revision = self.apply_state.compact_revision;
+        (status.pending_peers, status.down_peers) = self.lagging_peers();
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {

@@ -51,7 +51,7 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
+use proto::raft_serverpb::{self, PeerState, RaftApplyState, RaftMessage, RegionLocalState};
 use raft::eraftpb::{ConfChangeType, ConfState, HardState, MessageType};
 use raft::RawNode;
 use tokio::sync::{oneshot, watch};
@@ -114,6 +114,16 @@ impl RegionHandle {
     pub async fn change_peers(&self, changes: Vec<(ConfChangeType, metapb::Peer)>) -> Result<()> {
         let (cb, rx) = oneshot::channel();
         self.send(PeerMsg::ChangePeers { changes, cb })?;
+        rx.await.map_err(|_| Error::Stopped(self.region_id))?
+    }
+
+    /// Starts handing leadership to voter `peer_id` (no-op if it is this
+    /// replica). `Err(NotLeader)` unless this replica leads; the transfer
+    /// itself may still fail (raft-rs gives up after an election timeout),
+    /// so callers watch the region's leader to know.
+    pub async fn transfer_leader(&self, peer_id: u64) -> Result<()> {
+        let (cb, rx) = oneshot::channel();
+        self.send(PeerMsg::TransferLeader { peer_id, cb })?;
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
 
@@ -266,6 +276,58 @@ impl Store {
         }
     }
 
+    /// Records that this node is about to bootstrap a new cluster as
+    /// `ident` with `region`, before asking PD. Nothing starts yet: if
+    /// another node wins the race in PD, [`Store::clear_prepared_bootstrap`]
+    /// forgets it; if PD accepts, [`Store::bootstrap`] completes it. After a
+    /// crash in between, [`Store::prepared_bootstrap`] tells the node which
+    /// of the two to do. Durable when it returns.
+    pub fn prepare_bootstrap(&self, ident: NodeIdent, region: &metapb::Region) -> Result<()> {
+        let record = raft_serverpb::PreparedBootstrap {
+            cluster_id: ident.cluster_id,
+            node_id: ident.node_id,
+            region: Some(region.clone()),
+        };
+        let mut wb = WriteBatch::default();
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            keys::PREPARED_BOOTSTRAP_KEY,
+            &record.encode_to_vec(),
+        );
+        self.kv.write(wb)?;
+        self.kv.sync_wal()?;
+        Ok(())
+    }
+
+    /// The bootstrap prepared but not completed or cleared, if any.
+    pub fn prepared_bootstrap(&self) -> Result<Option<(NodeIdent, metapb::Region)>> {
+        let Some(raw) = self.kv.get(cf::META, keys::PREPARED_BOOTSTRAP_KEY)? else {
+            return Ok(None);
+        };
+        let record = raft_serverpb::PreparedBootstrap::decode(raw.as_slice())
+            .map_err(|e| Error::Corrupted(format!("prepared bootstrap record: {e}")))?;
+        let region = record
+            .region
+            .ok_or_else(|| Error::Corrupted("prepared bootstrap without region".into()))?;
+        Ok(Some((
+            NodeIdent {
+                cluster_id: record.cluster_id,
+                node_id: record.node_id,
+            },
+            region,
+        )))
+    }
+
+    pub fn clear_prepared_bootstrap(&self) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        self.kv
+            .delete_from(&mut wb, cf::META, keys::PREPARED_BOOTSTRAP_KEY);
+        self.kv.write(wb)?;
+        self.kv.sync_wal()?;
+        Ok(())
+    }
+
     /// Makes this node a replica of one of the cluster's initial `region`s
     /// (one of whose peers is on `ident.node_id`) and starts it. Every node
     /// named in the region bootstraps it the same way, so all replicas start
@@ -322,6 +384,8 @@ impl Store {
             &keys::region_state_key(region.id),
             &state.encode_to_vec(),
         );
+        self.kv
+            .delete_from(&mut wb, cf::META, keys::PREPARED_BOOTSTRAP_KEY);
         self.kv.write(wb)?;
         self.kv.sync_wal()?;
         self.start_peer(region)

@@ -4,6 +4,14 @@
 use tonic::{Code, Status};
 
 pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+pub const NOT_LEADER: &str = "etcdserver: not leader";
+pub const BAD_LEADER_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+pub const LEADER_TRANSFER_TIMEOUT: &str =
+    "etcdserver: request timed out, leader transfer took too long";
+pub const MEMBER_NOT_FOUND: &str = "etcdserver: member not found";
+pub const PEER_URL_EXISTS: &str = "etcdserver: Peer URLs already exists";
+pub const MEMBER_BAD_URLS: &str = "etcdserver: given member URLs are invalid";
+pub const MEMBER_NOT_LEARNER: &str = "etcdserver: can only promote a learner member";
 
 pub fn status(err: router::Error) -> Status {
     use mvcc::Error as M;

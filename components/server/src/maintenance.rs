@@ -3,10 +3,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use proto::etcdserverpb::maintenance_server::Maintenance;
 use proto::etcdserverpb::*;
+use proto::metapb;
 use tonic::{Request, Response, Status};
 
 use crate::errors;
@@ -15,6 +17,9 @@ use crate::NodeContext;
 /// Reported as the server version; etcd clients check the major.minor.
 pub const ETCD_VERSION: &str = "3.5.17";
 pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+/// etcd gives a leader transfer this long too.
+const MOVE_LEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct MaintenanceService {
     ctx: Arc<NodeContext>,
@@ -87,7 +92,11 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: region.applied_index,
             errors: Vec::new(),
             db_size_in_use: self.ctx.router.store().db_size_in_use() as i64,
-            is_learner: false,
+            is_learner: region
+                .region
+                .peers
+                .iter()
+                .any(|p| p.id == region.peer_id && p.role() == metapb::PeerRole::Learner),
             storage_version: String::new(),
             db_size_quota: 0,
             downgrade_info: None,
@@ -139,13 +148,68 @@ impl Maintenance for MaintenanceService {
         Err(Status::unimplemented("snapshot is not supported yet"))
     }
 
+    /// Hands the leadership of every region this node leads to the replica
+    /// on node `target_id`, and waits until it took over. As in etcd, the
+    /// request must go to the leader (of the main region here).
     async fn move_leader(
         &self,
-        _req: Request<MoveLeaderRequest>,
+        req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "move leader needs a multi-node cluster (not supported yet)",
-        ))
+        let target = req.get_ref().target_id;
+        let led: Vec<_> = self
+            .ctx
+            .router
+            .store()
+            .regions()
+            .into_iter()
+            .filter(|h| h.status().ready_leader)
+            .collect();
+        let main = self.ctx.main_region_status();
+        if !main.ready_leader {
+            return Err(Status::unavailable(errors::NOT_LEADER));
+        }
+        let mut waits = Vec::new();
+        for handle in led {
+            let region = handle.status().region;
+            let Some(peer) = region
+                .peers
+                .iter()
+                .find(|p| p.node_id == target && p.role() == metapb::PeerRole::Voter)
+            else {
+                if region.id == main.region.id {
+                    return Err(Status::failed_precondition(errors::BAD_LEADER_TRANSFEREE));
+                }
+                // A region without a voter on the target keeps its leader.
+                continue;
+            };
+            if peer.id == handle.status().peer_id {
+                continue;
+            }
+            let peer_id = peer.id;
+            waits.push(async move {
+                let deadline = Instant::now() + MOVE_LEADER_TIMEOUT;
+                while Instant::now() < deadline {
+                    let status = handle.status();
+                    if status.leader_peer_id == peer_id {
+                        return Ok(());
+                    }
+                    // raft-rs abandons a transfer that did not finish within
+                    // an election timeout; asking again restarts it.
+                    if status.ready_leader {
+                        handle
+                            .transfer_leader(peer_id)
+                            .await
+                            .map_err(|e| errors::status(router::Error::Region(e)))?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Status::deadline_exceeded(errors::LEADER_TRANSFER_TIMEOUT))
+            });
+        }
+        futures::future::try_join_all(waits).await?;
+        let mut header = Some(ResponseHeader::default());
+        self.ctx.fill_header(&mut header);
+        Ok(Response::new(MoveLeaderResponse { header }))
     }
 
     async fn downgrade(

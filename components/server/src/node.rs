@@ -182,8 +182,16 @@ fn grpc_routes(ctx: Arc<NodeContext>) -> tonic::service::Routes {
     tonic::service::Routes::from(router)
 }
 
-/// Finds this node's identity, bootstrapping the cluster (first node, one
-/// region over the whole keyspace) if neither PD nor the node has one.
+/// Finds this node's identity: the one in its data dir, or a new one from
+/// PD — joining the bootstrapped cluster (PD then places replicas here), or
+/// bootstrapping the cluster (first node, one region over the whole
+/// keyspace) if PD has none yet.
+///
+/// Bootstrap is two-phase because several first nodes may race: the node
+/// records its intent locally, asks PD, and starts the region only once PD
+/// accepted it; a node that lost the race forgets its intent and joins. A
+/// crash anywhere in between is resolved on the next start from the
+/// recorded intent and PD's answer.
 async fn join_cluster(
     config: &Config,
     store: &Store,
@@ -199,7 +207,8 @@ async fn join_cluster(
         }
         Some(ident) => {
             if !pd.is_bootstrapped().await? {
-                // Crashed between bootstrapping locally and in PD: finish.
+                // Bootstrapped before PD's bootstrap record was kept (an
+                // embedded PD that lost its data dir): give PD the region.
                 let region = store
                     .regions()
                     .first()
@@ -211,38 +220,121 @@ async fn join_cluster(
             ident
         }
         None => {
-            if pd.is_bootstrapped().await? {
-                return Err(StartError::Cluster(
-                    "the cluster is already bootstrapped; joining nodes to it is not supported yet"
-                        .into(),
-                ));
+            let prepared = match store.prepared_bootstrap()? {
+                Some((ident, _)) if ident.cluster_id != cluster_id => {
+                    // Prepared against a PD that is gone: start afresh.
+                    store.clear_prepared_bootstrap()?;
+                    None
+                }
+                other => other,
+            };
+            let (ident, region) = match prepared {
+                Some(p) => p,
+                None if pd.is_bootstrapped().await? => {
+                    return join_existing(config, store, pd, cluster_id).await
+                }
+                None => {
+                    let node_id = pd.alloc_id().await?;
+                    let region = metapb::Region {
+                        id: pd.alloc_id().await?,
+                        start_key: Vec::new(),
+                        end_key: Vec::new(),
+                        region_epoch: Some(metapb::RegionEpoch {
+                            conf_ver: 1,
+                            version: 1,
+                        }),
+                        peers: vec![metapb::Peer {
+                            id: pd.alloc_id().await?,
+                            node_id,
+                            role: metapb::PeerRole::Voter as i32,
+                        }],
+                    };
+                    let ident = NodeIdent {
+                        cluster_id,
+                        node_id,
+                    };
+                    store.prepare_bootstrap(ident, &region)?;
+                    (ident, region)
+                }
+            };
+            match pd
+                .bootstrap(node_meta(config, ident.node_id), region.clone())
+                .await
+            {
+                Ok(()) => {}
+                Err(pd::PdError::AlreadyBootstrapped) => {
+                    let ours = pd
+                        .get_region_by_id(region.id)
+                        .await?
+                        .is_some_and(|(r, _)| r.peers.iter().any(|p| p.node_id == ident.node_id));
+                    if !ours {
+                        info!("another node bootstrapped the cluster first; joining it");
+                        store.clear_prepared_bootstrap()?;
+                        return join_existing(config, store, pd, cluster_id).await;
+                    }
+                    // Our own bootstrap, whose reply was lost before a crash.
+                }
+                Err(e) => return Err(e.into()),
             }
-            let node_id = pd.alloc_id().await?;
-            let region = metapb::Region {
-                id: pd.alloc_id().await?,
-                start_key: Vec::new(),
-                end_key: Vec::new(),
-                region_epoch: Some(metapb::RegionEpoch {
-                    conf_ver: 1,
-                    version: 1,
-                }),
-                peers: vec![metapb::Peer {
-                    id: pd.alloc_id().await?,
-                    node_id,
-                    role: metapb::PeerRole::Voter as i32,
-                }],
-            };
-            let ident = NodeIdent {
-                cluster_id,
-                node_id,
-            };
-            store.bootstrap(ident, region.clone())?;
-            pd.bootstrap(node_meta(config, node_id), region).await?;
-            info!(node_id, "bootstrapped a new cluster");
+            store.bootstrap(ident, region)?;
+            info!(node_id = ident.node_id, "bootstrapped a new cluster");
             ident
         }
     };
-    pd.put_node(node_meta(config, ident.node_id)).await?;
+    register(config, pd, ident.node_id).await?;
+    Ok(ident)
+}
+
+/// Stores this node's current name and URLs in PD, keeping a decommission
+/// in progress (`Offline`) and refusing to come back as a removed node.
+async fn register(config: &Config, pd: &dyn PdClient, node_id: u64) -> Result<(), StartError> {
+    let mut node = node_meta(config, node_id);
+    if let Some(known) = pd.get_node(node_id).await? {
+        match known.state() {
+            metapb::NodeState::Tombstone => {
+                return Err(StartError::Cluster(format!(
+                    "node {node_id} was removed from the cluster; start with an empty data dir to join again"
+                )))
+            }
+            metapb::NodeState::Offline => node.state = known.state,
+            metapb::NodeState::Up => {}
+        }
+    }
+    pd.put_node(node).await?;
+    Ok(())
+}
+
+/// Joins a bootstrapped cluster as a new, empty node: PD's scheduler then
+/// adds replicas of regions here, which fill up by raft snapshot.
+async fn join_existing(
+    config: &Config,
+    store: &Store,
+    pd: &dyn PdClient,
+    cluster_id: u64,
+) -> Result<NodeIdent, StartError> {
+    // A member added with MemberAdd for this peer URL (and not started
+    // yet: no client URLs) is this node.
+    let added = pd.get_all_nodes().await?.into_iter().find(|n| {
+        n.state() == metapb::NodeState::Up
+            && n.client_urls.is_empty()
+            && n.peer_urls
+                .iter()
+                .any(|u| config.advertise_peer_urls.contains(u))
+    });
+    let node_id = match added {
+        Some(n) => n.id,
+        None => pd.alloc_id().await?,
+    };
+    let ident = NodeIdent {
+        cluster_id,
+        node_id,
+    };
+    // Identity first: after a crash before PD heard of the node, the next
+    // start re-registers it; the other order could leave PD a node that
+    // never starts, on which it would place replicas.
+    store.set_node_ident(ident)?;
+    register(config, pd, ident.node_id).await?;
+    info!(node_id = ident.node_id, "joined the cluster");
     Ok(ident)
 }
 
