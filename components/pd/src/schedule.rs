@@ -5,7 +5,8 @@
 //! step for the region's leader ([`RegionOperator`]), TiKV-PD style:
 //!
 //! 1. a learner is promoted once the leader no longer reports it pending
-//!    (caught up), or removed if its node is gone;
+//!    (caught up), or removed if its node is gone or it is still pending
+//!    and has gone silent;
 //! 2. while fewer than `max_replicas` voters are healthy, a learner is added
 //!    on the up node with the fewest replicas that has none of this region;
 //! 3. surplus voters are removed: first those on lost nodes (down longer than
@@ -197,14 +198,19 @@ impl Scheduler {
             return Ok(None);
         }
 
+        let down = |p: &metapb::Peer| hb.down_peers.iter().any(|q| q.id == p.id);
         if let Some(learner) = region.peers.iter().find(|p| p.role() == PeerRole::Learner) {
-            return Ok(Some(if lost(learner) {
-                RegionOperator::RemovePeer(*learner)
-            } else if pending(learner) {
-                return Ok(None);
-            } else {
-                RegionOperator::PromoteLearner(*learner)
-            }));
+            // A learner that never caught up and went silent (its node died
+            // or never came up) would block placement forever.
+            return Ok(Some(
+                if lost(learner) || (pending(learner) && down(learner)) {
+                    RegionOperator::RemovePeer(*learner)
+                } else if pending(learner) {
+                    return Ok(None);
+                } else {
+                    RegionOperator::PromoteLearner(*learner)
+                },
+            ));
         }
 
         let voters: Vec<&metapb::Peer> = region
@@ -385,6 +391,23 @@ mod tests {
         assert_eq!(
             s.schedule(&v, &h).unwrap(),
             Some(RegionOperator::PromoteLearner(r.peers[1]))
+        );
+    }
+
+    #[test]
+    fn silent_learner_that_never_caught_up_is_removed() {
+        let r = region(vec![
+            peer(11, 1, PeerRole::Voter),
+            peer(12, 2, PeerRole::Learner),
+        ]);
+        let v = view(up(&[1, 2]), vec![r.clone()]);
+        let s = Scheduler::new(ScheduleConfig::default());
+        let mut h = hb(&r, 11);
+        h.pending_peers = vec![r.peers[1]];
+        h.down_peers = vec![r.peers[1]];
+        assert_eq!(
+            s.schedule(&v, &h).unwrap(),
+            Some(RegionOperator::RemovePeer(r.peers[1]))
         );
     }
 

@@ -149,7 +149,6 @@ pub struct Peer {
     on_destroy: Option<Box<dyn FnOnce() + Send>>,
     /// When each peer last sent this replica a message (for down peers).
     last_heard: HashMap<u64, Instant>,
-    started: Instant,
 }
 
 impl Peer {
@@ -187,7 +186,6 @@ impl Peer {
             destroyed: false,
             on_destroy: None,
             last_heard: HashMap::new(),
-            started: Instant::now(),
         }
     }
 
@@ -516,10 +514,11 @@ impl Peer {
             if pr.matched + PENDING_LAG < committed || pr.state == raft::ProgressState::Snapshot {
                 pending.push(*id);
             }
-            // A peer never heard from is silent since this replica started.
-            let since = self.last_heard.get(id).unwrap_or(&self.started);
-            let silent = since.elapsed() >= PEER_DOWN_AFTER;
-            if silent {
+            if self
+                .last_heard
+                .get(id)
+                .is_some_and(|t| t.elapsed() >= PEER_DOWN_AFTER)
+            {
                 down.push(*id);
             }
         }
@@ -1135,6 +1134,21 @@ impl Peer {
             let reads: Vec<Callback> = self.pending_reads.drain().map(|(_, cb)| cb).collect();
             for cb in reads {
                 let _ = cb.send(Err(self.not_leader()));
+            }
+        }
+        if leader {
+            if !self.was_leader {
+                // As a follower this replica heard only from the leader;
+                // every peer's silence counts from now.
+                self.last_heard.clear();
+            }
+            // A peer just added counts as heard when it appears.
+            let now = Instant::now();
+            for id in self.raw.raft.prs().conf().voters().ids().iter() {
+                self.last_heard.entry(id).or_insert(now);
+            }
+            for id in self.raw.raft.prs().conf().learners().iter() {
+                self.last_heard.entry(*id).or_insert(now);
             }
         }
         self.was_leader = leader;

@@ -262,3 +262,61 @@ async fn removing_the_leader_hands_over() {
     }
     assert_consistent(&c, &rest, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_leader_hands_over_and_refuses_non_voters() {
+    let c = Cluster::new(3);
+    let mut rev = 1;
+    c.must_put(&mut rev, "k", "v").await;
+    let (old, handle) = c.leader().await;
+    let target = c.running().into_iter().find(|n| *n != old).unwrap();
+    handle.transfer_leader(target).await.unwrap();
+    wait_until("the target leads", || {
+        c.handle(target).status().ready_leader
+    })
+    .await;
+    // Only a leader can hand over, and only to a voter.
+    assert!(matches!(
+        c.handle(old).transfer_leader(target).await,
+        Err(raftstore::Error::NotLeader { .. })
+    ));
+    assert!(matches!(
+        c.handle(target).transfer_leader(77).await,
+        Err(raftstore::Error::InvalidConfChange(_))
+    ));
+    c.must_put(&mut rev, "k2", "v2").await;
+    c.must_get_on(&[1, 2, 3], "k2", "v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_reports_pending_and_down_peers() {
+    let c = Cluster::new(3);
+    let mut rev = 1;
+    c.must_put(&mut rev, "k", "v").await;
+    let (leader, _) = c.leader().await;
+    let follower = c.running().into_iter().find(|n| *n != leader).unwrap();
+    c.stop_node(follower);
+    // Far enough behind to be pending...
+    for i in 0..(raftstore::peer::PENDING_LAG + 10) {
+        c.must_put(&mut rev, &format!("p{i}"), "v").await;
+    }
+    let h = c.handle(leader);
+    assert!(h.status().pending_peers.contains(&follower));
+    // ...and, once silent long enough, down; the live follower is neither.
+    wait_until("the stopped follower is reported down", || {
+        h.status().down_peers.contains(&follower)
+    })
+    .await;
+    let status = h.status();
+    assert_eq!(status.down_peers, vec![follower]);
+    assert_eq!(status.pending_peers, vec![follower]);
+    c.restart_node(follower);
+    wait_until(
+        "the restarted follower caught up and is heard again",
+        || {
+            let s = h.status();
+            s.down_peers.is_empty() && s.pending_peers.is_empty()
+        },
+    )
+    .await;
+}
