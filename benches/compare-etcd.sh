@@ -12,8 +12,8 @@
 #                                [--no-build] [--out FILE] [--keep]
 #   --quick      smaller totals and one round (under a minute once built)
 #   --rounds N   A/B rounds per workload (default 3, quick 1)
-#   --replicas N members per system (default 1; 3 needs MetaStore cluster
-#                support, i.e. a metastore-node that takes --initial-cluster)
+#   --replicas N members per system (default 1; 3 = a 3-member etcd vs
+#                3 metastore-pd members + 3 nodes with 3 replicas)
 #   --no-build   use the binaries already in the target dir
 #   --out FILE   also write the Markdown table to FILE
 #   --keep       keep the work dir (data dirs, logs, raw JSON results)
@@ -73,18 +73,15 @@ ETCDCTL="$(command -v "${ETCDCTL_BIN:-etcdctl}")"
 command -v python3 >/dev/null || { echo "python3 is required" >&2; exit 1; }
 
 if [[ $BUILD == 1 ]]; then
-    log "building release binaries (cargo build --release -p metastore-bench -p metastore-node)"
-    (cd "$ROOT" && cargo build --release -p metastore-bench -p metastore-node >&2)
+    log "building release binaries (cargo build --release -p metastore-bench -p metastore-node -p metastore-pd)"
+    (cd "$ROOT" && cargo build --release -p metastore-bench -p metastore-node -p metastore-pd >&2)
 fi
 BENCH="$BIN_DIR/metastore-bench"
 NODE="$BIN_DIR/metastore-node"
-for b in "$BENCH" "$NODE"; do
-    [[ -x "$b" ]] || { echo "missing $b (build with cargo build --release -p metastore-bench -p metastore-node)" >&2; exit 1; }
+PD="$BIN_DIR/metastore-pd"
+for b in "$BENCH" "$NODE" "$PD"; do
+    [[ -x "$b" ]] || { echo "missing $b (build with cargo build --release -p metastore-bench -p metastore-node -p metastore-pd)" >&2; exit 1; }
 done
-if [[ $REPLICAS -gt 1 ]] && ! "$NODE" --help 2>&1 | grep -q -- '--initial-cluster'; then
-    echo "metastore-node has no --initial-cluster flag yet: only --replicas 1 is possible" >&2
-    exit 1
-fi
 
 WORK="$(mktemp -d /tmp/metastore-compare.XXXXXX)"
 PIDS=()
@@ -141,25 +138,44 @@ start_etcd() {
 }
 
 start_metastore() {
-    local n=$1 i cluster="" peers=() clients=() ports
-    read -r -a ports <<<"$(free_ports $((2 * n)))"
+    local n=$1 i pd_cluster="" pd_peers=() pd_clients=() peers=() clients=() ports
     URLS=""
+    if [[ $n == 1 ]]; then
+        # One node with its embedded placement driver (dev mode).
+        read -r -a ports <<<"$(free_ports 2)"
+        "$NODE" --data-dir "$WORK/ms0" \
+            --listen-client-urls "http://127.0.0.1:${ports[1]}" \
+            --listen-peer-urls "http://127.0.0.1:${ports[0]}" >"$WORK/ms0.log" 2>&1 &
+        PIDS+=($!)
+        URLS="http://127.0.0.1:${ports[1]}"
+        return
+    fi
+    # n placement-driver members and n nodes; PD gives the region a replica
+    # on every node (max-replicas 3).
+    read -r -a ports <<<"$(free_ports $((4 * n)))"
     for ((i = 0; i < n; i++)); do
-        peers+=("http://127.0.0.1:${ports[$((2 * i))]}")
-        clients+=("http://127.0.0.1:${ports[$((2 * i + 1))]}")
-        cluster+="${cluster:+,}ms$i=${peers[$i]}"
+        pd_peers+=("http://127.0.0.1:${ports[$((4 * i))]}")
+        pd_clients+=("http://127.0.0.1:${ports[$((4 * i + 1))]}")
+        peers+=("http://127.0.0.1:${ports[$((4 * i + 2))]}")
+        clients+=("http://127.0.0.1:${ports[$((4 * i + 3))]}")
+        pd_cluster+="${pd_cluster:+,}pd$i=${pd_peers[$i]}"
+    done
+    local pd_eps
+    pd_eps="$(IFS=,; echo "${pd_clients[*]}")"
+    for ((i = 0; i < n; i++)); do
+        "$PD" --name "pd$i" --data-dir "$WORK/pd$i" \
+            --listen-client-urls "${pd_clients[$i]}" --listen-peer-urls "${pd_peers[$i]}" \
+            --initial-cluster "$pd_cluster" >"$WORK/pd$i.log" 2>&1 &
+        PIDS+=($!)
     done
     for ((i = 0; i < n; i++)); do
-        local extra=()
-        if [[ $n -gt 1 ]]; then
-            extra=(--name "ms$i" --initial-cluster "$cluster")
-        fi
-        "$NODE" --data-dir "$WORK/ms$i" \
-            --listen-client-urls "${clients[$i]}" --advertise-client-urls "${clients[$i]}" \
-            --listen-peer-urls "${peers[$i]}" --advertise-peer-urls "${peers[$i]}" \
-            "${extra[@]}" >"$WORK/ms$i.log" 2>&1 &
+        "$NODE" --name "ms$i" --data-dir "$WORK/ms$i" \
+            --listen-client-urls "${clients[$i]}" --listen-peer-urls "${peers[$i]}" \
+            --pd-endpoints "$pd_eps" >"$WORK/ms$i.log" 2>&1 &
         PIDS+=($!)
         URLS+="${URLS:+,}${clients[$i]}"
+        # The first node bootstraps the cluster; the others join it.
+        [[ $i == 0 ]] && sleep 1
     done
 }
 
@@ -187,6 +203,20 @@ start_metastore "$REPLICAS"
 MS_EPS="$URLS"
 wait_ready etcd "$ETCD_EPS"
 wait_ready ms "$MS_EPS"
+if [[ $REPLICAS -gt 1 ]]; then
+    # Measure only once every node holds a caught-up replica: a local
+    # (serializable) read of the key written above succeeds on each.
+    for ep in ${MS_EPS//,/ }; do
+        for ((i = 0; i < 600; i++)); do
+            if ETCDCTL_API=3 "$ETCDCTL" --endpoints "$ep" --command-timeout=2s \
+                get compare-bench-key --consistency=s --print-value-only 2>/dev/null | grep -q v; then
+                break
+            fi
+            sleep 0.1
+        done
+    done
+    log "ms: every node has a replica"
+fi
 
 # --- workloads -----------------------------------------------------------------
 # name|global flags|subcommand and its flags. The first row is etcd's documented
