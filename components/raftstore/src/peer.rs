@@ -64,6 +64,12 @@ pub enum PeerMsg {
         changes: Vec<(ConfChangeType, metapb::Peer)>,
         cb: Callback,
     },
+    /// Answered once this replica has applied `index` (a follower read
+    /// waiting for the leader's read index).
+    WaitApplied {
+        index: u64,
+        cb: Callback,
+    },
     CompactionDone {
         revision: i64,
     },
@@ -119,6 +125,8 @@ pub struct Peer {
     pending_reads: HashMap<u64, Callback>,
     /// Confirmed read barriers waiting for the apply index to reach theirs.
     ready_reads: Vec<(u64, Callback)>,
+    /// `WaitApplied` callers, by the index they wait for.
+    applied_waiters: Vec<(u64, Callback)>,
     was_leader: bool,
     log_gc_threshold: u64,
     /// A snapshot validated when it arrived, kept until raft hands it back
@@ -159,6 +167,7 @@ impl Peer {
             next_read_id: 0,
             pending_reads: HashMap::new(),
             ready_reads: Vec::new(),
+            applied_waiters: Vec::new(),
             was_leader: false,
             log_gc_threshold,
             incoming_snapshot: None,
@@ -262,6 +271,13 @@ impl Peer {
         match msg {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
+            PeerMsg::WaitApplied { index, cb } => {
+                if index <= self.apply_state.applied_index {
+                    let _ = cb.send(Ok(()));
+                } else {
+                    self.applied_waiters.push((index, cb));
+                }
+            }
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
@@ -1053,6 +1069,15 @@ impl Peer {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.applied_waiters.len() {
+            if self.applied_waiters[i].0 <= applied {
+                let (_, cb) = self.applied_waiters.swap_remove(i);
+                let _ = cb.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
@@ -1083,6 +1108,9 @@ impl Peer {
             let _ = cb.send(Err(err()));
         }
         for (_, cb) in self.ready_reads.drain(..) {
+            let _ = cb.send(Err(err()));
+        }
+        for (_, cb) in self.applied_waiters.drain(..) {
             let _ = cb.send(Err(err()));
         }
     }
