@@ -564,6 +564,9 @@ impl Router {
     pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
         let span = KeyRange::from_etcd(b"\0", b"\0");
         let spans = std::slice::from_ref(&span);
+        // Hashing is of a node's own data: without a replica there is
+        // nothing to hash, whoever leads.
+        self.region_for(spans)?;
         let (handle, current) = retrying(move || async move {
             match self.locate(spans).await? {
                 Location::Leader(handle, writes) => {
@@ -574,8 +577,8 @@ impl Router {
                     let current = self.follower_revision(&handle, &target).await?;
                     Ok((handle, current))
                 }
-                // Hashing is of a node's own data.
-                Location::Remote(_) => Err(Error::NoRegion(Vec::new())),
+                // The replica went away since.
+                Location::Remote(_) => Err(Error::Region(raftstore::Error::RegionNotFound(0))),
             }
         })
         .await?;

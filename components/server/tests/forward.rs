@@ -510,6 +510,13 @@ async fn a_node_without_a_replica_forwards_everything() {
     );
     assert!(err.1.ends_with("is a future revision"), "{err:?}");
     bare.compact(rev, false).await.unwrap();
+    // Hashing is of a node's own replica: none here, no waiting for one.
+    let start = Instant::now();
+    assert!(matches!(
+        bare.hash_kv(0).await,
+        Err(router::Error::NoRegion(_))
+    ));
+    assert!(start.elapsed() < Duration::from_secs(1));
     c.shutdown().await;
 }
 
