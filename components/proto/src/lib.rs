@@ -38,6 +38,9 @@ pub mod raft_cmdpb {
 pub mod raft_serverpb {
     tonic::include_proto!("raft_serverpb");
 }
+pub mod forwardpb {
+    tonic::include_proto!("forwardpb");
+}
 
 #[cfg(test)]
 mod tests {

@@ -70,6 +70,12 @@ pub enum PeerMsg {
         peer_id: u64,
         cb: Callback,
     },
+    /// Answered once this replica has applied `index` (a follower read
+    /// waiting for the leader's read index).
+    WaitApplied {
+        index: u64,
+        cb: Callback,
+    },
     CompactionDone {
         revision: i64,
     },
@@ -135,6 +141,8 @@ pub struct Peer {
     pending_reads: HashMap<u64, Callback>,
     /// Confirmed read barriers waiting for the apply index to reach theirs.
     ready_reads: Vec<(u64, Callback)>,
+    /// `WaitApplied` callers, by the index they wait for.
+    applied_waiters: Vec<(u64, Callback)>,
     was_leader: bool,
     log_gc_threshold: u64,
     /// A snapshot validated when it arrived, kept until raft hands it back
@@ -177,6 +185,7 @@ impl Peer {
             next_read_id: 0,
             pending_reads: HashMap::new(),
             ready_reads: Vec::new(),
+            applied_waiters: Vec::new(),
             was_leader: false,
             log_gc_threshold,
             incoming_snapshot: None,
@@ -281,6 +290,13 @@ impl Peer {
         match msg {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
+            PeerMsg::WaitApplied { index, cb } => {
+                if index <= self.apply_state.applied_index {
+                    let _ = cb.send(Ok(()));
+                } else {
+                    self.applied_waiters.push((index, cb));
+                }
+            }
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::TransferLeader { peer_id, cb } => self.transfer_leader(peer_id, cb),
             PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
@@ -1128,6 +1144,15 @@ impl Peer {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.applied_waiters.len() {
+            if self.applied_waiters[i].0 <= applied {
+                let (_, cb) = self.applied_waiters.swap_remove(i);
+                let _ = cb.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
@@ -1174,6 +1199,9 @@ impl Peer {
             let _ = cb.send(Err(err()));
         }
         for (_, cb) in self.ready_reads.drain(..) {
+            let _ = cb.send(Err(err()));
+        }
+        for (_, cb) in self.applied_waiters.drain(..) {
             let _ = cb.send(Err(err()));
         }
     }

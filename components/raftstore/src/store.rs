@@ -9,6 +9,9 @@
 //!   leader change; callers treat that outcome as unknown.
 //! * `read_index` resolves once a quorum confirmed this replica's leadership
 //!   and everything committed before the call is applied here.
+//! * `wait_applied(index)` resolves once this replica (leader or not) has
+//!   applied `index`, and fails with `Stopped` if the replica stops or is
+//!   removed from the region first. It does not time out.
 //! * `status` is a snapshot taken after the replica's last loop turn.
 //! * `change_peers` proposes one raft membership change (`ConfChangeV2`) on
 //!   the leader and resolves once it is applied here, like `propose`. The
@@ -106,6 +109,18 @@ impl RegionHandle {
     pub async fn read_index(&self) -> Result<()> {
         let (cb, rx) = oneshot::channel();
         self.send(PeerMsg::ReadIndex { cb })?;
+        rx.await.map_err(|_| Error::Stopped(self.region_id))?
+    }
+
+    /// Waits until this replica has applied the log up to `index`: a
+    /// follower serving a read at a revision the leader vouched for waits
+    /// for the leader's applied index here (see the router).
+    pub async fn wait_applied(&self, index: u64) -> Result<()> {
+        if self.shared.status.lock().applied_index >= index {
+            return Ok(());
+        }
+        let (cb, rx) = oneshot::channel();
+        self.send(PeerMsg::WaitApplied { index, cb })?;
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
 

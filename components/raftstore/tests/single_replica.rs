@@ -139,3 +139,57 @@ async fn proposals_apply_and_survive_restart() {
     );
     store.shutdown();
 }
+
+#[tokio::test]
+async fn wait_applied_resolves_once_applied_and_fails_on_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .bootstrap(
+            NodeIdent {
+                cluster_id: 7,
+                node_id: 1,
+            },
+            region(),
+        )
+        .unwrap();
+    let h = leader(&store).await;
+    let applied = h.status().applied_index;
+    // Already applied: immediate.
+    h.wait_applied(applied).await.unwrap();
+    // Ahead of the log: answered by the apply that reaches it.
+    let waiter = tokio::spawn({
+        let h = h.clone();
+        async move { h.wait_applied(applied + 2).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    h.propose(write(2, "a", "1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !waiter.is_finished(),
+        "resolved before index {}",
+        applied + 2
+    );
+    h.propose(write(3, "b", "1")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("wait_applied resolves")
+        .unwrap()
+        .unwrap();
+    assert!(h.status().applied_index >= applied + 2);
+    // A replica that stops fails its waiters.
+    let never = tokio::spawn({
+        let h = h.clone();
+        async move { h.wait_applied(u64::MAX).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::task::spawn_blocking(move || store.shutdown())
+        .await
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), never)
+        .await
+        .expect("waiter answered on stop")
+        .unwrap();
+    assert!(matches!(res, Err(Error::Stopped(2))), "{res:?}");
+}

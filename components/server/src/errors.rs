@@ -50,7 +50,14 @@ pub fn status(err: router::Error) -> Status {
             other => Status::internal(format!("etcdserver: {other}")),
         },
         router::Error::Pd(e) => Status::unavailable(format!("etcdserver: placement driver: {e}")),
-        router::Error::NoRegion(_) => Status::unavailable("etcdserver: no leader"),
+        router::Error::RemotePd(e) => {
+            Status::unavailable(format!("etcdserver: placement driver: {e}"))
+        }
+        router::Error::NoRegion(_) | router::Error::Unreachable { .. } => {
+            Status::unavailable("etcdserver: no leader")
+        }
+        router::Error::Timeout => Status::unavailable("etcdserver: request timed out"),
+        router::Error::Remote(e) => Status::internal(format!("etcdserver: {e}")),
         e @ router::Error::CrossRegion => Status::new(Code::Unimplemented, e.to_string()),
     }
 }

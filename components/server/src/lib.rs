@@ -6,11 +6,14 @@
 //! URLs. KV, Maintenance and Cluster are served here; services not built
 //! yet (Watch, Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
 //! Request errors carry etcd's codes and texts ([`errors`]). Raft messages
-//! between nodes travel over gRPC on the peer URLs ([`raft_transport`]).
+//! between nodes travel over gRPC on the peer URLs ([`raft_transport`]), and
+//! so do requests forwarded to the node holding a region's leader
+//! ([`forward`]): every node serves every request.
 
 pub mod cluster;
 pub mod config;
 pub mod errors;
+pub mod forward;
 mod heartbeat;
 mod http;
 pub mod kv;
@@ -29,7 +32,7 @@ pub use config::Config;
 
 /// What every service of a node shares.
 pub struct NodeContext {
-    pub router: Router,
+    pub router: Arc<Router>,
     pub pd: Arc<dyn PdClient>,
     pub ident: NodeIdent,
     pub config: Config,

@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::cluster::ClusterService;
 use crate::config::{socket_addr, Config};
+use crate::forward::ForwardService;
 use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
 use crate::maintenance::MaintenanceService;
 use crate::raft_transport::{GrpcTransport, PdResolver, RaftTransportService};
@@ -94,9 +95,11 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
             RpcPdClient::connect(&config.pd_endpoints, RpcPdClientConfig::default()).await?;
         (Arc::new(client), None)
     };
+    // One address cache for raft messages and forwarded requests.
+    let resolver = Arc::new(PdResolver::new(pd.clone()));
     let transport = Arc::new(GrpcTransport::new(
         tokio::runtime::Handle::current(),
-        Arc::new(PdResolver::new(pd.clone())),
+        resolver.clone(),
     ));
     let store = Arc::new(
         Store::open_with_transport(&data_dir, transport)
@@ -110,7 +113,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     );
 
     let ctx = Arc::new(NodeContext {
-        router: Router::new(store.clone(), pd.clone()),
+        router: Arc::new(Router::with_resolver(store.clone(), pd.clone(), resolver)),
         pd,
         ident,
         config: config.clone(),
@@ -140,8 +143,10 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         let addr = listener.local_addr().ok();
         let mut stopped_signal = stopped.clone();
         let service = RaftTransportService::new(store.clone(), stopped.clone()).into_server();
+        let forward = ForwardService::new(ctx.router.clone()).into_server();
         let server = tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(forward)
             // Raft heartbeats and appends are small; Nagle would hold them.
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -149,7 +154,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
                     let _ = stopped_signal.wait_for(|s| *s).await;
                 },
             );
-        info!(?addr, "serving raft peers");
+        info!(?addr, "serving raft peers and forwarded requests");
         servers.push(tokio::spawn(server));
     }
     let heartbeats = tokio::spawn(crate::heartbeat::run(

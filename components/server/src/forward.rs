@@ -1,0 +1,165 @@
+//! The receiving side of request forwarding (`forwardpb.RegionForward`),
+//! served on the peer URLs next to the raft transport.
+//!
+//! Other nodes send here the requests for regions whose leader they believe
+//! is on this node. Everything is decided by the router's `serve_*`
+//! methods: they run the request only if this node's replica is the ready
+//! leader and never forward it again. Errors travel in the response
+//! (`forwardpb::Error`), so a gRPC error means the call itself failed.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use mvcc::exec::{WriteRequest, WriteResponse};
+use proto::forwardpb::region_forward_server::{RegionForward, RegionForwardServer};
+use proto::forwardpb::{
+    self, write_request as wreq, write_response as wresp, CompactRequest, CompactResponse,
+    RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse,
+};
+use router::forward::error_to_wire;
+use router::Router;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::raft_transport::MAX_RAFT_GRPC_BYTES;
+
+pub struct ForwardService {
+    router: Arc<Router>,
+}
+
+impl ForwardService {
+    pub fn new(router: Arc<Router>) -> ForwardService {
+        ForwardService { router }
+    }
+
+    pub fn into_server(self) -> RegionForwardServer<ForwardService> {
+        RegionForwardServer::new(self)
+            .max_decoding_message_size(MAX_RAFT_GRPC_BYTES)
+            .max_encoding_message_size(usize::MAX)
+    }
+}
+
+/// Runs `f` to completion even if the caller goes away: a write that took
+/// a revision must stay registered as in flight until it is applied or has
+/// failed, or a concurrent linearizable read could miss it.
+async fn detached<T: Send + 'static>(
+    f: impl Future<Output = router::Result<T>> + Send + 'static,
+) -> Result<router::Result<T>, Status> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Status::internal(format!("forwarded request panicked: {e}")))
+}
+
+fn wire_error(e: &router::Error) -> Option<forwardpb::Error> {
+    debug!("forwarded request failed: {e}");
+    Some(error_to_wire(e))
+}
+
+#[tonic::async_trait]
+impl RegionForward for ForwardService {
+    async fn write(
+        &self,
+        req: Request<forwardpb::WriteRequest>,
+    ) -> Result<Response<forwardpb::WriteResponse>, Status> {
+        let req = req.into_inner();
+        let write = match req.request {
+            Some(wreq::Request::Put(p)) => WriteRequest::Put(p),
+            Some(wreq::Request::DeleteRange(d)) => WriteRequest::DeleteRange(d),
+            Some(wreq::Request::Txn(t)) => WriteRequest::Txn(t),
+            None => {
+                return Err(Status::invalid_argument(
+                    "forwarded write without a request",
+                ))
+            }
+        };
+        let router = self.router.clone();
+        let header = req.header;
+        let res =
+            detached(async move { router.serve_forwarded_write(header.as_ref(), &write).await })
+                .await?;
+        let resp = match res {
+            Ok(WriteResponse::Put(p)) => forwardpb::WriteResponse {
+                error: None,
+                response: Some(wresp::Response::Put(p)),
+            },
+            Ok(WriteResponse::DeleteRange(d)) => forwardpb::WriteResponse {
+                error: None,
+                response: Some(wresp::Response::DeleteRange(d)),
+            },
+            Ok(WriteResponse::Txn(t)) => forwardpb::WriteResponse {
+                error: None,
+                response: Some(wresp::Response::Txn(t)),
+            },
+            Err(e) => forwardpb::WriteResponse {
+                error: wire_error(&e),
+                response: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = req.into_inner();
+        let range = req.request.unwrap_or_default();
+        let resp = match self
+            .router
+            .serve_forwarded_range(req.header.as_ref(), &range)
+            .await
+        {
+            Ok(r) => RangeResponse {
+                error: None,
+                response: Some(r),
+            },
+            Err(e) => RangeResponse {
+                error: wire_error(&e),
+                response: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn compact(
+        &self,
+        req: Request<CompactRequest>,
+    ) -> Result<Response<CompactResponse>, Status> {
+        let req = req.into_inner();
+        let router = self.router.clone();
+        let res = detached(async move {
+            router
+                .serve_forwarded_compact(req.header.as_ref(), req.revision, req.physical)
+                .await
+        })
+        .await?;
+        let resp = match res {
+            Ok((current_revision, applied_index)) => CompactResponse {
+                error: None,
+                current_revision,
+                applied_index,
+            },
+            Err(e) => CompactResponse {
+                error: wire_error(&e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn read_index(
+        &self,
+        req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        let req = req.into_inner();
+        let resp = match self.router.serve_read_index(req.header.as_ref()).await {
+            Ok((revision, applied_index)) => ReadIndexResponse {
+                error: None,
+                revision,
+                applied_index,
+            },
+            Err(e) => ReadIndexResponse {
+                error: wire_error(&e),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+}
