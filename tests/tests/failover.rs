@@ -7,19 +7,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use integration_tests::{client, Node, PdCluster};
+use integration_tests::{client, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 use proto::metapb::PeerRole;
 
 struct Cluster {
-    pd: PdCluster,
+    pd: Pd,
     nodes: Vec<Node>,
     /// Member id of each node, by index.
     ids: Vec<u64>,
 }
 
 async fn start_cluster() -> Cluster {
-    let pd = PdCluster::start(3);
+    let pd = Pd::start();
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let name = format!("n{i}");
@@ -27,17 +27,16 @@ async fn start_cluster() -> Cluster {
             "--name",
             &name,
             "--pd-endpoints",
-            &pd.endpoints().join(","),
+            &pd.endpoint(),
         ]));
     }
-    let pd_client = RpcPdClient::connect(&pd.endpoints(), RpcPdClientConfig::default())
+    let pd_client = RpcPdClient::connect(&[pd.endpoint()], RpcPdClientConfig::default())
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(Some((region, Some(_)))) = pd_client.get_region(b"").await {
-            if region.peers.len() == 3 && region.peers.iter().all(|p| p.role() == PeerRole::Voter)
-            {
+            if region.peers.len() == 3 && region.peers.iter().all(|p| p.role() == PeerRole::Voter) {
                 break;
             }
         }
@@ -90,7 +89,11 @@ async fn any_node_serves_writes_and_linearizable_reads() {
         let rev = put.header().unwrap().revision();
         // Read through another node right after the ack: must see it.
         let got = clients[r].get(key.clone(), None).await.unwrap();
-        assert_eq!(got.kvs().len(), 1, "{key} written via {w}, not seen via {r}");
+        assert_eq!(
+            got.kvs().len(),
+            1,
+            "{key} written via {w}, not seen via {r}"
+        );
         assert_eq!(got.kvs()[0].mod_revision(), rev);
         assert!(got.header().unwrap().revision() >= rev);
         assert_eq!(got.header().unwrap().member_id(), cluster.ids[r]);
@@ -160,7 +163,10 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
         if let Some(t) = first {
             break t;
         }
-        assert!(Instant::now() < deadline, "no write accepted after the kill");
+        assert!(
+            Instant::now() < deadline,
+            "no write accepted after the kill"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!(
@@ -215,7 +221,13 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     // The killed node comes back, catches up, and all replicas hash equal.
     cluster.nodes[leader].restart();
     let mut c = client(&cluster.nodes[(leader + 1) % 3].endpoint()).await;
-    let rev = c.put("final", "v", None).await.unwrap().header().unwrap().revision();
+    let rev = c
+        .put("final", "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut hashes = Vec::new();
