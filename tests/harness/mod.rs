@@ -48,18 +48,29 @@ pub fn free_port() -> u16 {
     }
 }
 
-fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+/// Waits until `child` listens on `port`; if it exits first, panics with
+/// the tail of its log (the reason is usually its last line).
+fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) {
+    let exited = |status: std::process::ExitStatus| -> ! {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{what} exited early with {status}; log tail:\n{}",
+            tail.join("\n")
+        );
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             // Someone answers on the port; make sure it is our process.
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("{what} exited early with {status}");
+                exited(status);
             }
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early with {status}");
+            exited(status);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -115,7 +126,12 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn metastore-node");
-        wait_for_port(self.client_port, &mut child, "metastore-node");
+        wait_for_port(
+            self.client_port,
+            &mut child,
+            "metastore-node",
+            &self.dir.path().join("node.log"),
+        );
         self.child = Some(child);
     }
 
@@ -201,7 +217,12 @@ impl Pd {
             .stderr(log)
             .spawn()
             .expect("spawn metastore-pd");
-        wait_for_port(self.client_port, &mut child, "metastore-pd");
+        wait_for_port(
+            self.client_port,
+            &mut child,
+            "metastore-pd",
+            &self.dir.path().join("pd.log"),
+        );
         self.child = Some(child);
     }
 
@@ -257,7 +278,12 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("spawn etcd (apt-get install etcd-server)");
-        wait_for_port(client_port, &mut child, "etcd");
+        wait_for_port(
+            client_port,
+            &mut child,
+            "etcd",
+            &dir.path().join("etcd.log"),
+        );
         Etcd {
             child,
             _dir: dir,
