@@ -473,3 +473,62 @@ async fn partitioned_leader_stops_before_a_new_one_starts() {
     let mut ops = std::mem::take(&mut *ops.lock());
     check_real_time_order(&mut ops);
 }
+
+/// Makes member `target` the serving leader by partitioning whoever else
+/// leads until `target` wins an election.
+async fn make_leader(c: &Cluster, target: usize) {
+    for _ in 0..20 {
+        let l = c.leader().await;
+        if l == target {
+            return;
+        }
+        c.core(l).set_isolated(true);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !(0..3).any(|i| i != l && c.core(i).is_serving()) {
+            assert!(Instant::now() < deadline, "no leader while {l} is isolated");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.core(l).set_isolated(false);
+    }
+    panic!("member {target} never became leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn re_elected_leader_continues_above_its_successors() {
+    // A large window: the first leader's own position stays far below its
+    // committed mark, which its successors start from.
+    let c = Cluster::start(1_000).await;
+    let a = c.leader().await;
+    let mut ops: Vec<Op> = Vec::new();
+    for _ in 0..5 {
+        ops.push(alloc(c.core(a)).await.unwrap());
+    }
+    // Another member leads and hands out above the first leader's mark.
+    let b = (a + 1) % 3;
+    make_leader(&c, b).await;
+    for _ in 0..2_000 {
+        ops.push(alloc(c.core(b)).await.unwrap());
+    }
+    // The first leader wins again: it must not continue its old window.
+    make_leader(&c, a).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match alloc(c.core(a)).await {
+            Ok(op) => {
+                ops.push(op);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    check_real_time_order(&mut ops);
+}
+
+async fn alloc(core: &PdCore) -> Result<Op, PdError> {
+    let start = Instant::now();
+    let r = core.alloc_revisions(1).await?;
+    Ok((start, Instant::now(), r))
+}
