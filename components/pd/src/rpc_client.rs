@@ -94,10 +94,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Statuses after which the request may not have reached a working PD, so
 /// another endpoint is worth a try.
 fn is_connection_failure(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
-    )
+    match s.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => true,
+        // A member dying mid-call (its connection torn down under the
+        // stream) surfaces as an HTTP/2 error rather than a status.
+        Code::Internal => s.message().contains("h2 protocol error"),
+        _ => false,
+    }
 }
 
 fn status_to_error(s: &Status) -> PdError {
