@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::Pd;
+use integration_tests::{client, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 use proto::metapb;
 
@@ -186,4 +186,43 @@ async fn pd_cluster_survives_leader_kill9() {
         pds[l].log()
     );
     assert!(pd.alloc_revisions(1).await.unwrap() > all.iter().map(|o| o.2).max().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_keeps_writing_across_pd_leader_kill9() {
+    let mut pds = Pd::start_cluster(3);
+    let endpoints: Vec<String> = pds.iter().map(|p| p.endpoint()).collect();
+    let pd = connect(&endpoints).await;
+    let node = Node::start_dev_with(&["--pd-endpoints", &endpoints.join(",")]);
+    let mut c = client(&node.endpoint()).await;
+    let mut last = 0;
+    for i in 0..10 {
+        let r = c.put(format!("k{i}"), "v", None).await.unwrap();
+        let rev = r.header().unwrap().revision();
+        assert!(rev > last);
+        last = rev;
+    }
+    let l = leader(&pd, &pds).await;
+    pds[l].kill9();
+    // Writes take their revisions from the new PD leader, above every
+    // earlier one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..10 {
+        let rev = loop {
+            match c.put(format!("after{i}"), "v", None).await {
+                Ok(r) => break r.header().unwrap().revision(),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "writes do not resume: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert!(rev > last, "revision went back: {rev} <= {last}");
+        last = rev;
+    }
+    let r = c
+        .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 20, "node log: {}", node.log());
 }
