@@ -452,3 +452,46 @@ async fn nodes() {
     assert_eq!(pd.get_node(3).await.unwrap(), Some(n3));
     assert_eq!(pd.get_all_nodes().await.unwrap().len(), 3);
 }
+
+/// A data dir written by the single-member PD from before replication is
+/// carried over: same cluster id and state, revisions above its mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_single_member_data_dir_is_carried_over() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, dir.path()).unwrap();
+        db.put(b"meta/cluster_id", 4242u64.to_be_bytes()).unwrap();
+        db.put(b"meta/member_id", 77u64.to_be_bytes()).unwrap();
+        db.put(b"meta/bootstrapped", [1u8]).unwrap();
+        db.put(b"meta/id_high_water", 500u64.to_be_bytes()).unwrap();
+        db.put(b"meta/revision_high_water", 9000u64.to_be_bytes())
+            .unwrap();
+        db.put(
+            [b"node/".as_slice(), &1u64.to_be_bytes()].concat(),
+            node(1).encode_to_vec(),
+        )
+        .unwrap();
+        let r = region(1, b"", b"", 1, 1);
+        db.put(
+            [b"region/".as_slice(), &1u64.to_be_bytes()].concat(),
+            r.encode_to_vec(),
+        )
+        .unwrap();
+    }
+    let pd = open(dir.path(), 10, 100);
+    assert_eq!(pd.cluster_id(), 4242);
+    assert!(pd.is_bootstrapped().await.unwrap());
+    assert_eq!(pd.get_node(1).await.unwrap(), Some(node(1)));
+    assert_eq!(pd.get_region(b"k").await.unwrap().unwrap().0.id, 1);
+    assert!(pd.alloc_revisions(1).await.unwrap() > 9000);
+    assert!(pd.alloc_id().await.unwrap() > 500);
+    pd.close().await.unwrap();
+    drop(pd);
+    // And it reopens as a replicated data dir.
+    let pd = open(dir.path(), 10, 100);
+    assert_eq!(pd.cluster_id(), 4242);
+    assert_eq!(pd.get_all_nodes().await.unwrap().len(), 1);
+}
