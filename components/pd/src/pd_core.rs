@@ -278,13 +278,14 @@ impl PdCore {
             members: RwLock::new(members),
             isolated: AtomicBool::new(false),
         });
+        let (raft_tx, rx) = std::sync::mpsc::channel();
         let transport: Option<Box<dyn Transport>> = if multi {
             let rt = tokio::runtime::Handle::try_current().map_err(|_| {
                 PdError::InvalidArgument(
                     "a multi-member PD must be opened inside a tokio runtime".into(),
                 )
             })?;
-            Some(Box::new(PeerTransport::start(&rt, &shared)))
+            Some(Box::new(PeerTransport::start(&rt, &shared, &raft_tx)))
         } else {
             None
         };
@@ -293,7 +294,6 @@ impl PdCore {
             election_ticks: config.election_ticks,
             log_gc_threshold: config.log_gc_threshold,
         };
-        let (raft_tx, rx) = std::sync::mpsc::channel();
         let node = RaftNode::new(store, applied, shared.clone(), rx, transport, rcfg)?;
         let thread = std::thread::Builder::new()
             .name("pd-raft".into())

@@ -52,6 +52,14 @@ pub(crate) enum RaftMsg {
     },
     /// Messages from other members.
     Step(Vec<Message>),
+    /// The transport could not deliver to this member (raft then probes
+    /// instead of streaming appends).
+    Unreachable(u64),
+    /// Whether a snapshot reached this member; a lost one is sent again.
+    SnapshotStatus {
+        to: u64,
+        delivered: bool,
+    },
     Stop,
 }
 
@@ -375,6 +383,15 @@ impl RaftNode {
         match msg {
             RaftMsg::Stop => return false,
             RaftMsg::Propose { cmd, tx } => self.propose(cmd, tx),
+            RaftMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            RaftMsg::SnapshotStatus { to, delivered } => {
+                let status = if delivered {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
             RaftMsg::Step(msgs) => {
                 for m in msgs {
                     if m.to != self.shared.self_id {

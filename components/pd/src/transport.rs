@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use proto::pd_raftpb::{self, pd_raft_client::PdRaftClient, pd_raft_server};
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
@@ -29,13 +29,22 @@ const MAX_BATCH: usize = 4096;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// An encoded raft message, and whether it carries a snapshot (whose fate
+/// raft must be told).
+type Queued = (Vec<u8>, bool);
+
 pub(crate) struct PeerTransport {
-    peers: HashMap<u64, mpsc::UnboundedSender<Vec<u8>>>,
+    peers: HashMap<u64, mpsc::UnboundedSender<Queued>>,
 }
 
 impl PeerTransport {
-    /// Starts one sending task per other member on `rt`.
-    pub fn start(rt: &tokio::runtime::Handle, shared: &Arc<Shared>) -> PeerTransport {
+    /// Starts one sending task per other member on `rt`; they report
+    /// delivery problems back through `raft_tx`.
+    pub fn start(
+        rt: &tokio::runtime::Handle,
+        shared: &Arc<Shared>,
+        raft_tx: &Sender<RaftMsg>,
+    ) -> PeerTransport {
         let mut peers = HashMap::new();
         for m in shared.members.read().iter() {
             if m.member_id == shared.self_id {
@@ -47,7 +56,13 @@ impl PeerTransport {
             };
             let (tx, rx) = mpsc::unbounded_channel();
             peers.insert(m.member_id, tx);
-            rt.spawn(peer_loop(url, rx, shared.clone()));
+            rt.spawn(peer_loop(
+                m.member_id,
+                url,
+                rx,
+                shared.clone(),
+                raft_tx.clone(),
+            ));
         }
         PeerTransport { peers }
     }
@@ -59,9 +74,10 @@ impl Transport for PeerTransport {
             let Some(q) = self.peers.get(&m.to) else {
                 continue;
             };
+            let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
             match m.write_to_bytes() {
                 Ok(b) => {
-                    let _ = q.send(b);
+                    let _ = q.send((b, snapshot));
                 }
                 Err(e) => warn!(error = %e, "cannot encode raft message"),
             }
@@ -69,7 +85,13 @@ impl Transport for PeerTransport {
     }
 }
 
-async fn peer_loop(url: String, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared: Arc<Shared>) {
+async fn peer_loop(
+    to: u64,
+    url: String,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    shared: Arc<Shared>,
+    raft_tx: Sender<RaftMsg>,
+) {
     let endpoint = match Endpoint::from_shared(url.clone()) {
         Ok(e) => e
             .connect_timeout(Duration::from_secs(1))
@@ -85,15 +107,23 @@ async fn peer_loop(url: String, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared
     let mut client = PdRaftClient::new(endpoint.connect_lazy());
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
+    // A lost snapshot must be reported, or raft waits for it forever.
+    let report = |snapshots: usize, delivered: bool| {
+        for _ in 0..snapshots {
+            let _ = raft_tx.send(RaftMsg::SnapshotStatus { to, delivered });
+        }
+    };
     while let Some(first) = rx.recv().await {
-        let mut messages = vec![first];
-        while messages.len() < MAX_BATCH {
+        let mut queued = vec![first];
+        while queued.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(m) => messages.push(m),
+                Ok(m) => queued.push(m),
                 Err(_) => break,
             }
         }
+        let snapshots = queued.iter().filter(|(_, s)| *s).count();
         if shared.isolated.load(Ordering::Relaxed) {
+            report(snapshots, false);
             continue;
         }
         let from = shared
@@ -105,7 +135,7 @@ async fn peer_loop(url: String, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared
         let batch = pd_raftpb::RaftBatch {
             cluster_id: shared.cluster_id,
             from,
-            messages,
+            messages: queued.into_iter().map(|(b, _)| b).collect(),
         };
         match client.send(batch).await {
             Ok(_) => {
@@ -114,16 +144,23 @@ async fn peer_loop(url: String, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared
                 }
                 failing = false;
                 backoff = MIN_BACKOFF;
+                report(snapshots, true);
             }
             Err(s) => {
                 if !failing {
                     debug!(%url, code = ?s.code(), message = s.message(), "PD peer unreachable");
                 }
                 failing = true;
+                report(snapshots, false);
+                let _ = raft_tx.send(RaftMsg::Unreachable(to));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 // Whatever queued during the backoff is stale by now.
-                while rx.try_recv().is_ok() {}
+                let mut dropped = 0;
+                while let Ok((_, s)) = rx.try_recv() {
+                    dropped += usize::from(s);
+                }
+                report(dropped, false);
                 client = PdRaftClient::new(endpoint.connect_lazy());
             }
         }
