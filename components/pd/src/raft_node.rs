@@ -23,6 +23,12 @@
 //! earlier, as a margin for clocks running at different rates:
 //! `lease_until = sent + (election_tick - 2) * tick`. The lease is dropped
 //! the moment this member stops being leader or its term changes.
+//!
+//! A member forgets when it last heard from the leader when it restarts, so
+//! one that acknowledged a lease, crashed and came back quickly could vote
+//! inside that lease. A (re)started member therefore ignores vote and
+//! pre-vote requests for `election_tick * tick` after it starts, longer
+//! than any lease it can have acknowledged before.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +40,7 @@ use parking_lot::{Mutex, RwLock};
 use prost::Message as _;
 use proto::pd_raftpb::{self, command::Cmd};
 use proto::pdpb;
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole, StorageError};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -263,6 +269,8 @@ pub(crate) struct RaftNode {
     /// not leader.
     leader_term: u64,
     lease_until: Option<Instant>,
+    /// Until then this member grants no votes (see the module doc).
+    no_votes_until: Instant,
 }
 
 impl RaftNode {
@@ -299,7 +307,6 @@ impl RaftNode {
             shared,
             rx,
             transport,
-            cfg,
             pending: HashMap::new(),
             // Random so that an entry proposed by an earlier incarnation of
             // this member never answers a waiter of this one.
@@ -310,6 +317,8 @@ impl RaftNode {
             last_renew: None,
             leader_term: 0,
             lease_until: None,
+            no_votes_until: Instant::now() + cfg.tick * (cfg.election_ticks as u32),
+            cfg,
         })
     }
 
@@ -393,8 +402,17 @@ impl RaftNode {
                 self.raw.report_snapshot(to, status);
             }
             RaftMsg::Step(msgs) => {
+                let no_votes = Instant::now() < self.no_votes_until;
                 for m in msgs {
                     if m.to != self.shared.self_id {
+                        continue;
+                    }
+                    if no_votes
+                        && matches!(
+                            m.get_msg_type(),
+                            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                        )
+                    {
                         continue;
                     }
                     if let Err(e) = self.raw.step(m) {
