@@ -614,10 +614,12 @@ impl RaftNode {
         batch: &mut Batch,
         done: &mut Vec<(oneshot::Sender<Result<bool>>, Result<bool>)>,
     ) -> Result<()> {
-        let Some(last) = entries.last() else {
+        if entries.is_empty() {
             return Ok(());
-        };
-        let last = (last.index, last.term);
+        }
+        // Readers may see applied changes before this batch is on disk:
+        // they are committed, i.e. durable on a quorum, and replayed from
+        // the log after a crash.
         let mut state = self.shared.state.write();
         for e in entries {
             if e.index <= self.applied.0 {
@@ -647,9 +649,7 @@ impl RaftNode {
             }
             self.applied = (e.index, e.term);
         }
-        if last.0 >= self.applied.0 {
-            batch.put_applied(self.applied.0, self.applied.1);
-        }
+        batch.put_applied(self.applied.0, self.applied.1);
         Ok(())
     }
 
