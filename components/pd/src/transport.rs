@@ -126,16 +126,25 @@ async fn peer_loop(
             report(snapshots, false);
             continue;
         }
-        let from = shared
-            .members
-            .read()
-            .iter()
-            .find(|m| m.member_id == shared.self_id)
-            .cloned();
+        let (from, known) = {
+            let members = shared.members.read();
+            let from = members
+                .iter()
+                .find(|m| m.member_id == shared.self_id)
+                .cloned();
+            let known = members
+                .iter()
+                .filter(|m| m.member_id != shared.self_id && m.member_id != to)
+                .filter(|m| !m.client_urls.is_empty())
+                .cloned()
+                .collect();
+            (from, known)
+        };
         let batch = pd_raftpb::RaftBatch {
             cluster_id: shared.cluster_id,
             from,
             messages: queued.into_iter().map(|(b, _)| b).collect(),
+            known,
         };
         match client.send(batch).await {
             Ok(_) => {
@@ -213,6 +222,18 @@ impl pd_raft_server::PdRaft for PdRaftService {
             };
             if m.client_urls != from.client_urls {
                 m.client_urls = from.client_urls;
+            }
+            // Second-hand knowledge only fills gaps: what a member says
+            // about itself wins.
+            for k in req.known {
+                if k.member_id == self.shared.self_id {
+                    continue;
+                }
+                if let Some(m) = members.iter_mut().find(|m| m.member_id == k.member_id) {
+                    if m.client_urls.is_empty() {
+                        m.client_urls = k.client_urls;
+                    }
+                }
             }
         }
         let mut msgs = Vec::with_capacity(req.messages.len());

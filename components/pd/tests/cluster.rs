@@ -222,14 +222,20 @@ async fn three_members_replicate_and_fail_over() {
                 .await
                 .unwrap()
                 .into_inner();
-            // A follower learns the leader's client URL from its traffic.
-            if m.leader.as_ref().is_some_and(|l| !l.client_urls.is_empty()) {
+            // A member learns the others' client URLs from raft traffic.
+            if m.leader.as_ref().is_some_and(|l| !l.client_urls.is_empty())
+                && m.members.iter().all(|m| !m.client_urls.is_empty())
+            {
                 break m;
             }
             assert!(Instant::now() < deadline, "member {i} knows no leader");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(members.members.len(), 3);
+        for (j, m) in c.members.iter().enumerate() {
+            let reported = members.members.iter().find(|x| x.name == m.name).unwrap();
+            assert_eq!(reported.client_urls, vec![c.url(j)]);
+        }
         let leader = members.leader.unwrap();
         assert_eq!(leader.name, leader_name);
         assert_eq!(leader.client_urls, vec![c.url(l)]);
