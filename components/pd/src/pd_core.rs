@@ -415,10 +415,17 @@ impl PdCore {
         self.shared.members.read().clone()
     }
 
-    /// The raft leader as this member knows it.
+    /// The leader as this member knows it. A leader whose lease ran out
+    /// (partitioned, most likely) does not name itself, so that it does not
+    /// keep drawing clients until raft deposes it; one still establishing
+    /// its first lease does.
     pub fn leader(&self) -> Option<pdpb::Member> {
-        let id = self.shared.status.lock().leader_id;
-        if id == 0 {
+        let (id, lapsed) = {
+            let s = self.shared.status.lock();
+            let lapsed = s.lease_until.is_some_and(|l| Instant::now() >= l);
+            (s.leader_id, lapsed)
+        };
+        if id == 0 || (id == self.shared.self_id && lapsed) {
             return None;
         }
         self.shared
