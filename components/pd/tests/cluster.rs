@@ -536,3 +536,27 @@ async fn alloc(core: &PdCore) -> Result<Op, PdError> {
     let r = core.alloc_revisions(1).await?;
     Ok((start, Instant::now(), r))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_leaves_a_partitioned_leader() {
+    let c = Cluster::start(50).await;
+    let l = c.leader().await;
+    // The partitioned leader comes first in the client's list.
+    let mut urls = vec![c.url(l)];
+    urls.extend((0..3).filter(|i| *i != l).map(|i| c.url(i)));
+    let pd = RpcPdClient::connect(&urls, client_config()).await.unwrap();
+    let before = pd.alloc_revisions(1).await.unwrap();
+    c.core(l).set_isolated(true);
+    // Past the old leader's lease: only a new leader can answer now.
+    tokio::time::sleep(TICK * ELECTION_TICKS as u32).await;
+    let started = Instant::now();
+    let after = pd.alloc_revisions(1).await.unwrap();
+    assert!(after > before);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_ne!(c.leader().await, l);
+    assert_eq!(pd.current_revision().await.unwrap(), after);
+}
