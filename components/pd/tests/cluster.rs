@@ -43,10 +43,14 @@ async fn bind() -> (TcpListener, SocketAddr) {
 
 impl Cluster {
     async fn start(revision_window: i64) -> Cluster {
+        Self::start_n(3, revision_window).await
+    }
+
+    async fn start_n(n: usize, revision_window: i64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         let mut members = Vec::new();
-        for i in 1..=3 {
+        for i in 1..=n {
             let (cl, ca) = bind().await;
             let (pl, pa) = bind().await;
             listeners.push((cl, pl));
@@ -559,4 +563,26 @@ async fn client_leaves_a_partitioned_leader() {
     );
     assert_ne!(c.leader().await, l);
     assert_eq!(pd.current_revision().await.unwrap(), after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_members_survive_two_crashes() {
+    let mut c = Cluster::start_n(5, 50).await;
+    c.leader().await;
+    let pd = RpcPdClient::connect(&c.urls(), client_config())
+        .await
+        .unwrap();
+    let mut last = pd.alloc_revisions(10).await.unwrap() + 9;
+    for _ in 0..2 {
+        let l = c.leader().await;
+        c.crash(l).await;
+        let r = pd.alloc_revisions(10).await.unwrap();
+        assert!(r > last, "{r} <= {last}");
+        last = r + 9;
+    }
+    // Two of five down: the remaining three still form a quorum.
+    let serving = (0..5)
+        .filter(|i| c.members[*i].core.as_ref().is_some_and(|c| c.is_serving()))
+        .count();
+    assert_eq!(serving, 1);
 }
