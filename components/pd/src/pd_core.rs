@@ -277,6 +277,7 @@ impl PdCore {
             state: RwLock::new(cluster),
             members: RwLock::new(members),
             isolated: AtomicBool::new(false),
+            blocked: Mutex::new(Default::default()),
         });
         let (raft_tx, rx) = std::sync::mpsc::channel();
         let transport: Option<Box<dyn Transport>> = if multi {
@@ -452,6 +453,19 @@ impl PdCore {
     #[doc(hidden)]
     pub fn set_isolated(&self, isolated: bool) {
         self.shared.isolated.store(isolated, Ordering::SeqCst);
+    }
+
+    /// Test hook: drops raft traffic to and from the given members (a
+    /// partial partition); an empty list heals it.
+    #[doc(hidden)]
+    pub fn set_blocked(&self, member_ids: &[u64]) {
+        *self.shared.blocked.lock() = member_ids.iter().copied().collect();
+    }
+
+    /// Test hook: starts an election right away.
+    #[doc(hidden)]
+    pub fn campaign(&self) {
+        let _ = self.raft_tx.send(RaftMsg::Campaign);
     }
 
     /// The gRPC service other members send raft messages to.

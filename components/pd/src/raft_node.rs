@@ -30,7 +30,7 @@
 //! pre-vote requests for `election_tick * tick` after it starts, longer
 //! than any lease it can have acknowledged before.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -61,6 +61,8 @@ pub(crate) enum RaftMsg {
     /// The transport could not deliver to this member (raft then probes
     /// instead of streaming appends).
     Unreachable(u64),
+    /// Test hook: start an election now.
+    Campaign,
     /// Whether a snapshot reached this member; a lost one is sent again.
     SnapshotStatus {
         to: u64,
@@ -93,6 +95,8 @@ pub(crate) struct Shared {
     pub members: RwLock<Vec<pdpb::Member>>,
     /// Test hook: drop all raft traffic in and out (a network partition).
     pub isolated: AtomicBool,
+    /// Test hook: drop raft traffic to and from these members.
+    pub blocked: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
@@ -393,6 +397,11 @@ impl RaftNode {
             RaftMsg::Stop => return false,
             RaftMsg::Propose { cmd, tx } => self.propose(cmd, tx),
             RaftMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            RaftMsg::Campaign => {
+                if let Err(e) = self.raw.campaign() {
+                    debug!(error = %e, "campaign refused");
+                }
+            }
             RaftMsg::SnapshotStatus { to, delivered } => {
                 let status = if delivered {
                     raft::SnapshotStatus::Finish
@@ -517,9 +526,15 @@ impl RaftNode {
         }
     }
 
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&self, mut msgs: Vec<Message>) {
         if msgs.is_empty() || self.shared.isolated.load(Ordering::Relaxed) {
             return;
+        }
+        {
+            let blocked = self.shared.blocked.lock();
+            if !blocked.is_empty() {
+                msgs.retain(|m| !blocked.contains(&m.to));
+            }
         }
         if let Some(t) = &self.transport {
             t.send(msgs);

@@ -212,6 +212,9 @@ impl pd_raft_server::PdRaft for PdRaftService {
         let Some(from) = req.from else {
             return Err(Status::invalid_argument("raft batch without sender"));
         };
+        if self.shared.blocked.lock().contains(&from.member_id) {
+            return Err(Status::unavailable("blocked"));
+        }
         {
             let mut members = self.shared.members.write();
             let Some(m) = members.iter_mut().find(|m| m.member_id == from.member_id) else {

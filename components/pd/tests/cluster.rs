@@ -586,3 +586,66 @@ async fn five_members_survive_two_crashes() {
         .count();
     assert_eq!(serving, 1);
 }
+
+/// A follower that acknowledged the leader's lease, crashed and restarted at
+/// once must not help elect a new leader inside that lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_follower_does_not_vote_inside_the_lease() {
+    let mut c = Cluster::start(1_000_000).await;
+    let l = c.leader().await;
+    let (f1, f2) = {
+        let o: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+        (o[0], o[1])
+    };
+    let id = |i: usize| c.core(i).member_id();
+    let (lid, f1id, f2id) = (id(l), id(f1), id(f2));
+    for _ in 0..3 {
+        c.core(l).alloc_revisions(1).await.unwrap();
+    }
+    // Let f2's log catch up fully, so that it can win a vote later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // l and f2 cannot talk; l keeps its lease through f1.
+    c.core(l).set_blocked(&[f2id]);
+    c.core(f2).set_blocked(&[lid]);
+    tokio::time::sleep(TICK * (2 * ELECTION_TICKS as u32)).await;
+    assert_eq!(c.leader().await, l, "f1 must keep l in office");
+
+    let ops = Arc::new(Mutex::new(Vec::<Op>::new()));
+    let t0 = Instant::now();
+    let old = {
+        let (core, ops) = (c.core(l).clone(), ops.clone());
+        tokio::spawn(async move {
+            while t0.elapsed() < Duration::from_secs(2) {
+                if let Ok(op) = alloc(&core).await {
+                    ops.lock().push(op);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    // f1 crashes and is back at once, reachable only from f2, which
+    // campaigns right away.
+    c.core(l).set_blocked(&[f1id, f2id]);
+    c.crash(f1).await;
+    c.restart(f1).await;
+    c.core(f1).set_blocked(&[lid]);
+    c.core(f2).campaign();
+    let others = [c.core(f1).clone(), c.core(f2).clone()];
+    let new = {
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            while t0.elapsed() < Duration::from_secs(2) {
+                for core in &others {
+                    if let Ok(op) = alloc(core).await {
+                        ops.lock().push(op);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    old.await.unwrap();
+    new.await.unwrap();
+    let mut ops = std::mem::take(&mut *ops.lock());
+    check_real_time_order(&mut ops);
+}
