@@ -300,6 +300,19 @@ impl PdCore {
             .name("pd-raft".into())
             .spawn(move || node.run())
             .map_err(|e| PdError::Storage(format!("cannot start the PD raft thread: {e}")))?;
+        if !multi {
+            // A lone member elects itself at once; wait for that so that it
+            // names itself leader from its first GetMembers on.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                let s = shared.status.lock();
+                if s.leader_id != 0 || s.stopped {
+                    break;
+                }
+                drop(s);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let leader_wait = config.tick_interval * (config.election_ticks as u32) * 3;
         Ok(Arc::new(PdCore {
             shared,
