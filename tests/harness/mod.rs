@@ -178,12 +178,16 @@ impl Drop for Node {
     }
 }
 
-/// A `metastore-pd` placement driver on free ports.
+/// A `metastore-pd` placement driver on free ports: a single member, or one
+/// member of a cluster started with [`Pd::start_cluster`].
 pub struct Pd {
     child: Option<Child>,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    name: String,
+    /// `--initial-cluster`, if a member of a multi-member PD.
+    initial_cluster: Option<String>,
 }
 
 impl Pd {
@@ -193,9 +197,44 @@ impl Pd {
             dir: tempfile::tempdir().expect("temp dir"),
             client_port: free_port(),
             peer_port: free_port(),
+            name: "default".to_owned(),
+            initial_cluster: None,
         };
         pd.spawn();
         pd
+    }
+
+    /// Starts `n` members (`pd1`..) forming one PD cluster.
+    pub fn start_cluster(n: usize) -> Vec<Pd> {
+        let mut pds: Vec<Pd> = (1..=n)
+            .map(|i| Pd {
+                child: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                name: format!("pd{i}"),
+                initial_cluster: None,
+            })
+            .collect();
+        let initial = pds
+            .iter()
+            .map(|p| format!("{}=http://127.0.0.1:{}", p.name, p.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for p in &mut pds {
+            p.initial_cluster = Some(initial.clone());
+            p.spawn();
+        }
+        pds
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The member's log so far (stderr), for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pd.log")).unwrap_or_default()
     }
 
     fn spawn(&mut self) {
@@ -204,14 +243,19 @@ impl Pd {
             .append(true)
             .open(self.dir.path().join("pd.log"))
             .expect("pd log file");
-        let mut child = Command::new(bin_path("metastore-pd"))
-            .arg("--data-dir")
+        let mut cmd = Command::new(bin_path("metastore-pd"));
+        cmd.arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .args(["--name", &self.name])
             .args(["--listen-client-urls", &self.endpoint()])
             .args([
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", self.peer_port),
-            ])
+            ]);
+        if let Some(ic) = &self.initial_cluster {
+            cmd.args(["--initial-cluster", ic]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,6 +1,7 @@
-//! Failover of a real 3-node cluster: every node serves every request, and
-//! kill -9 of the node holding the region leader during a write stream
-//! loses no acknowledged write; the restarted node converges (HashKV).
+//! Failover of a real cluster of 3 PD members and 3 nodes: every node serves
+//! every request; kill -9 of the node holding the region leader during a
+//! write stream loses no acknowledged write and the restarted node converges
+//! (HashKV); kill -9 of the PD leader does not stop the nodes serving.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,14 +13,15 @@ use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 use proto::metapb::PeerRole;
 
 struct Cluster {
-    pd: Pd,
+    pds: Vec<Pd>,
     nodes: Vec<Node>,
     /// Member id of each node, by index.
     ids: Vec<u64>,
 }
 
 async fn start_cluster() -> Cluster {
-    let pd = Pd::start();
+    let pds = Pd::start_cluster(3);
+    let pd_endpoints: Vec<String> = pds.iter().map(Pd::endpoint).collect();
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let name = format!("n{i}");
@@ -27,10 +29,10 @@ async fn start_cluster() -> Cluster {
             "--name",
             &name,
             "--pd-endpoints",
-            &pd.endpoint(),
+            &pd_endpoints.join(","),
         ]));
     }
-    let pd_client = RpcPdClient::connect(&[pd.endpoint()], RpcPdClientConfig::default())
+    let pd_client = RpcPdClient::connect(&pd_endpoints, RpcPdClientConfig::default())
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -48,7 +50,7 @@ async fn start_cluster() -> Cluster {
         let mut c = client(&n.endpoint()).await;
         ids.push(c.status().await.unwrap().header().unwrap().member_id());
     }
-    Cluster { pd, nodes, ids }
+    Cluster { pds, nodes, ids }
 }
 
 impl Cluster {
@@ -113,7 +115,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
             "{err}"
         );
     }
-    drop(cluster.pd);
+    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +124,8 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     let leader = cluster.leader_index().await;
 
     // One writer per node, each through its own node only.
-    let acked: Arc<Mutex<Vec<(String, i64, Instant)>>> = Arc::default();
+    // (key, revision, when sent, when acknowledged)
+    let acked: Arc<Mutex<Vec<(String, i64, Instant, Instant)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for (w, n) in cluster.nodes.iter().enumerate() {
@@ -134,10 +137,11 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("w{w}-{i:05}");
                 i += 1;
+                let sent = Instant::now();
                 match c.put(key.clone(), "v", None).await {
                     Ok(r) => {
                         let rev = r.header().unwrap().revision();
-                        acked.lock().unwrap().push((key, rev, Instant::now()));
+                        acked.lock().unwrap().push((key, rev, sent, Instant::now()));
                     }
                     // Failed or unknown outcome: only acks are checked.
                     Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -151,14 +155,16 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     let killed_at = Instant::now();
     cluster.nodes[leader].kill9();
     // Keep writing until the survivors have accepted writes for a while.
+    // Recovery is measured to the first ack of a write sent after the kill
+    // (a write in flight at the kill may still be acknowledged at once).
     let deadline = killed_at + Duration::from_secs(30);
     let first_after = loop {
         let first = acked
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, _, at)| *at > killed_at)
-            .map(|(_, _, at)| *at)
+            .filter(|(_, _, sent, _)| *sent > killed_at)
+            .map(|(_, _, _, at)| *at)
             .min();
         if let Some(t) = first {
             break t;
@@ -182,23 +188,23 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
 
     // Revisions are unique, and those acknowledged after the kill are above
     // every one acknowledged before it.
-    let mut revs: Vec<i64> = acked.iter().map(|(_, r, _)| *r).collect();
+    let mut revs: Vec<i64> = acked.iter().map(|(_, r, _, _)| *r).collect();
     revs.sort_unstable();
     revs.dedup();
     assert_eq!(revs.len(), acked.len(), "a revision was given twice");
     let max_before = acked
         .iter()
-        .filter(|(_, _, at)| *at < killed_at)
-        .map(|(_, r, _)| *r)
+        .filter(|(_, _, _, at)| *at < killed_at)
+        .map(|(_, r, _, _)| *r)
         .max()
         .unwrap();
     assert!(acked
         .iter()
-        .filter(|(_, _, at)| *at > first_after)
-        .all(|(_, r, _)| *r > max_before));
+        .filter(|(_, _, sent, _)| *sent > killed_at)
+        .all(|(_, r, _, _)| *r > max_before));
 
     // Every acknowledged write is on every survivor, at its revision.
-    let expected: HashMap<String, i64> = acked.iter().map(|(k, r, _)| (k.clone(), *r)).collect();
+    let expected: HashMap<String, i64> = acked.iter().map(|(k, r, _, _)| (k.clone(), *r)).collect();
     for (i, n) in cluster.nodes.iter().enumerate() {
         if i == leader {
             continue;
@@ -248,4 +254,60 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_keep_serving_across_pd_leader_kill9() {
+    let mut cluster = start_cluster().await;
+    let endpoints: Vec<String> = cluster.pds.iter().map(Pd::endpoint).collect();
+    let pd_client = RpcPdClient::connect(&endpoints, RpcPdClientConfig::default())
+        .await
+        .unwrap();
+    let leader_name = pd_client.get_members().await.unwrap().leader.unwrap().name;
+    let leader = cluster
+        .pds
+        .iter()
+        .position(|p| p.name() == leader_name)
+        .unwrap();
+    // etcd-client with all three node endpoints, as etcdctl would be.
+    let node_eps: Vec<String> = cluster.nodes.iter().map(Node::endpoint).collect();
+    let mut c = etcd_client::Client::connect(&node_eps, None).await.unwrap();
+    let mut last = c
+        .put("before", "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+
+    let killed_at = Instant::now();
+    cluster.pds[leader].kill9();
+    let mut first_ok = None;
+    let mut acked = 0;
+    while acked < 50 {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "writes did not resume after the PD leader died"
+        );
+        match c.put(format!("after{acked}"), "v", None).await {
+            Ok(r) => {
+                let rev = r.header().unwrap().revision();
+                assert!(rev > last, "revision went back: {rev} after {last}");
+                last = rev;
+                acked += 1;
+                first_ok.get_or_insert(killed_at.elapsed());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    println!(
+        "kill -9 of the PD leader to the first accepted write: {:?}",
+        first_ok.unwrap()
+    );
+    cluster.pds[leader].restart();
+    let r = c
+        .get("after", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 50);
 }

@@ -1,7 +1,9 @@
 //! `metastore-pd`: runs a MetaStore placement driver member.
 //!
-//! Only a single-member PD is supported for now; the flags already follow
-//! etcd's naming so that a replicated PD can keep them.
+//! Members started with the same `--initial-cluster` form one raft group;
+//! without it the member is a cluster of its own. The flags follow etcd's
+//! naming. A restarted member reuses its data dir and ignores
+//! `--initial-cluster`, as etcd does.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,7 +34,8 @@ struct Cli {
     /// Comma-separated URLs for PD member traffic.
     #[arg(long, default_value = "http://127.0.0.1:2480")]
     listen_peer_urls: String,
-    /// name=peer-url,... [default: <name>=<listen-peer-urls>].
+    /// name=peer-url,... of every member of a new cluster, this one included
+    /// [default: this member alone]. Ignored once the data dir exists.
     #[arg(long)]
     initial_cluster: Option<String>,
 }
@@ -93,7 +96,8 @@ struct Settings {
     data_dir: PathBuf,
     client_urls: Vec<(String, HttpUrl)>,
     advertise_client_urls: Vec<String>,
-    peer_urls: Vec<String>,
+    peer_urls: Vec<(String, HttpUrl)>,
+    initial_cluster: Vec<(String, String)>,
 }
 
 fn settings(cli: Cli) -> Result<Settings, String> {
@@ -113,38 +117,35 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         None => client_urls.iter().map(|(s, _)| s.clone()).collect(),
     };
 
-    let initial_cluster = cli.initial_cluster.clone().unwrap_or_else(|| {
-        peer_urls
-            .iter()
-            .map(|(u, _)| format!("{}={u}", cli.name))
-            .collect::<Vec<_>>()
-            .join(",")
-    });
-    let mut members: Vec<&str> = Vec::new();
-    for entry in split_list(&initial_cluster) {
-        let (name, url) = entry.split_once('=').ok_or_else(|| {
-            format!("--initial-cluster: entry {entry:?} is not of the form name=peer-url")
-        })?;
-        HttpUrl::parse("initial-cluster", url)?;
-        if !members.contains(&name) {
-            members.push(name);
+    let mut initial_cluster: Vec<(String, String)> = Vec::new();
+    if let Some(raw) = &cli.initial_cluster {
+        for entry in split_list(raw) {
+            let (name, url) = entry.split_once('=').ok_or_else(|| {
+                format!("--initial-cluster: entry {entry:?} is not of the form name=peer-url")
+            })?;
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(format!("--initial-cluster: entry {entry:?} has no name"));
+            }
+            HttpUrl::parse("initial-cluster", url.trim())?;
+            if initial_cluster.iter().any(|(n, _)| n == name) {
+                return Err(format!(
+                    "--initial-cluster: member name {name:?} appears more than once"
+                ));
+            }
+            initial_cluster.push((name.to_owned(), url.trim().to_owned()));
         }
-    }
-    if members.is_empty() {
-        return Err("--initial-cluster: no member given".into());
-    }
-    if members.len() > 1 {
-        return Err(format!(
-            "multi-member PD is not supported yet (--initial-cluster names {} members: {})",
-            members.len(),
-            members.join(", ")
-        ));
-    }
-    if members[0] != cli.name {
-        return Err(format!(
-            "--initial-cluster has no member named {:?} (it names {:?})",
-            cli.name, members[0]
-        ));
+        if initial_cluster.is_empty() {
+            return Err("--initial-cluster: no member given".into());
+        }
+        if !initial_cluster.iter().any(|(n, _)| *n == cli.name) {
+            let names: Vec<&str> = initial_cluster.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(format!(
+                "--initial-cluster has no member named {:?} (it names {})",
+                cli.name,
+                names.join(", ")
+            ));
+        }
     }
 
     let data_dir = cli
@@ -155,7 +156,8 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         data_dir,
         client_urls,
         advertise_client_urls,
-        peer_urls: peer_urls.into_iter().map(|(s, _)| s).collect(),
+        peer_urls,
+        initial_cluster,
     })
 }
 
@@ -194,7 +196,8 @@ async fn run(s: Settings) -> Result<(), String> {
     let mut config = PdConfig::new(&s.data_dir);
     config.name = s.name.clone();
     config.client_urls = s.advertise_client_urls.clone();
-    config.peer_urls = s.peer_urls.clone();
+    config.peer_urls = s.peer_urls.iter().map(|(u, _)| u.clone()).collect();
+    config.initial_cluster = s.initial_cluster.clone();
     let core = PdCore::open(config).map_err(|e| {
         let detail = match e {
             PdError::Storage(m) => m,
@@ -208,10 +211,30 @@ async fn run(s: Settings) -> Result<(), String> {
         format!("unusable data dir: {detail}{hint}")
     })?;
 
+    // A single member has no peers to talk to; not binding its peer URL
+    // keeps it from failing on a port it does not need.
+    let mut peer_server = None;
+    let (stop_peers, peers_stopped) = tokio::sync::oneshot::channel::<()>();
+    if core.members().len() > 1 {
+        let mut peer_listeners = Vec::new();
+        for (raw, u) in &s.peer_urls {
+            peer_listeners.push(bind(raw, u).await?);
+        }
+        peer_server = Some(tokio::spawn(pd::transport::serve_peers(
+            core.clone(),
+            peer_listeners,
+            async {
+                let _ = peers_stopped.await;
+            },
+        )));
+    }
+
     info!(
         name = %s.name,
         data_dir = %s.data_dir.display(),
         cluster_id = core.cluster_id(),
+        member_id = core.member_id(),
+        members = core.members().len(),
         listen = ?bound,
         "metastore-pd serving"
     );
@@ -223,8 +246,17 @@ async fn run(s: Settings) -> Result<(), String> {
         info!(signal = which, "shutting down");
     };
     let served = pd::service::serve_listeners(core.clone(), listeners, shutdown).await;
-    // Close even after a server error: the oracle must persist its position.
-    let closed = core.close();
+    // Close even after a server error: the oracle must persist its position
+    // (through raft, so the peer traffic keeps flowing until then).
+    let closed = core.close().await;
+    let _ = stop_peers.send(());
+    if let Some(p) = peer_server {
+        match p.await {
+            Ok(Err(e)) => error!(error = %e, "peer server failed"),
+            Err(e) => error!(error = %e, "peer server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     if let Err(e) = &served {
         error!(error = %e, "server failed");
     }
@@ -263,7 +295,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::FAILURE;
         }
     };
     init_tracing();

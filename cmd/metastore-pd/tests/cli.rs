@@ -63,8 +63,24 @@ fn flag_errors_are_one_line() {
             ],
             cwd,
         ),
-        "multi-member PD is not supported yet",
+        "no member named \"default\"",
     );
+    let bad_clusters = [
+        (
+            "a=http://127.0.0.1:1,a=http://127.0.0.1:2,b=http://127.0.0.1:3",
+            "appears more than once",
+        ),
+        ("a=http://127.0.0.1:1,b", "not of the form name=peer-url"),
+        ("a=http://127.0.0.1:1,b=127.0.0.1:2", "invalid URL"),
+        ("a=http://127.0.0.1:1,b=http://127.0.0.1", "no port"),
+        ("a=http://127.0.0.1:1,=http://127.0.0.1:2", "has no name"),
+        (",", "no member given"),
+    ];
+    for (ic, needle) in bad_clusters {
+        let out = run(&["--name", "a", "--initial-cluster", ic], cwd);
+        assert_one_line_error(&out, needle);
+        assert_eq!(out.status.code(), Some(1), "{ic}");
+    }
     assert_one_line_error(
         &run(&["--listen-client-urls", "127.0.0.1:2479"], cwd),
         "--listen-client-urls",
@@ -192,4 +208,52 @@ async fn clean_shutdown_on_signals_keeps_revisions_exact() {
     drop(pd);
     let out = stop(child, "-TERM");
     assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_initial_cluster_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = format!("http://127.0.0.1:{}", free_port());
+    let peers: Vec<String> = (0..3)
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    let ic = format!("b={},a={},c={}", peers[1], peers[0], peers[2]);
+    let child = Command::new(BIN)
+        .args(["--name", "a", "--data-dir", "a"])
+        .args(["--listen-client-urls", &client])
+        .args(["--listen-peer-urls", &peers[0]])
+        .args(["--initial-cluster", &ic])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn metastore-pd");
+    // Alone it has no quorum, but it runs and reports the members.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let members = loop {
+        match proto::pdpb::pd_client::PdClient::connect(client.clone()).await {
+            Ok(mut c) => {
+                let r = c
+                    .get_members(proto::pdpb::GetMembersRequest { header: None })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                break r;
+            }
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("member did not come up: {e}"),
+        }
+    };
+    let mut names: Vec<String> = members.members.iter().map(|m| m.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_ne!(members.header.unwrap().cluster_id, 0);
+    let out = stop(child, "-TERM");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -26,6 +26,11 @@ pub enum PdError {
     /// This PD instance was closed; no further values are handed out by it.
     #[error("PD is closed")]
     Closed,
+    /// This PD member is not the leader (or its lease lapsed); the message
+    /// names the leader when known. [`crate::RpcPdClient`] follows the
+    /// leader by itself and returns this only once its deadline passed.
+    #[error("PD not leader: {0}")]
+    NotLeader(String),
     /// No PD endpoint could be reached, or the connection broke mid-call.
     #[error("PD unavailable: {0}")]
     Unavailable(String),
@@ -66,8 +71,10 @@ pub enum RegionOperator {
 
 #[async_trait::async_trait]
 pub trait PdClient: Send + Sync {
-    /// The cluster id. It is drawn at random when the PD data dir is created
-    /// and never changes afterwards, so it is known even before bootstrap.
+    /// The cluster id. It is fixed when the PD cluster is created (derived
+    /// from the initial member list, or drawn at random for a single
+    /// member) and never changes afterwards, so it is known even before
+    /// bootstrap.
     async fn cluster_id(&self) -> Result<u64>;
 
     async fn is_bootstrapped(&self) -> Result<bool>;

@@ -2,8 +2,9 @@
 //!
 //! PD is the cluster's source of truth for everything that is not user data:
 //!
-//! - **cluster identity**: a random cluster id, drawn when the PD data dir is
-//!   created, carried in every response so a node never mixes clusters;
+//! - **cluster identity**: a cluster id fixed when the PD cluster is created
+//!   (a hash of the initial member list, random for a single member),
+//!   carried in every response so a node never mixes clusters;
 //! - **bootstrap**: the one-time creation of the cluster with its first node
 //!   and the first region, which covers the whole keyspace;
 //! - **nodes** (`metapb::Node`) and **regions** (`metapb::Region`), with each
@@ -14,16 +15,25 @@
 //!   Every write takes its revision here, so revisions are unique and
 //!   increasing across all regions.
 //!
-//! Allocators persist a high-water mark ahead of what they hand out (a
-//! window), so their fast path is an in-memory increment and a crash never
-//! hands out a value twice; [`PdCore::close`] persists the exact position so a
-//! clean restart continues without a gap.
+//! PD is a raft-replicated state machine of 1, 3 or 5 members ([`PdCore`]
+//! is one member): every mutation — bootstrap, nodes, region meta changes,
+//! the allocators' high-water marks — is a raft entry applied on every
+//! member, persisted with the raft log in one RocksDB per member
+//! ([`storage::Storage`]); members talk raft over gRPC on their peer URLs
+//! ([`transport`]). Only the leader serves; followers answer `NOT_LEADER`.
 //!
-//! This crate holds the single-member PD: [`PdCore`] keeps its state in one
-//! RocksDB instance through [`storage::Storage`] (the piece a replicated PD
-//! will replace). Nodes use PD through the [`PdClient`] trait:
-//! [`LocalPdClient`] when PD is embedded in the same process,
-//! [`RpcPdClient`] over gRPC ([`service::PdService`]) otherwise.
+//! Allocators commit a high-water mark ahead of what they hand out (a
+//! window), so their fast path is an in-memory increment on the leader. A
+//! new leader serves only after applying every earlier entry, and starts
+//! above the committed mark; a deposed leader stops at the end of its
+//! leader lease, before any new leader can be elected (the argument is in
+//! `raft_node` and docs/architecture.md). So revisions increase in real time
+//! across leader changes, crashes and partitions. [`PdCore::close`] commits
+//! the exact position so a clean restart continues without a gap.
+//!
+//! Nodes use PD through the [`PdClient`] trait: [`LocalPdClient`] when a
+//! single-member PD is embedded in the same process, [`RpcPdClient`] over
+//! gRPC ([`service::PdService`]) otherwise, which follows the leader.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,17 +46,21 @@
 //! let pd = LocalPdClient::new(core.clone());
 //! let first = pd.alloc_revisions(1).await?;
 //! # let _ = (first, server);
-//! core.close()?;
+//! core.close().await?;
 //! # Ok(()) }
 //! ```
 
 pub mod client;
 pub mod local;
+mod logger;
 pub mod pd_core;
+mod raft_node;
 pub mod rpc_client;
 pub mod schedule;
 pub mod service;
+mod state;
 pub mod storage;
+pub mod transport;
 
 pub use crate::client::{
     PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,

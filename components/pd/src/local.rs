@@ -8,7 +8,8 @@ use crate::client::{PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader,
 use crate::pd_core::PdCore;
 
 /// Calls the embedded core directly: no batching is needed because the
-/// oracle's fast path is a mutex-protected increment.
+/// oracle's fast path is a mutex-protected increment. The embedded PD is a
+/// single-member raft group, so it is always its own leader.
 #[derive(Debug, Clone)]
 pub struct LocalPdClient {
     core: Arc<PdCore>,
@@ -31,35 +32,35 @@ impl PdClient for LocalPdClient {
     }
 
     async fn is_bootstrapped(&self) -> Result<bool> {
-        Ok(self.core.is_bootstrapped())
+        self.core.is_bootstrapped().await
     }
 
     async fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()> {
-        self.core.bootstrap(node, region)
+        self.core.bootstrap(node, region).await
     }
 
     async fn alloc_id(&self) -> Result<u64> {
-        self.core.alloc_id()
+        self.core.alloc_id().await
     }
 
     async fn put_node(&self, node: metapb::Node) -> Result<()> {
-        self.core.put_node(node)
+        self.core.put_node(node).await
     }
 
     async fn get_node(&self, id: u64) -> Result<Option<metapb::Node>> {
-        self.core.get_node(id)
+        self.core.get_node(id).await
     }
 
     async fn get_all_nodes(&self) -> Result<Vec<metapb::Node>> {
-        self.core.get_all_nodes()
+        self.core.get_all_nodes().await
     }
 
     async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
-        self.core.get_region(key)
+        self.core.get_region(key).await
     }
 
     async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
-        self.core.get_region_by_id(id)
+        self.core.get_region_by_id(id).await
     }
 
     async fn scan_regions(
@@ -68,21 +69,18 @@ impl PdClient for LocalPdClient {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<RegionWithLeader>> {
-        self.core.scan_regions(start, end, limit)
+        self.core.scan_regions(start, end, limit).await
     }
 
     async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
-        self.core.handle_region_heartbeat(hb)
+        self.core.handle_region_heartbeat(hb).await
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {
-        self.core.alloc_revisions(count)
+        self.core.alloc_revisions(count).await
     }
 
     async fn current_revision(&self) -> Result<i64> {
-        if self.core.is_closed() {
-            return Err(crate::client::PdError::Closed);
-        }
-        Ok(self.core.current_revision())
+        self.core.current_revision().await
     }
 }

@@ -1,19 +1,26 @@
-//! The in-process PD: cluster metadata, id allocator and revision oracle over
-//! one [`Storage`].
+//! A PD member: cluster metadata, id allocator and revision oracle as a
+//! raft-replicated state machine (see [`crate::raft_node`]); only the leader
+//! serves.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+use proto::pd_raftpb::{self, command::Cmd};
 use proto::{metapb, pdpb};
-use tracing::{debug, info};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
 
 use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::raft_node::{RaftConfig, RaftMsg, RaftNode, RaftStatus, RaftStore, Shared, Transport};
 use crate::schedule::{ClusterView, ScheduleConfig, Scheduler};
+use crate::state::{ClusterState, HeartbeatEffect};
 use crate::storage::Storage;
+use crate::transport::{PdRaftService, PeerTransport};
 
 /// How an id allocator or the oracle persists ahead of what it hands out.
 pub const DEFAULT_ID_WINDOW: u64 = 1_000;
@@ -27,15 +34,28 @@ pub struct PdConfig {
     pub data_dir: PathBuf,
     /// This member's name, reported by GetMembers.
     pub name: String,
+    /// Reported to clients by GetMembers.
     pub client_urls: Vec<String>,
+    /// Where other members reach this one (used when `initial_cluster` is
+    /// empty).
     pub peer_urls: Vec<String>,
-    /// Ids persisted ahead per synchronous write; a crash skips at most this
+    /// `(name, peer URL)` of every member of a new cluster, this one
+    /// included. Empty: a single member named `name`. Only read when the
+    /// data dir is created; afterwards the recorded members count.
+    pub initial_cluster: Vec<(String, String)>,
+    /// Ids committed ahead per raft proposal; a crash skips at most this
     /// many ids.
     pub id_window: u64,
-    /// Revisions persisted ahead per synchronous write; a crash skips at most
-    /// this many revisions.
+    /// Revisions committed ahead per raft proposal; a crash or leader change
+    /// skips at most this many revisions.
     pub revision_window: i64,
     pub schedule: ScheduleConfig,
+    /// Raft tick. Elections take `election_ticks` to `2 * election_ticks`
+    /// ticks after the leader is gone.
+    pub tick_interval: Duration,
+    pub election_ticks: usize,
+    /// Applied entries kept before the log is compacted.
+    pub log_gc_threshold: u64,
 }
 
 impl PdConfig {
@@ -45,97 +65,793 @@ impl PdConfig {
             name: "default".to_owned(),
             client_urls: Vec::new(),
             peer_urls: Vec::new(),
+            initial_cluster: Vec::new(),
             id_window: DEFAULT_ID_WINDOW,
             revision_window: DEFAULT_REVISION_WINDOW,
             schedule: ScheduleConfig::default(),
+            tick_interval: Duration::from_millis(100),
+            election_ticks: 10,
+            log_gc_threshold: 10_000,
         }
     }
 }
 
-struct IdAllocator {
-    last: u64,
-    /// Persisted: no id above it was handed out.
-    high_water: u64,
+/// The leader-side state of an allocator: a window `(last, high_water]`
+/// whose upper end is committed through raft.
+struct Alloc<T> {
+    /// The leader term the window belongs to; a window of another term is
+    /// never used (0 = none yet).
+    term: u64,
+    last: T,
+    high_water: T,
     closed: bool,
 }
 
-struct Oracle {
-    current: i64,
-    /// Persisted: no revision above it was handed out.
-    high_water: i64,
-    closed: bool,
+pub struct PdCore {
+    shared: Arc<Shared>,
+    raft_tx: Sender<RaftMsg>,
+    raft_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    id_window: u64,
+    revision_window: i64,
+    /// How long a request waits for this member to become a serving leader
+    /// while no other leader is known (an election in progress).
+    leader_wait: Duration,
+    closed: AtomicBool,
+    ids: tokio::sync::Mutex<Alloc<u64>>,
+    oracle: tokio::sync::Mutex<Alloc<i64>>,
+    scheduler: Scheduler,
 }
 
-struct RegionEntry {
-    region: metapb::Region,
-    leader: Option<metapb::Peer>,
+impl std::fmt::Debug for PdCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PdCore")
+            .field("cluster_id", &self.shared.cluster_id)
+            .field("member_id", &self.shared.self_id)
+            .finish_non_exhaustive()
+    }
 }
 
-#[derive(Default)]
-struct ClusterState {
-    bootstrapped: bool,
-    nodes: BTreeMap<u64, metapb::Node>,
-    regions: HashMap<u64, RegionEntry>,
-    /// start_key -> region id; the regions in it never overlap.
-    tree: BTreeMap<Vec<u8>, u64>,
+fn random_nonzero() -> u64 {
+    loop {
+        let v = rand::random::<u64>();
+        if v != 0 {
+            return v;
+        }
+    }
 }
 
-fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
-    r.region_epoch.unwrap_or_default()
+/// FNV-1a: stable across Rust versions and platforms, unlike std's hasher,
+/// so every member derives the same cluster id from the same flags.
+fn stable_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
-impl ClusterState {
-    fn entry_with_leader(&self, id: u64) -> Option<RegionWithLeader> {
-        self.regions.get(&id).map(|e| (e.region.clone(), e.leader))
+/// The member list of a new data dir: ids 1..=n by sorted name, and a
+/// cluster id every member derives alike (random for a single member, as
+/// nobody else needs to agree with it).
+fn new_member_list(config: &PdConfig) -> Result<pd_raftpb::MemberList> {
+    let mut initial = config.initial_cluster.clone();
+    if initial.is_empty() {
+        initial = vec![(
+            config.name.clone(),
+            config.peer_urls.first().cloned().unwrap_or_default(),
+        )];
+    }
+    initial.sort();
+    let mut members: Vec<pdpb::Member> = Vec::new();
+    for (name, url) in initial {
+        if let Some(m) = members.iter_mut().find(|m| m.name == name) {
+            // etcd allows several peer URLs per member: name=a,name=b.
+            m.peer_urls.push(url);
+            continue;
+        }
+        members.push(pdpb::Member {
+            name,
+            member_id: members.len() as u64 + 1,
+            peer_urls: vec![url],
+            client_urls: Vec::new(),
+        });
+    }
+    let self_id = members
+        .iter()
+        .find(|m| m.name == config.name)
+        .map(|m| m.member_id)
+        .ok_or_else(|| {
+            PdError::InvalidArgument(format!(
+                "the initial cluster has no member named {:?}",
+                config.name
+            ))
+        })?;
+    let cluster_id = if members.len() > 1 {
+        let canonical = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_urls.join(",")))
+            .collect::<Vec<_>>()
+            .join(";");
+        match stable_hash(&canonical) {
+            0 => 1,
+            h => h,
+        }
+    } else {
+        random_nonzero()
+    };
+    Ok(pd_raftpb::MemberList {
+        cluster_id,
+        self_id,
+        members,
+    })
+}
+
+impl PdCore {
+    /// Opens the PD member in `config.data_dir` (which must exist or be
+    /// creatable), creating a new cluster identity on first use, and starts
+    /// its raft group. A multi-member PD must be opened inside a tokio
+    /// runtime (its peer connections run there); serve the peer traffic with
+    /// [`crate::transport::serve_peers`].
+    pub fn open(config: PdConfig) -> Result<Arc<PdCore>> {
+        if config.id_window == 0 || config.revision_window <= 0 {
+            return Err(PdError::InvalidArgument(
+                "id and revision windows must be positive".into(),
+            ));
+        }
+        if config.election_ticks < 3 || config.tick_interval.is_zero() {
+            return Err(PdError::InvalidArgument(
+                "election_ticks must be >= 3 and the tick non-zero".into(),
+            ));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            PdError::Storage(format!(
+                "cannot create data dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let storage = Arc::new(Storage::open(&config.data_dir)?);
+        let list = match storage.members()? {
+            Some(list) => {
+                if !config.initial_cluster.is_empty() {
+                    info!("data dir exists; --initial-cluster ignored");
+                }
+                list
+            }
+            None => {
+                let mut list = new_member_list(&config)?;
+                if let Some(legacy) = storage.legacy_cluster_id()? {
+                    // A single-member data dir from before replication: keep
+                    // its identity; its state becomes the applied state at
+                    // index 0.
+                    if list.members.len() > 1 {
+                        return Err(PdError::InvalidArgument(
+                            "a single-member data dir cannot join a multi-member cluster".into(),
+                        ));
+                    }
+                    list.cluster_id = legacy;
+                }
+                let voters: Vec<u64> = list.members.iter().map(|m| m.member_id).collect();
+                storage.init(&list, &voters)?;
+                info!(
+                    cluster_id = list.cluster_id,
+                    members = list.members.len(),
+                    "initialized new PD data dir"
+                );
+                list
+            }
+        };
+        let mut members = list.members.clone();
+        let Some(me) = members.iter_mut().find(|m| m.member_id == list.self_id) else {
+            return Err(PdError::Storage(
+                "member list does not contain this member".into(),
+            ));
+        };
+        if me.name != config.name {
+            warn!(recorded = %me.name, given = %config.name, "data dir belongs to another member name; using the recorded one");
+        }
+        me.client_urls = config.client_urls.clone();
+        if !config.peer_urls.is_empty() && list.members.len() == 1 {
+            me.peer_urls = config.peer_urls.clone();
+        }
+
+        let cluster = ClusterState::from_persisted(storage.load()?)?;
+        let (store, applied) = RaftStore::new(storage.clone())?;
+        info!(
+            cluster_id = list.cluster_id,
+            member_id = list.self_id,
+            members = members.len(),
+            bootstrapped = cluster.bootstrapped,
+            nodes = cluster.nodes.len(),
+            regions = cluster.regions.len(),
+            revision = cluster.revision_high_water,
+            id = cluster.id_high_water,
+            applied = applied.0,
+            "PD opened"
+        );
+        let multi = members.len() > 1;
+        let shared = Arc::new(Shared {
+            self_id: list.self_id,
+            cluster_id: list.cluster_id,
+            status: Mutex::new(RaftStatus::default()),
+            state: RwLock::new(cluster),
+            members: RwLock::new(members),
+            isolated: AtomicBool::new(false),
+            blocked: Mutex::new(Default::default()),
+        });
+        let (raft_tx, rx) = std::sync::mpsc::channel();
+        let transport: Option<Box<dyn Transport>> = if multi {
+            let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+                PdError::InvalidArgument(
+                    "a multi-member PD must be opened inside a tokio runtime".into(),
+                )
+            })?;
+            Some(Box::new(PeerTransport::start(&rt, &shared, &raft_tx)))
+        } else {
+            None
+        };
+        let rcfg = RaftConfig {
+            tick: config.tick_interval,
+            election_ticks: config.election_ticks,
+            log_gc_threshold: config.log_gc_threshold,
+        };
+        let node = RaftNode::new(store, applied, shared.clone(), rx, transport, rcfg)?;
+        let thread = std::thread::Builder::new()
+            .name("pd-raft".into())
+            .spawn(move || node.run())
+            .map_err(|e| PdError::Storage(format!("cannot start the PD raft thread: {e}")))?;
+        if !multi {
+            // A lone member elects itself at once; wait for that so that it
+            // names itself leader from its first GetMembers on.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                let s = shared.status.lock();
+                if s.leader_id != 0 || s.stopped {
+                    break;
+                }
+                drop(s);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let leader_wait = config.tick_interval * (config.election_ticks as u32) * 3;
+        Ok(Arc::new(PdCore {
+            shared,
+            raft_tx,
+            raft_thread: Mutex::new(Some(thread)),
+            id_window: config.id_window,
+            revision_window: config.revision_window,
+            leader_wait,
+            closed: AtomicBool::new(false),
+            ids: tokio::sync::Mutex::new(Alloc {
+                term: 0,
+                last: 0,
+                high_water: 0,
+                closed: false,
+            }),
+            oracle: tokio::sync::Mutex::new(Alloc {
+                term: 0,
+                last: 0,
+                high_water: 0,
+                closed: false,
+            }),
+            scheduler: Scheduler::new(config.schedule),
+        }))
     }
 
-    /// Ids of the regions overlapping [start, end), in key order.
-    fn overlapping(&self, start: &[u8], end: &[u8], limit: usize) -> Vec<u64> {
-        let mut out = Vec::new();
-        let full = |out: &Vec<u64>| limit != 0 && out.len() >= limit;
-        if !end.is_empty() && start >= end {
-            return out;
+    /// Stops handing out values and, when this member is the serving
+    /// leader, commits the exact allocator positions (best effort) so that a
+    /// clean restart continues without a gap; then stops the raft group.
+    /// Idempotent. The RocksDB instance is released when this returns.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
         }
-        if let Some((_, id)) = self
-            .tree
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(start)))
-            .next_back()
+        let mut o = self.oracle.lock().await;
+        let mut ids = self.ids.lock().await;
+        o.closed = true;
+        ids.closed = true;
+        if let Ok(term) = self.leased_term() {
+            // Lowering a mark to the last value handed out is safe: this
+            // leader has stopped handing out, and no other leader handed out
+            // anything in this term. An entry of this term that commits late
+            // is applied by any later leader before it serves.
+            if o.term == term {
+                self.propose_quiet(Cmd::RevisionHighWater(pd_raftpb::HighWater {
+                    value: o.last as u64,
+                    exact: true,
+                }))
+                .await;
+            }
+            if ids.term == term {
+                self.propose_quiet(Cmd::IdHighWater(pd_raftpb::HighWater {
+                    value: ids.last,
+                    exact: true,
+                }))
+                .await;
+            }
+        }
+        info!(revision = o.last, id = ids.last, "PD closed");
+        drop(ids);
+        drop(o);
+        self.stop_raft();
+        Ok(())
+    }
+
+    /// Test hook: stops the member the way kill -9 would as far as PD's
+    /// state is concerned (no exact positions recorded; the data dir is
+    /// released).
+    #[doc(hidden)]
+    pub fn kill(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.stop_raft();
+    }
+
+    async fn propose_quiet(&self, cmd: Cmd) {
+        if let Err(e) = self.propose(cmd).await {
+            warn!(error = %e, "could not record the exact allocator position");
+        }
+    }
+
+    fn stop_raft(&self) {
+        let _ = self.raft_tx.send(RaftMsg::Stop);
+        let handle = self.raft_thread.lock().take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.shared.cluster_id
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.shared.self_id
+    }
+
+    /// This member.
+    pub fn member(&self) -> pdpb::Member {
+        self.shared
+            .members
+            .read()
+            .iter()
+            .find(|m| m.member_id == self.shared.self_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every member; the client URLs of others are known once they have
+    /// sent raft traffic to this one.
+    pub fn members(&self) -> Vec<pdpb::Member> {
+        self.shared.members.read().clone()
+    }
+
+    /// The leader as this member knows it. A leader whose lease ran out
+    /// (partitioned, most likely) does not name itself, so that it does not
+    /// keep drawing clients until raft deposes it; one still establishing
+    /// its first lease does.
+    pub fn leader(&self) -> Option<pdpb::Member> {
+        let (id, lapsed) = {
+            let s = self.shared.status.lock();
+            let lapsed = s.lease_until.is_some_and(|l| Instant::now() >= l);
+            (s.leader_id, lapsed)
+        };
+        if id == 0 || (id == self.shared.self_id && lapsed) {
+            return None;
+        }
+        self.shared
+            .members
+            .read()
+            .iter()
+            .find(|m| m.member_id == id)
+            .cloned()
+    }
+
+    /// Raft leader (not necessarily serving yet).
+    pub fn is_leader(&self) -> bool {
+        self.shared.status.lock().is_leader
+    }
+
+    /// A leader that has caught up and holds a valid lease: it answers
+    /// requests.
+    pub fn is_serving(&self) -> bool {
+        self.serving().is_ok()
+    }
+
+    /// Test hook: drops all raft traffic to and from this member, as a
+    /// network partition would.
+    #[doc(hidden)]
+    pub fn set_isolated(&self, isolated: bool) {
+        self.shared.isolated.store(isolated, Ordering::SeqCst);
+    }
+
+    /// Test hook: drops raft traffic to and from the given members (a
+    /// partial partition); an empty list heals it.
+    #[doc(hidden)]
+    pub fn set_blocked(&self, member_ids: &[u64]) {
+        *self.shared.blocked.lock() = member_ids.iter().copied().collect();
+    }
+
+    /// Test hook: starts an election right away.
+    #[doc(hidden)]
+    pub fn campaign(&self) {
+        let _ = self.raft_tx.send(RaftMsg::Campaign);
+    }
+
+    /// The gRPC service other members send raft messages to.
+    pub fn peer_service(&self) -> PdRaftService {
+        PdRaftService::new(self.shared.clone(), self.raft_tx.clone())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(PdError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `Ok(term)` if this member is the leader, has applied everything of
+    /// earlier terms and holds its lease right now.
+    fn serving(&self) -> Result<u64> {
+        self.check_open()?;
+        self.leased_term()
+    }
+
+    /// Like [`Self::serving`], also after close started.
+    fn leased_term(&self) -> Result<u64> {
+        let s = self.shared.status.lock();
+        if s.stopped {
+            return Err(PdError::Closed);
+        }
+        if s.is_leader && s.ready && s.lease_until.is_some_and(|l| Instant::now() < l) {
+            return Ok(s.term);
+        }
+        Err(self.shared.not_leader(s.leader_id))
+    }
+
+    /// Waits (bounded) while this member may be about to serve: it is the
+    /// leader catching up or renewing its lease, or no leader is known.
+    /// Answers NotLeader at once when another member leads.
+    async fn wait_serving(&self) -> Result<u64> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            match self.serving() {
+                Ok(t) => return Ok(t),
+                Err(PdError::NotLeader(m)) => {
+                    let leader = self.shared.status.lock().leader_id;
+                    let elsewhere = leader != 0 && leader != self.shared.self_id;
+                    if elsewhere || Instant::now() >= deadline {
+                        return Err(PdError::NotLeader(m));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Replicates `cmd` and waits until this member applied it.
+    async fn propose(&self, cmd: Cmd) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.raft_tx
+            .send(RaftMsg::Propose { cmd, tx })
+            .map_err(|_| PdError::Closed)?;
+        match tokio::time::timeout(self.leader_wait, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(PdError::Closed),
+            Err(_) => Err(PdError::Unavailable(
+                "PD proposal not committed in time (no quorum?)".into(),
+            )),
+        }
+    }
+
+    /// Reads the applied state on the serving leader.
+    async fn read<T>(&self, f: impl FnOnce(&ClusterState) -> Result<T>) -> Result<T> {
+        self.wait_serving().await?;
+        let c = self.shared.state.read();
+        f(&c)
+    }
+
+    pub async fn is_bootstrapped(&self) -> Result<bool> {
+        self.read(|c| Ok(c.bootstrapped)).await
+    }
+
+    pub async fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()> {
+        self.check_open()?;
+        if node.id == 0 {
+            return Err(PdError::InvalidArgument("node id 0".into()));
+        }
+        validate_region(&region)?;
+        if !region.start_key.is_empty() || !region.end_key.is_empty() {
+            return Err(PdError::InvalidArgument(
+                "the first region must cover the whole keyspace".into(),
+            ));
+        }
+        if self.is_bootstrapped().await? {
+            return Err(PdError::AlreadyBootstrapped);
+        }
+        // Held across the proposal: the apply reserves caller-picked ids,
+        // and the allocator (and close's exact position) must see that.
+        let mut ids = self.ids.lock().await;
+        if ids.closed {
+            return Err(PdError::Closed);
+        }
+        self.propose(Cmd::Bootstrap(pd_raftpb::Bootstrap {
+            node: Some(node),
+            region: Some(region),
+        }))
+        .await?;
+        let hw = self.shared.state.read().id_high_water;
+        if ids.term != 0 {
+            ids.last = ids.last.max(hw);
+            ids.high_water = ids.high_water.max(hw);
+        }
+        Ok(())
+    }
+
+    pub async fn alloc_id(&self) -> Result<u64> {
+        let mut ids = self.ids.lock().await;
+        loop {
+            if ids.closed {
+                return Err(PdError::Closed);
+            }
+            let term = self.wait_serving().await?;
+            if ids.term != term {
+                // Everything of earlier terms is applied: the committed mark
+                // is above every id any earlier leader handed out.
+                let hw = self.shared.state.read().id_high_water;
+                *ids = Alloc {
+                    term,
+                    last: hw,
+                    high_water: hw,
+                    closed: false,
+                };
+            }
+            let next = ids.last.checked_add(1).ok_or(PdError::Exhausted("id"))?;
+            if next <= ids.high_water {
+                ids.last = next;
+                return Ok(next);
+            }
+            let hw = next.saturating_add(self.id_window - 1);
+            self.propose(Cmd::IdHighWater(pd_raftpb::HighWater {
+                value: hw,
+                exact: false,
+            }))
+            .await?;
+            // Applied here, so committed: a later leader starts above it.
+            ids.high_water = ids.high_water.max(hw);
+        }
+    }
+
+    /// Hands out `count` consecutive revisions and returns the first.
+    pub async fn alloc_revisions(&self, count: u32) -> Result<i64> {
+        if count == 0 {
+            return Err(PdError::InvalidArgument("revision count 0".into()));
+        }
+        let mut o = self.oracle.lock().await;
+        loop {
+            if o.closed {
+                return Err(PdError::Closed);
+            }
+            let term = self.wait_serving().await?;
+            if o.term != term {
+                let hw = self.shared.state.read().revision_high_water;
+                *o = Alloc {
+                    term,
+                    last: hw,
+                    high_water: hw,
+                    closed: false,
+                };
+            }
+            let last = o
+                .last
+                .checked_add(i64::from(count))
+                .ok_or(PdError::Exhausted("revision"))?;
+            if last <= o.high_water {
+                // The lease must hold at the moment of handing out: only
+                // then can no other leader have started.
+                if self.serving()? != term {
+                    continue;
+                }
+                let first = o.last + 1;
+                o.last = last;
+                return Ok(first);
+            }
+            // Under the lock: nobody may get a revision above the committed
+            // mark, so concurrent callers have to wait anyway.
+            let hw = last.saturating_add(self.revision_window);
+            self.propose(Cmd::RevisionHighWater(pd_raftpb::HighWater {
+                value: hw as u64,
+                exact: false,
+            }))
+            .await?;
+            o.high_water = o.high_water.max(hw);
+        }
+    }
+
+    /// The highest revision handed out so far, as a linearizable read:
+    /// answered only by the leader while its lease holds.
+    pub async fn current_revision(&self) -> Result<i64> {
+        let mut o = self.oracle.lock().await;
+        if o.closed {
+            return Err(PdError::Closed);
+        }
+        let term = self.wait_serving().await?;
+        if o.term != term {
+            let hw = self.shared.state.read().revision_high_water;
+            *o = Alloc {
+                term,
+                last: hw,
+                high_water: hw,
+                closed: false,
+            };
+        }
+        self.serving()?;
+        Ok(o.last)
+    }
+
+    pub async fn put_node(&self, node: metapb::Node) -> Result<()> {
+        self.check_open()?;
+        if node.id == 0 {
+            return Err(PdError::InvalidArgument("node id 0".into()));
+        }
+        let unchanged = self
+            .read(|c| {
+                check_bootstrapped(c)?;
+                Ok(c.nodes.get(&node.id) == Some(&node))
+            })
+            .await?;
+        if unchanged {
+            return Ok(());
+        }
+        self.propose(Cmd::PutNode(node)).await.map(|_| ())
+    }
+
+    pub async fn get_node(&self, id: u64) -> Result<Option<metapb::Node>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(c.nodes.get(&id).cloned())
+        })
+        .await
+    }
+
+    pub async fn get_all_nodes(&self) -> Result<Vec<metapb::Node>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(c.nodes.values().cloned().collect())
+        })
+        .await
+    }
+
+    pub async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            let Some((_, id)) = c
+                .tree
+                .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+                .next_back()
+            else {
+                return Ok(None);
+            };
+            let Some(e) = c.regions.get(id) else {
+                return Ok(None);
+            };
+            if !e.region.end_key.is_empty() && key >= e.region.end_key.as_slice() {
+                return Ok(None);
+            }
+            Ok(Some((e.region.clone(), e.leader)))
+        })
+        .await
+    }
+
+    pub async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(c.entry_with_leader(id))
+        })
+        .await
+    }
+
+    pub async fn scan_regions(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<RegionWithLeader>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(c.overlapping(start, end, limit)
+                .into_iter()
+                .filter_map(|id| c.entry_with_leader(id))
+                .collect())
+        })
+        .await
+    }
+
+    /// Records the heartbeat and asks the scheduler for the region's next
+    /// step (see [`crate::client::PdClient::region_heartbeat`]). The
+    /// scheduler runs on the serving leader only, since this answers
+    /// NotLeader elsewhere.
+    pub async fn handle_region_heartbeat(
+        &self,
+        hb: RegionHeartbeat,
+    ) -> Result<Option<RegionOperator>> {
+        if !self.region_heartbeat(hb.region.clone(), hb.leader).await? {
+            return Ok(None);
+        }
+        self.scheduler.schedule(self, &hb).await
+    }
+
+    /// Records a region's meta (through raft, only when it changed) and its
+    /// leader (in memory on this leader); `Ok(false)` if the heartbeat was
+    /// stale and ignored.
+    pub async fn region_heartbeat(
+        &self,
+        region: metapb::Region,
+        leader: metapb::Peer,
+    ) -> Result<bool> {
+        self.check_open()?;
+        validate_region(&region)?;
+        if !region
+            .peers
+            .iter()
+            .any(|p| p.id == leader.id && p.node_id == leader.node_id)
         {
-            if let Some(e) = self.regions.get(id) {
-                if e.region.end_key.is_empty() || e.region.end_key.as_slice() > start {
-                    out.push(*id);
+            return Err(PdError::InvalidArgument(format!(
+                "leader peer {} is not a peer of region {}",
+                leader.id, region.id
+            )));
+        }
+        let effect = self
+            .read(|c| {
+                check_bootstrapped(c)?;
+                Ok(c.heartbeat_effect(&region))
+            })
+            .await?;
+        match effect {
+            HeartbeatEffect::Stale => return Ok(false),
+            HeartbeatEffect::Unchanged => {}
+            HeartbeatEffect::Changed(_) => {
+                let changed = self
+                    .propose(Cmd::UpdateRegion(pd_raftpb::UpdateRegion {
+                        region: Some(region.clone()),
+                    }))
+                    .await?;
+                if !changed {
+                    // Stale by the time it applied: a newer report won.
+                    let c = self.shared.state.read();
+                    if let HeartbeatEffect::Stale = c.heartbeat_effect(&region) {
+                        return Ok(false);
+                    }
                 }
             }
         }
-        for (k, id) in self
-            .tree
-            .range::<[u8], _>((Bound::Excluded(start), Bound::Unbounded))
-        {
-            if full(&out) || (!end.is_empty() && k.as_slice() >= end) {
-                break;
+        let mut c = self.shared.state.write();
+        if let Some(e) = c.regions.get_mut(&region.id) {
+            if e.region == region {
+                e.leader = Some(leader);
             }
-            out.push(*id);
         }
-        out
+        Ok(true)
     }
+}
 
-    fn insert_region(&mut self, region: metapb::Region) {
-        self.tree.insert(region.start_key.clone(), region.id);
-        self.regions.insert(
-            region.id,
-            RegionEntry {
-                region,
-                leader: None,
-            },
-        );
+impl Drop for PdCore {
+    fn drop(&mut self) {
+        // Without close(): like a crash, the allocators skip their windows.
+        self.stop_raft();
     }
+}
 
-    fn remove_region(&mut self, id: u64) -> Option<RegionEntry> {
-        let e = self.regions.remove(&id)?;
-        if self.tree.get(&e.region.start_key) == Some(&id) {
-            self.tree.remove(&e.region.start_key);
-        }
-        Some(e)
+fn check_bootstrapped(c: &ClusterState) -> Result<()> {
+    if c.bootstrapped {
+        Ok(())
+    } else {
+        Err(PdError::NotBootstrapped)
     }
 }
 
@@ -158,483 +874,28 @@ fn validate_region(region: &metapb::Region) -> Result<()> {
     Ok(())
 }
 
-/// The PD state machine. Thread-safe; share it as `Arc<PdCore>`.
-///
-/// Dropping it without [`PdCore::close`] behaves like a crash: the next open
-/// skips the unused id and revision windows.
-pub struct PdCore {
-    storage: Storage,
-    cluster_id: u64,
-    member: pdpb::Member,
-    id_window: u64,
-    revision_window: i64,
-    closed: AtomicBool,
-    ids: Mutex<IdAllocator>,
-    // Separate from `cluster` because it is on every write's path.
-    oracle: Mutex<Oracle>,
-    cluster: RwLock<ClusterState>,
-    scheduler: Scheduler,
-}
-
-impl std::fmt::Debug for PdCore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PdCore")
-            .field("storage", &self.storage)
-            .field("cluster_id", &self.cluster_id)
-            .finish_non_exhaustive()
-    }
-}
-
-fn random_nonzero() -> u64 {
-    loop {
-        let v = rand::random::<u64>();
-        if v != 0 {
-            return v;
-        }
-    }
-}
-
-impl PdCore {
-    /// Opens the PD in `config.data_dir` (which must exist or be creatable),
-    /// creating a new cluster identity on first use.
-    pub fn open(config: PdConfig) -> Result<Arc<PdCore>> {
-        if config.id_window == 0 || config.revision_window <= 0 {
-            return Err(PdError::InvalidArgument(
-                "id and revision windows must be positive".into(),
-            ));
-        }
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            PdError::Storage(format!(
-                "cannot create data dir {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
-        let storage = Storage::open(&config.data_dir)?;
-        let persisted = storage.load()?;
-
-        let (cluster_id, member_id) = match (persisted.cluster_id, persisted.member_id) {
-            (Some(c), Some(m)) => (c, m),
-            (None, None) => {
-                let ids = (random_nonzero(), random_nonzero());
-                storage.init_identity(ids.0, ids.1)?;
-                info!(cluster_id = ids.0, "initialized new PD data dir");
-                ids
-            }
-            _ => {
-                return Err(PdError::Storage(format!(
-                    "{} has a partial identity (cluster id or member id missing)",
-                    config.data_dir.display()
-                )))
-            }
-        };
-
-        let revision = match persisted.revision_high_water {
-            None => INITIAL_REVISION,
-            Some(r) if r >= INITIAL_REVISION => r,
-            Some(r) => {
-                return Err(PdError::Storage(format!(
-                    "corrupted revision high-water mark {r}"
-                )))
-            }
-        };
-
-        let mut cluster = ClusterState {
-            bootstrapped: persisted.bootstrapped,
-            ..Default::default()
-        };
-        for n in persisted.nodes {
-            cluster.nodes.insert(n.id, n);
-        }
-        for r in persisted.regions {
-            cluster.insert_region(r);
-        }
-        if cluster.tree.len() != cluster.regions.len() {
-            // Two regions with one start key can only come from corruption or
-            // a bug; refuse rather than route keys to a random one of them.
-            return Err(PdError::Storage(
-                "persisted regions overlap (duplicate start keys)".into(),
-            ));
-        }
-
-        info!(
-            cluster_id,
-            bootstrapped = cluster.bootstrapped,
-            nodes = cluster.nodes.len(),
-            regions = cluster.regions.len(),
-            revision,
-            id = persisted.id_high_water,
-            "PD opened"
-        );
-
-        Ok(Arc::new(PdCore {
-            storage,
-            cluster_id,
-            member: pdpb::Member {
-                name: config.name,
-                member_id,
-                peer_urls: config.peer_urls,
-                client_urls: config.client_urls,
-            },
-            id_window: config.id_window,
-            revision_window: config.revision_window,
-            closed: AtomicBool::new(false),
-            ids: Mutex::new(IdAllocator {
-                last: persisted.id_high_water,
-                high_water: persisted.id_high_water,
-                closed: false,
-            }),
-            oracle: Mutex::new(Oracle {
-                current: revision,
-                high_water: revision,
-                closed: false,
-            }),
-            cluster: RwLock::new(cluster),
-            scheduler: Scheduler::new(config.schedule),
-        }))
-    }
-
-    /// Persists the exact allocator positions so that a clean restart
-    /// continues without a gap, then refuses further work. Idempotent.
-    /// The RocksDB instance is released when the last `Arc` is dropped.
-    pub fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::SeqCst);
-        let rev = {
-            let mut o = self.oracle.lock();
-            let first_close = !o.closed;
-            o.closed = true;
-            if first_close {
-                self.storage.save_revision_high_water(o.current)?;
-                o.high_water = o.current;
-            }
-            o.current
-        };
-        let id = {
-            let mut ids = self.ids.lock();
-            let first_close = !ids.closed;
-            ids.closed = true;
-            if first_close {
-                self.storage.save_id_high_water(ids.last)?;
-                ids.high_water = ids.last;
-            }
-            ids.last
-        };
-        info!(revision = rev, id, "PD closed");
-        Ok(())
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
-            Err(PdError::Closed)
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn cluster_id(&self) -> u64 {
-        self.cluster_id
-    }
-
-    /// This member; the only one, and the leader, until PD is replicated.
-    pub fn member(&self) -> &pdpb::Member {
-        &self.member
-    }
-
-    pub fn members(&self) -> Vec<pdpb::Member> {
-        vec![self.member.clone()]
-    }
-
-    pub fn is_bootstrapped(&self) -> bool {
-        self.cluster.read().bootstrapped
-    }
-
-    pub fn bootstrap(&self, node: metapb::Node, region: metapb::Region) -> Result<()> {
-        self.check_open()?;
-        let mut c = self.cluster.write();
-        if c.bootstrapped {
-            return Err(PdError::AlreadyBootstrapped);
-        }
-        if node.id == 0 {
-            return Err(PdError::InvalidArgument("node id 0".into()));
-        }
-        validate_region(&region)?;
-        if !region.start_key.is_empty() || !region.end_key.is_empty() {
-            return Err(PdError::InvalidArgument(
-                "the first region must cover the whole keyspace".into(),
-            ));
-        }
-        // The ids normally come from alloc_id; if a caller picked its own,
-        // make sure the allocator never hands them out again.
-        let max_used = region
-            .peers
-            .iter()
-            .map(|p| p.id.max(p.node_id))
-            .chain([node.id, region.id])
-            .max()
-            .unwrap_or(0);
-        self.reserve_ids_up_to(max_used)?;
-
-        self.storage.bootstrap(&node, &region)?;
-        info!(
-            node_id = node.id,
-            region_id = region.id,
-            "cluster bootstrapped"
-        );
-        c.bootstrapped = true;
-        c.nodes.insert(node.id, node);
-        c.insert_region(region);
-        Ok(())
-    }
-
-    fn reserve_ids_up_to(&self, v: u64) -> Result<()> {
-        let mut ids = self.ids.lock();
-        if ids.closed {
-            return Err(PdError::Closed);
-        }
-        if v > ids.high_water {
-            self.storage.save_id_high_water(v)?;
-            ids.high_water = v;
-        }
-        ids.last = ids.last.max(v);
-        Ok(())
-    }
-
-    pub fn alloc_id(&self) -> Result<u64> {
-        let mut ids = self.ids.lock();
-        if ids.closed {
-            return Err(PdError::Closed);
-        }
-        let next = ids.last.checked_add(1).ok_or(PdError::Exhausted("id"))?;
-        if next > ids.high_water {
-            let hw = next.saturating_add(self.id_window - 1);
-            self.storage.save_id_high_water(hw)?;
-            ids.high_water = hw;
-        }
-        ids.last = next;
-        Ok(next)
-    }
-
-    /// Hands out `count` consecutive revisions and returns the first.
-    pub fn alloc_revisions(&self, count: u32) -> Result<i64> {
-        if count == 0 {
-            return Err(PdError::InvalidArgument("revision count 0".into()));
-        }
-        let mut o = self.oracle.lock();
-        if o.closed {
-            return Err(PdError::Closed);
-        }
-        let last = o
-            .current
-            .checked_add(i64::from(count))
-            .ok_or(PdError::Exhausted("revision"))?;
-        if last > o.high_water {
-            // Synchronous under the lock: nobody may get a revision above the
-            // persisted mark, so concurrent callers have to wait anyway.
-            let hw = last.saturating_add(self.revision_window);
-            self.storage.save_revision_high_water(hw)?;
-            o.high_water = hw;
-        }
-        let first = o.current + 1;
-        o.current = last;
-        Ok(first)
-    }
-
-    pub fn current_revision(&self) -> i64 {
-        self.oracle.lock().current
-    }
-
-    fn check_bootstrapped(c: &ClusterState) -> Result<()> {
-        if c.bootstrapped {
-            Ok(())
-        } else {
-            Err(PdError::NotBootstrapped)
-        }
-    }
-
-    pub fn put_node(&self, node: metapb::Node) -> Result<()> {
-        self.check_open()?;
-        if node.id == 0 {
-            return Err(PdError::InvalidArgument("node id 0".into()));
-        }
-        let mut c = self.cluster.write();
-        Self::check_bootstrapped(&c)?;
-        if let Some(old) = c.nodes.get(&node.id) {
-            if *old == node {
-                return Ok(());
-            }
-            if old.state == metapb::NodeState::Tombstone as i32
-                && node.state != metapb::NodeState::Tombstone as i32
-            {
-                return Err(PdError::InvalidArgument(format!(
-                    "node {} is a tombstone and cannot come back",
-                    node.id
-                )));
-            }
-        }
-        self.storage.put_node(&node)?;
-        debug!(node_id = node.id, "node stored");
-        c.nodes.insert(node.id, node);
-        Ok(())
-    }
-
-    pub fn get_node(&self, id: u64) -> Result<Option<metapb::Node>> {
-        let c = self.cluster.read();
-        Self::check_bootstrapped(&c)?;
-        Ok(c.nodes.get(&id).cloned())
-    }
-
-    pub fn get_all_nodes(&self) -> Result<Vec<metapb::Node>> {
-        let c = self.cluster.read();
-        Self::check_bootstrapped(&c)?;
-        Ok(c.nodes.values().cloned().collect())
-    }
-
-    pub fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
-        let c = self.cluster.read();
-        Self::check_bootstrapped(&c)?;
-        let Some((_, id)) = c
-            .tree
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
-            .next_back()
-        else {
-            return Ok(None);
-        };
-        let Some(e) = c.regions.get(id) else {
-            return Ok(None);
-        };
-        if !e.region.end_key.is_empty() && key >= e.region.end_key.as_slice() {
-            return Ok(None);
-        }
-        Ok(Some((e.region.clone(), e.leader)))
-    }
-
-    pub fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
-        let c = self.cluster.read();
-        Self::check_bootstrapped(&c)?;
-        Ok(c.entry_with_leader(id))
-    }
-
-    pub fn scan_regions(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<RegionWithLeader>> {
-        let c = self.cluster.read();
-        Self::check_bootstrapped(&c)?;
-        Ok(c.overlapping(start, end, limit)
-            .into_iter()
-            .filter_map(|id| c.entry_with_leader(id))
-            .collect())
-    }
-
-    /// Records the heartbeat and asks the scheduler for the region's next
-    /// step (see [`crate::client::PdClient::region_heartbeat`]).
-    pub fn handle_region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
-        if !self.region_heartbeat(hb.region.clone(), hb.leader)? {
-            return Ok(None);
-        }
-        self.scheduler.schedule(self, &hb)
-    }
-
-    /// Records a region's meta and leader; `Ok(false)` if the heartbeat was
-    /// stale and ignored.
-    pub fn region_heartbeat(&self, region: metapb::Region, leader: metapb::Peer) -> Result<bool> {
-        self.check_open()?;
-        validate_region(&region)?;
-        if !region
-            .peers
-            .iter()
-            .any(|p| p.id == leader.id && p.node_id == leader.node_id)
-        {
-            return Err(PdError::InvalidArgument(format!(
-                "leader peer {} is not a peer of region {}",
-                leader.id, region.id
-            )));
-        }
-        let new_epoch = epoch(&region);
-        let mut c = self.cluster.write();
-        Self::check_bootstrapped(&c)?;
-
-        let origin_changed = match c.regions.get(&region.id) {
-            Some(origin) => {
-                let old = epoch(&origin.region);
-                if new_epoch.version < old.version || new_epoch.conf_ver < old.conf_ver {
-                    debug!(
-                        region_id = region.id,
-                        ?new_epoch,
-                        ?old,
-                        "stale region heartbeat ignored"
-                    );
-                    return Ok(false);
-                }
-                origin.region != region
-            }
-            None => true,
-        };
-
-        let overlaps: Vec<u64> = c
-            .overlapping(&region.start_key, &region.end_key, 0)
-            .into_iter()
-            .filter(|id| *id != region.id)
-            .collect();
-        for id in &overlaps {
-            if let Some(o) = c.regions.get(id) {
-                // A newer split/merge already replaced what this reporter
-                // believes; it will learn that and report again.
-                if epoch(&o.region).version > new_epoch.version {
-                    debug!(
-                        region_id = region.id,
-                        overlapped = *id,
-                        "region heartbeat overlaps a newer region, ignored"
-                    );
-                    return Ok(false);
-                }
-            }
-        }
-
-        if origin_changed || !overlaps.is_empty() {
-            self.storage.update_region(&region, &overlaps)?;
-            for id in &overlaps {
-                if c.remove_region(*id).is_some() {
-                    info!(region_id = *id, by = region.id, "obsolete region removed");
-                }
-            }
-            c.remove_region(region.id);
-            debug!(region_id = region.id, epoch = ?new_epoch, "region meta updated");
-            c.insert_region(region.clone());
-        }
-        // Present: either known before or inserted just above.
-        if let Some(e) = c.regions.get_mut(&region.id) {
-            e.leader = Some(leader);
-        }
-        Ok(true)
-    }
-}
-
+#[async_trait::async_trait]
 impl ClusterView for PdCore {
-    fn nodes(&self) -> Result<Vec<metapb::Node>> {
-        self.get_all_nodes()
+    async fn nodes(&self) -> Result<Vec<metapb::Node>> {
+        self.get_all_nodes().await
     }
 
-    fn regions(&self) -> Result<Vec<metapb::Region>> {
+    async fn regions(&self) -> Result<Vec<metapb::Region>> {
         Ok(self
-            .scan_regions(&[], &[], 0)?
+            .scan_regions(&[], &[], 0)
+            .await?
             .into_iter()
             .map(|(r, _)| r)
             .collect())
     }
 
-    fn alloc_id(&self) -> Result<u64> {
-        PdCore::alloc_id(self)
+    async fn alloc_id(&self) -> Result<u64> {
+        PdCore::alloc_id(self).await
     }
 
-    fn set_node_state(&self, mut node: metapb::Node, state: metapb::NodeState) -> Result<()> {
+    async fn set_node_state(&self, mut node: metapb::Node, state: metapb::NodeState) -> Result<()> {
         node.state = state as i32;
-        self.put_node(node)
+        self.put_node(node).await
     }
 }
 

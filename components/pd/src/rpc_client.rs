@@ -1,10 +1,10 @@
-//! [`PdClient`] over gRPC, with endpoint failover and TSO-style batching of
-//! revision requests.
+//! [`PdClient`] over gRPC, following the PD leader, with TSO-style batching
+//! of revision requests.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::metapb;
 use proto::pdpb::{self, pd_client::PdClient as GrpcClient};
@@ -20,7 +20,8 @@ pub struct RpcPdClientConfig {
     /// Per endpoint; a dead endpoint costs at most this before the next one
     /// is tried.
     pub connect_timeout: Duration,
-    /// Per RPC.
+    /// Per RPC; also the deadline for one call including finding the leader
+    /// and retrying after NOT_LEADER or a broken connection.
     pub request_timeout: Duration,
 }
 
@@ -33,8 +34,9 @@ impl Default for RpcPdClientConfig {
     }
 }
 
-/// Talks to one of several PD endpoints: the first reachable one in list
-/// order, switching (again in list order) when the connection breaks.
+/// Talks to the PD leader: asks the configured endpoints (in list order) for
+/// the members and the leader, connects to the leader's client URL, and
+/// starts over when the connection breaks or a member answers NOT_LEADER.
 ///
 /// Cheap to clone; clones share the connection and the revision batcher.
 /// Must be created inside a tokio runtime, which runs the batcher task.
@@ -47,6 +49,7 @@ pub struct RpcPdClient {
 #[derive(Debug)]
 struct Inner {
     endpoints: Vec<Endpoint>,
+    config: RpcPdClientConfig,
     /// 0 until learned from the first PD reached; afterwards every endpoint
     /// must report the same id.
     cluster_id: AtomicU64,
@@ -91,10 +94,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Statuses after which the request may not have reached a working PD, so
 /// another endpoint is worth a try.
 fn is_connection_failure(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
-    )
+    match s.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => true,
+        // A member dying mid-call (its connection torn down under the
+        // stream) surfaces as an HTTP/2 error rather than a status.
+        Code::Internal => s.message().contains("h2 protocol error"),
+        _ => false,
+    }
 }
 
 fn status_to_error(s: &Status) -> PdError {
@@ -104,6 +110,42 @@ fn status_to_error(s: &Status) -> PdError {
         PdError::Other(format!("{:?}: {}", s.code(), s.message()))
     }
 }
+
+/// The message of a NOT_LEADER header error.
+fn not_leader(h: Option<&pdpb::ResponseHeader>) -> Option<String> {
+    let e = h?.error.as_ref()?;
+    (e.r#type == pdpb::ErrorType::NotLeader as i32).then(|| e.message.clone())
+}
+
+/// Responses whose header [`Inner::call`] inspects for NOT_LEADER.
+trait HasHeader {
+    fn header(&self) -> Option<&pdpb::ResponseHeader>;
+}
+
+macro_rules! has_header {
+    ($($t:ty),* $(,)?) => {
+        $(impl HasHeader for $t {
+            fn header(&self) -> Option<&pdpb::ResponseHeader> {
+                self.header.as_ref()
+            }
+        })*
+    };
+}
+
+has_header!(
+    pdpb::GetMembersResponse,
+    pdpb::IsBootstrappedResponse,
+    pdpb::BootstrapResponse,
+    pdpb::AllocIdResponse,
+    pdpb::PutNodeResponse,
+    pdpb::GetNodeResponse,
+    pdpb::GetAllNodesResponse,
+    pdpb::GetRegionResponse,
+    pdpb::ScanRegionsResponse,
+    pdpb::RegionHeartbeatResponse,
+    pdpb::AllocRevisionsResponse,
+    pdpb::CurrentRevisionResponse,
+);
 
 fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
     h.and_then(|h| h.error.as_ref()).is_some_and(|e| {
@@ -137,70 +179,115 @@ impl Inner {
                 expected: self.cluster_id.load(Ordering::Acquire),
                 actual: h.cluster_id,
             },
+            T::NotLeader => PdError::NotLeader(e.message.clone()),
             T::RegionNotFound | T::NodeNotFound | T::Unknown => PdError::Other(e.message.clone()),
         })
     }
 
-    /// Connects to the first endpoint, in list order, that answers
-    /// GetMembers with the expected cluster id.
-    async fn connect_any(&self) -> Result<Conn> {
-        let mut errors = Vec::new();
-        for ep in &self.endpoints {
-            let url = ep.uri().to_string();
-            let channel = match ep.connect().await {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(endpoint = %url, error = %error_chain(&e), "PD endpoint unreachable");
-                    errors.push(format!("{url}: {}", error_chain(&e)));
-                    continue;
-                }
-            };
-            let mut client = GrpcClient::new(channel);
-            let resp = match client
-                .get_members(pdpb::GetMembersRequest {
-                    header: self.request_header(),
-                })
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    errors.push(format!("{url}: {:?}: {}", s.code(), s.message()));
-                    continue;
-                }
-            };
-            let actual = resp.header.as_ref().map_or(0, |h| h.cluster_id);
-            if let Err(e) = self.check(resp.header.as_ref()) {
-                errors.push(format!("{url}: {e}"));
-                continue;
-            }
-            if actual == 0 {
-                errors.push(format!("{url}: no cluster id in response"));
-                continue;
-            }
-            match self
-                .cluster_id
-                .compare_exchange(0, actual, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {}
-                Err(known) if known == actual => {}
-                Err(known) => {
-                    warn!(endpoint = %url, expected = known, actual, "PD endpoint belongs to another cluster");
-                    errors.push(format!("{url}: cluster id {actual}, expected {known}"));
-                    continue;
-                }
-            }
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            info!(endpoint = %url, cluster_id = actual, "connected to PD");
-            return Ok(Conn {
-                generation,
-                url,
-                client,
-            });
+    /// Asks `ep` for the members; checks (and learns) the cluster id.
+    async fn members_of(
+        &self,
+        ep: &Endpoint,
+    ) -> std::result::Result<(GrpcClient<Channel>, pdpb::GetMembersResponse), String> {
+        let url = ep.uri().to_string();
+        let channel = ep.connect().await.map_err(|e| {
+            debug!(endpoint = %url, error = %error_chain(&e), "PD endpoint unreachable");
+            format!("{url}: {}", error_chain(&e))
+        })?;
+        let mut client = GrpcClient::new(channel);
+        let resp = client
+            .get_members(pdpb::GetMembersRequest {
+                header: self.request_header(),
+            })
+            .await
+            .map_err(|s| format!("{url}: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let actual = resp.header.as_ref().map_or(0, |h| h.cluster_id);
+        self.check(resp.header.as_ref())
+            .map_err(|e| format!("{url}: {e}"))?;
+        if actual == 0 {
+            return Err(format!("{url}: no cluster id in response"));
         }
-        Err(PdError::Unavailable(format!(
-            "no PD endpoint reachable ({})",
-            errors.join("; ")
-        )))
+        match self
+            .cluster_id
+            .compare_exchange(0, actual, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {}
+            Err(known) if known == actual => {}
+            Err(known) => {
+                warn!(endpoint = %url, expected = known, actual, "PD endpoint belongs to another cluster");
+                return Err(format!("{url}: cluster id {actual}, expected {known}"));
+            }
+        }
+        Ok((client, resp))
+    }
+
+    /// Connects to the leader named by the first endpoint, in list order,
+    /// that knows one. While endpoints answer but none knows a leader (an
+    /// election), keeps asking until the request timeout.
+    async fn connect_any(&self) -> Result<Conn> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let mut errors = Vec::new();
+            let mut answered = false;
+            for ep in &self.endpoints {
+                let (client, resp) = match self.members_of(ep).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
+                answered = true;
+                let url = ep.uri().to_string();
+                let Some(leader) = resp.leader else {
+                    errors.push(format!("{url}: no leader known"));
+                    continue;
+                };
+                // A leader advertising no client URL (a single member
+                // started without them) is the member we asked.
+                let same = leader.client_urls.is_empty()
+                    || leader
+                        .client_urls
+                        .iter()
+                        .any(|u| u.trim_end_matches('/') == url.trim_end_matches('/'));
+                let (client, url) = if same {
+                    (client, url)
+                } else {
+                    let mut found = None;
+                    for lu in &leader.client_urls {
+                        let Ok(lep) = parse_endpoint(lu, &self.config) else {
+                            continue;
+                        };
+                        match lep.connect().await {
+                            Ok(ch) => {
+                                found = Some((GrpcClient::new(ch), lep.uri().to_string()));
+                                break;
+                            }
+                            Err(e) => errors.push(format!("leader {lu}: {}", error_chain(&e))),
+                        }
+                    }
+                    match found {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                };
+                let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                info!(endpoint = %url, leader = %leader.name, "connected to PD leader");
+                return Ok(Conn {
+                    generation,
+                    url,
+                    client,
+                });
+            }
+            if !answered || Instant::now() >= deadline {
+                return Err(PdError::Unavailable(format!(
+                    "no PD leader reachable ({})",
+                    errors.join("; ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn conn(&self) -> Result<Conn> {
@@ -221,32 +308,48 @@ impl Inner {
         }
     }
 
-    /// Runs one RPC; on a connection failure reconnects (trying every
-    /// endpoint in order) and retries once. Retrying is safe for every PD
+    /// Runs one RPC against the leader. After a connection failure or a
+    /// NOT_LEADER answer it finds the leader again and retries, with
+    /// backoff, until the request timeout. Retrying is safe for every PD
     /// call: allocations at worst skip values, and a repeated bootstrap
     /// reports AlreadyBootstrapped.
     async fn call<R, F, Fut>(&self, f: F) -> Result<R>
     where
+        R: HasHeader,
         F: Fn(GrpcClient<Channel>, Option<pdpb::RequestHeader>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<R>, Status>>,
     {
-        let mut last = None;
-        for _ in 0..2 {
-            let conn = self.conn().await?;
-            match f(conn.client.clone(), self.request_header()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if is_connection_failure(&s) => {
-                    warn!(endpoint = %conn.url, code = ?s.code(), message = s.message(), "PD call failed, reconnecting");
-                    self.invalidate(conn.generation).await;
-                    last = Some(s);
-                }
-                Err(s) => return Err(status_to_error(&s)),
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let last = match self.conn().await {
+                Ok(conn) => match f(conn.client.clone(), self.request_header()).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        match not_leader(r.header()) {
+                            None => return Ok(r),
+                            Some(m) => {
+                                debug!(endpoint = %conn.url, message = %m, "PD member is not the leader");
+                                self.invalidate(conn.generation).await;
+                                PdError::NotLeader(m)
+                            }
+                        }
+                    }
+                    Err(s) if is_connection_failure(&s) => {
+                        warn!(endpoint = %conn.url, code = ?s.code(), message = s.message(), "PD call failed, reconnecting");
+                        self.invalidate(conn.generation).await;
+                        status_to_error(&s)
+                    }
+                    Err(s) => return Err(status_to_error(&s)),
+                },
+                Err(e) => e,
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(last);
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
-        Err(last.map_or_else(
-            || PdError::Unavailable("PD call failed".into()),
-            |s| status_to_error(&s),
-        ))
     }
 
     async fn alloc_revisions_rpc(&self, count: u32) -> Result<i64> {
@@ -377,6 +480,7 @@ impl RpcPdClient {
             .collect::<Result<Vec<_>>>()?;
         let inner = Arc::new(Inner {
             endpoints,
+            config,
             cluster_id: AtomicU64::new(0),
             conn: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),

@@ -61,12 +61,14 @@ struct Issued {
     at: Instant,
 }
 
-/// What the scheduler needs from PD's state; [`crate::PdCore`] provides it.
-pub trait ClusterView {
-    fn nodes(&self) -> Result<Vec<metapb::Node>>;
-    fn regions(&self) -> Result<Vec<metapb::Region>>;
-    fn alloc_id(&self) -> Result<u64>;
-    fn set_node_state(&self, node: metapb::Node, state: NodeState) -> Result<()>;
+/// What the scheduler needs from PD's state; [`crate::PdCore`] provides it
+/// (its changes go through PD's raft group, hence async).
+#[async_trait::async_trait]
+pub trait ClusterView: Send + Sync {
+    async fn nodes(&self) -> Result<Vec<metapb::Node>>;
+    async fn regions(&self) -> Result<Vec<metapb::Region>>;
+    async fn alloc_id(&self) -> Result<u64>;
+    async fn set_node_state(&self, node: metapb::Node, state: NodeState) -> Result<()>;
 }
 
 pub struct Scheduler {
@@ -90,7 +92,7 @@ impl Scheduler {
     }
 
     /// The next step for the heartbeating region, if any.
-    pub fn schedule(
+    pub async fn schedule(
         &self,
         view: &dyn ClusterView,
         hb: &RegionHeartbeat,
@@ -108,11 +110,11 @@ impl Scheduler {
         }
         let lost_down = self.track_down(hb);
         let nodes: HashMap<u64, metapb::Node> =
-            view.nodes()?.into_iter().map(|n| (n.id, n)).collect();
-        let regions = view.regions()?;
-        self.retire_offline_nodes(view, &nodes, &regions)?;
+            view.nodes().await?.into_iter().map(|n| (n.id, n)).collect();
+        let regions = view.regions().await?;
+        self.retire_offline_nodes(view, &nodes, &regions).await?;
 
-        let op = self.decide(view, hb, &nodes, &regions, &lost_down)?;
+        let op = self.decide(view, hb, &nodes, &regions, &lost_down).await?;
         if let Some(op) = &op {
             tracing::info!(region_id = region.id, ?op, "scheduled");
             self.issued.lock().insert(
@@ -146,7 +148,7 @@ impl Scheduler {
             .collect()
     }
 
-    fn retire_offline_nodes(
+    async fn retire_offline_nodes(
         &self,
         view: &dyn ClusterView,
         nodes: &HashMap<u64, metapb::Node>,
@@ -164,13 +166,14 @@ impl Scheduler {
                     node_id = node.id,
                     "decommissioned node holds no replica; tombstoned"
                 );
-                view.set_node_state(node.clone(), NodeState::Tombstone)?;
+                view.set_node_state(node.clone(), NodeState::Tombstone)
+                    .await?;
             }
         }
         Ok(())
     }
 
-    fn decide(
+    async fn decide(
         &self,
         view: &dyn ClusterView,
         hb: &RegionHeartbeat,
@@ -237,7 +240,7 @@ impl Scheduler {
         if healthy < max {
             if let Some(node) = candidate {
                 let peer = metapb::Peer {
-                    id: view.alloc_id()?,
+                    id: view.alloc_id().await?,
                     node_id: node.id,
                     role: PeerRole::Learner as i32,
                 };
@@ -279,6 +282,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::executor::block_on;
     use std::cell::Cell;
 
     struct View {
@@ -288,19 +292,20 @@ mod tests {
         tombstoned: Mutex<Vec<u64>>,
     }
 
+    #[async_trait::async_trait]
     impl ClusterView for View {
-        fn nodes(&self) -> Result<Vec<metapb::Node>> {
+        async fn nodes(&self) -> Result<Vec<metapb::Node>> {
             Ok(self.nodes.clone())
         }
-        fn regions(&self) -> Result<Vec<metapb::Region>> {
+        async fn regions(&self) -> Result<Vec<metapb::Region>> {
             Ok(self.regions.clone())
         }
-        fn alloc_id(&self) -> Result<u64> {
+        async fn alloc_id(&self) -> Result<u64> {
             let c = self.next_id.lock();
             c.set(c.get() + 1);
             Ok(c.get())
         }
-        fn set_node_state(&self, node: metapb::Node, state: NodeState) -> Result<()> {
+        async fn set_node_state(&self, node: metapb::Node, state: NodeState) -> Result<()> {
             assert_eq!(state, NodeState::Tombstone);
             self.tombstoned.lock().push(node.id);
             Ok(())
@@ -367,13 +372,13 @@ mod tests {
         };
         let v = view(up(&[1, 2, 3]), vec![r.clone(), other]);
         let s = Scheduler::new(ScheduleConfig::default());
-        let op = s.schedule(&v, &hb(&r, 11)).unwrap();
+        let op = block_on(s.schedule(&v, &hb(&r, 11))).unwrap();
         assert_eq!(
             op,
             Some(RegionOperator::AddLearner(peer(101, 3, PeerRole::Learner)))
         );
         // Repeated, not re-allocated, until the epoch moves.
-        assert_eq!(s.schedule(&v, &hb(&r, 11)).unwrap(), op);
+        assert_eq!(block_on(s.schedule(&v, &hb(&r, 11))).unwrap(), op);
     }
 
     #[test]
@@ -386,10 +391,10 @@ mod tests {
         let s = Scheduler::new(ScheduleConfig::default());
         let mut h = hb(&r, 11);
         h.pending_peers = vec![r.peers[1]];
-        assert_eq!(s.schedule(&v, &h).unwrap(), None);
+        assert_eq!(block_on(s.schedule(&v, &h)).unwrap(), None);
         h.pending_peers.clear();
         assert_eq!(
-            s.schedule(&v, &h).unwrap(),
+            block_on(s.schedule(&v, &h)).unwrap(),
             Some(RegionOperator::PromoteLearner(r.peers[1]))
         );
     }
@@ -406,7 +411,7 @@ mod tests {
         h.pending_peers = vec![r.peers[1]];
         h.down_peers = vec![r.peers[1]];
         assert_eq!(
-            s.schedule(&v, &h).unwrap(),
+            block_on(s.schedule(&v, &h)).unwrap(),
             Some(RegionOperator::RemovePeer(r.peers[1]))
         );
     }
@@ -420,7 +425,7 @@ mod tests {
         ]);
         let v = view(up(&[1, 2, 3, 4]), vec![r.clone()]);
         let s = Scheduler::new(ScheduleConfig::default());
-        assert_eq!(s.schedule(&v, &hb(&r, 11)).unwrap(), None);
+        assert_eq!(block_on(s.schedule(&v, &hb(&r, 11))).unwrap(), None);
     }
 
     #[test]
@@ -433,7 +438,7 @@ mod tests {
         ]);
         let v = view(up(&[1, 2, 3, 4]), vec![r.clone()]);
         let s = Scheduler::new(ScheduleConfig::default());
-        match s.schedule(&v, &hb(&r, 14)).unwrap() {
+        match block_on(s.schedule(&v, &hb(&r, 14))).unwrap() {
             Some(RegionOperator::RemovePeer(p)) => assert_ne!(p.id, 14),
             other => panic!("unexpected {other:?}"),
         }
@@ -452,7 +457,7 @@ mod tests {
         let s = Scheduler::new(ScheduleConfig::default());
         // A replacement first: only two healthy voters.
         assert_eq!(
-            s.schedule(&v, &hb(&r, 11)).unwrap(),
+            block_on(s.schedule(&v, &hb(&r, 11))).unwrap(),
             Some(RegionOperator::AddLearner(peer(101, 4, PeerRole::Learner)))
         );
         let mut r2 = r.clone();
@@ -463,7 +468,7 @@ mod tests {
         });
         let v = view(nodes.clone(), vec![r2.clone()]);
         assert_eq!(
-            s.schedule(&v, &hb(&r2, 11)).unwrap(),
+            block_on(s.schedule(&v, &hb(&r2, 11))).unwrap(),
             Some(RegionOperator::RemovePeer(r.peers[2]))
         );
         let mut r3 = r2.clone();
@@ -473,7 +478,7 @@ mod tests {
             version: 1,
         });
         let v = view(nodes, vec![r3.clone()]);
-        assert_eq!(s.schedule(&v, &hb(&r3, 11)).unwrap(), None);
+        assert_eq!(block_on(s.schedule(&v, &hb(&r3, 11))).unwrap(), None);
         assert_eq!(*v.tombstoned.lock(), vec![3]);
     }
 
@@ -489,13 +494,13 @@ mod tests {
         let v = view(nodes, vec![r.clone()]);
         let s = Scheduler::new(ScheduleConfig::default());
         assert_eq!(
-            s.schedule(&v, &hb(&r, 11)).unwrap(),
+            block_on(s.schedule(&v, &hb(&r, 11))).unwrap(),
             Some(RegionOperator::RemovePeer(r.peers[2]))
         );
         // The leader on a leaving node hands over first.
         let s = Scheduler::new(ScheduleConfig::default());
         assert_eq!(
-            s.schedule(&v, &hb(&r, 13)).unwrap(),
+            block_on(s.schedule(&v, &hb(&r, 13))).unwrap(),
             Some(RegionOperator::TransferLeader(r.peers[0]))
         );
     }
@@ -511,13 +516,13 @@ mod tests {
         let mut h = hb(&r, 11);
         h.down_peers = vec![r.peers[2]];
         let s = Scheduler::new(ScheduleConfig::default());
-        assert_eq!(s.schedule(&v, &h).unwrap(), None);
+        assert_eq!(block_on(s.schedule(&v, &h)).unwrap(), None);
         let s = Scheduler::new(ScheduleConfig {
             max_node_down_time: Duration::ZERO,
             ..Default::default()
         });
         assert_eq!(
-            s.schedule(&v, &h).unwrap(),
+            block_on(s.schedule(&v, &h)).unwrap(),
             Some(RegionOperator::AddLearner(peer(101, 4, PeerRole::Learner)))
         );
         // No spare node: a down voter stays (removing it would not help).
@@ -526,6 +531,6 @@ mod tests {
             max_node_down_time: Duration::ZERO,
             ..Default::default()
         });
-        assert_eq!(s.schedule(&v, &h).unwrap(), None);
+        assert_eq!(block_on(s.schedule(&v, &h)).unwrap(), None);
     }
 }

@@ -3,7 +3,8 @@
 //! Application errors travel in the response header (so a client can tell
 //! "not bootstrapped" from a broken connection); a gRPC status is used only
 //! when this member cannot serve at all (closed), which makes clients fail
-//! over to another endpoint.
+//! over to another endpoint. A follower answers everything but GetMembers
+//! with the header error NOT_LEADER naming the leader.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub(crate) fn error_to_proto(e: &PdError) -> pdpb::Error {
         PdError::AlreadyBootstrapped => T::AlreadyBootstrapped,
         PdError::InvalidArgument(_) => T::InvalidArgument,
         PdError::ClusterIdMismatch { .. } => T::ClusterIdMismatch,
+        PdError::NotLeader(_) => T::NotLeader,
         _ => T::Unknown,
     };
     pdpb::Error {
@@ -77,10 +79,10 @@ impl PdService {
 
     /// Runs `f` after checking the request's cluster id, and sorts its
     /// outcome into header error vs. gRPC status.
-    fn run<T>(
+    async fn run<T>(
         &self,
-        req_header: Option<&pdpb::RequestHeader>,
-        f: impl FnOnce() -> Result<T, PdError>,
+        req_header: Option<pdpb::RequestHeader>,
+        f: impl Future<Output = Result<T, PdError>>,
     ) -> Result<(Option<pdpb::ResponseHeader>, Option<T>), Status> {
         let want = req_header.map_or(0, |h| h.cluster_id);
         let result = if want != 0 && want != self.core.cluster_id() {
@@ -89,11 +91,12 @@ impl PdService {
                 actual: self.core.cluster_id(),
             })
         } else {
-            f()
+            f.await
         };
         match result {
             Ok(v) => Ok((self.header(None), Some(v))),
             Err(PdError::Closed) => Err(Status::unavailable("PD member is shutting down")),
+            Err(PdError::Unavailable(m)) => Err(Status::unavailable(m)),
             Err(e) => Ok((self.header(Some(error_to_proto(&e))), None)),
         }
     }
@@ -106,13 +109,12 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::GetMembersRequest>,
     ) -> Result<Response<pdpb::GetMembersResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || {
-            Ok((self.core.members(), self.core.member().clone()))
-        })?;
-        let (members, leader) = match v {
-            Some((m, l)) => (m, Some(l)),
-            None => (Vec::new(), None),
-        };
+        let (header, v) = self
+            .run(req.header, async {
+                Ok((self.core.members(), self.core.leader()))
+            })
+            .await?;
+        let (members, leader) = v.unwrap_or_default();
         Ok(Response::new(pdpb::GetMembersResponse {
             header,
             members,
@@ -125,7 +127,7 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::IsBootstrappedRequest>,
     ) -> Result<Response<pdpb::IsBootstrappedResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || Ok(self.core.is_bootstrapped()))?;
+        let (header, v) = self.run(req.header, self.core.is_bootstrapped()).await?;
         Ok(Response::new(pdpb::IsBootstrappedResponse {
             header,
             bootstrapped: v.unwrap_or(false),
@@ -137,15 +139,17 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::BootstrapRequest>,
     ) -> Result<Response<pdpb::BootstrapResponse>, Status> {
         let req = req.into_inner();
-        let (header, _) = self.run(req.header.as_ref(), || {
-            let node = req
-                .node
-                .ok_or_else(|| PdError::InvalidArgument("bootstrap without node".into()))?;
-            let region = req
-                .region
-                .ok_or_else(|| PdError::InvalidArgument("bootstrap without region".into()))?;
-            self.core.bootstrap(node, region)
-        })?;
+        let (header, _) = self
+            .run(req.header, async {
+                let node = req
+                    .node
+                    .ok_or_else(|| PdError::InvalidArgument("bootstrap without node".into()))?;
+                let region = req
+                    .region
+                    .ok_or_else(|| PdError::InvalidArgument("bootstrap without region".into()))?;
+                self.core.bootstrap(node, region).await
+            })
+            .await?;
         Ok(Response::new(pdpb::BootstrapResponse { header }))
     }
 
@@ -154,7 +158,7 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::AllocIdRequest>,
     ) -> Result<Response<pdpb::AllocIdResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || self.core.alloc_id())?;
+        let (header, v) = self.run(req.header, self.core.alloc_id()).await?;
         Ok(Response::new(pdpb::AllocIdResponse {
             header,
             id: v.unwrap_or(0),
@@ -166,12 +170,14 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::PutNodeRequest>,
     ) -> Result<Response<pdpb::PutNodeResponse>, Status> {
         let req = req.into_inner();
-        let (header, _) = self.run(req.header.as_ref(), || {
-            let node = req
-                .node
-                .ok_or_else(|| PdError::InvalidArgument("put_node without node".into()))?;
-            self.core.put_node(node)
-        })?;
+        let (header, _) = self
+            .run(req.header, async {
+                let node = req
+                    .node
+                    .ok_or_else(|| PdError::InvalidArgument("put_node without node".into()))?;
+                self.core.put_node(node).await
+            })
+            .await?;
         Ok(Response::new(pdpb::PutNodeResponse { header }))
     }
 
@@ -180,7 +186,9 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::GetNodeRequest>,
     ) -> Result<Response<pdpb::GetNodeResponse>, Status> {
         let req = req.into_inner();
-        let (mut header, v) = self.run(req.header.as_ref(), || self.core.get_node(req.node_id))?;
+        let (mut header, v) = self
+            .run(req.header, self.core.get_node(req.node_id))
+            .await?;
         let node = v.flatten();
         if node.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
             header = self.header(Some(not_found(
@@ -196,7 +204,7 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::GetAllNodesRequest>,
     ) -> Result<Response<pdpb::GetAllNodesResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || self.core.get_all_nodes())?;
+        let (header, v) = self.run(req.header, self.core.get_all_nodes()).await?;
         Ok(Response::new(pdpb::GetAllNodesResponse {
             header,
             nodes: v.unwrap_or_default(),
@@ -208,7 +216,7 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::GetRegionRequest>,
     ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
         let req = req.into_inner();
-        let (mut header, v) = self.run(req.header.as_ref(), || self.core.get_region(&req.key))?;
+        let (mut header, v) = self.run(req.header, self.core.get_region(&req.key)).await?;
         let found = v.flatten();
         if found.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
             header = self.header(Some(not_found(
@@ -224,9 +232,9 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::GetRegionByIdRequest>,
     ) -> Result<Response<pdpb::GetRegionResponse>, Status> {
         let req = req.into_inner();
-        let (mut header, v) = self.run(req.header.as_ref(), || {
-            self.core.get_region_by_id(req.region_id)
-        })?;
+        let (mut header, v) = self
+            .run(req.header, self.core.get_region_by_id(req.region_id))
+            .await?;
         let found = v.flatten();
         if found.is_none() && header.as_ref().is_some_and(|h| h.error.is_none()) {
             header = self.header(Some(not_found(
@@ -242,10 +250,13 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::ScanRegionsRequest>,
     ) -> Result<Response<pdpb::ScanRegionsResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || {
-            self.core
-                .scan_regions(&req.start_key, &req.end_key, req.limit as usize)
-        })?;
+        let (header, v) = self
+            .run(
+                req.header,
+                self.core
+                    .scan_regions(&req.start_key, &req.end_key, req.limit as usize),
+            )
+            .await?;
         let regions = v
             .unwrap_or_default()
             .into_iter()
@@ -262,23 +273,28 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::RegionHeartbeatRequest>,
     ) -> Result<Response<pdpb::RegionHeartbeatResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || {
-            let region = req
-                .region
-                .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
-            let leader = req
-                .leader
-                .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
-            let epoch = region.region_epoch;
-            let region_id = region.id;
-            let op = self.core.handle_region_heartbeat(RegionHeartbeat {
-                region,
-                leader,
-                pending_peers: req.pending_peers,
-                down_peers: req.down_peers,
-            })?;
-            Ok((region_id, epoch, op))
-        })?;
+        let (header, v) = self
+            .run(req.header, async {
+                let region = req
+                    .region
+                    .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
+                let leader = req
+                    .leader
+                    .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
+                let epoch = region.region_epoch;
+                let region_id = region.id;
+                let op = self
+                    .core
+                    .handle_region_heartbeat(RegionHeartbeat {
+                        region,
+                        leader,
+                        pending_peers: req.pending_peers,
+                        down_peers: req.down_peers,
+                    })
+                    .await?;
+                Ok((region_id, epoch, op))
+            })
+            .await?;
         let mut resp = pdpb::RegionHeartbeatResponse {
             header,
             ..Default::default()
@@ -296,7 +312,9 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::AllocRevisionsRequest>,
     ) -> Result<Response<pdpb::AllocRevisionsResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || self.core.alloc_revisions(req.count))?;
+        let (header, v) = self
+            .run(req.header, self.core.alloc_revisions(req.count))
+            .await?;
         Ok(Response::new(pdpb::AllocRevisionsResponse {
             header,
             first: v.unwrap_or(0),
@@ -308,12 +326,7 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::CurrentRevisionRequest>,
     ) -> Result<Response<pdpb::CurrentRevisionResponse>, Status> {
         let req = req.into_inner();
-        let (header, v) = self.run(req.header.as_ref(), || {
-            if self.core.is_closed() {
-                return Err(PdError::Closed);
-            }
-            Ok(self.core.current_revision())
-        })?;
+        let (header, v) = self.run(req.header, self.core.current_revision()).await?;
         Ok(Response::new(pdpb::CurrentRevisionResponse {
             header,
             revision: v.unwrap_or(0),
@@ -321,7 +334,7 @@ impl pd_server::Pd for PdService {
     }
 }
 
-/// Serves PD on `listener` until `shutdown` completes, then drains in-flight
+/// Serves PD's client API on `listener` until `shutdown` completes, then drains in-flight
 /// requests. Does not close the core: the caller does that afterwards, so the
 /// last requests are still answered.
 pub async fn serve<F>(

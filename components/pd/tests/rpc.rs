@@ -252,7 +252,7 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
                         // Another node allocating through its own path: a
                         // reader of this client must see it once completed.
                         let n = (i % 3 + 1) as u32;
-                        let first = core.alloc_revisions(n).unwrap();
+                        let first = core.alloc_revisions(n).await.unwrap();
                         let last = first + i64::from(n) - 1;
                         mine.push((first, last));
                         max_done.fetch_max(last, Ordering::SeqCst);
@@ -288,7 +288,7 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
     assert_eq!(seen.first().copied(), Some(2));
     assert_eq!(seen.last().copied(), Some(1 + count as i64));
     assert_eq!(pd.current_revision().await.unwrap(), 1 + count as i64);
-    assert_eq!(core.current_revision(), 1 + count as i64);
+    assert_eq!(core.current_revision().await.unwrap(), 1 + count as i64);
 
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();

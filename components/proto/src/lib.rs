@@ -32,6 +32,9 @@ pub mod metapb {
 pub mod pdpb {
     tonic::include_proto!("pdpb");
 }
+pub mod pd_raftpb {
+    tonic::include_proto!("pd_raftpb");
+}
 pub mod raft_cmdpb {
     tonic::include_proto!("raft_cmdpb");
 }

@@ -365,7 +365,7 @@ impl RunningNode {
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {
-            if let Err(e) = core.close() {
+            if let Err(e) = core.close().await {
                 tracing::error!("closing the embedded placement driver: {e}");
             }
         }

@@ -1,0 +1,303 @@
+//! PD's replicated state machine: what every member holds after applying
+//! the same raft log, and the one deterministic `apply` that changes it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+
+use proto::pd_raftpb::command::Cmd;
+use proto::{metapb, pd_raftpb};
+use tracing::{debug, info};
+
+use crate::client::{PdError, RegionWithLeader, Result};
+use crate::pd_core::INITIAL_REVISION;
+use crate::storage::{Batch, PersistedState};
+
+pub(crate) struct RegionEntry {
+    pub region: metapb::Region,
+    /// Learned from heartbeats by the leader only; not replicated.
+    pub leader: Option<metapb::Peer>,
+}
+
+#[derive(Default)]
+pub(crate) struct ClusterState {
+    pub bootstrapped: bool,
+    pub nodes: BTreeMap<u64, metapb::Node>,
+    pub regions: HashMap<u64, RegionEntry>,
+    /// start_key -> region id; the regions in it never overlap.
+    pub tree: BTreeMap<Vec<u8>, u64>,
+    /// Committed: no id above it was handed out by any leader.
+    pub id_high_water: u64,
+    /// Committed: no revision above it was handed out by any leader.
+    pub revision_high_water: i64,
+}
+
+/// What a region heartbeat would change.
+pub(crate) enum HeartbeatEffect {
+    /// Older than what PD knows; ignore it.
+    Stale,
+    Unchanged,
+    /// The region's meta is new or changed; the listed regions overlap it
+    /// and become obsolete.
+    Changed(Vec<u64>),
+}
+
+pub(crate) fn epoch(r: &metapb::Region) -> metapb::RegionEpoch {
+    r.region_epoch.unwrap_or_default()
+}
+
+impl ClusterState {
+    pub fn from_persisted(p: PersistedState) -> Result<ClusterState> {
+        let revision_high_water = match p.revision_high_water {
+            None => INITIAL_REVISION,
+            Some(r) if r >= INITIAL_REVISION => r,
+            Some(r) => {
+                return Err(PdError::Storage(format!(
+                    "corrupted revision high-water mark {r}"
+                )))
+            }
+        };
+        let mut c = ClusterState {
+            bootstrapped: p.bootstrapped,
+            id_high_water: p.id_high_water,
+            revision_high_water,
+            ..Default::default()
+        };
+        for n in p.nodes {
+            c.nodes.insert(n.id, n);
+        }
+        for r in p.regions {
+            c.insert_region(r);
+        }
+        if c.tree.len() != c.regions.len() {
+            // Two regions with one start key can only come from corruption or
+            // a bug; refuse rather than route keys to a random one of them.
+            return Err(PdError::Storage(
+                "persisted regions overlap (duplicate start keys)".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    pub fn from_snapshot(s: pd_raftpb::StateSnapshot) -> Result<ClusterState> {
+        Self::from_persisted(PersistedState {
+            bootstrapped: s.bootstrapped,
+            id_high_water: s.id_high_water,
+            revision_high_water: Some(s.revision_high_water),
+            nodes: s.nodes,
+            regions: s.regions,
+        })
+    }
+
+    pub fn entry_with_leader(&self, id: u64) -> Option<RegionWithLeader> {
+        self.regions.get(&id).map(|e| (e.region.clone(), e.leader))
+    }
+
+    /// Ids of the regions overlapping [start, end), in key order.
+    pub fn overlapping(&self, start: &[u8], end: &[u8], limit: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let full = |out: &Vec<u64>| limit != 0 && out.len() >= limit;
+        if !end.is_empty() && start >= end {
+            return out;
+        }
+        if let Some((_, id)) = self
+            .tree
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(start)))
+            .next_back()
+        {
+            if let Some(e) = self.regions.get(id) {
+                if e.region.end_key.is_empty() || e.region.end_key.as_slice() > start {
+                    out.push(*id);
+                }
+            }
+        }
+        for (k, id) in self
+            .tree
+            .range::<[u8], _>((Bound::Excluded(start), Bound::Unbounded))
+        {
+            if full(&out) || (!end.is_empty() && k.as_slice() >= end) {
+                break;
+            }
+            out.push(*id);
+        }
+        out
+    }
+
+    pub fn insert_region(&mut self, region: metapb::Region) {
+        self.tree.insert(region.start_key.clone(), region.id);
+        self.regions.insert(
+            region.id,
+            RegionEntry {
+                region,
+                leader: None,
+            },
+        );
+    }
+
+    pub fn remove_region(&mut self, id: u64) -> Option<RegionEntry> {
+        let e = self.regions.remove(&id)?;
+        if self.tree.get(&e.region.start_key) == Some(&id) {
+            self.tree.remove(&e.region.start_key);
+        }
+        Some(e)
+    }
+
+    pub fn heartbeat_effect(&self, region: &metapb::Region) -> HeartbeatEffect {
+        let new_epoch = epoch(region);
+        let origin_changed = match self.regions.get(&region.id) {
+            Some(origin) => {
+                let old = epoch(&origin.region);
+                if new_epoch.version < old.version || new_epoch.conf_ver < old.conf_ver {
+                    debug!(
+                        region_id = region.id,
+                        ?new_epoch,
+                        ?old,
+                        "stale region heartbeat ignored"
+                    );
+                    return HeartbeatEffect::Stale;
+                }
+                origin.region != *region
+            }
+            None => true,
+        };
+        let overlaps: Vec<u64> = self
+            .overlapping(&region.start_key, &region.end_key, 0)
+            .into_iter()
+            .filter(|id| *id != region.id)
+            .collect();
+        for id in &overlaps {
+            if let Some(o) = self.regions.get(id) {
+                // A newer split/merge already replaced what this reporter
+                // believes; it will learn that and report again.
+                if epoch(&o.region).version > new_epoch.version {
+                    debug!(
+                        region_id = region.id,
+                        overlapped = *id,
+                        "region heartbeat overlaps a newer region, ignored"
+                    );
+                    return HeartbeatEffect::Stale;
+                }
+            }
+        }
+        if origin_changed || !overlaps.is_empty() {
+            HeartbeatEffect::Changed(overlaps)
+        } else {
+            HeartbeatEffect::Unchanged
+        }
+    }
+
+    /// Applies one committed command. Every member runs this on the same
+    /// state in the same order, so it must depend on nothing but `self` and
+    /// `cmd`; the checks the proposer made are repeated because the state
+    /// may have changed between proposing and applying. `Ok(false)`: the
+    /// command changed nothing.
+    pub fn apply(&mut self, cmd: Cmd, batch: &mut Batch) -> Result<bool> {
+        match cmd {
+            Cmd::Bootstrap(b) => {
+                if self.bootstrapped {
+                    return Err(PdError::AlreadyBootstrapped);
+                }
+                let (Some(node), Some(region)) = (b.node, b.region) else {
+                    return Err(PdError::InvalidArgument(
+                        "bootstrap without node or region".into(),
+                    ));
+                };
+                // Ids picked by the caller must never come from the
+                // allocator later.
+                let max_used = region
+                    .peers
+                    .iter()
+                    .map(|p| p.id.max(p.node_id))
+                    .chain([node.id, region.id])
+                    .max()
+                    .unwrap_or(0);
+                if max_used > self.id_high_water {
+                    self.id_high_water = max_used;
+                    batch.put_id_high_water(max_used);
+                }
+                batch.set_bootstrapped();
+                batch.put_node(&node);
+                batch.put_region(&region);
+                info!(
+                    node_id = node.id,
+                    region_id = region.id,
+                    "cluster bootstrapped"
+                );
+                self.bootstrapped = true;
+                self.nodes.insert(node.id, node);
+                self.insert_region(region);
+                Ok(true)
+            }
+            Cmd::PutNode(node) => {
+                if !self.bootstrapped {
+                    return Err(PdError::NotBootstrapped);
+                }
+                if let Some(old) = self.nodes.get(&node.id) {
+                    if *old == node {
+                        return Ok(false);
+                    }
+                    if old.state == metapb::NodeState::Tombstone as i32
+                        && node.state != metapb::NodeState::Tombstone as i32
+                    {
+                        return Err(PdError::InvalidArgument(format!(
+                            "node {} is a tombstone and cannot come back",
+                            node.id
+                        )));
+                    }
+                }
+                batch.put_node(&node);
+                debug!(node_id = node.id, "node stored");
+                self.nodes.insert(node.id, node);
+                Ok(true)
+            }
+            Cmd::UpdateRegion(u) => {
+                let Some(region) = u.region else {
+                    return Err(PdError::InvalidArgument(
+                        "region update without region".into(),
+                    ));
+                };
+                if !self.bootstrapped {
+                    return Err(PdError::NotBootstrapped);
+                }
+                let HeartbeatEffect::Changed(overlaps) = self.heartbeat_effect(&region) else {
+                    return Ok(false);
+                };
+                for id in &overlaps {
+                    batch.delete_region(*id);
+                    if self.remove_region(*id).is_some() {
+                        info!(region_id = *id, by = region.id, "obsolete region removed");
+                    }
+                }
+                batch.put_region(&region);
+                let leader = self.remove_region(region.id).and_then(|e| e.leader);
+                debug!(region_id = region.id, epoch = ?epoch(&region), "region meta updated");
+                let id = region.id;
+                self.insert_region(region);
+                if let Some(e) = self.regions.get_mut(&id) {
+                    e.leader = leader;
+                }
+                Ok(true)
+            }
+            Cmd::IdHighWater(h) => {
+                let v = if h.exact {
+                    h.value
+                } else {
+                    h.value.max(self.id_high_water)
+                };
+                self.id_high_water = v;
+                batch.put_id_high_water(v);
+                Ok(true)
+            }
+            Cmd::RevisionHighWater(h) => {
+                let value = (h.value as i64).max(INITIAL_REVISION);
+                let v = if h.exact {
+                    value
+                } else {
+                    value.max(self.revision_high_water)
+                };
+                self.revision_high_water = v;
+                batch.put_revision_high_water(v);
+                Ok(true)
+            }
+        }
+    }
+}
