@@ -12,6 +12,9 @@ use integration_tests::{client, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 use proto::metapb::PeerRole;
 
+/// An acknowledged write: key, revision, when sent, when acknowledged.
+type Ack = (String, i64, Instant, Instant);
+
 struct Cluster {
     pds: Vec<Pd>,
     nodes: Vec<Node>,
@@ -124,8 +127,7 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     let leader = cluster.leader_index().await;
 
     // One writer per node, each through its own node only.
-    // (key, revision, when sent, when acknowledged)
-    let acked: Arc<Mutex<Vec<(String, i64, Instant, Instant)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for (w, n) in cluster.nodes.iter().enumerate() {

@@ -38,6 +38,13 @@ struct Cli {
     /// [default: this member alone]. Ignored once the data dir exists.
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Voters every region is given, on distinct nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
+    max_replicas: u64,
+    /// How long a node may be unreachable before its replicas are rebuilt
+    /// on other nodes, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    max_node_down_time: u64,
 }
 
 /// A URL we can listen on: http only, explicit host and port, no path.
@@ -98,6 +105,7 @@ struct Settings {
     advertise_client_urls: Vec<String>,
     peer_urls: Vec<(String, HttpUrl)>,
     initial_cluster: Vec<(String, String)>,
+    schedule: pd::schedule::ScheduleConfig,
 }
 
 fn settings(cli: Cli) -> Result<Settings, String> {
@@ -158,6 +166,11 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         advertise_client_urls,
         peer_urls,
         initial_cluster,
+        schedule: pd::schedule::ScheduleConfig {
+            max_replicas: cli.max_replicas as usize,
+            max_node_down_time: std::time::Duration::from_secs(cli.max_node_down_time),
+            ..Default::default()
+        },
     })
 }
 
@@ -198,6 +211,7 @@ async fn run(s: Settings) -> Result<(), String> {
     config.client_urls = s.advertise_client_urls.clone();
     config.peer_urls = s.peer_urls.iter().map(|(u, _)| u.clone()).collect();
     config.initial_cluster = s.initial_cluster.clone();
+    config.schedule = s.schedule.clone();
     let core = PdCore::open(config).map_err(|e| {
         let detail = match e {
             PdError::Storage(m) => m,
