@@ -88,7 +88,9 @@ case "${1:-}" in
         ;;
     kill)
         pid="$(pid_of "${2:?name}")" || { echo "${2} is not running" >&2; exit 1; }
-        kill -9 "$pid" && echo "killed $2 (pid $pid)"
+        kill -9 "$pid"
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+        echo "killed $2 (pid $pid)"
         ;;
     restart)
         launch "${2:?name}"
