@@ -165,6 +165,20 @@ impl Node {
         child.wait().expect("wait for node")
     }
 
+    /// Waits up to `timeout` for the node to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Starts the node again on the same ports and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the node first");

@@ -145,6 +145,16 @@ async fn member_remove_drains_a_node_and_move_leader_hands_over() {
     assert!(region.peers.iter().all(|p| p.node_id != n3_id));
     let err = c2.member_remove(n3_id).await.unwrap_err().to_string();
     assert!(err.contains("etcdserver: member not found"), "{err}");
+    // Like a removed etcd member, the node stops once drained, and does not
+    // come back.
+    let mut n3 = n3;
+    let exit = n3.wait_exit(Duration::from_secs(20));
+    assert!(exit.is_some(), "removed node still running");
+    assert!(
+        n3.log().contains("removed from the cluster"),
+        "{}",
+        n3.log()
+    );
     drop((n1, n2, n3));
 }
 

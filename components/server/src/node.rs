@@ -47,6 +47,7 @@ pub struct RunningNode {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     heartbeats: JoinHandle<()>,
+    removal: JoinHandle<()>,
 }
 
 pub async fn start(config: Config) -> Result<RunningNode, StartError> {
@@ -162,6 +163,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         ctx.pd.clone(),
         stopped.clone(),
     ));
+    let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     Ok(RunningNode {
         ctx,
         store,
@@ -169,6 +171,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         stop,
         servers,
         heartbeats,
+        removal,
     })
 }
 
@@ -343,6 +346,20 @@ async fn join_existing(
     Ok(ident)
 }
 
+/// Returns once PD has tombstoned this node: a MemberRemove finished moving
+/// its replicas away. Like a removed etcd member, the node then stops.
+async fn removed_from_cluster(pd: Arc<dyn PdClient>, node_id: u64) {
+    const POLL: std::time::Duration = std::time::Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(POLL).await;
+        if let Ok(Some(node)) = pd.get_node(node_id).await {
+            if node.state() == metapb::NodeState::Tombstone {
+                return;
+            }
+        }
+    }
+}
+
 fn node_meta(config: &Config, node_id: u64) -> metapb::Node {
     metapb::Node {
         id: node_id,
@@ -362,6 +379,7 @@ impl RunningNode {
             let _ = s.await;
         }
         let _ = self.heartbeats.await;
+        self.removal.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {
@@ -372,17 +390,26 @@ impl RunningNode {
         info!("node stopped");
     }
 
-    /// Waits until a server task ends on its own (an error).
+    /// Waits until a server task ends on its own (an error), or the node
+    /// was removed from the cluster; says why.
     pub async fn wait_failure(&mut self) -> String {
-        if self.servers.is_empty() {
-            return std::future::pending().await;
-        }
-        let (res, idx, _) = futures::future::select_all(self.servers.iter_mut()).await;
-        self.servers.remove(idx);
-        match res {
-            Ok(Ok(())) => "server stopped".into(),
-            Ok(Err(e)) => format!("server failed: {e}"),
-            Err(e) => format!("server panicked: {e}"),
+        let servers = async {
+            if self.servers.is_empty() {
+                return std::future::pending().await;
+            }
+            let (res, idx, _) = futures::future::select_all(self.servers.iter_mut()).await;
+            self.servers.remove(idx);
+            match res {
+                Ok(Ok(())) => "server stopped".into(),
+                Ok(Err(e)) => format!("server failed: {e}"),
+                Err(e) => format!("server panicked: {e}"),
+            }
+        };
+        tokio::select! {
+            why = servers => why,
+            Ok(()) = &mut self.removal => {
+                "this node was removed from the cluster (member remove); its replicas have moved away".into()
+            }
         }
     }
 }
