@@ -175,7 +175,7 @@ start_metastore() {
         PIDS+=($!)
         URLS+="${URLS:+,}${clients[$i]}"
         # The first node bootstraps the cluster; the others join it.
-        [[ $i == 0 ]] && sleep 1
+        if [[ $i == 0 ]]; then sleep 1; fi
     done
 }
 

@@ -93,12 +93,18 @@ impl Node {
 
     /// Starts a dev node with additional command-line flags.
     pub fn start_dev_with(extra_args: &[&str]) -> Node {
+        Self::start_with_peer_port(free_port(), extra_args)
+    }
+
+    /// Starts a node listening for peers on `peer_port`, with additional
+    /// command-line flags.
+    pub fn start_with_peer_port(peer_port: u16, extra_args: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut node = Node {
             child: None,
             dir,
             client_port: free_port(),
-            peer_port: free_port(),
+            peer_port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         node.spawn();

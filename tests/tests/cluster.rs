@@ -181,3 +181,73 @@ async fn nodes_started_together_form_one_cluster() {
     assert_eq!(regions.len(), 1, "one cluster, one region: {regions:?}");
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_add_reserves_the_id_a_starting_node_takes() {
+    let pd = Pd::start();
+    let n1 = start_node("n1", &pd);
+    let mut c1 = client(&n1.endpoint()).await;
+    let peer_port = integration_tests::free_port();
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+
+    let added = c1.member_add([peer_url.clone()], None).await.unwrap();
+    let member = added.member().unwrap().clone();
+    assert!(member.name().is_empty(), "not started yet: no name");
+    assert!(member.client_urls().is_empty());
+    assert_eq!(added.member_list().len(), 2);
+    // The same peer URL twice, or a bad one: etcd's errors.
+    let err = c1
+        .member_add([peer_url.clone()], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcdserver: Peer URLs already exists"),
+        "{err}"
+    );
+    let err = c1
+        .member_add(["127.0.0.1".to_string()], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcdserver: given member URLs are invalid"),
+        "{err}"
+    );
+    // No learner members in MetaStore.
+    let err = c1
+        .member_promote(member.id())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("etcdserver: can only promote a learner member"),
+        "{err}"
+    );
+
+    // A node advertising that peer URL takes the reserved id and gets a
+    // replica like any joining node.
+    let n2 = Node::start_with_peer_port(
+        peer_port,
+        &["--name", "n2", "--pd-endpoints", &pd.endpoint()],
+    );
+    let id2 = client(&n2.endpoint())
+        .await
+        .status()
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .member_id();
+    assert_eq!(id2, member.id());
+    let pd_client = RpcPdClient::connect(&[pd.endpoint()], RpcPdClientConfig::default())
+        .await
+        .unwrap();
+    let region = wait_for_voters(&pd_client, 2).await;
+    assert!(region.peers.iter().any(|p| p.node_id == id2));
+    let list = c1.member_list().await.unwrap();
+    let m2 = list.members().iter().find(|m| m.id() == id2).unwrap();
+    assert_eq!(m2.name(), "n2");
+    assert_eq!(m2.peer_urls(), [peer_url]);
+    drop((n1, n2));
+}

@@ -40,6 +40,11 @@ pub struct InflightWrite<'a> {
 }
 
 impl InflightWrite<'_> {
+    /// Identifies this registration to [`Inflight::set_revision_of`].
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
     pub fn set_revision(&self, rev: i64) {
         self.inflight
             .state
@@ -67,6 +72,15 @@ impl Inflight {
             inflight: self,
             token,
         }
+    }
+
+    /// Sets the revision of the registration `token` (see
+    /// [`InflightWrite::token`]); no-op if it was already dropped.
+    pub fn set_revision_of(&self, token: u64, rev: i64) {
+        if let Some(r) = self.state.lock().writes.get_mut(&token) {
+            *r = Some(rev);
+        }
+        self.notify();
     }
 
     fn notify(&self) {

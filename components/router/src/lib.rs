@@ -9,10 +9,10 @@
 //!   1. latch the keys the request touches ([`latches`]),
 //!   2. evaluate it against the newest state (`mvcc::exec`); a request that
 //!      changes nothing takes no revision and replies at the read revision,
-//!   3. register as in flight ([`inflight`]), take one revision from the
+//!   3. register as in flight ([`inflight`]), take a revision from the
 //!      placement driver's oracle and submit the raft command, both under
-//!      the region's sequencer so the region's log order is its revision
-//!      order,
+//!      the region's [`sequencer`] so the region's log order is its revision
+//!      order (writes queued meanwhile share one oracle call),
 //!   4. wait until the entry is applied, then release everything;
 //!
 //!   and the read protocol: a raft read-index barrier, the oracle's current
@@ -47,6 +47,7 @@ pub mod forward;
 pub mod inflight;
 pub mod latches;
 pub mod resolve;
+pub mod sequencer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +69,7 @@ use crate::forward::{Forwarder, Target};
 use crate::inflight::Inflight;
 use crate::latches::{LatchSet, Latches};
 use crate::resolve::{PdResolver, Resolver};
+use crate::sequencer::Sequencer;
 
 /// How long a request keeps retrying region errors (e.g. during an
 /// election) before it fails.
@@ -120,8 +122,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Default)]
 struct RegionWrites {
     latches: Latches,
-    inflight: Inflight,
-    sequencer: tokio::sync::Mutex<()>,
+    inflight: Arc<Inflight>,
+    sequencer: Arc<Sequencer>,
 }
 
 /// Where a request for a region is served.
@@ -471,21 +473,16 @@ impl Router {
             exec::fill_revisions(&mut response, read_rev, read_rev);
             return Ok(response);
         }
-        let inflight = writes.inflight.register();
-        let (rev, applied) = {
-            let _seq = writes.sequencer.lock().await;
-            let rev = self.pd.alloc_revisions(1).await?;
-            inflight.set_revision(rev);
-            let cmd = RaftCmdRequest {
-                header: Some(header(&status.region)),
-                cmd: Some(Cmd::Write(proto::raft_cmdpb::WriteRequest {
-                    revision: rev,
-                    mutations: eval.mutations,
-                })),
-            };
-            (rev, handle.submit(cmd)?)
-        };
-        applied.await?;
+        let rev = writes
+            .sequencer
+            .write(
+                self.pd.clone(),
+                writes.inflight.clone(),
+                handle.clone(),
+                status.region,
+                eval.mutations,
+            )
+            .await?;
         exec::fill_revisions(&mut response, rev, rev - 1);
         Ok(response)
     }

@@ -83,8 +83,13 @@ fn member(n: metapb::Node) -> Member {
 fn check_urls(urls: &[String]) -> Result<(), Status> {
     let valid = |u: &String| {
         (u.starts_with("http://") || u.starts_with("https://"))
-            && u.parse::<tonic::transport::Uri>()
-                .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
+            // As etcd: scheme://host:port and nothing else.
+            && u.parse::<tonic::transport::Uri>().is_ok_and(|uri| {
+                uri.host().is_some_and(|h| !h.is_empty())
+                    && uri.port_u16().is_some()
+                    && matches!(uri.path(), "" | "/")
+                    && uri.query().is_none()
+            })
     };
     if urls.is_empty() || !urls.iter().all(valid) {
         return Err(Status::invalid_argument(errors::MEMBER_BAD_URLS));
