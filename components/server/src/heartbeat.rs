@@ -19,7 +19,7 @@ use raftstore::{ConfChangeType, PeerStatus, RegionHandle, Store};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 const BUSY_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often leadership and membership changes are looked for.
 const POLL: Duration = Duration::from_millis(200);

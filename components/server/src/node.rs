@@ -92,9 +92,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
             .map_err(|e| data_dir_error(e.to_string()))?;
         (Arc::new(LocalPdClient::new(core.clone())), Some(core))
     } else {
-        let client =
-            RpcPdClient::connect(&config.pd_endpoints, RpcPdClientConfig::default()).await?;
-        (Arc::new(client), None)
+        (Arc::new(connect_pd(&config.pd_endpoints).await?), None)
     };
     // One address cache for raft messages and forwarded requests.
     let resolver = Arc::new(PdResolver::new(pd.clone()));
@@ -344,6 +342,28 @@ async fn join_existing(
     register(config, pd, ident.node_id).await?;
     info!(node_id = ident.node_id, "joined the cluster");
     Ok(ident)
+}
+
+/// How long a starting node waits for the placement driver to answer.
+const PD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Connects to PD, waiting while none of its members answers yet: members
+/// and nodes of a cluster are usually started together, in no set order.
+async fn connect_pd(endpoints: &[String]) -> Result<RpcPdClient, StartError> {
+    let deadline = tokio::time::Instant::now() + PD_START_TIMEOUT;
+    let mut logged = false;
+    loop {
+        match RpcPdClient::connect(endpoints, RpcPdClientConfig::default()).await {
+            Err(pd::PdError::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+                if !logged {
+                    info!("waiting for the placement driver: {why}");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 /// Returns once PD has tombstoned this node: a MemberRemove finished moving
