@@ -1,16 +1,16 @@
 //! Group commit of revisions on a region leader.
 //!
 //! A region's log order must be its revision order, so taking a revision
-//! from the oracle and submitting the raft command happen under one lock per
-//! region. With a remote placement driver, one oracle round trip per write
-//! under that lock would cap a region at one write per round trip. Instead,
-//! writes queue up, and whoever holds the lock takes one block of revisions
-//! for everything queued and submits the commands in queue order: revision
-//! `first + i` to the i-th queued write. Each write is still registered as
+//! from the oracle and submitting the raft command are done by one task at a
+//! time per region. With a remote placement driver, one oracle round trip per write
+//! would cap a region at one write per round trip. Instead, writes queue
+//! up, and a single drain task takes one block of revisions for everything
+//! queued and submits the commands in queue order (revision `first + i` to
+//! the i-th queued write), again and again until the queue is empty. Each write is still registered as
 //! in flight before its revision exists and stays so until it is applied.
 //!
 //! [`Sequencer::write`] runs to completion even if its caller goes away (the
-//! work is a spawned task): a write that took a revision must stay in the
+//! work, and the drain, are spawned tasks): a write that took a revision must stay in the
 //! in-flight set until its entry is applied or has failed, or a reader at a
 //! higher revision could miss it.
 
@@ -43,8 +43,18 @@ struct Job {
 
 #[derive(Default)]
 pub struct Sequencer {
-    queue: Mutex<Vec<Job>>,
-    lock: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Job>,
+    /// A drain task is running; it takes everything queued until the queue
+    /// is empty. One drainer at a time is what keeps log order = revision
+    /// order, and a writer that finds one running just waits: were every
+    /// writer to take its turn at sequencing, each would take whatever few
+    /// writes arrived since the previous turn, one oracle call each.
+    draining: bool,
 }
 
 impl Sequencer {
@@ -66,13 +76,21 @@ impl Sequencer {
             let registered = inflight.register();
             let (done, rx) = oneshot::channel();
             let region_id = region.id;
-            this.queue.lock().push(Job {
-                token: registered.token(),
-                region,
-                mutations,
-                done,
-            });
-            this.drain(pd.as_ref(), &inflight, &handle).await;
+            let start_drainer = {
+                let mut state = this.state.lock();
+                state.queue.push(Job {
+                    token: registered.token(),
+                    region,
+                    mutations,
+                    done,
+                });
+                !std::mem::replace(&mut state.draining, true)
+            };
+            if start_drainer {
+                let drainer = this.clone();
+                let inflight = inflight.clone();
+                tokio::spawn(async move { drainer.drain(pd.as_ref(), &inflight, &handle).await });
+            }
             let (rev, applied) = rx
                 .await
                 .map_err(|_| Error::Region(raftstore::Error::Stopped(region_id)))??;
@@ -84,19 +102,18 @@ impl Sequencer {
         .map_err(|e| Error::Remote(format!("write task failed: {e}")))?
     }
 
-    /// Sequences everything queued, unless the lock holder before us already
-    /// took our job along.
+    /// Sequences batches until nothing is queued.
     async fn drain(&self, pd: &dyn PdClient, inflight: &Inflight, handle: &RegionHandle) {
-        let _seq = self.lock.lock().await;
         loop {
             let jobs: Vec<Job> = {
-                let mut queue = self.queue.lock();
-                let n = queue.len().min(MAX_BATCH);
-                queue.drain(..n).collect()
+                let mut state = self.state.lock();
+                if state.queue.is_empty() {
+                    state.draining = false;
+                    return;
+                }
+                let n = state.queue.len().min(MAX_BATCH);
+                state.queue.drain(..n).collect()
             };
-            if jobs.is_empty() {
-                return;
-            }
             self.sequence(pd, inflight, handle, jobs).await;
         }
     }
