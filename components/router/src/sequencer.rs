@@ -104,6 +104,17 @@ impl Sequencer {
 
     /// Sequences batches until nothing is queued.
     async fn drain(&self, pd: &dyn PdClient, inflight: &Inflight, handle: &RegionHandle) {
+        // Were this task to die by a panic with `draining` still set, no
+        // write of the region would ever be sequenced again.
+        struct OnPanic<'a>(&'a Sequencer);
+        impl Drop for OnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.state.lock().draining = false;
+                }
+            }
+        }
+        let _on_panic = OnPanic(self);
         loop {
             let jobs: Vec<Job> = {
                 let mut state = self.state.lock();
