@@ -52,7 +52,6 @@
 
 pub mod client;
 pub mod local;
-mod logger;
 pub mod pd_core;
 mod raft_node;
 pub mod rpc_client;

@@ -300,8 +300,12 @@ impl RaftNode {
         };
         rc.validate()
             .map_err(|e| PdError::InvalidArgument(format!("raft config: {e}")))?;
-        let mut raw = RawNode::new(&rc, store, &crate::logger::raft_logger(shared.self_id))
-            .map_err(|e| PdError::Storage(format!("cannot start PD raft: {e}")))?;
+        let mut raw = RawNode::new(
+            &rc,
+            store,
+            &engine::raft_logger("pd_member", shared.self_id),
+        )
+        .map_err(|e| PdError::Storage(format!("cannot start PD raft: {e}")))?;
         if single {
             // Nobody else can win; no reason to wait an election timeout.
             let _ = raw.campaign();

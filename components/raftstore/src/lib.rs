@@ -12,7 +12,6 @@
 
 mod error;
 mod keys;
-mod logger;
 pub mod peer;
 mod snapshot;
 pub mod storage;

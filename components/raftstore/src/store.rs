@@ -61,7 +61,6 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::keys;
-use crate::logger::raft_logger;
 use crate::peer::{
     conf_state_from_region, Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD,
 };
@@ -493,7 +492,7 @@ impl Store {
             pre_vote: true,
             ..Default::default()
         };
-        let raw = RawNode::new(&cfg, storage, &raft_logger(region.id))?;
+        let raw = RawNode::new(&cfg, storage, &engine::raft_logger("region_id", region.id))?;
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(PeerShared {
             status: Mutex::new(PeerStatus {

@@ -1,5 +1,6 @@
 //! raft-rs logs through slog; this drain forwards its records to `tracing`
-//! so the node has one log stream.
+//! so a process has one log stream. Shared by the node's region replicas and
+//! PD's raft group.
 
 use std::fmt::Write as _;
 
@@ -39,6 +40,8 @@ impl Drain for TracingDrain {
     }
 }
 
-pub(crate) fn raft_logger(member_id: u64) -> slog::Logger {
-    slog::Logger::root(TracingDrain.fuse(), slog::o!("pd_member" => member_id))
+/// A raft-rs logger whose records go to `tracing`, tagged `key = id` (the
+/// region of a node's replica, the member of a PD group).
+pub fn raft_logger(key: &'static str, id: u64) -> slog::Logger {
+    slog::Logger::root(TracingDrain.fuse(), slog::o!(key => id))
 }
