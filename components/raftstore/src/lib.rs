@@ -12,6 +12,7 @@
 
 mod error;
 mod keys;
+mod membership;
 pub mod peer;
 mod snapshot;
 pub mod storage;

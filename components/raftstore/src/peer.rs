@@ -15,7 +15,7 @@
 //! and roles, and bumps `conf_ver`; a replica that finds itself removed
 //! marks its region state `Tombstone` and stops.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,15 +27,13 @@ use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
 use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
-use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
-    Entry, EntryType, MessageType, Snapshot,
-};
+use raft::eraftpb::{ConfChangeType, ConfState, Entry, EntryType, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::keys;
+use crate::membership;
 use crate::snapshot::{self, RegionSnapshot};
 use crate::storage::PeerStorage;
 use crate::transport::Transport;
@@ -370,97 +368,17 @@ impl Peer {
         });
     }
 
-    /// Whether `changes` can apply to the region as it is now. Checked on
-    /// the leader only; apply rejects the change if the epoch moved since.
-    fn check_conf_change(&self, changes: &[(ConfChangeType, metapb::Peer)]) -> Result<()> {
-        let invalid = |what: String| Err(Error::InvalidConfChange(what));
-        if changes.is_empty() {
-            return invalid("no changes".into());
-        }
-        let in_joint = self.region.peers.iter().any(|p| {
-            matches!(
-                p.role(),
-                metapb::PeerRole::IncomingVoter | metapb::PeerRole::DemotingVoter
-            )
-        });
-        if in_joint || self.raw.raft.has_pending_conf() {
-            return Err(Error::StaleCommand(
-                "another membership change is in progress".into(),
-            ));
-        }
-        let mut ids = HashSet::new();
-        let mut new_nodes = HashSet::new();
-        for (ty, peer) in changes {
-            if peer.id == 0 || peer.node_id == 0 {
-                return invalid(format!("peer {peer:?} without id or node"));
-            }
-            if !ids.insert(peer.id) {
-                return invalid(format!("peer {} changed twice", peer.id));
-            }
-            let existing = self.region.peers.iter().find(|p| p.id == peer.id);
-            match (ty, existing) {
-                (ConfChangeType::RemoveNode, None) => {
-                    return invalid(format!("peer {} is not in the region", peer.id))
-                }
-                (ConfChangeType::RemoveNode, Some(p)) => {
-                    // raft-rs would keep such a voter in the outgoing half
-                    // only, a role the region meta cannot express.
-                    if changes.len() > 1 && p.role() == metapb::PeerRole::Voter {
-                        return invalid(format!(
-                            "voter {} must be demoted before it is removed with other changes",
-                            peer.id
-                        ));
-                    }
-                }
-                (_, Some(p)) if p.node_id != peer.node_id => {
-                    return invalid(format!(
-                        "peer {} is on node {}, not {}",
-                        peer.id, p.node_id, peer.node_id
-                    ))
-                }
-                (_, Some(_)) => {}
-                (_, None) => {
-                    // Every replica of a region on a distinct node.
-                    if self.region.peers.iter().any(|p| p.node_id == peer.node_id)
-                        || !new_nodes.insert(peer.node_id)
-                    {
-                        return invalid(format!(
-                            "node {} already has a replica of the region",
-                            peer.node_id
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: Callback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = self.check_conf_change(&changes) {
+        let pending = self.raw.raft.has_pending_conf();
+        if let Err(e) = membership::check_conf_change(&self.region, pending, &changes) {
             let _ = cb.send(Err(e));
             return;
         }
-        let mut cc = ConfChangeV2::default();
-        // One change uses raft's simple protocol; several go through joint
-        // consensus, which raft-rs leaves by itself once it is applied.
-        cc.set_transition(ConfChangeTransition::Auto);
-        for (ty, peer) in &changes {
-            let mut single = ConfChangeSingle::default();
-            single.set_change_type(*ty);
-            single.node_id = peer.id;
-            cc.mut_changes().push(single);
-        }
-        let context = metapb::Region {
-            id: self.region.id,
-            region_epoch: self.region.region_epoch,
-            peers: changes.iter().map(|(_, p)| *p).collect(),
-            ..Default::default()
-        };
-        cc.set_context(context.encode_to_vec().into());
+        let cc = membership::conf_change_proposal(&self.region, &changes);
         let index = self.raw.raft.raft_log.last_index() + 1;
         let term = self.raw.raft.term;
         if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
@@ -949,51 +867,16 @@ impl Peer {
     /// unchanged; every replica decides the same, as the check only reads
     /// the entry and the region meta at this index.
     fn apply_conf_change(&mut self, e: &Entry, wb: &mut WriteBatch) -> Result<ConfState> {
-        let corrupted = |err: protobuf::ProtobufError| Error::Corrupted(err.to_string());
-        let cc = if e.get_entry_type() == EntryType::EntryConfChange {
-            let v1 =
-                <ConfChange as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?;
-            let mut single = ConfChangeSingle::default();
-            single.set_change_type(v1.get_change_type());
-            single.node_id = v1.node_id;
-            let mut cc = ConfChangeV2::default();
-            cc.mut_changes().push(single);
-            cc.set_context(v1.context.clone());
-            cc
-        } else {
-            <ConfChangeV2 as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?
-        };
-        let new_peers = if cc.get_changes().is_empty() {
-            // raft-rs's own proposal leaving a joint configuration: no
-            // context, nothing to check against.
-            Vec::new()
-        } else {
-            let ctx = metapb::Region::decode(cc.get_context())?;
-            if ctx.id != self.region.id || ctx.region_epoch != self.region.region_epoch {
-                return Err(Error::EpochNotMatch {
-                    region_id: self.region.id,
-                    current: self.region.clone(),
-                });
-            }
-            let matches = ctx.peers.len() == cc.get_changes().len()
-                && ctx
-                    .peers
-                    .iter()
-                    .zip(cc.get_changes())
-                    .all(|(p, c)| p.id == c.node_id);
-            if !matches {
-                return Err(Error::Corrupted(
-                    "membership change context does not match its changes".into(),
-                ));
-            }
-            ctx.peers
-        };
-        let cs = self.raw.apply_conf_change(&cc)?;
-        let mut region = region_with_conf_state(&self.region, &cs, &new_peers);
-        let mut epoch = region.region_epoch.unwrap_or_default();
-        epoch.conf_ver += 1;
-        region.region_epoch = Some(epoch);
-        let removed = !region.peers.iter().any(|p| p.id == self.peer_id);
+        let raw = &mut self.raw;
+        let applied = membership::apply_conf_change(&self.region, self.peer_id, e, |cc| {
+            raw.apply_conf_change(cc)
+        })?;
+        let membership::AppliedConfChange {
+            region,
+            conf_state: cs,
+            removed,
+        } = applied;
+        let epoch = region.region_epoch.unwrap_or_default();
         let state = RegionLocalState {
             region: Some(region.clone()),
             state: if removed {
@@ -1205,84 +1088,4 @@ impl Peer {
             let _ = cb.send(Err(err()));
         }
     }
-}
-
-/// `old`'s meta with its peers replaced by the members of `cs`, each with
-/// the role `cs` gives it. Nodes come from `old` or, for new peers, from
-/// `added`. Peer order is kept: old peers first, then new ones.
-pub(crate) fn region_with_conf_state(
-    old: &metapb::Region,
-    cs: &ConfState,
-    added: &[metapb::Peer],
-) -> metapb::Region {
-    use metapb::PeerRole;
-    let incoming: HashSet<u64> = cs.voters.iter().copied().collect();
-    let outgoing: HashSet<u64> = cs.voters_outgoing.iter().copied().collect();
-    let learners: HashSet<u64> = cs.learners.iter().copied().collect();
-    let joint = !outgoing.is_empty();
-    let mut region = old.clone();
-    region.peers.clear();
-    let mut seen = HashSet::new();
-    for p in old.peers.iter().chain(added) {
-        if !seen.insert(p.id) {
-            continue;
-        }
-        let role = if incoming.contains(&p.id) && (!joint || outgoing.contains(&p.id)) {
-            PeerRole::Voter
-        } else if incoming.contains(&p.id) {
-            PeerRole::IncomingVoter
-        } else if outgoing.contains(&p.id) {
-            // Only in the outgoing half: becoming a learner (raft-rs's
-            // learners_next); removing a voter in a joint change is refused.
-            PeerRole::DemotingVoter
-        } else if learners.contains(&p.id) {
-            PeerRole::Learner
-        } else {
-            continue;
-        };
-        let mut peer = *p;
-        peer.set_role(role);
-        region.peers.push(peer);
-    }
-    for id in incoming.iter().chain(&outgoing).chain(&learners) {
-        if !seen.contains(id) {
-            error!(
-                region_id = old.id,
-                peer_id = id,
-                "raft member without a node; left out"
-            );
-        }
-    }
-    region
-}
-
-/// The raft configuration `region`'s peer roles describe: what start-up
-/// restores, so it always matches the applied index (the region meta is
-/// written with the apply state).
-pub(crate) fn conf_state_from_region(region: &metapb::Region) -> ConfState {
-    use metapb::PeerRole;
-    let ids = |roles: &[PeerRole]| -> Vec<u64> {
-        region
-            .peers
-            .iter()
-            .filter(|p| roles.contains(&p.role()))
-            .map(|p| p.id)
-            .collect()
-    };
-    let mut cs = ConfState {
-        voters: ids(&[PeerRole::Voter, PeerRole::IncomingVoter]),
-        learners: ids(&[PeerRole::Learner]),
-        ..Default::default()
-    };
-    let joint = region
-        .peers
-        .iter()
-        .any(|p| matches!(p.role(), PeerRole::IncomingVoter | PeerRole::DemotingVoter));
-    if joint {
-        cs.voters_outgoing = ids(&[PeerRole::Voter, PeerRole::DemotingVoter]);
-        cs.learners_next = ids(&[PeerRole::DemotingVoter]);
-        // Every joint change here is proposed with automatic leave.
-        cs.auto_leave = true;
-    }
-    cs
 }

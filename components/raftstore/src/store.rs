@@ -61,9 +61,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::keys;
-use crate::peer::{
-    conf_state_from_region, Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD,
-};
+use crate::membership::conf_state_from_region;
+use crate::peer::{Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
 use crate::{Error, Result};
