@@ -12,6 +12,7 @@
 
 mod error;
 mod keys;
+mod log_gc;
 mod membership;
 pub mod peer;
 mod snapshot;

@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::keys;
+use crate::log_gc;
 use crate::membership;
 use crate::snapshot::{self, RegionSnapshot};
 use crate::storage::PeerStorage;
@@ -617,7 +618,14 @@ impl Peer {
             return Ok(());
         }
         self.raw.advance_apply();
-        self.gc_raft_log()?;
+        log_gc::gc_raft_log(
+            &mut self.raw,
+            &self.kv,
+            &self.log,
+            region_id,
+            &mut self.apply_state,
+            self.log_gc_threshold,
+        )?;
         self.after_ready();
         Ok(())
     }
@@ -973,47 +981,6 @@ impl Peer {
             }
             advanced
         });
-    }
-
-    /// Drops applied raft log entries once enough have piled up. The apply
-    /// state must be durable first: a restart replays from the applied index.
-    fn gc_raft_log(&mut self) -> Result<()> {
-        let applied = self.apply_state.applied_index;
-        let truncated = self.raw.store().truncated_index();
-        let threshold = self.log_gc_threshold;
-        if applied < truncated + threshold {
-            return Ok(());
-        }
-        let mut compact_to = applied;
-        if self.raw.raft.state == StateRole::Leader {
-            // Keep what followers close behind still need; one further
-            // behind (stopped, partitioned) gets a snapshot instead of
-            // pinning the log. The progress set includes learners, so a
-            // learner catching up is treated like any follower.
-            for (_, pr) in self.raw.raft.prs().iter() {
-                if pr.matched + threshold >= applied {
-                    compact_to = compact_to.min(pr.matched);
-                }
-            }
-        }
-        if compact_to <= truncated {
-            return Ok(());
-        }
-        let term = raft::Storage::term(self.raw.store(), compact_to)?;
-        self.apply_state.truncated_index = compact_to;
-        self.apply_state.truncated_term = term;
-        let mut wb = WriteBatch::default();
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(self.region.id),
-            &self.apply_state.encode_to_vec(),
-        );
-        self.kv.write(wb)?;
-        self.kv.sync_wal()?;
-        self.log.compact_to(self.region.id, compact_to + 1)?;
-        self.raw.mut_store().set_truncated(compact_to, term);
-        Ok(())
     }
 
     fn after_ready(&mut self) {
