@@ -631,91 +631,31 @@ impl Peer {
     }
 
     /// Replaces this replica's data, region meta and log by `snap`'s (a
-    /// replica created on demand gets its range, epoch and peers here).
-    /// RocksDB is synced
-    /// first: a crash before the raft-engine write leaves the new apply
-    /// state (truncated at the snapshot) with the old log, which start-up
-    /// reconciles; a crash before the RocksDB write leaves the old state,
-    /// and the leader sends the snapshot again.
-    fn install_snapshot(
-        &mut self,
-        snap: &Snapshot,
-        mut hs: raft::eraftpb::HardState,
-    ) -> Result<()> {
-        let region_id = self.region.id;
-        let meta = snap.get_metadata();
-        let (index, term) = (meta.index, meta.term);
-        let data = match self.incoming_snapshot.take() {
-            Some((i, t, data)) if i == index && t == term => data,
-            _ => snapshot::decode(region_id, snap.get_data())?,
-        };
-        let mut wb = WriteBatch::default();
-        // Until splits exist, the snapshot's range is the replica's own (or
-        // the first one a replica created on demand gets).
-        snapshot::stage_apply(&self.kv, &mut wb, &data)?;
-        let region_state = RegionLocalState {
-            region: Some(data.region.clone()),
-            state: PeerState::Normal as i32,
-        };
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::region_state_key(region_id),
-            &region_state.encode_to_vec(),
-        );
-        let mut apply_state = RaftApplyState {
-            applied_index: index,
-            applied_term: term,
-            truncated_index: index,
-            truncated_term: term,
-            applied_revision: data.applied_revision,
-            compact_revision: data.compact_revision,
-            pending_compact_revision: 0,
-        };
-        if data.compact_revision > 0 {
-            // The leader's physical clean-up may not be done; redo it here.
-            apply_state.pending_compact_revision = data.compact_revision;
-        }
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(region_id),
-            &apply_state.encode_to_vec(),
-        );
-        self.kv.write_sync(wb)?;
-
-        hs.term = hs.term.max(term);
-        let mut batch = RaftLogBatch::default();
-        batch.clean(region_id);
-        batch.put_hard_state(region_id, &hs)?;
-        batch.put_conf_state(region_id, meta.get_conf_state())?;
-        self.log.write(&mut batch, true)?;
-
-        let store = self.raw.mut_store();
-        store.set_truncated(index, term);
-        store.set_conf_state(meta.get_conf_state().clone());
-        store.set_hard_state(hs);
-        self.apply_state = apply_state;
-        self.region = data.region.clone();
-        info!(
-            region_id,
-            index,
-            term,
-            mvcc_entries = data.mvcc.len(),
-            revision_entries = data.revision.len(),
-            applied_revision = data.applied_revision,
-            "installed region snapshot"
-        );
+    /// replica created on demand gets its range, epoch and peers here; see
+    /// [`snapshot::install`]), then publishes the new state and redoes the
+    /// snapshot's compaction.
+    fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
+        let installed = snapshot::install(
+            &self.kv,
+            &self.log,
+            self.raw.mut_store(),
+            self.region.id,
+            snap,
+            hs,
+            self.incoming_snapshot.take(),
+        )?;
+        self.apply_state = installed.apply_state;
+        self.region = installed.region;
         {
             let mut status = self.shared.status.lock();
             status.region = self.region.clone();
-            status.applied_index = index;
-            status.truncated_index = index;
-            status.applied_revision = data.applied_revision;
-            status.compact_revision = data.compact_revision;
+            status.applied_index = self.apply_state.applied_index;
+            status.truncated_index = self.apply_state.truncated_index;
+            status.applied_revision = self.apply_state.applied_revision;
+            status.compact_revision = self.apply_state.compact_revision;
         }
-        if data.compact_revision > 0 {
-            self.spawn_compaction(data.compact_revision);
+        if self.apply_state.compact_revision > 0 {
+            self.spawn_compaction(self.apply_state.compact_revision);
         }
         Ok(())
     }
