@@ -10,6 +10,7 @@
 //! by the `snapshot` module) for replicas behind the log GC. [`Transport`]
 //! carries raft messages between nodes.
 
+mod apply;
 mod error;
 mod keys;
 mod log_gc;

@@ -25,13 +25,14 @@ use mvcc::MvccStore;
 use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
-use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
-use raft::eraftpb::{ConfChangeType, ConfState, Entry, EntryType, MessageType, Snapshot};
+use proto::raft_cmdpb::RaftCmdRequest;
+use proto::raft_serverpb::{RaftApplyState, RaftMessage};
+use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::keys;
 use crate::log_gc;
 use crate::membership;
@@ -323,31 +324,12 @@ impl Peer {
         }
     }
 
-    /// Data commands check the epoch's `version` only (TiKV does the same):
-    /// a membership change (`conf_ver`) does not change which keys the
-    /// region owns, so a command built before one is still valid.
-    fn check_epoch(&self, cmd: &RaftCmdRequest) -> Result<()> {
-        let current = self.region.region_epoch.unwrap_or_default();
-        let given = cmd
-            .header
-            .as_ref()
-            .and_then(|h| h.region_epoch)
-            .unwrap_or_default();
-        if given.version != current.version {
-            return Err(Error::EpochNotMatch {
-                region_id: self.region.id,
-                current: self.region.clone(),
-            });
-        }
-        Ok(())
-    }
-
     fn propose(&mut self, cmd: RaftCmdRequest, cb: Callback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = self.check_epoch(&cmd) {
+        if let Err(e) = apply::check_epoch(&self.region, &cmd) {
             let _ = cb.send(Err(e));
             return;
         }
@@ -706,58 +688,49 @@ impl Peer {
         }
     }
 
+    /// Applies committed `entries` (see the `apply` module for what that
+    /// stages and returns), then makes the outcome this replica's: the
+    /// batch with the apply state goes to RocksDB, the new conf state to
+    /// raft-rs's storage and (a copy) to raft-engine, the applied state is
+    /// published, and only then are the callers answered and a compaction
+    /// started. A removed replica's loop ends after this turn.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut wb = WriteBatch::default();
-        let mut results = Vec::with_capacity(entries.len());
-        let mut new_compaction = None;
-        let mut new_conf_state = None;
-        for e in &entries {
-            let is_conf = e.get_entry_type() != EntryType::EntryNormal;
-            let res = match e.get_entry_type() {
-                EntryType::EntryNormal if e.data.is_empty() => Ok(()),
-                EntryType::EntryNormal => self.apply_command(e, &mut wb, &mut new_compaction),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    match self.apply_conf_change(e, &mut wb) {
-                        Ok(cs) => {
-                            new_conf_state = Some(cs);
-                            Ok(())
-                        }
-                        Err(err) => {
-                            info!(
-                                region_id = self.region.id,
-                                index = e.index,
-                                "membership change rejected: {err}"
-                            );
-                            Err(err)
-                        }
-                    }
-                }
-            };
-            self.apply_state.applied_index = e.index;
-            self.apply_state.applied_term = e.term;
-            results.push((e.index, e.term, is_conf, res));
-            if self.destroyed {
-                // The entries after this replica's removal are not its own.
-                break;
-            }
-        }
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(self.region.id),
-            &self.apply_state.encode_to_vec(),
-        );
+        let raw = &mut self.raw;
+        let ctx = ApplyContext {
+            kv: &self.kv,
+            mvcc: &self.mvcc,
+            peer_id: self.peer_id,
+            region: &self.region,
+            apply_state: &self.apply_state,
+        };
+        let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
         self.kv.write(wb)?;
-        if let Some(cs) = new_conf_state {
+        let ApplyOutcome {
+            results,
+            apply_state,
+            region,
+            conf_state,
+            compaction,
+            removed,
+        } = outcome;
+        self.apply_state = apply_state;
+        if let Some(region) = region {
+            self.region = region;
+        }
+        if let Some(cs) = conf_state {
+            self.raw.mut_store().set_conf_state(cs.clone());
             // Informational copy next to the log: start-up derives the conf
             // state from the region meta, which is written with the apply
             // state above and so always matches the applied index.
             let mut batch = RaftLogBatch::default();
             batch.put_conf_state(self.region.id, &cs)?;
             self.log.write(&mut batch, false)?;
+        }
+        if removed {
+            self.destroyed = true;
         }
         {
             // Visible before anyone hears of the writes, so a caller's next
@@ -767,89 +740,13 @@ impl Peer {
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
         }
-        for (index, term, is_conf, res) in results {
-            self.respond(index, term, is_conf, res);
+        for r in results {
+            self.respond(r.index, r.term, r.is_conf, r.result);
         }
-        if let Some(rev) = new_compaction {
+        if let Some(rev) = compaction {
             self.spawn_compaction(rev);
         }
         Ok(())
-    }
-
-    fn apply_command(
-        &mut self,
-        e: &Entry,
-        wb: &mut WriteBatch,
-        new_compaction: &mut Option<i64>,
-    ) -> Result<()> {
-        let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
-        self.check_epoch(&cmd)?;
-        match cmd.cmd {
-            Some(Cmd::Write(w)) => {
-                if w.revision <= self.apply_state.applied_revision {
-                    return Err(Error::StaleCommand(format!(
-                        "revision {} is not above applied revision {}",
-                        w.revision, self.apply_state.applied_revision
-                    )));
-                }
-                self.mvcc.stage_changes(wb, w.revision, &w.mutations);
-                self.apply_state.applied_revision = w.revision;
-                Ok(())
-            }
-            Some(Cmd::Compact(c)) => {
-                if c.revision <= self.apply_state.compact_revision {
-                    return Err(Error::Mvcc(mvcc::Error::Compacted));
-                }
-                self.apply_state.compact_revision = c.revision;
-                self.apply_state.pending_compact_revision = c.revision;
-                *new_compaction = Some(c.revision);
-                Ok(())
-            }
-            None => Err(Error::Corrupted("raft command without a body".into())),
-        }
-    }
-
-    /// Applies a committed membership change: raft's configuration, then the
-    /// region meta (peers, roles, `conf_ver`) staged into `wb` with the
-    /// apply state. Returns the new conf state. An error leaves everything
-    /// unchanged; every replica decides the same, as the check only reads
-    /// the entry and the region meta at this index.
-    fn apply_conf_change(&mut self, e: &Entry, wb: &mut WriteBatch) -> Result<ConfState> {
-        let raw = &mut self.raw;
-        let applied = membership::apply_conf_change(&self.region, self.peer_id, e, |cc| {
-            raw.apply_conf_change(cc)
-        })?;
-        let membership::AppliedConfChange {
-            region,
-            conf_state: cs,
-            removed,
-        } = applied;
-        let epoch = region.region_epoch.unwrap_or_default();
-        let state = RegionLocalState {
-            region: Some(region.clone()),
-            state: if removed {
-                PeerState::Tombstone
-            } else {
-                PeerState::Normal
-            } as i32,
-        };
-        self.kv.put_to(
-            wb,
-            cf::META,
-            &keys::region_state_key(region.id),
-            &state.encode_to_vec(),
-        );
-        info!(
-            region_id = region.id,
-            index = e.index,
-            conf_ver = epoch.conf_ver,
-            peers = ?region.peers,
-            "applied membership change"
-        );
-        self.raw.mut_store().set_conf_state(cs.clone());
-        self.region = region;
-        self.destroyed = removed;
-        Ok(cs)
     }
 
     fn respond(&mut self, index: u64, term: u64, is_conf: bool, res: Result<()>) {
