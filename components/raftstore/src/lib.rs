@@ -11,6 +11,7 @@
 //! carries raft messages between nodes.
 
 mod apply;
+mod compaction;
 mod error;
 mod keys;
 mod log_gc;

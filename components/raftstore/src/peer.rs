@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
+use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
 use mvcc::MvccStore;
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -33,7 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
-use crate::keys;
+use crate::compaction;
 use crate::log_gc;
 use crate::membership;
 use crate::snapshot::{self, RegionSnapshot};
@@ -299,7 +299,13 @@ impl Peer {
             }
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::TransferLeader { peer_id, cb } => self.transfer_leader(peer_id, cb),
-            PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
+            PeerMsg::CompactionDone { revision } => compaction::finish(
+                &self.kv,
+                self.region.id,
+                &mut self.apply_state,
+                &self.shared.physically_compacted,
+                revision,
+            ),
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
         }
@@ -775,48 +781,12 @@ impl Peer {
         }
     }
 
+    /// Starts the physical clean-up of compaction `revision`; the replica
+    /// hears of its end through its mailbox.
     fn spawn_compaction(&self, revision: i64) {
-        let mvcc = self.mvcc.clone();
         let mailbox = self.mailbox.clone();
-        let (start, end) = (self.region.start_key.clone(), self.region.end_key.clone());
-        let region_id = self.region.id;
-        std::thread::Builder::new()
-            .name(format!("compact-{region_id}"))
-            .spawn(move || match mvcc.compact(revision, &start, &end) {
-                Ok(stats) => {
-                    info!(region_id, revision, ?stats, "compaction finished");
-                    let _ = mailbox.send(PeerMsg::CompactionDone { revision });
-                }
-                // Retried at the next restart: the pending revision stays.
-                Err(e) => error!(region_id, revision, "compaction failed: {e}"),
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| error!(region_id, "cannot start compaction thread: {e}"));
-    }
-
-    fn on_compaction_done(&mut self, revision: i64) {
-        if self.apply_state.pending_compact_revision == revision {
-            self.apply_state.pending_compact_revision = 0;
-            let mut wb = WriteBatch::default();
-            self.kv.put_to(
-                &mut wb,
-                cf::META,
-                &keys::apply_state_key(self.region.id),
-                &self.apply_state.encode_to_vec(),
-            );
-            if let Err(e) = self.kv.write(wb) {
-                error!(
-                    region_id = self.region.id,
-                    "persisting compaction state: {e}"
-                );
-            }
-        }
-        self.shared.physically_compacted.send_if_modified(|done| {
-            let advanced = revision > *done;
-            if advanced {
-                *done = revision;
-            }
-            advanced
+        compaction::spawn(self.mvcc.clone(), &self.region, revision, move || {
+            let _ = mailbox.send(PeerMsg::CompactionDone { revision });
         });
     }
 
