@@ -16,6 +16,7 @@ mod error;
 mod keys;
 mod log_gc;
 mod membership;
+mod message;
 pub mod peer;
 mod snapshot;
 pub mod storage;

@@ -36,6 +36,7 @@ use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
 use crate::log_gc;
 use crate::membership;
+use crate::message::{self, SnapshotCheck};
 use crate::snapshot::{self, RegionSnapshot};
 use crate::storage::PeerStorage;
 use crate::transport::Transport;
@@ -448,91 +449,32 @@ impl Peer {
         (pending, down)
     }
 
-    /// Steps a peer's message into raft. Whatever a peer sends, a bad
-    /// message is logged and dropped: one faulty node must not stop this one.
+    /// Steps a peer's message into raft once the `message` module's checks
+    /// admit it; a bad message is logged and dropped.
     fn on_raft_message(&mut self, msg: RaftMessage) {
         let region_id = self.region.id;
-        let from_peer = msg.from_peer.unwrap_or_default();
-        let to_peer = msg.to_peer.unwrap_or_default();
-        if msg.region_id != region_id || to_peer.id != self.peer_id {
-            debug!(
-                region_id,
-                msg_region = msg.region_id,
-                to = to_peer.id,
-                "raft message for another replica; dropped"
-            );
+        let initialized = self.is_initialized();
+        let Some(sender) = message::admit_sender(&self.region, self.peer_id, initialized, &msg)
+        else {
             return;
-        }
-        if !self.region.peers.iter().any(|p| p.id == from_peer.id) {
-            if self.is_initialized() || from_peer.id == 0 || from_peer.node_id == 0 {
-                debug!(
-                    region_id,
-                    from = from_peer.id,
-                    "raft message from a non-member; dropped"
-                );
-                return;
-            }
-            // A replica created on demand knows no members until its
-            // snapshot arrives; it must be able to answer whoever leads.
-            self.region.peers.push(from_peer);
-        }
-        let m = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
-        {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(
-                    region_id,
-                    from = from_peer.id,
-                    "undecodable raft message dropped: {e}"
-                );
-                return;
-            }
         };
-        // The envelope is what routing trusted; a payload claiming other
-        // endpoints would let raft attribute it to the wrong peer.
-        if m.from != from_peer.id || m.to != self.peer_id {
-            warn!(
-                region_id,
-                from = from_peer.id,
-                msg_from = m.from,
-                msg_to = m.to,
-                "raft message with mismatched endpoints dropped"
-            );
-            return;
+        let from = sender.peer.id;
+        if sender.new_member {
+            self.region.peers.push(sender.peer);
         }
-        self.last_heard.insert(from_peer.id, Instant::now());
-        // Once raft accepts a snapshot it must be installed, so its data
-        // is checked before raft sees it.
-        if m.get_msg_type() == MessageType::MsgSnapshot {
-            let meta = m.get_snapshot().get_metadata();
-            match snapshot::decode(region_id, m.get_snapshot().get_data()) {
-                Ok(snap) if !snap.region.peers.iter().any(|p| p.id == self.peer_id) => {
-                    warn!(
-                        region_id,
-                        from = from_peer.id,
-                        index = meta.index,
-                        "region snapshot without this replica dropped"
-                    );
-                    return;
-                }
-                Ok(snap) => self.incoming_snapshot = Some((meta.index, meta.term, snap)),
-                Err(e) => {
-                    warn!(
-                        region_id,
-                        from = from_peer.id,
-                        index = meta.index,
-                        "malformed region snapshot dropped: {e}"
-                    );
-                    return;
-                }
+        let Some(m) = message::decode_payload(region_id, self.peer_id, from, &msg) else {
+            return;
+        };
+        self.last_heard.insert(from, Instant::now());
+        match message::check_snapshot(region_id, self.peer_id, from, &m) {
+            SnapshotCheck::NotSnapshot => {}
+            SnapshotCheck::Valid(index, term, snap) => {
+                self.incoming_snapshot = Some((index, term, snap));
             }
+            SnapshotCheck::Rejected => return,
         }
         if let Err(e) = self.raw.step(m) {
-            debug!(
-                region_id,
-                from = from_peer.id,
-                "raft rejected a message: {e}"
-            );
+            debug!(region_id, from, "raft rejected a message: {e}");
         }
         if self.raw.raft.raft_log.unstable_snapshot().is_none() {
             // Not accepted (stale, or not a snapshot): nothing to keep.
@@ -660,36 +602,17 @@ impl Peer {
             .find(|p| p.id == self.peer_id)
             .copied();
         for m in msgs {
-            let Some(to_peer) = self.region.peers.iter().find(|p| p.id == m.to).copied() else {
-                warn!(
-                    region_id,
-                    to = m.to,
-                    "raft message to a peer not in the region; dropped"
-                );
+            let Some(msg) = message::envelope(&self.region, from_peer, &m) else {
                 continue;
             };
-            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
-            let message = match protobuf::Message::write_to_bytes(&m) {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(region_id, to = m.to, "cannot encode raft message: {e}");
-                    continue;
-                }
-            };
-            self.transport.send(RaftMessage {
-                region_id,
-                from_peer,
-                to_peer: Some(to_peer),
-                region_epoch: self.region.region_epoch,
-                message,
-            });
-            if let Some(to) = snapshot_to {
+            self.transport.send(msg);
+            if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The transport does not confirm delivery. Reporting it
                 // done lets raft probe the follower again: if the snapshot
                 // was lost, the follower's rejection triggers a new one
                 // instead of raft waiting for it forever.
-                info!(region_id, to, "sent region snapshot");
-                self.raw.report_snapshot(to, SnapshotStatus::Finish);
+                info!(region_id, to = m.to, "sent region snapshot");
+                self.raw.report_snapshot(m.to, SnapshotStatus::Finish);
             }
         }
     }
