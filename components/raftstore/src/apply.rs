@@ -154,7 +154,10 @@ pub(crate) fn apply_entries(
         }
     }
     let Run {
-        kv, mut wb, outcome, ..
+        kv,
+        mut wb,
+        outcome,
+        ..
     } = run;
     kv.put_to(
         &mut wb,
@@ -214,7 +217,8 @@ impl Run<'_> {
                         w.revision, state.applied_revision
                     )));
                 }
-                self.mvcc.stage_changes(&mut self.wb, w.revision, &w.mutations);
+                self.mvcc
+                    .stage_changes(&mut self.wb, w.revision, &w.mutations);
                 state.applied_revision = w.revision;
                 Ok(())
             }

@@ -19,6 +19,7 @@ mod membership;
 mod message;
 pub mod peer;
 mod snapshot;
+mod status;
 pub mod storage;
 mod store;
 pub mod transport;

@@ -124,7 +124,12 @@ pub(crate) enum SnapshotCheck {
 
 /// Validates the region snapshot `m` carries, if any, for replica
 /// `peer_id` of region `region_id` (see the module docs).
-pub(crate) fn check_snapshot(region_id: u64, peer_id: u64, from: u64, m: &Message) -> SnapshotCheck {
+pub(crate) fn check_snapshot(
+    region_id: u64,
+    peer_id: u64,
+    from: u64,
+    m: &Message,
+) -> SnapshotCheck {
     if m.get_msg_type() != MessageType::MsgSnapshot {
         return SnapshotCheck::NotSnapshot;
     }

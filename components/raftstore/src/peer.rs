@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
 use mvcc::MvccStore;
-use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::{RaftApplyState, RaftMessage};
 use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
@@ -38,6 +37,8 @@ use crate::log_gc;
 use crate::membership;
 use crate::message::{self, SnapshotCheck};
 use crate::snapshot::{self, RegionSnapshot};
+use crate::status::LastHeard;
+pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
 use crate::storage::PeerStorage;
 use crate::transport::Transport;
 use crate::{Error, Result};
@@ -85,40 +86,6 @@ pub enum PeerMsg {
     Stop,
 }
 
-/// A replica's state as other threads see it.
-#[derive(Clone, Debug, Default)]
-pub struct PeerStatus {
-    pub region: metapb::Region,
-    pub peer_id: u64,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    /// Last index dropped from the raft log (the log starts after it).
-    pub truncated_index: u64,
-    pub leader_peer_id: u64,
-    /// Leader that has applied an entry of its own term: only then is its
-    /// state machine complete enough to evaluate requests against.
-    pub ready_leader: bool,
-    pub applied_revision: i64,
-    pub compact_revision: i64,
-    /// On the leader: peers whose log is well behind the commit index.
-    pub pending_peers: Vec<u64>,
-    /// On the leader: peers it has not heard from for [`PEER_DOWN_AFTER`].
-    pub down_peers: Vec<u64>,
-}
-
-/// A peer further behind the commit index than this is reported pending
-/// (a learner is promoted only once it is not).
-pub const PENDING_LAG: u64 = 64;
-/// A peer silent for this long is reported down to PD.
-pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(10);
-
-pub struct PeerShared {
-    pub status: Mutex<PeerStatus>,
-    /// Highest compaction revision whose physical clean-up has finished.
-    pub physically_compacted: watch::Sender<i64>,
-}
-
 struct Proposal {
     index: u64,
     term: u64,
@@ -157,7 +124,7 @@ pub struct Peer {
     /// Run when the loop of a removed replica ends (unregisters it).
     on_destroy: Option<Box<dyn FnOnce() + Send>>,
     /// When each peer last sent this replica a message (for down peers).
-    last_heard: HashMap<u64, Instant>,
+    last_heard: LastHeard,
 }
 
 impl Peer {
@@ -195,7 +162,7 @@ impl Peer {
             transport,
             destroyed: false,
             on_destroy: None,
-            last_heard: HashMap::new(),
+            last_heard: LastHeard::default(),
         }
     }
 
@@ -340,21 +307,8 @@ impl Peer {
             let _ = cb.send(Err(e));
             return;
         }
-        let index = self.raw.raft.raft_log.last_index() + 1;
-        let term = self.raw.raft.term;
-        if let Err(e) = self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
-            let _ = cb.send(Err(Error::StaleCommand(format!("proposal dropped: {e}"))));
-            return;
-        }
-        if self.raw.raft.raft_log.last_index() < index {
-            let _ = cb.send(Err(Error::StaleCommand("proposal dropped".into())));
-            return;
-        }
-        self.proposals.push_back(Proposal {
-            index,
-            term,
-            cb,
-            conf_change: false,
+        self.propose_entry(cb, false, |raw| {
+            raw.propose(Vec::new(), cmd.encode_to_vec())
         });
     }
 
@@ -369,30 +323,47 @@ impl Peer {
             return;
         }
         let cc = membership::conf_change_proposal(&self.region, &changes);
+        let proposed = self.propose_entry(cb, true, |raw| raw.propose_conf_change(Vec::new(), cc));
+        if let Some(index) = proposed {
+            info!(
+                region_id = self.region.id,
+                index,
+                ?changes,
+                "proposed membership change"
+            );
+        }
+    }
+
+    /// Appends an entry through `propose` and queues `cb` for its outcome:
+    /// returns its index, or `None` once `cb` was told raft dropped it.
+    fn propose_entry(
+        &mut self,
+        cb: Callback,
+        conf_change: bool,
+        propose: impl FnOnce(&mut RawNode<PeerStorage>) -> raft::Result<()>,
+    ) -> Option<u64> {
+        let what = if conf_change {
+            "membership change"
+        } else {
+            "proposal"
+        };
         let index = self.raw.raft.raft_log.last_index() + 1;
         let term = self.raw.raft.term;
-        if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
-            let _ = cb.send(Err(Error::StaleCommand(format!(
-                "membership change dropped: {e}"
-            ))));
-            return;
+        if let Err(e) = propose(&mut self.raw) {
+            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped: {e}"))));
+            return None;
         }
         if self.raw.raft.raft_log.last_index() < index {
-            let _ = cb.send(Err(Error::StaleCommand("membership change dropped".into())));
-            return;
+            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped"))));
+            return None;
         }
-        info!(
-            region_id = self.region.id,
-            index,
-            ?changes,
-            "proposed membership change"
-        );
         self.proposals.push_back(Proposal {
             index,
             term,
             cb,
-            conf_change: true,
+            conf_change,
         });
+        Some(index)
     }
 
     fn transfer_leader(&mut self, peer_id: u64, cb: Callback) {
@@ -423,32 +394,6 @@ impl Peer {
         let _ = cb.send(Ok(()));
     }
 
-    /// Peers behind the commit index or silent, as the leader sees them.
-    fn lagging_peers(&self) -> (Vec<u64>, Vec<u64>) {
-        if self.raw.raft.state != StateRole::Leader {
-            return (Vec::new(), Vec::new());
-        }
-        let committed = self.raw.raft.raft_log.committed;
-        let mut pending = Vec::new();
-        let mut down = Vec::new();
-        for (id, pr) in self.raw.raft.prs().iter() {
-            if *id == self.peer_id {
-                continue;
-            }
-            if pr.matched + PENDING_LAG < committed || pr.state == raft::ProgressState::Snapshot {
-                pending.push(*id);
-            }
-            if self
-                .last_heard
-                .get(id)
-                .is_some_and(|t| t.elapsed() >= PEER_DOWN_AFTER)
-            {
-                down.push(*id);
-            }
-        }
-        (pending, down)
-    }
-
     /// Steps a peer's message into raft once the `message` module's checks
     /// admit it; a bad message is logged and dropped.
     fn on_raft_message(&mut self, msg: RaftMessage) {
@@ -465,7 +410,7 @@ impl Peer {
         let Some(m) = message::decode_payload(region_id, self.peer_id, from, &msg) else {
             return;
         };
-        self.last_heard.insert(from, Instant::now());
+        self.last_heard.heard(from);
         match message::check_snapshot(region_id, self.peer_id, from, &m) {
             SnapshotCheck::NotSnapshot => {}
             SnapshotCheck::Valid(index, term, snap) => {
@@ -715,24 +660,8 @@ impl Peer {
 
     fn after_ready(&mut self) {
         let applied = self.apply_state.applied_index;
-        let mut i = 0;
-        while i < self.ready_reads.len() {
-            if self.ready_reads[i].0 <= applied {
-                let (_, cb) = self.ready_reads.swap_remove(i);
-                let _ = cb.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
-        let mut i = 0;
-        while i < self.applied_waiters.len() {
-            if self.applied_waiters[i].0 <= applied {
-                let (_, cb) = self.applied_waiters.swap_remove(i);
-                let _ = cb.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
+        release_reached(&mut self.ready_reads, applied);
+        release_reached(&mut self.applied_waiters, applied);
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
@@ -742,19 +671,8 @@ impl Peer {
             }
         }
         if leader {
-            if !self.was_leader {
-                // As a follower this replica heard only from the leader;
-                // every peer's silence counts from now.
-                self.last_heard.clear();
-            }
-            // A peer just added counts as heard when it appears.
-            let now = Instant::now();
-            for id in self.raw.raft.prs().conf().voters().ids().iter() {
-                self.last_heard.entry(id).or_insert(now);
-            }
-            for id in self.raw.raft.prs().conf().learners().iter() {
-                self.last_heard.entry(*id).or_insert(now);
-            }
+            self.last_heard
+                .on_leader_turn(!self.was_leader, &self.raw.raft);
         }
         self.was_leader = leader;
         let mut status = self.shared.status.lock();
@@ -768,7 +686,8 @@ impl Peer {
         status.ready_leader = self.is_ready_leader();
         status.applied_revision = self.apply_state.applied_revision;
         status.compact_revision = self.apply_state.compact_revision;
-        (status.pending_peers, status.down_peers) = self.lagging_peers();
+        (status.pending_peers, status.down_peers) =
+            self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {
@@ -783,6 +702,20 @@ impl Peer {
         }
         for (_, cb) in self.applied_waiters.drain(..) {
             let _ = cb.send(Err(err()));
+        }
+    }
+}
+
+/// Answers (with success) and drops the callers in `waiters` waiting for an
+/// index at or below `applied`.
+fn release_reached(waiters: &mut Vec<(u64, Callback)>, applied: u64) {
+    let mut i = 0;
+    while i < waiters.len() {
+        if waiters[i].0 <= applied {
+            let (_, cb) = waiters.swap_remove(i);
+            let _ = cb.send(Ok(()));
+        } else {
+            i += 1;
         }
     }
 }
