@@ -272,3 +272,303 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use proto::raft_cmdpb::{
+        mutation::Op, CompactRequest, Mutation, RaftRequestHeader, WriteRequest,
+    };
+    use raft::eraftpb::ConfChangeType;
+
+    use super::*;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        kv: KvEngine,
+        mvcc: MvccStore,
+    }
+
+    fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = KvEngine::open(dir.path()).unwrap();
+        Env {
+            mvcc: MvccStore::new(kv.clone()),
+            kv,
+            _dir: dir,
+        }
+    }
+
+    fn peer(id: u64, role: metapb::PeerRole) -> metapb::Peer {
+        let mut p = metapb::Peer {
+            id,
+            node_id: id,
+            role: 0,
+        };
+        p.set_role(role);
+        p
+    }
+
+    fn region() -> metapb::Region {
+        metapb::Region {
+            id: 9,
+            region_epoch: Some(metapb::RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: vec![
+                peer(1, metapb::PeerRole::Voter),
+                peer(2, metapb::PeerRole::Voter),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn entry(index: u64, data: Vec<u8>) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = 2;
+        e.data = data.into();
+        e
+    }
+
+    fn cmd(index: u64, conf_ver: u64, version: u64, cmd: Option<Cmd>) -> Entry {
+        let req = RaftCmdRequest {
+            header: Some(RaftRequestHeader {
+                region_id: 9,
+                region_epoch: Some(metapb::RegionEpoch { conf_ver, version }),
+                proposal_id: 0,
+            }),
+            cmd,
+        };
+        entry(index, req.encode_to_vec())
+    }
+
+    fn put(revision: i64) -> Option<Cmd> {
+        Some(Cmd::Write(WriteRequest {
+            revision,
+            mutations: vec![Mutation {
+                op: Op::Put as i32,
+                key: b"k".to_vec(),
+                value: format!("v{revision}").into_bytes(),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    fn compact(revision: i64) -> Option<Cmd> {
+        Some(Cmd::Compact(CompactRequest { revision }))
+    }
+
+    fn conf_entry(
+        index: u64,
+        region: &metapb::Region,
+        changes: &[(ConfChangeType, metapb::Peer)],
+    ) -> Entry {
+        let cc = membership::conf_change_proposal(region, changes);
+        let mut e = entry(index, protobuf::Message::write_to_bytes(&cc).unwrap());
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e
+    }
+
+    fn apply_state() -> RaftApplyState {
+        RaftApplyState {
+            applied_index: 5,
+            applied_term: 1,
+            truncated_index: 5,
+            truncated_term: 1,
+            applied_revision: 2,
+            compact_revision: 1,
+            pending_compact_revision: 0,
+        }
+    }
+
+    fn run(
+        env: &Env,
+        region: &metapb::Region,
+        entries: &[Entry],
+        raft: impl FnMut(&ConfChangeV2) -> raft::Result<ConfState>,
+    ) -> ApplyOutcome {
+        let state = apply_state();
+        let ctx = ApplyContext {
+            kv: &env.kv,
+            mvcc: &env.mvcc,
+            peer_id: 1,
+            region,
+            apply_state: &state,
+        };
+        let (wb, outcome) = apply_entries(ctx, entries, raft);
+        env.kv.write(wb).unwrap();
+        outcome
+    }
+
+    fn no_conf_change(_: &ConfChangeV2) -> raft::Result<ConfState> {
+        panic!("raft's configuration must not change")
+    }
+
+    fn region_state(env: &Env) -> RegionLocalState {
+        let raw = env
+            .kv
+            .get(cf::META, &keys::region_state_key(9))
+            .unwrap()
+            .unwrap();
+        RegionLocalState::decode(raw.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn data_commands() {
+        let env = env();
+        let entries = [
+            entry(6, Vec::new()),
+            cmd(7, 1, 1, put(3)),
+            cmd(8, 1, 1, put(3)),
+            cmd(9, 1, 2, put(4)),
+            cmd(10, 7, 1, put(4)),
+            cmd(11, 1, 1, compact(2)),
+            cmd(12, 1, 1, compact(2)),
+            cmd(13, 1, 1, None),
+            entry(14, vec![0xFF, 0xFF]),
+        ];
+        let out = run(&env, &region(), &entries, no_conf_change);
+        let results: Vec<_> = out.results.iter().map(|r| (r.index, &r.result)).collect();
+        assert!(matches!(results[0], (6, Ok(()))));
+        assert!(matches!(results[1], (7, Ok(()))));
+        assert!(matches!(results[2], (8, Err(Error::StaleCommand(_)))));
+        assert!(matches!(results[3], (9, Err(Error::EpochNotMatch { .. }))));
+        // Only the epoch's version counts for data commands.
+        assert!(matches!(results[4], (10, Ok(()))));
+        assert!(matches!(results[5], (11, Ok(()))));
+        assert!(matches!(
+            results[6],
+            (12, Err(Error::Mvcc(mvcc::Error::Compacted)))
+        ));
+        assert!(matches!(results[7], (13, Err(Error::Corrupted(_)))));
+        assert!(matches!(results[8], (14, Err(Error::Corrupted(_)))));
+        assert!(out.results.iter().all(|r| !r.is_conf && r.term == 2));
+
+        let expected = RaftApplyState {
+            applied_index: 14,
+            applied_term: 2,
+            applied_revision: 4,
+            compact_revision: 2,
+            pending_compact_revision: 2,
+            ..apply_state()
+        };
+        assert_eq!(out.apply_state, expected);
+        assert_eq!(out.compaction, Some(2));
+        assert!(out.region.is_none() && out.conf_state.is_none() && !out.removed);
+        // The batch carried the data and the apply state.
+        let raw = env
+            .kv
+            .get(cf::META, &keys::apply_state_key(9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(RaftApplyState::decode(raw.as_slice()).unwrap(), expected);
+        let kv = env.mvcc.get(b"k", i64::MAX).unwrap().unwrap();
+        assert_eq!((kv.mod_revision, kv.value), (4, b"v4".to_vec()));
+    }
+
+    #[test]
+    fn membership_change_applies_in_entry_order() {
+        let env = env();
+        let old = region();
+        let learner = peer(3, metapb::PeerRole::Learner);
+        let calls = Cell::new(0);
+        let entries = [
+            conf_entry(6, &old, &[(ConfChangeType::AddLearnerNode, learner)]),
+            cmd(7, 1, 1, put(3)),
+            // Proposed against the epoch before the first change.
+            conf_entry(8, &old, &[(ConfChangeType::AddNode, learner)]),
+        ];
+        let out = run(&env, &old, &entries, |_| {
+            calls.set(calls.get() + 1);
+            Ok(ConfState {
+                voters: vec![1, 2],
+                learners: vec![3],
+                ..Default::default()
+            })
+        });
+        assert_eq!(calls.get(), 1);
+        assert!(out.results[0].is_conf && out.results[0].result.is_ok());
+        assert!(out.results[1].result.is_ok());
+        assert!(matches!(
+            out.results[2].result,
+            Err(Error::EpochNotMatch { .. })
+        ));
+        let new = out.region.unwrap();
+        assert_eq!(new.region_epoch.unwrap().conf_ver, 2);
+        assert_eq!(new.peers.last(), Some(&learner));
+        assert_eq!(out.conf_state.unwrap().learners, vec![3]);
+        assert!(!out.removed);
+        assert_eq!(out.apply_state.applied_index, 8);
+        let state = region_state(&env);
+        assert_eq!(state.state(), PeerState::Normal);
+        assert_eq!(state.region, Some(new));
+    }
+
+    #[test]
+    fn rejected_membership_change_changes_nothing() {
+        let env = env();
+        let old = region();
+        let mut e = conf_entry(
+            6,
+            &old,
+            &[(
+                ConfChangeType::AddLearnerNode,
+                peer(3, metapb::PeerRole::Learner),
+            )],
+        );
+        // A context naming another peer than the change.
+        let mut cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data).unwrap();
+        cc.mut_changes()[0].node_id = 4;
+        e.data = protobuf::Message::write_to_bytes(&cc).unwrap().into();
+        let refused = conf_entry(
+            7,
+            &old,
+            &[(ConfChangeType::RemoveNode, peer(2, metapb::PeerRole::Voter))],
+        );
+        let out = run(&env, &old, &[e, refused], |_| {
+            Err(raft::Error::ConfChangeError("refused".into()))
+        });
+        assert!(matches!(out.results[0].result, Err(Error::Corrupted(_))));
+        assert!(matches!(out.results[1].result, Err(Error::Raft(_))));
+        assert!(out.region.is_none() && out.conf_state.is_none() && !out.removed);
+        assert_eq!(out.apply_state.applied_index, 7);
+        assert!(env
+            .kv
+            .get(cf::META, &keys::region_state_key(9))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn removal_stops_the_run_and_tombstones() {
+        let env = env();
+        let old = region();
+        let entries = [
+            conf_entry(
+                6,
+                &old,
+                &[(ConfChangeType::RemoveNode, peer(1, metapb::PeerRole::Voter))],
+            ),
+            cmd(7, 1, 1, put(3)),
+        ];
+        let out = run(&env, &old, &entries, |_| {
+            Ok(ConfState {
+                voters: vec![2],
+                ..Default::default()
+            })
+        });
+        assert!(out.removed);
+        assert_eq!(out.results.len(), 1);
+        assert_eq!(out.apply_state.applied_index, 6);
+        assert_eq!(out.apply_state.applied_revision, 2);
+        let state = region_state(&env);
+        assert_eq!(state.state(), PeerState::Tombstone);
+        assert_eq!(
+            state.region.unwrap().peers,
+            vec![peer(2, metapb::PeerRole::Voter)]
+        );
+    }
+}
