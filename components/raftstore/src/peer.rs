@@ -1,21 +1,43 @@
 //! One region replica: a raft-rs `RawNode` driven on its own thread.
 //!
-//! Each loop turn drains the mailbox (so concurrent proposals share one
-//! raft-engine fsync), ticks, and handles one `Ready`: new entries and the
-//! hard state are synced to raft-engine before anything that depends on
-//! them, committed entries are applied to RocksDB in one write batch
-//! together with the apply state, and then the waiting callers are told.
-//! A region snapshot from the leader replaces the replica's data and log
-//! (see [`Peer::install_snapshot`]).
+//! This module owns the replica's event loop and nothing it can hand off:
+//! the mailbox (requests in the `msg` module's protocol), proposing,
+//! read barriers, leadership transfer, the `Ready` loop, sending raft
+//! messages, the callbacks of proposals and the status it publishes. What
+//! the loop delegates, each with its own contract: checking and addressing
+//! raft messages (`message`), applying committed entries (`apply`, which
+//! returns an outcome this loop makes the replica's), membership changes
+//! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
+//! physical compaction (`compaction`), readers waiting for an index
+//! (`read_queue`) and pending/down peers (`status`).
 //!
-//! Membership changes are raft-rs `ConfChangeV2` entries whose context is a
-//! `metapb::Region` carrying the epoch they were proposed against and the
-//! changed peers (raft only knows peer ids, the region also needs their
-//! nodes). Applying one updates raft's configuration, the region's peers
-//! and roles, and bumps `conf_ver`; a replica that finds itself removed
-//! marks its region state `Tombstone` and stops.
+//! Each loop turn drains the mailbox (so concurrent proposals share one
+//! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
+//! `Ready`, in this order: messages that need nothing persisted go out; a
+//! snapshot is installed (raft-rs returns no committed entries with one);
+//! committed entries are applied; new entries and the hard state are
+//! written to raft-engine (synced when raft asks) before the messages that
+//! depend on them go out; after `advance`, the commit index is persisted
+//! (no fsync: the quorum has it) and the newly committed entries are
+//! applied; then the log may be GCed and the status is published.
+//!
+//! Edge cases:
+//! * A storage write failure aborts the process: going on could
+//!   acknowledge writes that are not durable.
+//! * A proposal is answered when its entry applies: with the entry's
+//!   result if the entry at its index has its term, `StaleCommand` if
+//!   another leader's entry took the slot, or if raft-rs turned a
+//!   membership change it refused into an empty entry. A proposal raft
+//!   drops at once is answered `StaleCommand` right away.
+//! * A replica removed by a membership change stops applying at that entry
+//!   (its region state is already `Tombstone`), answers everything still
+//!   waiting with `Stopped`, drops its raft log and unregisters itself.
+//!   Its MVCC data stays in RocksDB for now.
+//! * A sole voter campaigns at once when it starts, instead of waiting an
+//!   election timeout; a compaction left pending by a previous run is
+//!   started again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +50,6 @@ use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::{RaftApplyState, RaftMessage};
 use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
-use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
@@ -36,6 +57,8 @@ use crate::compaction;
 use crate::log_gc;
 use crate::membership;
 use crate::message::{self, SnapshotCheck};
+pub use crate::msg::{Callback, PeerMsg};
+use crate::read_queue::ReadQueue;
 use crate::snapshot::{self, RegionSnapshot};
 use crate::status::LastHeard;
 pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
@@ -47,44 +70,6 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Default number of applied raft log entries kept before GC. Replicas that
 /// fall further behind catch up through a region snapshot.
 pub const DEFAULT_LOG_GC_THRESHOLD: u64 = 4096;
-
-pub type Callback = oneshot::Sender<Result<()>>;
-
-pub enum PeerMsg {
-    /// Replicate and apply `cmd`; answered once applied (or rejected).
-    Propose {
-        cmd: RaftCmdRequest,
-        cb: Callback,
-    },
-    /// Linearizable read barrier: answered once this replica is confirmed
-    /// leader by a quorum and has applied everything committed before.
-    ReadIndex {
-        cb: Callback,
-    },
-    /// Replicate and apply a membership change; answered once applied.
-    ChangePeers {
-        changes: Vec<(ConfChangeType, metapb::Peer)>,
-        cb: Callback,
-    },
-    /// Hand leadership to `peer_id`; answered once the transfer started
-    /// (raft-rs aborts it silently if the target does not win in time).
-    TransferLeader {
-        peer_id: u64,
-        cb: Callback,
-    },
-    /// Answered once this replica has applied `index` (a follower read
-    /// waiting for the leader's read index).
-    WaitApplied {
-        index: u64,
-        cb: Callback,
-    },
-    CompactionDone {
-        revision: i64,
-    },
-    /// A raft message from a peer on another node.
-    Raft(RaftMessage),
-    Stop,
-}
 
 struct Proposal {
     index: u64,
@@ -104,13 +89,8 @@ pub struct Peer {
     mvcc: MvccStore,
     apply_state: RaftApplyState,
     proposals: VecDeque<Proposal>,
-    next_read_id: u64,
-    /// Read barriers waiting for raft to confirm leadership, by request id.
-    pending_reads: HashMap<u64, Callback>,
-    /// Confirmed read barriers waiting for the apply index to reach theirs.
-    ready_reads: Vec<(u64, Callback)>,
-    /// `WaitApplied` callers, by the index they wait for.
-    applied_waiters: Vec<(u64, Callback)>,
+    /// Read barriers and `WaitApplied` callers.
+    reads: ReadQueue,
     was_leader: bool,
     log_gc_threshold: u64,
     /// A snapshot validated when it arrived, kept until raft hands it back
@@ -150,10 +130,7 @@ impl Peer {
             log,
             apply_state,
             proposals: VecDeque::new(),
-            next_read_id: 0,
-            pending_reads: HashMap::new(),
-            ready_reads: Vec::new(),
-            applied_waiters: Vec::new(),
+            reads: ReadQueue::default(),
             was_leader: false,
             log_gc_threshold,
             incoming_snapshot: None,
@@ -259,11 +236,8 @@ impl Peer {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
             PeerMsg::WaitApplied { index, cb } => {
-                if index <= self.apply_state.applied_index {
-                    let _ = cb.send(Ok(()));
-                } else {
-                    self.applied_waiters.push((index, cb));
-                }
+                self.reads
+                    .wait_applied(index, cb, self.apply_state.applied_index)
             }
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::TransferLeader { peer_id, cb } => self.transfer_leader(peer_id, cb),
@@ -286,16 +260,7 @@ impl Peer {
     }
 
     fn not_leader(&self) -> Error {
-        let leader_id = self.raw.raft.leader_id;
-        Error::NotLeader {
-            region_id: self.region.id,
-            leader: self
-                .region
-                .peers
-                .iter()
-                .find(|p| p.id == leader_id)
-                .cloned(),
-        }
+        not_leader(&self.region, self.raw.raft.leader_id)
     }
 
     fn propose(&mut self, cmd: RaftCmdRequest, cb: Callback) {
@@ -432,10 +397,8 @@ impl Peer {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        self.next_read_id += 1;
-        let id = self.next_read_id;
-        self.pending_reads.insert(id, cb);
-        self.raw.read_index(id.to_be_bytes().to_vec());
+        let ctx = self.reads.push_read(cb);
+        self.raw.read_index(ctx);
     }
 
     fn on_ready(&mut self) -> Result<()> {
@@ -457,35 +420,22 @@ impl Peer {
             self.install_snapshot(ready.snapshot(), hs)?;
         }
         for rs in ready.take_read_states() {
-            let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
-            if let Some(cb) = id.ok().and_then(|id| self.pending_reads.remove(&id)) {
-                self.ready_reads.push((rs.index, cb));
-            }
+            self.reads.on_read_state(&rs.request_ctx, rs.index);
         }
         self.apply(ready.take_committed_entries())?;
         if self.destroyed {
             // Removed from the region: nothing more of this group matters.
             return Ok(());
         }
-        let mut batch = RaftLogBatch::default();
-        batch.append(region_id, ready.entries())?;
-        if let Some(hs) = ready.hs() {
-            batch.put_hard_state(region_id, hs)?;
-            self.raw.mut_store().set_hard_state(hs.clone());
-        }
-        if !batch.is_empty() {
-            self.log.write(&mut batch, ready.must_sync())?;
-        }
+        self.raw
+            .mut_store()
+            .persist_ready(ready.entries(), ready.hs(), ready.must_sync())?;
         self.send_messages(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut hs = self.raw.raft.hard_state();
             hs.commit = commit;
-            let mut batch = RaftLogBatch::default();
-            batch.put_hard_state(region_id, &hs)?;
-            // Commit index is recoverable from the quorum; no fsync needed.
-            self.log.write(&mut batch, false)?;
-            self.raw.mut_store().set_hard_state(hs);
+            self.raw.mut_store().persist_commit(hs)?;
         }
         self.send_messages(light.take_messages());
         self.apply(light.take_committed_entries())?;
@@ -660,15 +610,13 @@ impl Peer {
 
     fn after_ready(&mut self) {
         let applied = self.apply_state.applied_index;
-        release_reached(&mut self.ready_reads, applied);
-        release_reached(&mut self.applied_waiters, applied);
+        self.reads.release(applied);
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
-            let reads: Vec<Callback> = self.pending_reads.drain().map(|(_, cb)| cb).collect();
-            for cb in reads {
-                let _ = cb.send(Err(self.not_leader()));
-            }
+            let (region, leader_id) = (&self.region, self.raw.raft.leader_id);
+            self.reads
+                .fail_unconfirmed(|| not_leader(region, leader_id));
         }
         if leader {
             self.last_heard
@@ -694,28 +642,14 @@ impl Peer {
         for p in self.proposals.drain(..) {
             let _ = p.cb.send(Err(err()));
         }
-        for (_, cb) in self.pending_reads.drain() {
-            let _ = cb.send(Err(err()));
-        }
-        for (_, cb) in self.ready_reads.drain(..) {
-            let _ = cb.send(Err(err()));
-        }
-        for (_, cb) in self.applied_waiters.drain(..) {
-            let _ = cb.send(Err(err()));
-        }
+        self.reads.fail_all(err);
     }
 }
 
-/// Answers (with success) and drops the callers in `waiters` waiting for an
-/// index at or below `applied`.
-fn release_reached(waiters: &mut Vec<(u64, Callback)>, applied: u64) {
-    let mut i = 0;
-    while i < waiters.len() {
-        if waiters[i].0 <= applied {
-            let (_, cb) = waiters.swap_remove(i);
-            let _ = cb.send(Ok(()));
-        } else {
-            i += 1;
-        }
+/// `NotLeader` for `region`, naming peer `leader_id` if it is a member.
+fn not_leader(region: &metapb::Region, leader_id: u64) -> Error {
+    Error::NotLeader {
+        region_id: region.id,
+        leader: region.peers.iter().find(|p| p.id == leader_id).cloned(),
     }
 }
