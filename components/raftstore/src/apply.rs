@@ -4,11 +4,12 @@
 //! into a single RocksDB `WriteBatch` (ending with the new apply state) and
 //! returns what happened as an [`ApplyOutcome`], in the manner of TiKV's
 //! apply returning `ExecResult`s: it writes nothing and changes nothing of
-//! the replica. The replica then, in this order: writes the batch (no
-//! fsync: after a crash the data and the apply state roll back together and
-//! the entries are applied again from raft-engine), tells raft-rs's storage
-//! the new conf state and writes its informational copy to raft-engine,
-//! adopts the apply state and region meta, publishes the applied index and
+//! the replica except raft-rs's configuration (see the end of these docs).
+//! The replica then, in this order: writes the batch (no fsync: after a
+//! crash the data and the apply state roll back together and the entries
+//! are applied again from raft-engine), adopts the apply state and region
+//! meta, tells raft-rs's storage the new conf state and writes its
+//! informational copy to raft-engine, publishes the applied index and
 //! revisions, answers the callers entry by entry and starts the physical
 //! compaction, if any. Commands carry the mutations computed by the leader,
 //! so applying is deterministic and never reads the state machine.
@@ -116,7 +117,7 @@ pub(crate) fn apply_entries(
         wb: WriteBatch::default(),
         outcome: ApplyOutcome {
             results: Vec::with_capacity(entries.len()),
-            apply_state: ctx.apply_state.clone(),
+            apply_state: *ctx.apply_state,
             region: None,
             conf_state: None,
             compaction: None,
@@ -326,11 +327,12 @@ mod tests {
     }
 
     fn entry(index: u64, data: Vec<u8>) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = 2;
-        e.data = data.into();
-        e
+        Entry {
+            index,
+            term: 2,
+            data: data.into(),
+            ..Default::default()
+        }
     }
 
     fn cmd(index: u64, conf_ver: u64, version: u64, cmd: Option<Cmd>) -> Entry {

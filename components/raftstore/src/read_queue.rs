@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use crate::peer::Callback;
+use crate::msg::Callback;
 use crate::Error;
 
 #[derive(Default)]
