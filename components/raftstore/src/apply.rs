@@ -43,8 +43,12 @@
 //! same verdict in entry order. `RawNode::apply_conf_change` needs the
 //! `RawNode`, which the replica owns, so [`apply_entries`] takes it as a
 //! closure called once per membership change, in entry order, after the
-//! change passed its own checks. Everything else about the change (region
-//! meta, storage conf state, the raft-engine copy) is in the outcome.
+//! change passed its own checks (a closure rather than the `RawNode`
+//! itself: apply needs only that one call, and tests pass a fake).
+//! Everything else about the change (region meta, storage conf state, the
+//! raft-engine copy) is in the outcome: the storage's conf state is read
+//! only when raft-rs builds a snapshot, never during a run, so setting it
+//! once after the run is the same as setting it after every change.
 
 use engine::{cf, KvEngine, WriteBatch};
 use mvcc::MvccStore;

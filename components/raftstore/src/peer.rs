@@ -457,7 +457,7 @@ impl Peer {
 
     /// Replaces this replica's data, region meta and log by `snap`'s (a
     /// replica created on demand gets its range, epoch and peers here; see
-    /// [`snapshot::install`]), then publishes the new state and redoes the
+    /// `snapshot::install`), then publishes the new state and redoes the
     /// snapshot's compaction.
     fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
         let installed = snapshot::install(

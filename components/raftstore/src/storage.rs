@@ -10,9 +10,9 @@
 //! demand (see `Store::on_raft_message`) starts with everything empty:
 //! truncated at 0 with no conf state, so the leader must send a snapshot.
 //!
-//! The replica's loop persists what raft hands it through
-//! [`PeerStorage::persist_ready`] and [`PeerStorage::persist_commit`], which
-//! keep the in-memory hard state raft-rs reads in step with raft-engine.
+//! The replica's loop persists what raft hands it through `persist_ready`
+//! and `persist_commit`, which keep the in-memory hard state raft-rs reads
+//! in step with raft-engine.
 
 use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
 use proto::metapb;
@@ -75,7 +75,7 @@ impl PeerStorage {
     /// raft-engine in one batch, with fsync when `sync` (raft asks for it
     /// whenever they must be durable before messages that depend on them
     /// go out). Nothing is written if there is nothing new.
-    pub fn persist_ready(
+    pub(crate) fn persist_ready(
         &mut self,
         entries: &[Entry],
         hs: Option<&HardState>,
@@ -95,7 +95,7 @@ impl PeerStorage {
 
     /// Writes a hard state whose only news is the commit index, without
     /// fsync: the commit index is recoverable from the quorum.
-    pub fn persist_commit(&mut self, hs: HardState) -> engine::Result<()> {
+    pub(crate) fn persist_commit(&mut self, hs: HardState) -> engine::Result<()> {
         let mut batch = RaftLogBatch::default();
         batch.put_hard_state(self.region_id, &hs)?;
         self.log.write(&mut batch, false)?;
