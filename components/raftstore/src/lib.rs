@@ -9,11 +9,27 @@
 //! raft-rs's `Storage` on raft-engine, including region snapshots (encoded
 //! by the `snapshot` module) for replicas behind the log GC. [`Transport`]
 //! carries raft messages between nodes.
+//!
+//! Inside, the replica loop (`peer`) delegates each job to a module with
+//! its own contract: `msg` (the mailbox protocol), `message` (checking and
+//! addressing raft messages), `apply` (committed entries to a write batch
+//! and an outcome), `membership` (conf changes and the region meta),
+//! `snapshot` (encoding and installing region snapshots), `log_gc`,
+//! `compaction` (physical MVCC clean-up), `read_queue` (readers waiting for
+//! an index) and `status` (what a replica publishes).
 
+mod apply;
+mod compaction;
 mod error;
 mod keys;
+mod log_gc;
+mod membership;
+mod message;
+mod msg;
 pub mod peer;
+mod read_queue;
 mod snapshot;
+mod status;
 pub mod storage;
 mod store;
 pub mod transport;

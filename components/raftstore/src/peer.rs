@@ -1,42 +1,67 @@
 //! One region replica: a raft-rs `RawNode` driven on its own thread.
 //!
-//! Each loop turn drains the mailbox (so concurrent proposals share one
-//! raft-engine fsync), ticks, and handles one `Ready`: new entries and the
-//! hard state are synced to raft-engine before anything that depends on
-//! them, committed entries are applied to RocksDB in one write batch
-//! together with the apply state, and then the waiting callers are told.
-//! A region snapshot from the leader replaces the replica's data and log
-//! (see [`Peer::install_snapshot`]).
+//! This module owns the replica's event loop and nothing it can hand off:
+//! the mailbox (requests in the `msg` module's protocol), proposing,
+//! read barriers, leadership transfer, the `Ready` loop, sending raft
+//! messages, the callbacks of proposals and the status it publishes. What
+//! the loop delegates, each with its own contract: checking and addressing
+//! raft messages (`message`), applying committed entries (`apply`, which
+//! returns an outcome this loop makes the replica's), membership changes
+//! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
+//! physical compaction (`compaction`), readers waiting for an index
+//! (`read_queue`) and pending/down peers (`status`).
 //!
-//! Membership changes are raft-rs `ConfChangeV2` entries whose context is a
-//! `metapb::Region` carrying the epoch they were proposed against and the
-//! changed peers (raft only knows peer ids, the region also needs their
-//! nodes). Applying one updates raft's configuration, the region's peers
-//! and roles, and bumps `conf_ver`; a replica that finds itself removed
-//! marks its region state `Tombstone` and stops.
+//! Each loop turn drains the mailbox (so concurrent proposals share one
+//! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
+//! `Ready`, in this order: messages that need nothing persisted go out; a
+//! snapshot is installed (raft-rs returns no committed entries with one);
+//! committed entries are applied; new entries and the hard state are
+//! written to raft-engine (synced when raft asks) before the messages that
+//! depend on them go out; after `advance`, the commit index is persisted
+//! (no fsync: the quorum has it) and the newly committed entries are
+//! applied; then the log may be GCed and the status is published.
+//!
+//! Edge cases:
+//! * A storage write failure aborts the process: going on could
+//!   acknowledge writes that are not durable.
+//! * A proposal is answered when its entry applies: with the entry's
+//!   result if the entry at its index has its term, `StaleCommand` if
+//!   another leader's entry took the slot, or if raft-rs turned a
+//!   membership change it refused into an empty entry. A proposal raft
+//!   drops at once is answered `StaleCommand` right away.
+//! * A replica removed by a membership change stops applying at that entry
+//!   (its region state is already `Tombstone`), answers everything still
+//!   waiting with `Stopped`, drops its raft log and unregisters itself.
+//!   Its MVCC data stays in RocksDB for now.
+//! * A sole voter campaigns at once when it starts, instead of waiting an
+//!   election timeout; a compaction left pending by a previous run is
+//!   started again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
+use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
 use mvcc::MvccStore;
-use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
-use proto::raft_serverpb::{PeerState, RaftApplyState, RaftMessage, RegionLocalState};
-use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
-    Entry, EntryType, MessageType, Snapshot,
-};
+use proto::raft_cmdpb::RaftCmdRequest;
+use proto::raft_serverpb::{RaftApplyState, RaftMessage};
+use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
-use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::keys;
+use crate::apply::{self, ApplyContext, ApplyOutcome};
+use crate::compaction;
+use crate::log_gc;
+use crate::membership;
+use crate::message::{self, SnapshotCheck};
+pub use crate::msg::{Callback, PeerMsg};
+use crate::read_queue::ReadQueue;
 use crate::snapshot::{self, RegionSnapshot};
+use crate::status::LastHeard;
+pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
 use crate::storage::PeerStorage;
 use crate::transport::Transport;
 use crate::{Error, Result};
@@ -45,78 +70,6 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Default number of applied raft log entries kept before GC. Replicas that
 /// fall further behind catch up through a region snapshot.
 pub const DEFAULT_LOG_GC_THRESHOLD: u64 = 4096;
-
-pub type Callback = oneshot::Sender<Result<()>>;
-
-pub enum PeerMsg {
-    /// Replicate and apply `cmd`; answered once applied (or rejected).
-    Propose {
-        cmd: RaftCmdRequest,
-        cb: Callback,
-    },
-    /// Linearizable read barrier: answered once this replica is confirmed
-    /// leader by a quorum and has applied everything committed before.
-    ReadIndex {
-        cb: Callback,
-    },
-    /// Replicate and apply a membership change; answered once applied.
-    ChangePeers {
-        changes: Vec<(ConfChangeType, metapb::Peer)>,
-        cb: Callback,
-    },
-    /// Hand leadership to `peer_id`; answered once the transfer started
-    /// (raft-rs aborts it silently if the target does not win in time).
-    TransferLeader {
-        peer_id: u64,
-        cb: Callback,
-    },
-    /// Answered once this replica has applied `index` (a follower read
-    /// waiting for the leader's read index).
-    WaitApplied {
-        index: u64,
-        cb: Callback,
-    },
-    CompactionDone {
-        revision: i64,
-    },
-    /// A raft message from a peer on another node.
-    Raft(RaftMessage),
-    Stop,
-}
-
-/// A replica's state as other threads see it.
-#[derive(Clone, Debug, Default)]
-pub struct PeerStatus {
-    pub region: metapb::Region,
-    pub peer_id: u64,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    /// Last index dropped from the raft log (the log starts after it).
-    pub truncated_index: u64,
-    pub leader_peer_id: u64,
-    /// Leader that has applied an entry of its own term: only then is its
-    /// state machine complete enough to evaluate requests against.
-    pub ready_leader: bool,
-    pub applied_revision: i64,
-    pub compact_revision: i64,
-    /// On the leader: peers whose log is well behind the commit index.
-    pub pending_peers: Vec<u64>,
-    /// On the leader: peers it has not heard from for [`PEER_DOWN_AFTER`].
-    pub down_peers: Vec<u64>,
-}
-
-/// A peer further behind the commit index than this is reported pending
-/// (a learner is promoted only once it is not).
-pub const PENDING_LAG: u64 = 64;
-/// A peer silent for this long is reported down to PD.
-pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(10);
-
-pub struct PeerShared {
-    pub status: Mutex<PeerStatus>,
-    /// Highest compaction revision whose physical clean-up has finished.
-    pub physically_compacted: watch::Sender<i64>,
-}
 
 struct Proposal {
     index: u64,
@@ -136,13 +89,8 @@ pub struct Peer {
     mvcc: MvccStore,
     apply_state: RaftApplyState,
     proposals: VecDeque<Proposal>,
-    next_read_id: u64,
-    /// Read barriers waiting for raft to confirm leadership, by request id.
-    pending_reads: HashMap<u64, Callback>,
-    /// Confirmed read barriers waiting for the apply index to reach theirs.
-    ready_reads: Vec<(u64, Callback)>,
-    /// `WaitApplied` callers, by the index they wait for.
-    applied_waiters: Vec<(u64, Callback)>,
+    /// Read barriers and `WaitApplied` callers.
+    reads: ReadQueue,
     was_leader: bool,
     log_gc_threshold: u64,
     /// A snapshot validated when it arrived, kept until raft hands it back
@@ -156,7 +104,7 @@ pub struct Peer {
     /// Run when the loop of a removed replica ends (unregisters it).
     on_destroy: Option<Box<dyn FnOnce() + Send>>,
     /// When each peer last sent this replica a message (for down peers).
-    last_heard: HashMap<u64, Instant>,
+    last_heard: LastHeard,
 }
 
 impl Peer {
@@ -182,10 +130,7 @@ impl Peer {
             log,
             apply_state,
             proposals: VecDeque::new(),
-            next_read_id: 0,
-            pending_reads: HashMap::new(),
-            ready_reads: Vec::new(),
-            applied_waiters: Vec::new(),
+            reads: ReadQueue::default(),
             was_leader: false,
             log_gc_threshold,
             incoming_snapshot: None,
@@ -194,7 +139,7 @@ impl Peer {
             transport,
             destroyed: false,
             on_destroy: None,
-            last_heard: HashMap::new(),
+            last_heard: LastHeard::default(),
         }
     }
 
@@ -291,15 +236,18 @@ impl Peer {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
             PeerMsg::WaitApplied { index, cb } => {
-                if index <= self.apply_state.applied_index {
-                    let _ = cb.send(Ok(()));
-                } else {
-                    self.applied_waiters.push((index, cb));
-                }
+                self.reads
+                    .wait_applied(index, cb, self.apply_state.applied_index)
             }
             PeerMsg::ChangePeers { changes, cb } => self.change_peers(changes, cb),
             PeerMsg::TransferLeader { peer_id, cb } => self.transfer_leader(peer_id, cb),
-            PeerMsg::CompactionDone { revision } => self.on_compaction_done(revision),
+            PeerMsg::CompactionDone { revision } => compaction::finish(
+                &self.kv,
+                self.region.id,
+                &mut self.apply_state,
+                &self.shared.physically_compacted,
+                revision,
+            ),
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
         }
@@ -312,35 +260,7 @@ impl Peer {
     }
 
     fn not_leader(&self) -> Error {
-        let leader_id = self.raw.raft.leader_id;
-        Error::NotLeader {
-            region_id: self.region.id,
-            leader: self
-                .region
-                .peers
-                .iter()
-                .find(|p| p.id == leader_id)
-                .cloned(),
-        }
-    }
-
-    /// Data commands check the epoch's `version` only (TiKV does the same):
-    /// a membership change (`conf_ver`) does not change which keys the
-    /// region owns, so a command built before one is still valid.
-    fn check_epoch(&self, cmd: &RaftCmdRequest) -> Result<()> {
-        let current = self.region.region_epoch.unwrap_or_default();
-        let given = cmd
-            .header
-            .as_ref()
-            .and_then(|h| h.region_epoch)
-            .unwrap_or_default();
-        if given.version != current.version {
-            return Err(Error::EpochNotMatch {
-                region_id: self.region.id,
-                current: self.region.clone(),
-            });
-        }
-        Ok(())
+        not_leader(&self.region, self.raw.raft.leader_id)
     }
 
     fn propose(&mut self, cmd: RaftCmdRequest, cb: Callback) {
@@ -348,91 +268,13 @@ impl Peer {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = self.check_epoch(&cmd) {
+        if let Err(e) = apply::check_epoch(&self.region, &cmd) {
             let _ = cb.send(Err(e));
             return;
         }
-        let index = self.raw.raft.raft_log.last_index() + 1;
-        let term = self.raw.raft.term;
-        if let Err(e) = self.raw.propose(Vec::new(), cmd.encode_to_vec()) {
-            let _ = cb.send(Err(Error::StaleCommand(format!("proposal dropped: {e}"))));
-            return;
-        }
-        if self.raw.raft.raft_log.last_index() < index {
-            let _ = cb.send(Err(Error::StaleCommand("proposal dropped".into())));
-            return;
-        }
-        self.proposals.push_back(Proposal {
-            index,
-            term,
-            cb,
-            conf_change: false,
+        self.propose_entry(cb, false, |raw| {
+            raw.propose(Vec::new(), cmd.encode_to_vec())
         });
-    }
-
-    /// Whether `changes` can apply to the region as it is now. Checked on
-    /// the leader only; apply rejects the change if the epoch moved since.
-    fn check_conf_change(&self, changes: &[(ConfChangeType, metapb::Peer)]) -> Result<()> {
-        let invalid = |what: String| Err(Error::InvalidConfChange(what));
-        if changes.is_empty() {
-            return invalid("no changes".into());
-        }
-        let in_joint = self.region.peers.iter().any(|p| {
-            matches!(
-                p.role(),
-                metapb::PeerRole::IncomingVoter | metapb::PeerRole::DemotingVoter
-            )
-        });
-        if in_joint || self.raw.raft.has_pending_conf() {
-            return Err(Error::StaleCommand(
-                "another membership change is in progress".into(),
-            ));
-        }
-        let mut ids = HashSet::new();
-        let mut new_nodes = HashSet::new();
-        for (ty, peer) in changes {
-            if peer.id == 0 || peer.node_id == 0 {
-                return invalid(format!("peer {peer:?} without id or node"));
-            }
-            if !ids.insert(peer.id) {
-                return invalid(format!("peer {} changed twice", peer.id));
-            }
-            let existing = self.region.peers.iter().find(|p| p.id == peer.id);
-            match (ty, existing) {
-                (ConfChangeType::RemoveNode, None) => {
-                    return invalid(format!("peer {} is not in the region", peer.id))
-                }
-                (ConfChangeType::RemoveNode, Some(p)) => {
-                    // raft-rs would keep such a voter in the outgoing half
-                    // only, a role the region meta cannot express.
-                    if changes.len() > 1 && p.role() == metapb::PeerRole::Voter {
-                        return invalid(format!(
-                            "voter {} must be demoted before it is removed with other changes",
-                            peer.id
-                        ));
-                    }
-                }
-                (_, Some(p)) if p.node_id != peer.node_id => {
-                    return invalid(format!(
-                        "peer {} is on node {}, not {}",
-                        peer.id, p.node_id, peer.node_id
-                    ))
-                }
-                (_, Some(_)) => {}
-                (_, None) => {
-                    // Every replica of a region on a distinct node.
-                    if self.region.peers.iter().any(|p| p.node_id == peer.node_id)
-                        || !new_nodes.insert(peer.node_id)
-                    {
-                        return invalid(format!(
-                            "node {} already has a replica of the region",
-                            peer.node_id
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: Callback) {
@@ -440,51 +282,53 @@ impl Peer {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = self.check_conf_change(&changes) {
+        let pending = self.raw.raft.has_pending_conf();
+        if let Err(e) = membership::check_conf_change(&self.region, pending, &changes) {
             let _ = cb.send(Err(e));
             return;
         }
-        let mut cc = ConfChangeV2::default();
-        // One change uses raft's simple protocol; several go through joint
-        // consensus, which raft-rs leaves by itself once it is applied.
-        cc.set_transition(ConfChangeTransition::Auto);
-        for (ty, peer) in &changes {
-            let mut single = ConfChangeSingle::default();
-            single.set_change_type(*ty);
-            single.node_id = peer.id;
-            cc.mut_changes().push(single);
+        let cc = membership::conf_change_proposal(&self.region, &changes);
+        let proposed = self.propose_entry(cb, true, |raw| raw.propose_conf_change(Vec::new(), cc));
+        if let Some(index) = proposed {
+            info!(
+                region_id = self.region.id,
+                index,
+                ?changes,
+                "proposed membership change"
+            );
         }
-        let context = metapb::Region {
-            id: self.region.id,
-            region_epoch: self.region.region_epoch,
-            peers: changes.iter().map(|(_, p)| *p).collect(),
-            ..Default::default()
+    }
+
+    /// Appends an entry through `propose` and queues `cb` for its outcome:
+    /// returns its index, or `None` once `cb` was told raft dropped it.
+    fn propose_entry(
+        &mut self,
+        cb: Callback,
+        conf_change: bool,
+        propose: impl FnOnce(&mut RawNode<PeerStorage>) -> raft::Result<()>,
+    ) -> Option<u64> {
+        let what = if conf_change {
+            "membership change"
+        } else {
+            "proposal"
         };
-        cc.set_context(context.encode_to_vec().into());
         let index = self.raw.raft.raft_log.last_index() + 1;
         let term = self.raw.raft.term;
-        if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
-            let _ = cb.send(Err(Error::StaleCommand(format!(
-                "membership change dropped: {e}"
-            ))));
-            return;
+        if let Err(e) = propose(&mut self.raw) {
+            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped: {e}"))));
+            return None;
         }
         if self.raw.raft.raft_log.last_index() < index {
-            let _ = cb.send(Err(Error::StaleCommand("membership change dropped".into())));
-            return;
+            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped"))));
+            return None;
         }
-        info!(
-            region_id = self.region.id,
-            index,
-            ?changes,
-            "proposed membership change"
-        );
         self.proposals.push_back(Proposal {
             index,
             term,
             cb,
-            conf_change: true,
+            conf_change,
         });
+        Some(index)
     }
 
     fn transfer_leader(&mut self, peer_id: u64, cb: Callback) {
@@ -515,117 +359,32 @@ impl Peer {
         let _ = cb.send(Ok(()));
     }
 
-    /// Peers behind the commit index or silent, as the leader sees them.
-    fn lagging_peers(&self) -> (Vec<u64>, Vec<u64>) {
-        if self.raw.raft.state != StateRole::Leader {
-            return (Vec::new(), Vec::new());
-        }
-        let committed = self.raw.raft.raft_log.committed;
-        let mut pending = Vec::new();
-        let mut down = Vec::new();
-        for (id, pr) in self.raw.raft.prs().iter() {
-            if *id == self.peer_id {
-                continue;
-            }
-            if pr.matched + PENDING_LAG < committed || pr.state == raft::ProgressState::Snapshot {
-                pending.push(*id);
-            }
-            if self
-                .last_heard
-                .get(id)
-                .is_some_and(|t| t.elapsed() >= PEER_DOWN_AFTER)
-            {
-                down.push(*id);
-            }
-        }
-        (pending, down)
-    }
-
-    /// Steps a peer's message into raft. Whatever a peer sends, a bad
-    /// message is logged and dropped: one faulty node must not stop this one.
+    /// Steps a peer's message into raft once the `message` module's checks
+    /// admit it; a bad message is logged and dropped.
     fn on_raft_message(&mut self, msg: RaftMessage) {
         let region_id = self.region.id;
-        let from_peer = msg.from_peer.unwrap_or_default();
-        let to_peer = msg.to_peer.unwrap_or_default();
-        if msg.region_id != region_id || to_peer.id != self.peer_id {
-            debug!(
-                region_id,
-                msg_region = msg.region_id,
-                to = to_peer.id,
-                "raft message for another replica; dropped"
-            );
+        let initialized = self.is_initialized();
+        let Some(sender) = message::admit_sender(&self.region, self.peer_id, initialized, &msg)
+        else {
             return;
-        }
-        if !self.region.peers.iter().any(|p| p.id == from_peer.id) {
-            if self.is_initialized() || from_peer.id == 0 || from_peer.node_id == 0 {
-                debug!(
-                    region_id,
-                    from = from_peer.id,
-                    "raft message from a non-member; dropped"
-                );
-                return;
-            }
-            // A replica created on demand knows no members until its
-            // snapshot arrives; it must be able to answer whoever leads.
-            self.region.peers.push(from_peer);
-        }
-        let m = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
-        {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(
-                    region_id,
-                    from = from_peer.id,
-                    "undecodable raft message dropped: {e}"
-                );
-                return;
-            }
         };
-        // The envelope is what routing trusted; a payload claiming other
-        // endpoints would let raft attribute it to the wrong peer.
-        if m.from != from_peer.id || m.to != self.peer_id {
-            warn!(
-                region_id,
-                from = from_peer.id,
-                msg_from = m.from,
-                msg_to = m.to,
-                "raft message with mismatched endpoints dropped"
-            );
-            return;
+        let from = sender.peer.id;
+        if sender.new_member {
+            self.region.peers.push(sender.peer);
         }
-        self.last_heard.insert(from_peer.id, Instant::now());
-        // Once raft accepts a snapshot it must be installed, so its data
-        // is checked before raft sees it.
-        if m.get_msg_type() == MessageType::MsgSnapshot {
-            let meta = m.get_snapshot().get_metadata();
-            match snapshot::decode(region_id, m.get_snapshot().get_data()) {
-                Ok(snap) if !snap.region.peers.iter().any(|p| p.id == self.peer_id) => {
-                    warn!(
-                        region_id,
-                        from = from_peer.id,
-                        index = meta.index,
-                        "region snapshot without this replica dropped"
-                    );
-                    return;
-                }
-                Ok(snap) => self.incoming_snapshot = Some((meta.index, meta.term, snap)),
-                Err(e) => {
-                    warn!(
-                        region_id,
-                        from = from_peer.id,
-                        index = meta.index,
-                        "malformed region snapshot dropped: {e}"
-                    );
-                    return;
-                }
+        let Some(m) = message::decode_payload(region_id, self.peer_id, from, &msg) else {
+            return;
+        };
+        self.last_heard.heard(from);
+        match message::check_snapshot(region_id, self.peer_id, from, &m) {
+            SnapshotCheck::NotSnapshot => {}
+            SnapshotCheck::Valid(index, term, snap) => {
+                self.incoming_snapshot = Some((index, term, snap));
             }
+            SnapshotCheck::Rejected => return,
         }
         if let Err(e) = self.raw.step(m) {
-            debug!(
-                region_id,
-                from = from_peer.id,
-                "raft rejected a message: {e}"
-            );
+            debug!(region_id, from, "raft rejected a message: {e}");
         }
         if self.raw.raft.raft_log.unstable_snapshot().is_none() {
             // Not accepted (stale, or not a snapshot): nothing to keep.
@@ -638,10 +397,8 @@ impl Peer {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        self.next_read_id += 1;
-        let id = self.next_read_id;
-        self.pending_reads.insert(id, cb);
-        self.raw.read_index(id.to_be_bytes().to_vec());
+        let ctx = self.reads.push_read(cb);
+        self.raw.read_index(ctx);
     }
 
     fn on_ready(&mut self) -> Result<()> {
@@ -663,35 +420,22 @@ impl Peer {
             self.install_snapshot(ready.snapshot(), hs)?;
         }
         for rs in ready.take_read_states() {
-            let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
-            if let Some(cb) = id.ok().and_then(|id| self.pending_reads.remove(&id)) {
-                self.ready_reads.push((rs.index, cb));
-            }
+            self.reads.on_read_state(&rs.request_ctx, rs.index);
         }
         self.apply(ready.take_committed_entries())?;
         if self.destroyed {
             // Removed from the region: nothing more of this group matters.
             return Ok(());
         }
-        let mut batch = RaftLogBatch::default();
-        batch.append(region_id, ready.entries())?;
-        if let Some(hs) = ready.hs() {
-            batch.put_hard_state(region_id, hs)?;
-            self.raw.mut_store().set_hard_state(hs.clone());
-        }
-        if !batch.is_empty() {
-            self.log.write(&mut batch, ready.must_sync())?;
-        }
+        self.raw
+            .mut_store()
+            .persist_ready(ready.entries(), ready.hs(), ready.must_sync())?;
         self.send_messages(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
             let mut hs = self.raw.raft.hard_state();
             hs.commit = commit;
-            let mut batch = RaftLogBatch::default();
-            batch.put_hard_state(region_id, &hs)?;
-            // Commit index is recoverable from the quorum; no fsync needed.
-            self.log.write(&mut batch, false)?;
-            self.raw.mut_store().set_hard_state(hs);
+            self.raw.mut_store().persist_commit(hs)?;
         }
         self.send_messages(light.take_messages());
         self.apply(light.take_committed_entries())?;
@@ -699,97 +443,44 @@ impl Peer {
             return Ok(());
         }
         self.raw.advance_apply();
-        self.gc_raft_log()?;
+        log_gc::gc_raft_log(
+            &mut self.raw,
+            &self.kv,
+            &self.log,
+            region_id,
+            &mut self.apply_state,
+            self.log_gc_threshold,
+        )?;
         self.after_ready();
         Ok(())
     }
 
     /// Replaces this replica's data, region meta and log by `snap`'s (a
-    /// replica created on demand gets its range, epoch and peers here).
-    /// RocksDB is synced
-    /// first: a crash before the raft-engine write leaves the new apply
-    /// state (truncated at the snapshot) with the old log, which start-up
-    /// reconciles; a crash before the RocksDB write leaves the old state,
-    /// and the leader sends the snapshot again.
-    fn install_snapshot(
-        &mut self,
-        snap: &Snapshot,
-        mut hs: raft::eraftpb::HardState,
-    ) -> Result<()> {
-        let region_id = self.region.id;
-        let meta = snap.get_metadata();
-        let (index, term) = (meta.index, meta.term);
-        let data = match self.incoming_snapshot.take() {
-            Some((i, t, data)) if i == index && t == term => data,
-            _ => snapshot::decode(region_id, snap.get_data())?,
-        };
-        let mut wb = WriteBatch::default();
-        // Until splits exist, the snapshot's range is the replica's own (or
-        // the first one a replica created on demand gets).
-        snapshot::stage_apply(&self.kv, &mut wb, &data)?;
-        let region_state = RegionLocalState {
-            region: Some(data.region.clone()),
-            state: PeerState::Normal as i32,
-        };
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::region_state_key(region_id),
-            &region_state.encode_to_vec(),
-        );
-        let mut apply_state = RaftApplyState {
-            applied_index: index,
-            applied_term: term,
-            truncated_index: index,
-            truncated_term: term,
-            applied_revision: data.applied_revision,
-            compact_revision: data.compact_revision,
-            pending_compact_revision: 0,
-        };
-        if data.compact_revision > 0 {
-            // The leader's physical clean-up may not be done; redo it here.
-            apply_state.pending_compact_revision = data.compact_revision;
-        }
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(region_id),
-            &apply_state.encode_to_vec(),
-        );
-        self.kv.write_sync(wb)?;
-
-        hs.term = hs.term.max(term);
-        let mut batch = RaftLogBatch::default();
-        batch.clean(region_id);
-        batch.put_hard_state(region_id, &hs)?;
-        batch.put_conf_state(region_id, meta.get_conf_state())?;
-        self.log.write(&mut batch, true)?;
-
-        let store = self.raw.mut_store();
-        store.set_truncated(index, term);
-        store.set_conf_state(meta.get_conf_state().clone());
-        store.set_hard_state(hs);
-        self.apply_state = apply_state;
-        self.region = data.region.clone();
-        info!(
-            region_id,
-            index,
-            term,
-            mvcc_entries = data.mvcc.len(),
-            revision_entries = data.revision.len(),
-            applied_revision = data.applied_revision,
-            "installed region snapshot"
-        );
+    /// replica created on demand gets its range, epoch and peers here; see
+    /// `snapshot::install`), then publishes the new state and redoes the
+    /// snapshot's compaction.
+    fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
+        let installed = snapshot::install(
+            &self.kv,
+            &self.log,
+            self.raw.mut_store(),
+            self.region.id,
+            snap,
+            hs,
+            self.incoming_snapshot.take(),
+        )?;
+        self.apply_state = installed.apply_state;
+        self.region = installed.region;
         {
             let mut status = self.shared.status.lock();
             status.region = self.region.clone();
-            status.applied_index = index;
-            status.truncated_index = index;
-            status.applied_revision = data.applied_revision;
-            status.compact_revision = data.compact_revision;
+            status.applied_index = self.apply_state.applied_index;
+            status.truncated_index = self.apply_state.truncated_index;
+            status.applied_revision = self.apply_state.applied_revision;
+            status.compact_revision = self.apply_state.compact_revision;
         }
-        if data.compact_revision > 0 {
-            self.spawn_compaction(data.compact_revision);
+        if self.apply_state.compact_revision > 0 {
+            self.spawn_compaction(self.apply_state.compact_revision);
         }
         Ok(())
     }
@@ -806,92 +497,64 @@ impl Peer {
             .find(|p| p.id == self.peer_id)
             .copied();
         for m in msgs {
-            let Some(to_peer) = self.region.peers.iter().find(|p| p.id == m.to).copied() else {
-                warn!(
-                    region_id,
-                    to = m.to,
-                    "raft message to a peer not in the region; dropped"
-                );
+            let Some(msg) = message::envelope(&self.region, from_peer, &m) else {
                 continue;
             };
-            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
-            let message = match protobuf::Message::write_to_bytes(&m) {
-                Ok(b) => b,
-                Err(e) => {
-                    error!(region_id, to = m.to, "cannot encode raft message: {e}");
-                    continue;
-                }
-            };
-            self.transport.send(RaftMessage {
-                region_id,
-                from_peer,
-                to_peer: Some(to_peer),
-                region_epoch: self.region.region_epoch,
-                message,
-            });
-            if let Some(to) = snapshot_to {
+            self.transport.send(msg);
+            if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The transport does not confirm delivery. Reporting it
                 // done lets raft probe the follower again: if the snapshot
                 // was lost, the follower's rejection triggers a new one
                 // instead of raft waiting for it forever.
-                info!(region_id, to, "sent region snapshot");
-                self.raw.report_snapshot(to, SnapshotStatus::Finish);
+                info!(region_id, to = m.to, "sent region snapshot");
+                self.raw.report_snapshot(m.to, SnapshotStatus::Finish);
             }
         }
     }
 
+    /// Applies committed `entries` (see the `apply` module for what that
+    /// stages and returns), then makes the outcome this replica's: the
+    /// batch with the apply state goes to RocksDB, the new conf state to
+    /// raft-rs's storage and (a copy) to raft-engine, the applied state is
+    /// published, and only then are the callers answered and a compaction
+    /// started. A removed replica's loop ends after this turn.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut wb = WriteBatch::default();
-        let mut results = Vec::with_capacity(entries.len());
-        let mut new_compaction = None;
-        let mut new_conf_state = None;
-        for e in &entries {
-            let is_conf = e.get_entry_type() != EntryType::EntryNormal;
-            let res = match e.get_entry_type() {
-                EntryType::EntryNormal if e.data.is_empty() => Ok(()),
-                EntryType::EntryNormal => self.apply_command(e, &mut wb, &mut new_compaction),
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    match self.apply_conf_change(e, &mut wb) {
-                        Ok(cs) => {
-                            new_conf_state = Some(cs);
-                            Ok(())
-                        }
-                        Err(err) => {
-                            info!(
-                                region_id = self.region.id,
-                                index = e.index,
-                                "membership change rejected: {err}"
-                            );
-                            Err(err)
-                        }
-                    }
-                }
-            };
-            self.apply_state.applied_index = e.index;
-            self.apply_state.applied_term = e.term;
-            results.push((e.index, e.term, is_conf, res));
-            if self.destroyed {
-                // The entries after this replica's removal are not its own.
-                break;
-            }
-        }
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(self.region.id),
-            &self.apply_state.encode_to_vec(),
-        );
+        let raw = &mut self.raw;
+        let ctx = ApplyContext {
+            kv: &self.kv,
+            mvcc: &self.mvcc,
+            peer_id: self.peer_id,
+            region: &self.region,
+            apply_state: &self.apply_state,
+        };
+        let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
         self.kv.write(wb)?;
-        if let Some(cs) = new_conf_state {
+        let ApplyOutcome {
+            results,
+            apply_state,
+            region,
+            conf_state,
+            compaction,
+            removed,
+        } = outcome;
+        self.apply_state = apply_state;
+        if let Some(region) = region {
+            self.region = region;
+        }
+        if let Some(cs) = conf_state {
+            self.raw.mut_store().set_conf_state(cs.clone());
             // Informational copy next to the log: start-up derives the conf
             // state from the region meta, which is written with the apply
             // state above and so always matches the applied index.
             let mut batch = RaftLogBatch::default();
             batch.put_conf_state(self.region.id, &cs)?;
             self.log.write(&mut batch, false)?;
+        }
+        if removed {
+            self.destroyed = true;
         }
         {
             // Visible before anyone hears of the writes, so a caller's next
@@ -901,124 +564,13 @@ impl Peer {
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
         }
-        for (index, term, is_conf, res) in results {
-            self.respond(index, term, is_conf, res);
+        for r in results {
+            self.respond(r.index, r.term, r.is_conf, r.result);
         }
-        if let Some(rev) = new_compaction {
+        if let Some(rev) = compaction {
             self.spawn_compaction(rev);
         }
         Ok(())
-    }
-
-    fn apply_command(
-        &mut self,
-        e: &Entry,
-        wb: &mut WriteBatch,
-        new_compaction: &mut Option<i64>,
-    ) -> Result<()> {
-        let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
-        self.check_epoch(&cmd)?;
-        match cmd.cmd {
-            Some(Cmd::Write(w)) => {
-                if w.revision <= self.apply_state.applied_revision {
-                    return Err(Error::StaleCommand(format!(
-                        "revision {} is not above applied revision {}",
-                        w.revision, self.apply_state.applied_revision
-                    )));
-                }
-                self.mvcc.stage_changes(wb, w.revision, &w.mutations);
-                self.apply_state.applied_revision = w.revision;
-                Ok(())
-            }
-            Some(Cmd::Compact(c)) => {
-                if c.revision <= self.apply_state.compact_revision {
-                    return Err(Error::Mvcc(mvcc::Error::Compacted));
-                }
-                self.apply_state.compact_revision = c.revision;
-                self.apply_state.pending_compact_revision = c.revision;
-                *new_compaction = Some(c.revision);
-                Ok(())
-            }
-            None => Err(Error::Corrupted("raft command without a body".into())),
-        }
-    }
-
-    /// Applies a committed membership change: raft's configuration, then the
-    /// region meta (peers, roles, `conf_ver`) staged into `wb` with the
-    /// apply state. Returns the new conf state. An error leaves everything
-    /// unchanged; every replica decides the same, as the check only reads
-    /// the entry and the region meta at this index.
-    fn apply_conf_change(&mut self, e: &Entry, wb: &mut WriteBatch) -> Result<ConfState> {
-        let corrupted = |err: protobuf::ProtobufError| Error::Corrupted(err.to_string());
-        let cc = if e.get_entry_type() == EntryType::EntryConfChange {
-            let v1 =
-                <ConfChange as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?;
-            let mut single = ConfChangeSingle::default();
-            single.set_change_type(v1.get_change_type());
-            single.node_id = v1.node_id;
-            let mut cc = ConfChangeV2::default();
-            cc.mut_changes().push(single);
-            cc.set_context(v1.context.clone());
-            cc
-        } else {
-            <ConfChangeV2 as protobuf::Message>::parse_from_bytes(&e.data).map_err(corrupted)?
-        };
-        let new_peers = if cc.get_changes().is_empty() {
-            // raft-rs's own proposal leaving a joint configuration: no
-            // context, nothing to check against.
-            Vec::new()
-        } else {
-            let ctx = metapb::Region::decode(cc.get_context())?;
-            if ctx.id != self.region.id || ctx.region_epoch != self.region.region_epoch {
-                return Err(Error::EpochNotMatch {
-                    region_id: self.region.id,
-                    current: self.region.clone(),
-                });
-            }
-            let matches = ctx.peers.len() == cc.get_changes().len()
-                && ctx
-                    .peers
-                    .iter()
-                    .zip(cc.get_changes())
-                    .all(|(p, c)| p.id == c.node_id);
-            if !matches {
-                return Err(Error::Corrupted(
-                    "membership change context does not match its changes".into(),
-                ));
-            }
-            ctx.peers
-        };
-        let cs = self.raw.apply_conf_change(&cc)?;
-        let mut region = region_with_conf_state(&self.region, &cs, &new_peers);
-        let mut epoch = region.region_epoch.unwrap_or_default();
-        epoch.conf_ver += 1;
-        region.region_epoch = Some(epoch);
-        let removed = !region.peers.iter().any(|p| p.id == self.peer_id);
-        let state = RegionLocalState {
-            region: Some(region.clone()),
-            state: if removed {
-                PeerState::Tombstone
-            } else {
-                PeerState::Normal
-            } as i32,
-        };
-        self.kv.put_to(
-            wb,
-            cf::META,
-            &keys::region_state_key(region.id),
-            &state.encode_to_vec(),
-        );
-        info!(
-            region_id = region.id,
-            index = e.index,
-            conf_ver = epoch.conf_ver,
-            peers = ?region.peers,
-            "applied membership change"
-        );
-        self.raw.mut_store().set_conf_state(cs.clone());
-        self.region = region;
-        self.destroyed = removed;
-        Ok(cs)
     }
 
     fn respond(&mut self, index: u64, term: u64, is_conf: bool, res: Result<()>) {
@@ -1047,134 +599,28 @@ impl Peer {
         }
     }
 
+    /// Starts the physical clean-up of compaction `revision`; the replica
+    /// hears of its end through its mailbox.
     fn spawn_compaction(&self, revision: i64) {
-        let mvcc = self.mvcc.clone();
         let mailbox = self.mailbox.clone();
-        let (start, end) = (self.region.start_key.clone(), self.region.end_key.clone());
-        let region_id = self.region.id;
-        std::thread::Builder::new()
-            .name(format!("compact-{region_id}"))
-            .spawn(move || match mvcc.compact(revision, &start, &end) {
-                Ok(stats) => {
-                    info!(region_id, revision, ?stats, "compaction finished");
-                    let _ = mailbox.send(PeerMsg::CompactionDone { revision });
-                }
-                // Retried at the next restart: the pending revision stays.
-                Err(e) => error!(region_id, revision, "compaction failed: {e}"),
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| error!(region_id, "cannot start compaction thread: {e}"));
-    }
-
-    fn on_compaction_done(&mut self, revision: i64) {
-        if self.apply_state.pending_compact_revision == revision {
-            self.apply_state.pending_compact_revision = 0;
-            let mut wb = WriteBatch::default();
-            self.kv.put_to(
-                &mut wb,
-                cf::META,
-                &keys::apply_state_key(self.region.id),
-                &self.apply_state.encode_to_vec(),
-            );
-            if let Err(e) = self.kv.write(wb) {
-                error!(
-                    region_id = self.region.id,
-                    "persisting compaction state: {e}"
-                );
-            }
-        }
-        self.shared.physically_compacted.send_if_modified(|done| {
-            let advanced = revision > *done;
-            if advanced {
-                *done = revision;
-            }
-            advanced
+        compaction::spawn(self.mvcc.clone(), &self.region, revision, move || {
+            let _ = mailbox.send(PeerMsg::CompactionDone { revision });
         });
-    }
-
-    /// Drops applied raft log entries once enough have piled up. The apply
-    /// state must be durable first: a restart replays from the applied index.
-    fn gc_raft_log(&mut self) -> Result<()> {
-        let applied = self.apply_state.applied_index;
-        let truncated = self.raw.store().truncated_index();
-        let threshold = self.log_gc_threshold;
-        if applied < truncated + threshold {
-            return Ok(());
-        }
-        let mut compact_to = applied;
-        if self.raw.raft.state == StateRole::Leader {
-            // Keep what followers close behind still need; one further
-            // behind (stopped, partitioned) gets a snapshot instead of
-            // pinning the log. The progress set includes learners, so a
-            // learner catching up is treated like any follower.
-            for (_, pr) in self.raw.raft.prs().iter() {
-                if pr.matched + threshold >= applied {
-                    compact_to = compact_to.min(pr.matched);
-                }
-            }
-        }
-        if compact_to <= truncated {
-            return Ok(());
-        }
-        let term = raft::Storage::term(self.raw.store(), compact_to)?;
-        self.apply_state.truncated_index = compact_to;
-        self.apply_state.truncated_term = term;
-        let mut wb = WriteBatch::default();
-        self.kv.put_to(
-            &mut wb,
-            cf::META,
-            &keys::apply_state_key(self.region.id),
-            &self.apply_state.encode_to_vec(),
-        );
-        self.kv.write(wb)?;
-        self.kv.sync_wal()?;
-        self.log.compact_to(self.region.id, compact_to + 1)?;
-        self.raw.mut_store().set_truncated(compact_to, term);
-        Ok(())
     }
 
     fn after_ready(&mut self) {
         let applied = self.apply_state.applied_index;
-        let mut i = 0;
-        while i < self.ready_reads.len() {
-            if self.ready_reads[i].0 <= applied {
-                let (_, cb) = self.ready_reads.swap_remove(i);
-                let _ = cb.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
-        let mut i = 0;
-        while i < self.applied_waiters.len() {
-            if self.applied_waiters[i].0 <= applied {
-                let (_, cb) = self.applied_waiters.swap_remove(i);
-                let _ = cb.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
+        self.reads.release(applied);
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
-            let reads: Vec<Callback> = self.pending_reads.drain().map(|(_, cb)| cb).collect();
-            for cb in reads {
-                let _ = cb.send(Err(self.not_leader()));
-            }
+            let (region, leader_id) = (&self.region, self.raw.raft.leader_id);
+            self.reads
+                .fail_unconfirmed(|| not_leader(region, leader_id));
         }
         if leader {
-            if !self.was_leader {
-                // As a follower this replica heard only from the leader;
-                // every peer's silence counts from now.
-                self.last_heard.clear();
-            }
-            // A peer just added counts as heard when it appears.
-            let now = Instant::now();
-            for id in self.raw.raft.prs().conf().voters().ids().iter() {
-                self.last_heard.entry(id).or_insert(now);
-            }
-            for id in self.raw.raft.prs().conf().learners().iter() {
-                self.last_heard.entry(*id).or_insert(now);
-            }
+            self.last_heard
+                .on_leader_turn(!self.was_leader, &self.raw.raft);
         }
         self.was_leader = leader;
         let mut status = self.shared.status.lock();
@@ -1188,101 +634,22 @@ impl Peer {
         status.ready_leader = self.is_ready_leader();
         status.applied_revision = self.apply_state.applied_revision;
         status.compact_revision = self.apply_state.compact_revision;
-        (status.pending_peers, status.down_peers) = self.lagging_peers();
+        (status.pending_peers, status.down_peers) =
+            self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {
         for p in self.proposals.drain(..) {
             let _ = p.cb.send(Err(err()));
         }
-        for (_, cb) in self.pending_reads.drain() {
-            let _ = cb.send(Err(err()));
-        }
-        for (_, cb) in self.ready_reads.drain(..) {
-            let _ = cb.send(Err(err()));
-        }
-        for (_, cb) in self.applied_waiters.drain(..) {
-            let _ = cb.send(Err(err()));
-        }
+        self.reads.fail_all(err);
     }
 }
 
-/// `old`'s meta with its peers replaced by the members of `cs`, each with
-/// the role `cs` gives it. Nodes come from `old` or, for new peers, from
-/// `added`. Peer order is kept: old peers first, then new ones.
-pub(crate) fn region_with_conf_state(
-    old: &metapb::Region,
-    cs: &ConfState,
-    added: &[metapb::Peer],
-) -> metapb::Region {
-    use metapb::PeerRole;
-    let incoming: HashSet<u64> = cs.voters.iter().copied().collect();
-    let outgoing: HashSet<u64> = cs.voters_outgoing.iter().copied().collect();
-    let learners: HashSet<u64> = cs.learners.iter().copied().collect();
-    let joint = !outgoing.is_empty();
-    let mut region = old.clone();
-    region.peers.clear();
-    let mut seen = HashSet::new();
-    for p in old.peers.iter().chain(added) {
-        if !seen.insert(p.id) {
-            continue;
-        }
-        let role = if incoming.contains(&p.id) && (!joint || outgoing.contains(&p.id)) {
-            PeerRole::Voter
-        } else if incoming.contains(&p.id) {
-            PeerRole::IncomingVoter
-        } else if outgoing.contains(&p.id) {
-            // Only in the outgoing half: becoming a learner (raft-rs's
-            // learners_next); removing a voter in a joint change is refused.
-            PeerRole::DemotingVoter
-        } else if learners.contains(&p.id) {
-            PeerRole::Learner
-        } else {
-            continue;
-        };
-        let mut peer = *p;
-        peer.set_role(role);
-        region.peers.push(peer);
+/// `NotLeader` for `region`, naming peer `leader_id` if it is a member.
+fn not_leader(region: &metapb::Region, leader_id: u64) -> Error {
+    Error::NotLeader {
+        region_id: region.id,
+        leader: region.peers.iter().find(|p| p.id == leader_id).cloned(),
     }
-    for id in incoming.iter().chain(&outgoing).chain(&learners) {
-        if !seen.contains(id) {
-            error!(
-                region_id = old.id,
-                peer_id = id,
-                "raft member without a node; left out"
-            );
-        }
-    }
-    region
-}
-
-/// The raft configuration `region`'s peer roles describe: what start-up
-/// restores, so it always matches the applied index (the region meta is
-/// written with the apply state).
-pub(crate) fn conf_state_from_region(region: &metapb::Region) -> ConfState {
-    use metapb::PeerRole;
-    let ids = |roles: &[PeerRole]| -> Vec<u64> {
-        region
-            .peers
-            .iter()
-            .filter(|p| roles.contains(&p.role()))
-            .map(|p| p.id)
-            .collect()
-    };
-    let mut cs = ConfState {
-        voters: ids(&[PeerRole::Voter, PeerRole::IncomingVoter]),
-        learners: ids(&[PeerRole::Learner]),
-        ..Default::default()
-    };
-    let joint = region
-        .peers
-        .iter()
-        .any(|p| matches!(p.role(), PeerRole::IncomingVoter | PeerRole::DemotingVoter));
-    if joint {
-        cs.voters_outgoing = ids(&[PeerRole::Voter, PeerRole::DemotingVoter]);
-        cs.learners_next = ids(&[PeerRole::DemotingVoter]);
-        // Every joint change here is proposed with automatic leave.
-        cs.auto_leave = true;
-    }
-    cs
 }

@@ -21,14 +21,32 @@
 //! the meta is for the expected region, and that every record belongs to
 //! the meta's key range: a malformed or foreign snapshot is rejected before
 //! anything is written.
+//!
+//! Installing ([`install`]) replaces a replica's data, region meta, apply
+//! state and raft log by the snapshot's. Order of writes: the data, the
+//! region state (`Normal`) and the apply state (applied and truncated at the
+//! snapshot's index and term, with the snapshot's revisions, and its
+//! compaction revision pending again since the leader's physical clean-up
+//! may not be done) go to RocksDB in one synced batch; then the region's
+//! raft-engine log is replaced (cleaned, hard state with the commit at the
+//! snapshot and a term not below it, the snapshot's conf state) with fsync;
+//! then raft-rs's storage is told. A crash before the RocksDB write leaves
+//! the old state and the leader sends the snapshot again; a crash between
+//! the two leaves the new apply state with the old log, which start-up
+//! reconciles (`Store::reconcile_log`). Until splits exist the snapshot's
+//! range is the replica's own (or the first one a replica created on demand
+//! gets).
 
-use engine::{cf, KvEngine, KvSnapshot, WriteBatch};
+use engine::{cf, KvEngine, KvSnapshot, RaftLogBatch, RaftLogEngine, WriteBatch};
 use mvcc::codec;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_serverpb::{RaftApplyState, RegionLocalState};
+use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
+use raft::eraftpb::{HardState, Snapshot};
+use tracing::info;
 
 use crate::keys;
+use crate::storage::PeerStorage;
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"MSRS";
@@ -273,6 +291,93 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
         kv.put_to(wb, cf::REVISION, k, v);
     }
     Ok(())
+}
+
+/// A region snapshot installed by [`install`]: the replica's new state.
+pub(crate) struct Installed {
+    pub apply_state: RaftApplyState,
+    pub region: metapb::Region,
+}
+
+/// Replaces region `region_id`'s data, region meta, apply state and raft
+/// log by `snap`'s (see the module docs for the order of writes), and
+/// updates raft-rs's `store` to match. `hs` is the hard state to persist
+/// with the new log (its commit already at the snapshot). `decoded` is the
+/// snapshot as decoded when it arrived, with its index and term; it is
+/// used if it is this snapshot, otherwise the data is decoded again.
+pub(crate) fn install(
+    kv: &KvEngine,
+    log: &RaftLogEngine,
+    store: &mut PeerStorage,
+    region_id: u64,
+    snap: &Snapshot,
+    mut hs: HardState,
+    decoded: Option<(u64, u64, RegionSnapshot)>,
+) -> Result<Installed> {
+    let meta = snap.get_metadata();
+    let (index, term) = (meta.index, meta.term);
+    let data = match decoded {
+        Some((i, t, data)) if i == index && t == term => data,
+        _ => decode(region_id, snap.get_data())?,
+    };
+    let mut wb = WriteBatch::default();
+    // Until splits exist, the snapshot's range is the replica's own (or
+    // the first one a replica created on demand gets).
+    stage_apply(kv, &mut wb, &data)?;
+    let region_state = RegionLocalState {
+        region: Some(data.region.clone()),
+        state: PeerState::Normal as i32,
+    };
+    kv.put_to(
+        &mut wb,
+        cf::META,
+        &keys::region_state_key(region_id),
+        &region_state.encode_to_vec(),
+    );
+    let mut apply_state = RaftApplyState {
+        applied_index: index,
+        applied_term: term,
+        truncated_index: index,
+        truncated_term: term,
+        applied_revision: data.applied_revision,
+        compact_revision: data.compact_revision,
+        pending_compact_revision: 0,
+    };
+    if data.compact_revision > 0 {
+        // The leader's physical clean-up may not be done; redo it here.
+        apply_state.pending_compact_revision = data.compact_revision;
+    }
+    kv.put_to(
+        &mut wb,
+        cf::META,
+        &keys::apply_state_key(region_id),
+        &apply_state.encode_to_vec(),
+    );
+    kv.write_sync(wb)?;
+
+    hs.term = hs.term.max(term);
+    let mut batch = RaftLogBatch::default();
+    batch.clean(region_id);
+    batch.put_hard_state(region_id, &hs)?;
+    batch.put_conf_state(region_id, meta.get_conf_state())?;
+    log.write(&mut batch, true)?;
+
+    store.set_truncated(index, term);
+    store.set_conf_state(meta.get_conf_state().clone());
+    store.set_hard_state(hs);
+    info!(
+        region_id,
+        index,
+        term,
+        mvcc_entries = data.mvcc.len(),
+        revision_entries = data.revision.len(),
+        applied_revision = data.applied_revision,
+        "installed region snapshot"
+    );
+    Ok(Installed {
+        apply_state,
+        region: data.region,
+    })
 }
 
 #[cfg(test)]

@@ -9,8 +9,12 @@
 //! snapshot's index, with the log after it empty. A replica created on
 //! demand (see `Store::on_raft_message`) starts with everything empty:
 //! truncated at 0 with no conf state, so the leader must send a snapshot.
+//!
+//! The replica's loop persists what raft hands it through `persist_ready`
+//! and `persist_commit`, which keep the in-memory hard state raft-rs reads
+//! in step with raft-engine.
 
-use engine::{KvEngine, RaftLogEngine};
+use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
 use proto::metapb;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -65,6 +69,38 @@ impl PeerStorage {
     pub fn set_truncated(&mut self, index: u64, term: u64) {
         self.truncated_index = index;
         self.truncated_term = term;
+    }
+
+    /// Writes a `Ready`'s new entries and hard state (if any) to
+    /// raft-engine in one batch, with fsync when `sync` (raft asks for it
+    /// whenever they must be durable before messages that depend on them
+    /// go out). Nothing is written if there is nothing new.
+    pub(crate) fn persist_ready(
+        &mut self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> engine::Result<()> {
+        let mut batch = RaftLogBatch::default();
+        batch.append(self.region_id, entries)?;
+        if let Some(hs) = hs {
+            batch.put_hard_state(self.region_id, hs)?;
+            self.hard_state = hs.clone();
+        }
+        if !batch.is_empty() {
+            self.log.write(&mut batch, sync)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a hard state whose only news is the commit index, without
+    /// fsync: the commit index is recoverable from the quorum.
+    pub(crate) fn persist_commit(&mut self, hs: HardState) -> engine::Result<()> {
+        let mut batch = RaftLogBatch::default();
+        batch.put_hard_state(self.region_id, &hs)?;
+        self.log.write(&mut batch, false)?;
+        self.hard_state = hs;
+        Ok(())
     }
 
     pub fn hard_state(&self) -> &HardState {

@@ -61,9 +61,10 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::keys;
-use crate::peer::{
-    conf_state_from_region, Peer, PeerMsg, PeerShared, PeerStatus, DEFAULT_LOG_GC_THRESHOLD,
-};
+use crate::membership::conf_state_from_region;
+use crate::msg::PeerMsg;
+use crate::peer::{Peer, DEFAULT_LOG_GC_THRESHOLD};
+use crate::status::{PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
 use crate::{Error, Result};

@@ -1,0 +1,580 @@
+//! Applying committed raft entries to the region's state machine.
+//!
+//! [`apply_entries`] stages the effects of one run of committed entries
+//! into a single RocksDB `WriteBatch` (ending with the new apply state) and
+//! returns what happened as an [`ApplyOutcome`], in the manner of TiKV's
+//! apply returning `ExecResult`s: it writes nothing and changes nothing of
+//! the replica except raft-rs's configuration (see the end of these docs).
+//! The replica then, in this order: writes the batch (no fsync: after a
+//! crash the data and the apply state roll back together and the entries
+//! are applied again from raft-engine), adopts the apply state and region
+//! meta, tells raft-rs's storage the new conf state and writes its
+//! informational copy to raft-engine, publishes the applied index and
+//! revisions, answers the callers entry by entry and starts the physical
+//! compaction, if any. Commands carry the mutations computed by the leader,
+//! so applying is deterministic and never reads the state machine.
+//!
+//! Contract, per entry (an `Err` in [`EntryResult::result`] is that
+//! entry's answer; the entry is still applied, i.e. its index counts):
+//! * an empty normal entry (a new leader's) does nothing;
+//! * a data command whose epoch `version` differs from the region's fails
+//!   with `EpochNotMatch` (`conf_ver` is not checked: a membership change
+//!   does not change which keys the region owns);
+//! * a write whose revision is not above the applied revision fails with
+//!   `StaleCommand`; otherwise its mutations are staged and the applied
+//!   revision becomes its revision;
+//! * a compaction at or below the compaction revision fails with
+//!   `Compacted`; otherwise it becomes the compaction revision and the
+//!   pending one, and the outcome asks for the physical clean-up (the last
+//!   such revision of the run);
+//! * an undecodable command or one without a body fails with `Corrupted`;
+//! * a membership change is checked and turned into the new region meta by
+//!   the `membership` module; the meta is staged as the region state
+//!   (`Tombstone` if this replica was removed, else `Normal`) and later
+//!   entries of the run see it. A rejected change changes nothing.
+//!
+//! Once a membership change removes this replica, the entries after it are
+//! not applied (they are not this replica's any more): the run stops there
+//! and the apply state's applied index is the removing entry's.
+//!
+//! raft-rs's configuration is the one thing that must move *during* the
+//! run rather than after it: raft-rs checks each change against the
+//! configuration left by the previous one, and every replica must reach the
+//! same verdict in entry order. `RawNode::apply_conf_change` needs the
+//! `RawNode`, which the replica owns, so [`apply_entries`] takes it as a
+//! closure called once per membership change, in entry order, after the
+//! change passed its own checks (a closure rather than the `RawNode`
+//! itself: apply needs only that one call, and tests pass a fake).
+//! Everything else about the change (region meta, storage conf state, the
+//! raft-engine copy) is in the outcome: the storage's conf state is read
+//! only when raft-rs builds a snapshot, never during a run, so setting it
+//! once after the run is the same as setting it after every change.
+
+use engine::{cf, KvEngine, WriteBatch};
+use mvcc::MvccStore;
+use prost::Message as _;
+use proto::metapb;
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
+use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType};
+use tracing::info;
+
+use crate::keys;
+use crate::membership;
+use crate::{Error, Result};
+
+/// The outcome of one committed entry, to answer its proposal with.
+#[derive(Debug)]
+pub(crate) struct EntryResult {
+    pub index: u64,
+    pub term: u64,
+    /// A membership change entry (raft-rs turns a membership change it
+    /// refuses at proposal into an empty normal entry, which the proposer
+    /// must not take for success).
+    pub is_conf: bool,
+    pub result: Result<()>,
+}
+
+/// What applying a run of committed entries did; see the module docs for
+/// how the replica consumes it.
+#[derive(Debug)]
+pub(crate) struct ApplyOutcome {
+    /// One per applied entry, in entry order.
+    pub results: Vec<EntryResult>,
+    /// The apply state after the run (also staged in the batch).
+    pub apply_state: RaftApplyState,
+    /// The region meta after the run, if a membership change applied.
+    pub region: Option<metapb::Region>,
+    /// Raft's configuration after the last membership change applied, for
+    /// raft-rs's storage and the raft-engine copy.
+    pub conf_state: Option<ConfState>,
+    /// A compaction revision whose physical clean-up is to start.
+    pub compaction: Option<i64>,
+    /// A membership change removed this replica (its region state is
+    /// staged as `Tombstone`); the replica is to stop.
+    pub removed: bool,
+}
+
+/// Region `region`'s replica `peer_id`, at `apply_state`, on `kv`.
+pub(crate) struct ApplyContext<'a> {
+    pub kv: &'a KvEngine,
+    pub mvcc: &'a MvccStore,
+    pub peer_id: u64,
+    pub region: &'a metapb::Region,
+    pub apply_state: &'a RaftApplyState,
+}
+
+/// Stages the committed `entries` into one write batch (ending with the new
+/// apply state) and returns it with the outcome; see the module docs.
+/// `raft_apply_conf_change` is `RawNode::apply_conf_change`. Nothing is
+/// written. `entries` must not be empty.
+pub(crate) fn apply_entries(
+    ctx: ApplyContext<'_>,
+    entries: &[Entry],
+    mut raft_apply_conf_change: impl FnMut(&ConfChangeV2) -> raft::Result<ConfState>,
+) -> (WriteBatch, ApplyOutcome) {
+    let mut run = Run {
+        kv: ctx.kv,
+        mvcc: ctx.mvcc,
+        peer_id: ctx.peer_id,
+        old_region: ctx.region,
+        wb: WriteBatch::default(),
+        outcome: ApplyOutcome {
+            results: Vec::with_capacity(entries.len()),
+            apply_state: *ctx.apply_state,
+            region: None,
+            conf_state: None,
+            compaction: None,
+            removed: false,
+        },
+    };
+    for e in entries {
+        let is_conf = e.get_entry_type() != EntryType::EntryNormal;
+        let result = match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => Ok(()),
+            EntryType::EntryNormal => run.apply_command(e),
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                let res = run.apply_conf_change(e, &mut raft_apply_conf_change);
+                if let Err(err) = &res {
+                    info!(
+                        region_id = ctx.region.id,
+                        index = e.index,
+                        "membership change rejected: {err}"
+                    );
+                }
+                res
+            }
+        };
+        run.outcome.apply_state.applied_index = e.index;
+        run.outcome.apply_state.applied_term = e.term;
+        run.outcome.results.push(EntryResult {
+            index: e.index,
+            term: e.term,
+            is_conf,
+            result,
+        });
+        if run.outcome.removed {
+            // The entries after this replica's removal are not its own.
+            break;
+        }
+    }
+    let Run {
+        kv,
+        mut wb,
+        outcome,
+        ..
+    } = run;
+    kv.put_to(
+        &mut wb,
+        cf::META,
+        &keys::apply_state_key(ctx.region.id),
+        &outcome.apply_state.encode_to_vec(),
+    );
+    (wb, outcome)
+}
+
+/// The epoch check of a data command against `region`: only the epoch's
+/// `version` (TiKV does the same), as a membership change (`conf_ver`) does
+/// not change which keys the region owns, so a command built before one is
+/// still valid. Used both when proposing and when applying.
+pub(crate) fn check_epoch(region: &metapb::Region, cmd: &RaftCmdRequest) -> Result<()> {
+    let current = region.region_epoch.unwrap_or_default();
+    let given = cmd
+        .header
+        .as_ref()
+        .and_then(|h| h.region_epoch)
+        .unwrap_or_default();
+    if given.version != current.version {
+        return Err(Error::EpochNotMatch {
+            region_id: region.id,
+            current: region.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The state of one run of [`apply_entries`].
+struct Run<'a> {
+    kv: &'a KvEngine,
+    mvcc: &'a MvccStore,
+    peer_id: u64,
+    /// The region meta before the run; `outcome.region` once changed.
+    old_region: &'a metapb::Region,
+    wb: WriteBatch,
+    outcome: ApplyOutcome,
+}
+
+impl Run<'_> {
+    /// The region meta as of the entry being applied.
+    fn region(&self) -> &metapb::Region {
+        self.outcome.region.as_ref().unwrap_or(self.old_region)
+    }
+
+    fn apply_command(&mut self, e: &Entry) -> Result<()> {
+        let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
+        check_epoch(self.region(), &cmd)?;
+        let state = &mut self.outcome.apply_state;
+        match cmd.cmd {
+            Some(Cmd::Write(w)) => {
+                if w.revision <= state.applied_revision {
+                    return Err(Error::StaleCommand(format!(
+                        "revision {} is not above applied revision {}",
+                        w.revision, state.applied_revision
+                    )));
+                }
+                self.mvcc
+                    .stage_changes(&mut self.wb, w.revision, &w.mutations);
+                state.applied_revision = w.revision;
+                Ok(())
+            }
+            Some(Cmd::Compact(c)) => {
+                if c.revision <= state.compact_revision {
+                    return Err(Error::Mvcc(mvcc::Error::Compacted));
+                }
+                state.compact_revision = c.revision;
+                state.pending_compact_revision = c.revision;
+                self.outcome.compaction = Some(c.revision);
+                Ok(())
+            }
+            None => Err(Error::Corrupted("raft command without a body".into())),
+        }
+    }
+
+    /// Applies a committed membership change: raft's configuration (through
+    /// `raft_apply`), then the region meta (peers, roles, `conf_ver`) staged
+    /// as the region state. An error leaves everything unchanged.
+    fn apply_conf_change(
+        &mut self,
+        e: &Entry,
+        raft_apply: impl FnMut(&ConfChangeV2) -> raft::Result<ConfState>,
+    ) -> Result<()> {
+        let applied = membership::apply_conf_change(self.region(), self.peer_id, e, raft_apply)?;
+        let region = applied.region;
+        let state = RegionLocalState {
+            region: Some(region.clone()),
+            state: if applied.removed {
+                PeerState::Tombstone
+            } else {
+                PeerState::Normal
+            } as i32,
+        };
+        self.kv.put_to(
+            &mut self.wb,
+            cf::META,
+            &keys::region_state_key(region.id),
+            &state.encode_to_vec(),
+        );
+        info!(
+            region_id = region.id,
+            index = e.index,
+            conf_ver = region.region_epoch.unwrap_or_default().conf_ver,
+            peers = ?region.peers,
+            "applied membership change"
+        );
+        self.outcome.region = Some(region);
+        self.outcome.conf_state = Some(applied.conf_state);
+        self.outcome.removed = applied.removed;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use proto::raft_cmdpb::{
+        mutation::Op, CompactRequest, Mutation, RaftRequestHeader, WriteRequest,
+    };
+    use raft::eraftpb::ConfChangeType;
+
+    use super::*;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        kv: KvEngine,
+        mvcc: MvccStore,
+    }
+
+    fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = KvEngine::open(dir.path()).unwrap();
+        Env {
+            mvcc: MvccStore::new(kv.clone()),
+            kv,
+            _dir: dir,
+        }
+    }
+
+    fn peer(id: u64, role: metapb::PeerRole) -> metapb::Peer {
+        let mut p = metapb::Peer {
+            id,
+            node_id: id,
+            role: 0,
+        };
+        p.set_role(role);
+        p
+    }
+
+    fn region() -> metapb::Region {
+        metapb::Region {
+            id: 9,
+            region_epoch: Some(metapb::RegionEpoch {
+                conf_ver: 1,
+                version: 1,
+            }),
+            peers: vec![
+                peer(1, metapb::PeerRole::Voter),
+                peer(2, metapb::PeerRole::Voter),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn entry(index: u64, data: Vec<u8>) -> Entry {
+        Entry {
+            index,
+            term: 2,
+            data: data.into(),
+            ..Default::default()
+        }
+    }
+
+    fn cmd(index: u64, conf_ver: u64, version: u64, cmd: Option<Cmd>) -> Entry {
+        let req = RaftCmdRequest {
+            header: Some(RaftRequestHeader {
+                region_id: 9,
+                region_epoch: Some(metapb::RegionEpoch { conf_ver, version }),
+                proposal_id: 0,
+            }),
+            cmd,
+        };
+        entry(index, req.encode_to_vec())
+    }
+
+    fn put(revision: i64) -> Option<Cmd> {
+        Some(Cmd::Write(WriteRequest {
+            revision,
+            mutations: vec![Mutation {
+                op: Op::Put as i32,
+                key: b"k".to_vec(),
+                value: format!("v{revision}").into_bytes(),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    fn compact(revision: i64) -> Option<Cmd> {
+        Some(Cmd::Compact(CompactRequest { revision }))
+    }
+
+    fn conf_entry(
+        index: u64,
+        region: &metapb::Region,
+        changes: &[(ConfChangeType, metapb::Peer)],
+    ) -> Entry {
+        let cc = membership::conf_change_proposal(region, changes);
+        let mut e = entry(index, protobuf::Message::write_to_bytes(&cc).unwrap());
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e
+    }
+
+    fn apply_state() -> RaftApplyState {
+        RaftApplyState {
+            applied_index: 5,
+            applied_term: 1,
+            truncated_index: 5,
+            truncated_term: 1,
+            applied_revision: 2,
+            compact_revision: 1,
+            pending_compact_revision: 0,
+        }
+    }
+
+    fn run(
+        env: &Env,
+        region: &metapb::Region,
+        entries: &[Entry],
+        raft: impl FnMut(&ConfChangeV2) -> raft::Result<ConfState>,
+    ) -> ApplyOutcome {
+        let state = apply_state();
+        let ctx = ApplyContext {
+            kv: &env.kv,
+            mvcc: &env.mvcc,
+            peer_id: 1,
+            region,
+            apply_state: &state,
+        };
+        let (wb, outcome) = apply_entries(ctx, entries, raft);
+        env.kv.write(wb).unwrap();
+        outcome
+    }
+
+    fn no_conf_change(_: &ConfChangeV2) -> raft::Result<ConfState> {
+        panic!("raft's configuration must not change")
+    }
+
+    fn region_state(env: &Env) -> RegionLocalState {
+        let raw = env
+            .kv
+            .get(cf::META, &keys::region_state_key(9))
+            .unwrap()
+            .unwrap();
+        RegionLocalState::decode(raw.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn data_commands() {
+        let env = env();
+        let entries = [
+            entry(6, Vec::new()),
+            cmd(7, 1, 1, put(3)),
+            cmd(8, 1, 1, put(3)),
+            cmd(9, 1, 2, put(4)),
+            cmd(10, 7, 1, put(4)),
+            cmd(11, 1, 1, compact(2)),
+            cmd(12, 1, 1, compact(2)),
+            cmd(13, 1, 1, None),
+            entry(14, vec![0xFF, 0xFF]),
+        ];
+        let out = run(&env, &region(), &entries, no_conf_change);
+        let results: Vec<_> = out.results.iter().map(|r| (r.index, &r.result)).collect();
+        assert!(matches!(results[0], (6, Ok(()))));
+        assert!(matches!(results[1], (7, Ok(()))));
+        assert!(matches!(results[2], (8, Err(Error::StaleCommand(_)))));
+        assert!(matches!(results[3], (9, Err(Error::EpochNotMatch { .. }))));
+        // Only the epoch's version counts for data commands.
+        assert!(matches!(results[4], (10, Ok(()))));
+        assert!(matches!(results[5], (11, Ok(()))));
+        assert!(matches!(
+            results[6],
+            (12, Err(Error::Mvcc(mvcc::Error::Compacted)))
+        ));
+        assert!(matches!(results[7], (13, Err(Error::Corrupted(_)))));
+        assert!(matches!(results[8], (14, Err(Error::Corrupted(_)))));
+        assert!(out.results.iter().all(|r| !r.is_conf && r.term == 2));
+
+        let expected = RaftApplyState {
+            applied_index: 14,
+            applied_term: 2,
+            applied_revision: 4,
+            compact_revision: 2,
+            pending_compact_revision: 2,
+            ..apply_state()
+        };
+        assert_eq!(out.apply_state, expected);
+        assert_eq!(out.compaction, Some(2));
+        assert!(out.region.is_none() && out.conf_state.is_none() && !out.removed);
+        // The batch carried the data and the apply state.
+        let raw = env
+            .kv
+            .get(cf::META, &keys::apply_state_key(9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(RaftApplyState::decode(raw.as_slice()).unwrap(), expected);
+        let kv = env.mvcc.get(b"k", i64::MAX).unwrap().unwrap();
+        assert_eq!((kv.mod_revision, kv.value), (4, b"v4".to_vec()));
+    }
+
+    #[test]
+    fn membership_change_applies_in_entry_order() {
+        let env = env();
+        let old = region();
+        let learner = peer(3, metapb::PeerRole::Learner);
+        let calls = Cell::new(0);
+        let entries = [
+            conf_entry(6, &old, &[(ConfChangeType::AddLearnerNode, learner)]),
+            cmd(7, 1, 1, put(3)),
+            // Proposed against the epoch before the first change.
+            conf_entry(8, &old, &[(ConfChangeType::AddNode, learner)]),
+        ];
+        let out = run(&env, &old, &entries, |_| {
+            calls.set(calls.get() + 1);
+            Ok(ConfState {
+                voters: vec![1, 2],
+                learners: vec![3],
+                ..Default::default()
+            })
+        });
+        assert_eq!(calls.get(), 1);
+        assert!(out.results[0].is_conf && out.results[0].result.is_ok());
+        assert!(out.results[1].result.is_ok());
+        assert!(matches!(
+            out.results[2].result,
+            Err(Error::EpochNotMatch { .. })
+        ));
+        let new = out.region.unwrap();
+        assert_eq!(new.region_epoch.unwrap().conf_ver, 2);
+        assert_eq!(new.peers.last(), Some(&learner));
+        assert_eq!(out.conf_state.unwrap().learners, vec![3]);
+        assert!(!out.removed);
+        assert_eq!(out.apply_state.applied_index, 8);
+        let state = region_state(&env);
+        assert_eq!(state.state(), PeerState::Normal);
+        assert_eq!(state.region, Some(new));
+    }
+
+    #[test]
+    fn rejected_membership_change_changes_nothing() {
+        let env = env();
+        let old = region();
+        let mut e = conf_entry(
+            6,
+            &old,
+            &[(
+                ConfChangeType::AddLearnerNode,
+                peer(3, metapb::PeerRole::Learner),
+            )],
+        );
+        // A context naming another peer than the change.
+        let mut cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&e.data).unwrap();
+        cc.mut_changes()[0].node_id = 4;
+        e.data = protobuf::Message::write_to_bytes(&cc).unwrap().into();
+        let refused = conf_entry(
+            7,
+            &old,
+            &[(ConfChangeType::RemoveNode, peer(2, metapb::PeerRole::Voter))],
+        );
+        let out = run(&env, &old, &[e, refused], |_| {
+            Err(raft::Error::ConfChangeError("refused".into()))
+        });
+        assert!(matches!(out.results[0].result, Err(Error::Corrupted(_))));
+        assert!(matches!(out.results[1].result, Err(Error::Raft(_))));
+        assert!(out.region.is_none() && out.conf_state.is_none() && !out.removed);
+        assert_eq!(out.apply_state.applied_index, 7);
+        assert!(env
+            .kv
+            .get(cf::META, &keys::region_state_key(9))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn removal_stops_the_run_and_tombstones() {
+        let env = env();
+        let old = region();
+        let entries = [
+            conf_entry(
+                6,
+                &old,
+                &[(ConfChangeType::RemoveNode, peer(1, metapb::PeerRole::Voter))],
+            ),
+            cmd(7, 1, 1, put(3)),
+        ];
+        let out = run(&env, &old, &entries, |_| {
+            Ok(ConfState {
+                voters: vec![2],
+                ..Default::default()
+            })
+        });
+        assert!(out.removed);
+        assert_eq!(out.results.len(), 1);
+        assert_eq!(out.apply_state.applied_index, 6);
+        assert_eq!(out.apply_state.applied_revision, 2);
+        let state = region_state(&env);
+        assert_eq!(state.state(), PeerState::Tombstone);
+        assert_eq!(
+            state.region.unwrap().peers,
+            vec![peer(2, metapb::PeerRole::Voter)]
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! Raft messages between the replicas of a region: what a replica accepts
+//! from the transport before raft sees it, and how it addresses what raft
+//! sends.
+//!
+//! Whatever a peer sends, a bad message is logged and dropped (never an
+//! error): one faulty node must not stop this one. Contract of the checks,
+//! in the order the replica runs them:
+//! * [`admit_sender`]: a message for another region or another replica is
+//!   dropped, and so is one from a peer that is not a member of the region,
+//!   except on a replica created on demand (no data yet), which knows no
+//!   members until its snapshot arrives and must answer whoever leads: the
+//!   sender (if it has an id and a node) is to be added to its peers. It is
+//!   added before the payload is checked.
+//! * [`decode_payload`]: an undecodable payload is dropped, and so is one
+//!   whose endpoints differ from the envelope's: the envelope is what
+//!   routing trusted, and a payload claiming other endpoints would let raft
+//!   attribute it to the wrong peer. A message that passes counts as
+//!   hearing from its sender.
+//! * [`check_snapshot`]: once raft accepts a snapshot it must be installed,
+//!   so a snapshot's data is decoded and validated before raft sees it; a
+//!   malformed one, or one whose region meta does not include this replica,
+//!   is dropped. A valid one is kept (with its index and term) so that it
+//!   is not decoded again when raft hands it back for installing.
+//!
+//! Outgoing ([`envelope`]): a message carries the region id and epoch and
+//! both endpoints with their nodes (the transport routes by
+//! `to_peer.node_id`); one to a peer not in the region, or that cannot be
+//! encoded, is dropped.
+
+use proto::metapb;
+use proto::raft_serverpb::RaftMessage;
+use raft::eraftpb::{Message, MessageType};
+use tracing::{debug, error, warn};
+
+use crate::snapshot::{self, RegionSnapshot};
+
+/// The sender of a message this replica takes.
+pub(crate) struct Sender {
+    pub peer: metapb::Peer,
+    /// Not a member yet: to be added to the region's peers (a replica
+    /// created on demand only).
+    pub new_member: bool,
+}
+
+/// Whether replica `peer_id` of `region` (`initialized`: it has its
+/// region's data) takes `msg` from its sender (see the module docs).
+pub(crate) fn admit_sender(
+    region: &metapb::Region,
+    peer_id: u64,
+    initialized: bool,
+    msg: &RaftMessage,
+) -> Option<Sender> {
+    let region_id = region.id;
+    let from_peer = msg.from_peer.unwrap_or_default();
+    let to_peer = msg.to_peer.unwrap_or_default();
+    if msg.region_id != region_id || to_peer.id != peer_id {
+        debug!(
+            region_id,
+            msg_region = msg.region_id,
+            to = to_peer.id,
+            "raft message for another replica; dropped"
+        );
+        return None;
+    }
+    if region.peers.iter().any(|p| p.id == from_peer.id) {
+        return Some(Sender {
+            peer: from_peer,
+            new_member: false,
+        });
+    }
+    if initialized || from_peer.id == 0 || from_peer.node_id == 0 {
+        debug!(
+            region_id,
+            from = from_peer.id,
+            "raft message from a non-member; dropped"
+        );
+        return None;
+    }
+    // A replica created on demand knows no members until its snapshot
+    // arrives; it must be able to answer whoever leads.
+    Some(Sender {
+        peer: from_peer,
+        new_member: true,
+    })
+}
+
+/// The raft message inside `msg`, sent by peer `from` to replica `peer_id`
+/// of region `region_id`, if it decodes and names the envelope's endpoints.
+pub(crate) fn decode_payload(
+    region_id: u64,
+    peer_id: u64,
+    from: u64,
+    msg: &RaftMessage,
+) -> Option<Message> {
+    let m = match <Message as protobuf::Message>::parse_from_bytes(&msg.message) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(region_id, from, "undecodable raft message dropped: {e}");
+            return None;
+        }
+    };
+    if m.from != from || m.to != peer_id {
+        warn!(
+            region_id,
+            from,
+            msg_from = m.from,
+            msg_to = m.to,
+            "raft message with mismatched endpoints dropped"
+        );
+        return None;
+    }
+    Some(m)
+}
+
+/// What [`check_snapshot`] found.
+pub(crate) enum SnapshotCheck {
+    /// Not a snapshot message.
+    NotSnapshot,
+    /// A valid region snapshot: its index, term and decoded data.
+    Valid(u64, u64, RegionSnapshot),
+    /// To be dropped (logged).
+    Rejected,
+}
+
+/// Validates the region snapshot `m` carries, if any, for replica
+/// `peer_id` of region `region_id` (see the module docs).
+pub(crate) fn check_snapshot(
+    region_id: u64,
+    peer_id: u64,
+    from: u64,
+    m: &Message,
+) -> SnapshotCheck {
+    if m.get_msg_type() != MessageType::MsgSnapshot {
+        return SnapshotCheck::NotSnapshot;
+    }
+    let meta = m.get_snapshot().get_metadata();
+    match snapshot::decode(region_id, m.get_snapshot().get_data()) {
+        Ok(snap) if !snap.region.peers.iter().any(|p| p.id == peer_id) => {
+            warn!(
+                region_id,
+                from,
+                index = meta.index,
+                "region snapshot without this replica dropped"
+            );
+            SnapshotCheck::Rejected
+        }
+        Ok(snap) => SnapshotCheck::Valid(meta.index, meta.term, snap),
+        Err(e) => {
+            warn!(
+                region_id,
+                from,
+                index = meta.index,
+                "malformed region snapshot dropped: {e}"
+            );
+            SnapshotCheck::Rejected
+        }
+    }
+}
+
+/// The envelope of `m`, sent by `from_peer` (this replica, as the region
+/// meta knows it) of `region`, or `None` (logged) if it is to be dropped.
+pub(crate) fn envelope(
+    region: &metapb::Region,
+    from_peer: Option<metapb::Peer>,
+    m: &Message,
+) -> Option<RaftMessage> {
+    let region_id = region.id;
+    let Some(to_peer) = region.peers.iter().find(|p| p.id == m.to).copied() else {
+        warn!(
+            region_id,
+            to = m.to,
+            "raft message to a peer not in the region; dropped"
+        );
+        return None;
+    };
+    let message = match protobuf::Message::write_to_bytes(m) {
+        Ok(b) => b,
+        Err(e) => {
+            error!(region_id, to = m.to, "cannot encode raft message: {e}");
+            return None;
+        }
+    };
+    Some(RaftMessage {
+        region_id,
+        from_peer,
+        to_peer: Some(to_peer),
+        region_epoch: region.region_epoch,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64, node_id: u64) -> metapb::Peer {
+        metapb::Peer {
+            id,
+            node_id,
+            role: 0,
+        }
+    }
+
+    fn region() -> metapb::Region {
+        metapb::Region {
+            id: 7,
+            peers: vec![peer(1, 1), peer(2, 2)],
+            region_epoch: Some(metapb::RegionEpoch {
+                conf_ver: 3,
+                version: 1,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn raft_msg(from: u64, to: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = from;
+        m.to = to;
+        m
+    }
+
+    fn wrapped(from: metapb::Peer, to: metapb::Peer, m: &Message) -> RaftMessage {
+        RaftMessage {
+            region_id: 7,
+            from_peer: Some(from),
+            to_peer: Some(to),
+            region_epoch: None,
+            message: protobuf::Message::write_to_bytes(m).unwrap(),
+        }
+    }
+
+    #[test]
+    fn admits_members_and_only_a_new_replica_takes_strangers() {
+        let m = raft_msg(2, 1);
+        let msg = wrapped(peer(2, 2), peer(1, 1), &m);
+        let s = admit_sender(&region(), 1, true, &msg).unwrap();
+        assert_eq!((s.peer.id, s.new_member), (2, false));
+        let mut other = msg.clone();
+        other.region_id = 8;
+        assert!(admit_sender(&region(), 1, true, &other).is_none());
+        assert!(admit_sender(&region(), 3, true, &msg).is_none());
+
+        let stranger = wrapped(peer(9, 9), peer(1, 1), &raft_msg(9, 1));
+        assert!(admit_sender(&region(), 1, true, &stranger).is_none());
+        let s = admit_sender(&region(), 1, false, &stranger).unwrap();
+        assert_eq!((s.peer.id, s.new_member), (9, true));
+        let no_node = wrapped(peer(9, 0), peer(1, 1), &raft_msg(9, 1));
+        assert!(admit_sender(&region(), 1, false, &no_node).is_none());
+    }
+
+    #[test]
+    fn payload_must_name_the_envelope_endpoints() {
+        let msg = wrapped(peer(2, 2), peer(1, 1), &raft_msg(2, 1));
+        assert_eq!(decode_payload(7, 1, 2, &msg).map(|m| m.from), Some(2));
+        let forged = wrapped(peer(2, 2), peer(1, 1), &raft_msg(3, 1));
+        assert!(decode_payload(7, 1, 2, &forged).is_none());
+        let mut garbage = msg;
+        garbage.message = vec![0xFF; 3];
+        assert!(decode_payload(7, 1, 2, &garbage).is_none());
+    }
+
+    #[test]
+    fn snapshots_are_checked_before_raft_sees_them() {
+        assert!(matches!(
+            check_snapshot(7, 1, 2, &raft_msg(2, 1)),
+            SnapshotCheck::NotSnapshot
+        ));
+        let mut m = raft_msg(2, 1);
+        m.set_msg_type(MessageType::MsgSnapshot);
+        m.mut_snapshot().set_data(b"not a snapshot".to_vec().into());
+        assert!(matches!(
+            check_snapshot(7, 1, 2, &m),
+            SnapshotCheck::Rejected
+        ));
+    }
+
+    #[test]
+    fn envelope_addresses_members_only() {
+        let env = envelope(&region(), Some(peer(1, 1)), &raft_msg(1, 2)).unwrap();
+        assert_eq!(env.to_peer, Some(peer(2, 2)));
+        assert_eq!(env.region_epoch, region().region_epoch);
+        assert!(envelope(&region(), Some(peer(1, 1)), &raft_msg(1, 9)).is_none());
+    }
+}

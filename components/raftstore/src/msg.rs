@@ -1,0 +1,50 @@
+//! The mailbox protocol of a region replica: what [`crate::RegionHandle`]
+//! (and the replica's own helpers) send its loop, and how each is answered.
+//!
+//! Every request carries a [`Callback`] that is answered exactly once: with
+//! the outcome, or with `Stopped` if the replica stops (or is removed from
+//! its region) first; a caller whose callback is dropped unanswered sees
+//! the same through its closed channel. Requests that need a leader
+//! (`Propose`, `ReadIndex`, `ChangePeers`) fail at once with `NotLeader`
+//! on a replica that is not a leader having applied an entry of its term;
+//! `TransferLeader` needs only a leader. Messages are handled in arrival
+//! order, so commands sent one after another reach the raft log in that
+//! order when both are accepted.
+
+use proto::metapb;
+use proto::raft_cmdpb::RaftCmdRequest;
+use proto::raft_serverpb::RaftMessage;
+use raft::eraftpb::ConfChangeType;
+use tokio::sync::oneshot;
+
+use crate::Result;
+
+/// How a request is answered.
+pub type Callback = oneshot::Sender<Result<()>>;
+
+/// A message to a replica's loop.
+pub enum PeerMsg {
+    /// Replicate and apply `cmd`; answered once applied (or rejected).
+    Propose { cmd: RaftCmdRequest, cb: Callback },
+    /// Linearizable read barrier: answered once this replica is confirmed
+    /// leader by a quorum and has applied everything committed before.
+    ReadIndex { cb: Callback },
+    /// Replicate and apply a membership change; answered once applied.
+    ChangePeers {
+        changes: Vec<(ConfChangeType, metapb::Peer)>,
+        cb: Callback,
+    },
+    /// Hand leadership to `peer_id`; answered once the transfer started
+    /// (raft-rs aborts it silently if the target does not win in time).
+    TransferLeader { peer_id: u64, cb: Callback },
+    /// Answered once this replica has applied `index` (a follower read
+    /// waiting for the leader's read index).
+    WaitApplied { index: u64, cb: Callback },
+    /// The physical clean-up of compaction `revision` finished (sent by
+    /// the compaction thread; see the `compaction` module).
+    CompactionDone { revision: i64 },
+    /// A raft message from a peer on another node.
+    Raft(RaftMessage),
+    /// Ends the loop; everyone waiting is answered `Stopped`.
+    Stop,
+}
