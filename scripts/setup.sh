@@ -16,6 +16,11 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
+# The test command checks formatting and lints.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+
 # RocksDB, built once per machine outside the workspace (see
 # .cargo/config.toml for why) and linked into the workspace as ./.rocksdb.
 root="$(cd "$(dirname "$0")/.." && pwd)"

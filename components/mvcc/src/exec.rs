@@ -22,7 +22,7 @@ use proto::etcdserverpb::{
 use proto::mvccpb::KeyValue;
 use proto::raft_cmdpb::{mutation::Op, Mutation};
 
-use crate::store::{KeyRange, MvccStore, RangeResult};
+use crate::store::{KeyRange, MvccSnapshot, RangeResult};
 use crate::{Error, Result};
 
 /// Placeholder for the revision the request commits at.
@@ -78,7 +78,7 @@ pub struct Evaluation {
 
 /// Range semantics of etcd for a read at `rev` (already resolved against the
 /// compaction and current revisions). The header is left to the caller.
-pub fn range(store: &MvccStore, r: &RangeRequest, rev: i64) -> Result<RangeResponse> {
+pub fn range(store: &MvccSnapshot, r: &RangeRequest, rev: i64) -> Result<RangeResponse> {
     range_with(r, |kr, limit, collect| store.range(kr, rev, limit, collect))
 }
 
@@ -164,7 +164,7 @@ fn sort_kvs(kvs: &mut [KeyValue], order: i32, target: i32) {
 /// Evaluates a validated write against the newest state. `lease_exists`
 /// tells whether a lease id is granted.
 pub fn evaluate(
-    store: &MvccStore,
+    store: &MvccSnapshot,
     req: &WriteRequest,
     bounds: ReadBounds,
     lease_exists: &dyn Fn(i64) -> bool,
@@ -270,7 +270,7 @@ fn fill_txn(t: &mut TxnResponse, fix: &dyn Fn(&mut i64)) {
 }
 
 struct TxnContext<'a> {
-    store: &'a MvccStore,
+    store: &'a MvccSnapshot<'a>,
     bounds: ReadBounds,
     lease_exists: &'a dyn Fn(i64) -> bool,
     /// This request's own changes: `Some` put, `None` deleted.

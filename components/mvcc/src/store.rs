@@ -5,8 +5,19 @@
 //! region's apply state, and the callers check them first (reads below the
 //! compaction revision or above the current one never reach this layer).
 //! Key ranges use etcd's convention, see [`KeyRange`].
+//!
+//! Reads go through an [`MvccSnapshot`]: one RocksDB snapshot, so a read
+//! sees one state however long it iterates, while writes are applied and
+//! physical compaction deletes versions underneath. The region's apply
+//! state (applied and compaction revisions) lives in the same RocksDB and
+//! is written in the same batch as the data it describes, so a caller that
+//! reads it through the same snapshot ([`MvccSnapshot::kv`]) checks a read's
+//! revision against exactly the data the read will see: the physical
+//! clean-up of a compaction starts only after the compaction revision was
+//! written, so a snapshot either shows that revision (and the read below it
+//! is refused) or predates every deletion of that clean-up.
 
-use engine::{cf, KvEngine, WriteBatch};
+use engine::{cf, KvEngine, KvSnapshot, WriteBatch};
 use proto::mvccpb::{event::EventType, Event, KeyValue};
 use proto::raft_cmdpb::{mutation::Op, Mutation};
 
@@ -61,7 +72,7 @@ impl KeyRange {
     }
 }
 
-/// What [`MvccStore::range`] found.
+/// What [`MvccSnapshot::range`] found.
 #[derive(Debug, Default, PartialEq)]
 pub struct RangeResult {
     /// Live keys in key order, at most `limit` of them.
@@ -93,55 +104,12 @@ impl MvccStore {
         &self.engine
     }
 
-    /// The live version of `key` as of `rev` (`None` if it did not exist or
-    /// was deleted then). `i64::MAX` reads the newest version.
-    pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
-        let range = KeyRange {
-            start: key.to_vec(),
-            end: None,
-        };
-        Ok(self.range(&range, rev, 1, true)?.kvs.pop())
-    }
-
-    /// Live keys of `range` as of `rev`, in key order. Collects at most
-    /// `limit` of them (0 = all) and only when `collect` (count-only reads
-    /// skip decoding values); `count` always covers the whole range.
-    pub fn range(
-        &self,
-        range: &KeyRange,
-        rev: i64,
-        limit: usize,
-        collect: bool,
-    ) -> Result<RangeResult> {
-        let mut out = RangeResult::default();
-        if range.is_empty() {
-            return Ok(out);
+    /// A consistent read view of the store as of now (see the module docs).
+    /// Cheap; hold it only for the duration of one request.
+    pub fn snapshot(&self) -> MvccSnapshot<'_> {
+        MvccSnapshot {
+            kv: self.engine.snapshot(),
         }
-        let lower = codec::mvcc_lower_bound(&range.start);
-        let upper = codec::mvcc_upper_bound(&range.upper());
-        let mut it = self.engine.iter(cf::MVCC, &lower, &upper);
-        it.seek(codec::mvcc_key(&range.start, rev));
-        while it.valid() {
-            let Some(raw_key) = it.key() else { break };
-            let (user_key, version_rev) = codec::decode_mvcc_key(raw_key)?;
-            if version_rev > rev {
-                it.seek(codec::mvcc_key(&user_key, rev));
-                continue;
-            }
-            let raw_value = it.value().unwrap_or_default();
-            if raw_value.first() != Some(&1) {
-                out.count += 1;
-                if collect && (limit == 0 || out.kvs.len() < limit) {
-                    let version = Version::decode(raw_value)?;
-                    if let Some(kv) = key_value(user_key.clone(), version_rev, version) {
-                        out.kvs.push(kv);
-                    }
-                }
-            }
-            it.seek(codec::mvcc_key_end(&user_key));
-        }
-        it.status()?;
-        Ok(out)
     }
 
     /// Stages the changes of one revision into `batch`. `create_revision` 0
@@ -177,6 +145,139 @@ impl MvccStore {
         }
     }
 
+    /// Physically removes, for keys in `[lower, upper)` (`upper` empty =
+    /// unbounded), every version that no read at or above `rev` can see:
+    /// versions superseded at or before `rev`, and tombstones at or before
+    /// `rev` with everything older. Reads at `rev` itself still work.
+    /// Versions are removed oldest first, so a crash half way never makes an
+    /// older version visible again.
+    pub fn compact(&self, rev: i64, lower: &[u8], upper: &[u8]) -> Result<CompactStats> {
+        let start = codec::revision_key(1, 0);
+        let end = codec::revision_key(rev.saturating_add(1), 0);
+        let stats = self.delete_compacted(rev, lower, upper, &start, &end)?;
+        // After the read view is gone: RocksDB keeps what a live snapshot
+        // can see, deleted or not.
+        if stats.versions_removed > 0 {
+            self.engine.compact_range(cf::MVCC, None, None);
+            self.engine
+                .compact_range(cf::REVISION, Some(&start), Some(&end));
+        }
+        Ok(stats)
+    }
+
+    /// The deleting part of [`MvccStore::compact`], over the revision
+    /// index in `[start, end)`.
+    fn delete_compacted(
+        &self,
+        rev: i64,
+        lower: &[u8],
+        upper: &[u8],
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<CompactStats> {
+        let mut stats = CompactStats::default();
+        // What is deleted here is invisible to every read at or above `rev`,
+        // so reading a snapshot taken now is as good as the live data.
+        let view = self.snapshot();
+        let mut it = view.kv.iter(cf::REVISION, start, end);
+        it.seek(start);
+        let mut batch = WriteBatch::default();
+        let mut staged = 0;
+        while it.valid() {
+            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
+                break;
+            };
+            if user_key >= lower && (upper.is_empty() || user_key < upper) {
+                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
+                if view.visible_after_compaction(user_key, version_rev, rev)? {
+                    stats.versions_kept += 1;
+                } else {
+                    self.engine.delete_from(
+                        &mut batch,
+                        cf::MVCC,
+                        &codec::mvcc_key(user_key, version_rev),
+                    );
+                    self.engine.delete_from(&mut batch, cf::REVISION, raw_key);
+                    stats.versions_removed += 1;
+                    staged += 1;
+                    if staged >= COMPACT_BATCH {
+                        self.engine.write(std::mem::take(&mut batch))?;
+                        staged = 0;
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        self.engine.write(batch)?;
+        Ok(stats)
+    }
+}
+
+/// A consistent read view of an [`MvccStore`]: every read through it sees
+/// the store as of the moment [`MvccStore::snapshot`] was called.
+pub struct MvccSnapshot<'a> {
+    kv: KvSnapshot<'a>,
+}
+
+impl MvccSnapshot<'_> {
+    /// The underlying RocksDB snapshot, for reading other state (the
+    /// region's apply state) as of the same moment.
+    pub fn kv(&self) -> &KvSnapshot<'_> {
+        &self.kv
+    }
+
+    /// The live version of `key` as of `rev` (`None` if it did not exist or
+    /// was deleted then). `i64::MAX` reads the newest version.
+    pub fn get(&self, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+        let range = KeyRange {
+            start: key.to_vec(),
+            end: None,
+        };
+        Ok(self.range(&range, rev, 1, true)?.kvs.pop())
+    }
+
+    /// Live keys of `range` as of `rev`, in key order. Collects at most
+    /// `limit` of them (0 = all) and only when `collect` (count-only reads
+    /// skip decoding values); `count` always covers the whole range.
+    pub fn range(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        limit: usize,
+        collect: bool,
+    ) -> Result<RangeResult> {
+        let mut out = RangeResult::default();
+        if range.is_empty() {
+            return Ok(out);
+        }
+        let lower = codec::mvcc_lower_bound(&range.start);
+        let upper = codec::mvcc_upper_bound(&range.upper());
+        let mut it = self.kv.iter(cf::MVCC, &lower, &upper);
+        it.seek(codec::mvcc_key(&range.start, rev));
+        while it.valid() {
+            let Some(raw_key) = it.key() else { break };
+            let (user_key, version_rev) = codec::decode_mvcc_key(raw_key)?;
+            if version_rev > rev {
+                it.seek(codec::mvcc_key(&user_key, rev));
+                continue;
+            }
+            let raw_value = it.value().unwrap_or_default();
+            if raw_value.first() != Some(&1) {
+                out.count += 1;
+                if collect && (limit == 0 || out.kvs.len() < limit) {
+                    let version = Version::decode(raw_value)?;
+                    if let Some(kv) = key_value(user_key.clone(), version_rev, version) {
+                        out.kvs.push(kv);
+                    }
+                }
+            }
+            it.seek(codec::mvcc_key_end(&user_key));
+        }
+        it.status()?;
+        Ok(out)
+    }
+
     /// Changes to keys in `range` with revisions in `[from_rev, to_rev]`, in
     /// revision order, at most `limit` (0 = all). Deletes carry only the key
     /// and mod_revision, as in etcd. With `prev_kv`, each event also carries
@@ -195,7 +296,7 @@ impl MvccStore {
         }
         let lower = codec::revision_key(from_rev, 0);
         let upper = codec::revision_key(to_rev.saturating_add(1), 0);
-        let mut it = self.engine.iter(cf::REVISION, &lower, &upper);
+        let mut it = self.kv.iter(cf::REVISION, &lower, &upper);
         it.seek(lower);
         while it.valid() && (limit == 0 || events.len() < limit) {
             let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
@@ -214,7 +315,7 @@ impl MvccStore {
     }
 
     fn event_at(&self, key: &[u8], rev: i64, prev_kv: bool) -> Result<Option<Event>> {
-        let Some(raw) = self.engine.get(cf::MVCC, &codec::mvcc_key(key, rev))? else {
+        let Some(raw) = self.kv.get(cf::MVCC, &codec::mvcc_key(key, rev))? else {
             // Compacted away between reading the index and the version.
             return Ok(None);
         };
@@ -242,55 +343,6 @@ impl MvccStore {
         }))
     }
 
-    /// Physically removes, for keys in `[lower, upper)` (`upper` empty =
-    /// unbounded), every version that no read at or above `rev` can see:
-    /// versions superseded at or before `rev`, and tombstones at or before
-    /// `rev` with everything older. Reads at `rev` itself still work.
-    /// Versions are removed oldest first, so a crash half way never makes an
-    /// older version visible again.
-    pub fn compact(&self, rev: i64, lower: &[u8], upper: &[u8]) -> Result<CompactStats> {
-        let mut stats = CompactStats::default();
-        let start = codec::revision_key(1, 0);
-        let end = codec::revision_key(rev.saturating_add(1), 0);
-        let mut it = self.engine.iter(cf::REVISION, &start, &end);
-        it.seek(start);
-        let mut batch = WriteBatch::default();
-        let mut staged = 0;
-        while it.valid() {
-            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
-                break;
-            };
-            if user_key >= lower && (upper.is_empty() || user_key < upper) {
-                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
-                if self.visible_after_compaction(user_key, version_rev, rev)? {
-                    stats.versions_kept += 1;
-                } else {
-                    self.engine.delete_from(
-                        &mut batch,
-                        cf::MVCC,
-                        &codec::mvcc_key(user_key, version_rev),
-                    );
-                    self.engine.delete_from(&mut batch, cf::REVISION, raw_key);
-                    stats.versions_removed += 1;
-                    staged += 1;
-                    if staged >= COMPACT_BATCH {
-                        self.engine.write(std::mem::take(&mut batch))?;
-                        staged = 0;
-                    }
-                }
-            }
-            it.next();
-        }
-        it.status()?;
-        self.engine.write(batch)?;
-        if stats.versions_removed > 0 {
-            self.engine.compact_range(cf::MVCC, None, None);
-            self.engine
-                .compact_range(cf::REVISION, Some(&start), Some(&end));
-        }
-        Ok(stats)
-    }
-
     /// Whether the version of `key` at `version_rev` (<= `compact_rev`)
     /// survives a compaction at `compact_rev`: only the newest version at or
     /// below it does, and only if it is not a tombstone.
@@ -302,7 +354,7 @@ impl MvccStore {
     ) -> Result<bool> {
         let lower = codec::mvcc_lower_bound(key);
         let upper = codec::mvcc_key_end(key);
-        let mut it = self.engine.iter(cf::MVCC, &lower, &upper);
+        let mut it = self.kv.iter(cf::MVCC, &lower, &upper);
         it.seek(codec::mvcc_key(key, compact_rev));
         if !it.valid() {
             it.status()?;
@@ -323,7 +375,7 @@ impl MvccStore {
         let mut hasher = crc32fast::Hasher::new();
         let start = codec::revision_key(1, 0);
         let end = codec::revision_key(rev.saturating_add(1), 0);
-        let mut it = self.engine.iter(cf::REVISION, &start, &end);
+        let mut it = self.kv.iter(cf::REVISION, &start, &end);
         it.seek(start);
         while it.valid() {
             let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
@@ -335,7 +387,7 @@ impl MvccStore {
                     || self.visible_after_compaction(user_key, version_rev, compact_rev)?
                 {
                     let value = self
-                        .engine
+                        .kv
                         .get(cf::MVCC, &codec::mvcc_key(user_key, version_rev))?
                         .unwrap_or_default();
                     hasher.update(raw_key);

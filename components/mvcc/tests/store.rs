@@ -38,7 +38,7 @@ impl Db {
     /// Evaluates and applies a write as the region leader would, returning
     /// the response with revisions filled in.
     fn write(&mut self, req: WriteRequest) -> Result<WriteResponse, Error> {
-        let eval = exec::evaluate(&self.store, &req, NO_BOUNDS, &|_| false)?;
+        let eval = exec::evaluate(&self.store.snapshot(), &req, NO_BOUNDS, &|_| false)?;
         let mut resp = eval.response;
         if eval.mutations.is_empty() {
             exec::fill_revisions(&mut resp, self.rev, self.rev);
@@ -78,6 +78,7 @@ impl Db {
 
     fn get(&self, k: &str, rev: i64) -> Option<String> {
         self.store
+            .snapshot()
             .get(k.as_bytes(), rev)
             .unwrap()
             .map(|kv| String::from_utf8(kv.value).unwrap())
@@ -85,6 +86,7 @@ impl Db {
 
     fn keys(&self, start: &str, end: &str, rev: i64) -> Vec<String> {
         self.store
+            .snapshot()
             .range(
                 &KeyRange::from_etcd(start.as_bytes(), end.as_bytes()),
                 rev,
@@ -112,13 +114,13 @@ fn history_reads_at_every_revision() {
     assert_eq!(db.get("a", r3).as_deref(), Some("2"));
     assert_eq!(db.get("a", r4), None);
     assert_eq!(db.get("a", r5).as_deref(), Some("3"));
-    let kv = db.store.get(b"a", r5).unwrap().unwrap();
+    let kv = db.store.snapshot().get(b"a", r5).unwrap().unwrap();
     // Recreated after a delete: version and create revision start over.
     assert_eq!(
         (kv.create_revision, kv.mod_revision, kv.version),
         (r5, r5, 1)
     );
-    let kv = db.store.get(b"a", r3).unwrap().unwrap();
+    let kv = db.store.snapshot().get(b"a", r3).unwrap().unwrap();
     assert_eq!(
         (kv.create_revision, kv.mod_revision, kv.version),
         (r2, r3, 2)
@@ -143,12 +145,14 @@ fn range_edge_cases() {
     // limit and count
     let r = db
         .store
+        .snapshot()
         .range(&KeyRange::from_etcd(b"a", b"\0"), now, 2, true)
         .unwrap();
     assert_eq!(r.kvs.len(), 2);
     assert_eq!(r.count, 6);
     let r = db
         .store
+        .snapshot()
         .range(&KeyRange::from_etcd(b"a", b"\0"), now, 0, false)
         .unwrap();
     assert!(r.kvs.is_empty());
@@ -172,7 +176,7 @@ fn range_request_options_match_etcd() {
             ..Default::default()
         };
         f(&mut r);
-        exec::range(&db.store, &r, now).unwrap()
+        exec::range(&db.store.snapshot(), &r, now).unwrap()
     };
     let keys = |r: &proto::etcdserverpb::RangeResponse| -> Vec<String> {
         r.kvs
@@ -219,7 +223,11 @@ fn compaction_drops_superseded_versions_and_keeps_reads_at_its_revision() {
     db.put("c", "1");
     let compact_at = db.rev;
     db.put("a", "3");
-    let before_hash = db.store.hash(db.rev, compact_at, b"", b"").unwrap();
+    let before_hash = db
+        .store
+        .snapshot()
+        .hash(db.rev, compact_at, b"", b"")
+        .unwrap();
     let stats = db.store.compact(compact_at, b"", b"").unwrap();
     // a@2 is superseded by a@3; b's put and its tombstone both go.
     assert_eq!(stats.versions_removed, 3);
@@ -230,12 +238,16 @@ fn compaction_drops_superseded_versions_and_keeps_reads_at_its_revision() {
     // The hash describes the state after compaction whether or not the
     // physical clean-up already ran.
     assert_eq!(
-        db.store.hash(db.rev, compact_at, b"", b"").unwrap(),
+        db.store
+            .snapshot()
+            .hash(db.rev, compact_at, b"", b"")
+            .unwrap(),
         before_hash
     );
     // Events below the compaction are gone, later ones remain.
     let events = db
         .store
+        .snapshot()
         .events(&KeyRange::from_etcd(b"\0", b"\0"), 1, db.rev, 0, true)
         .unwrap();
     let revs: Vec<i64> = events
@@ -286,18 +298,18 @@ fn hash_depends_on_content_and_revision() {
         db.put("j", "w");
     }
     assert_eq!(
-        a.store.hash(3, 0, b"", b"").unwrap(),
-        b.store.hash(3, 0, b"", b"").unwrap()
+        a.store.snapshot().hash(3, 0, b"", b"").unwrap(),
+        b.store.snapshot().hash(3, 0, b"", b"").unwrap()
     );
     assert_ne!(
-        a.store.hash(3, 0, b"", b"").unwrap(),
-        a.store.hash(2, 0, b"", b"").unwrap()
+        a.store.snapshot().hash(3, 0, b"", b"").unwrap(),
+        a.store.snapshot().hash(2, 0, b"", b"").unwrap()
     );
     b.put("k", "changed");
     a.put("k", "other");
     assert_ne!(
-        a.store.hash(4, 0, b"", b"").unwrap(),
-        b.store.hash(4, 0, b"", b"").unwrap()
+        a.store.snapshot().hash(4, 0, b"", b"").unwrap(),
+        b.store.snapshot().hash(4, 0, b"", b"").unwrap()
     );
 }
 
@@ -314,6 +326,7 @@ fn events_carry_type_sub_order_and_prev_kv() {
     db.delete("a", "");
     let events = db
         .store
+        .snapshot()
         .events(&KeyRange::from_etcd(b"a", b"c"), 2, db.rev, 0, true)
         .unwrap();
     let summary: Vec<(i32, String, i64)> = events
@@ -340,6 +353,7 @@ fn events_carry_type_sub_order_and_prev_kv() {
     // Only keys in range, only revisions in the interval.
     let only_b = db
         .store
+        .snapshot()
         .events(&KeyRange::from_etcd(b"b", b""), 1, 3, 0, false)
         .unwrap();
     assert_eq!(only_b.len(), 1);

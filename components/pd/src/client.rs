@@ -41,6 +41,55 @@ pub enum PdError {
 
 pub type Result<T> = std::result::Result<T, PdError>;
 
+/// A fresh cluster's current revision; etcd starts at 1 as well.
+pub const INITIAL_REVISION: i64 = 1;
+
+impl PdError {
+    /// The wire form, for PD's own responses and for nodes passing a PD
+    /// failure on to the node that forwarded a request to them.
+    pub fn to_proto(&self) -> pdpb::Error {
+        use pdpb::ErrorType as T;
+        let (t, message) = match self {
+            PdError::NotBootstrapped => (T::NotBootstrapped, String::new()),
+            PdError::AlreadyBootstrapped => (T::AlreadyBootstrapped, String::new()),
+            PdError::InvalidArgument(m) => (T::InvalidArgument, m.clone()),
+            e @ PdError::ClusterIdMismatch { .. } => (T::ClusterIdMismatch, e.to_string()),
+            PdError::Storage(m) => (T::Storage, m.clone()),
+            PdError::Exhausted(what) => (T::Exhausted, (*what).to_owned()),
+            PdError::Closed => (T::Closed, String::new()),
+            PdError::NotLeader(m) => (T::NotLeader, m.clone()),
+            PdError::Unavailable(m) => (T::Unavailable, m.clone()),
+            PdError::Other(m) => (T::Unknown, m.clone()),
+        };
+        pdpb::Error {
+            r#type: t as i32,
+            message,
+        }
+    }
+
+    /// The error `e` stands for. A cluster id mismatch comes back as
+    /// [`PdError::Other`] with its text (the ids are only in the message);
+    /// callers that know the ids build it themselves.
+    pub fn from_proto(e: &pdpb::Error) -> PdError {
+        use pdpb::ErrorType as T;
+        let m = e.message.clone();
+        match T::try_from(e.r#type).unwrap_or(T::Unknown) {
+            T::NotBootstrapped => PdError::NotBootstrapped,
+            T::AlreadyBootstrapped => PdError::AlreadyBootstrapped,
+            T::InvalidArgument => PdError::InvalidArgument(m),
+            T::NotLeader => PdError::NotLeader(m),
+            T::Unavailable => PdError::Unavailable(m),
+            T::Storage => PdError::Storage(m),
+            T::Exhausted if m == "id" => PdError::Exhausted("id"),
+            T::Exhausted => PdError::Exhausted("revision"),
+            T::Closed => PdError::Closed,
+            T::Ok | T::Unknown | T::RegionNotFound | T::NodeNotFound | T::ClusterIdMismatch => {
+                PdError::Other(m)
+            }
+        }
+    }
+}
+
 /// A region and its leader, if PD knows it.
 pub type RegionWithLeader = (metapb::Region, Option<metapb::Peer>);
 

@@ -62,7 +62,7 @@ pub mod storage;
 pub mod transport;
 
 pub use crate::client::{
-    PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+    PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result, INITIAL_REVISION,
 };
 pub use crate::local::LocalPdClient;
 pub use crate::pd_core::{PdConfig, PdCore};

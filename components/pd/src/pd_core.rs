@@ -26,9 +26,6 @@ use crate::transport::{PdRaftService, PeerTransport};
 pub const DEFAULT_ID_WINDOW: u64 = 1_000;
 pub const DEFAULT_REVISION_WINDOW: i64 = 10_000;
 
-/// A fresh cluster's current revision; etcd starts at 1 as well.
-pub const INITIAL_REVISION: i64 = 1;
-
 #[derive(Debug, Clone)]
 pub struct PdConfig {
     pub data_dir: PathBuf,

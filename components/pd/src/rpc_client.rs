@@ -172,15 +172,11 @@ impl Inner {
         use pdpb::ErrorType as T;
         Err(match T::try_from(e.r#type).unwrap_or(T::Unknown) {
             T::Ok => return Ok(()),
-            T::NotBootstrapped => PdError::NotBootstrapped,
-            T::AlreadyBootstrapped => PdError::AlreadyBootstrapped,
-            T::InvalidArgument => PdError::InvalidArgument(e.message.clone()),
             T::ClusterIdMismatch => PdError::ClusterIdMismatch {
                 expected: self.cluster_id.load(Ordering::Acquire),
                 actual: h.cluster_id,
             },
-            T::NotLeader => PdError::NotLeader(e.message.clone()),
-            T::RegionNotFound | T::NodeNotFound | T::Unknown => PdError::Other(e.message.clone()),
+            _ => PdError::from_proto(e),
         })
     }
 

@@ -22,22 +22,6 @@ pub struct PdService {
     core: Arc<PdCore>,
 }
 
-pub(crate) fn error_to_proto(e: &PdError) -> pdpb::Error {
-    use pdpb::ErrorType as T;
-    let t = match e {
-        PdError::NotBootstrapped => T::NotBootstrapped,
-        PdError::AlreadyBootstrapped => T::AlreadyBootstrapped,
-        PdError::InvalidArgument(_) => T::InvalidArgument,
-        PdError::ClusterIdMismatch { .. } => T::ClusterIdMismatch,
-        PdError::NotLeader(_) => T::NotLeader,
-        _ => T::Unknown,
-    };
-    pdpb::Error {
-        r#type: t as i32,
-        message: e.to_string(),
-    }
-}
-
 fn not_found(t: pdpb::ErrorType, message: String) -> pdpb::Error {
     pdpb::Error {
         r#type: t as i32,
@@ -97,7 +81,7 @@ impl PdService {
             Ok(v) => Ok((self.header(None), Some(v))),
             Err(PdError::Closed) => Err(Status::unavailable("PD member is shutting down")),
             Err(PdError::Unavailable(m)) => Err(Status::unavailable(m)),
-            Err(e) => Ok((self.header(Some(error_to_proto(&e))), None)),
+            Err(e) => Ok((self.header(Some(e.to_proto())), None)),
         }
     }
 }

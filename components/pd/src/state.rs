@@ -8,8 +8,8 @@ use proto::pd_raftpb::command::Cmd;
 use proto::{metapb, pd_raftpb};
 use tracing::{debug, info};
 
+use crate::client::INITIAL_REVISION;
 use crate::client::{PdError, RegionWithLeader, Result};
-use crate::pd_core::INITIAL_REVISION;
 use crate::storage::{Batch, PersistedState};
 
 pub(crate) struct RegionEntry {

@@ -433,7 +433,7 @@ impl Storage {
             id_high_water: u(ID_HIGH_WATER_KEY)?.unwrap_or(0),
             revision_high_water: u(REVISION_HIGH_WATER_KEY)?
                 .map(|v| v as i64)
-                .unwrap_or(crate::pd_core::INITIAL_REVISION),
+                .unwrap_or(crate::client::INITIAL_REVISION),
         };
         let applied = match get(APPLY_KEY)? {
             Some(v) => decode_pair(APPLY_KEY, &v)?,

@@ -20,6 +20,10 @@
 //! * a data command whose epoch `version` differs from the region's fails
 //!   with `EpochNotMatch` (`conf_ver` is not checked: a membership change
 //!   does not change which keys the region owns);
+//! * a data command whose header names a term other than its entry's own
+//!   fails with `StaleCommand`: its mutations were computed by a leader of
+//!   another term (the leader refuses such a proposal already; this check
+//!   holds whatever a proposer did). Term 0 is not bound to a term;
 //! * a write whose revision is not above the applied revision fails with
 //!   `StaleCommand`; otherwise its mutations are staged and the applied
 //!   revision becomes its revision;
@@ -73,6 +77,9 @@ pub(crate) struct EntryResult {
     /// must not take for success).
     pub is_conf: bool,
     pub result: Result<()>,
+    /// The region's applied revision after this entry (a write's own
+    /// revision when it applied).
+    pub revision: i64,
 }
 
 /// What applying a run of committed entries did; see the module docs for
@@ -152,6 +159,7 @@ pub(crate) fn apply_entries(
             term: e.term,
             is_conf,
             result,
+            revision: run.outcome.apply_state.applied_revision,
         });
         if run.outcome.removed {
             // The entries after this replica's removal are not its own.
@@ -193,6 +201,20 @@ pub(crate) fn check_epoch(region: &metapb::Region, cmd: &RaftCmdRequest) -> Resu
     Ok(())
 }
 
+/// The term check of a data command: a command built in term T (its
+/// header's `term`, 0 = not bound) is valid only in term T. Used when
+/// proposing (against the leader's term) and when applying (against the
+/// entry's own term).
+pub(crate) fn check_term(cmd: &RaftCmdRequest, term: u64) -> Result<()> {
+    let built = cmd.header.as_ref().map_or(0, |h| h.term);
+    if built != 0 && built != term {
+        return Err(Error::StaleCommand(format!(
+            "command built in term {built}, not {term}"
+        )));
+    }
+    Ok(())
+}
+
 /// The state of one run of [`apply_entries`].
 struct Run<'a> {
     kv: &'a KvEngine,
@@ -213,6 +235,7 @@ impl Run<'_> {
     fn apply_command(&mut self, e: &Entry) -> Result<()> {
         let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
         check_epoch(self.region(), &cmd)?;
+        check_term(&cmd, e.term)?;
         let state = &mut self.outcome.apply_state;
         match cmd.cmd {
             Some(Cmd::Write(w)) => {
@@ -340,11 +363,16 @@ mod tests {
     }
 
     fn cmd(index: u64, conf_ver: u64, version: u64, cmd: Option<Cmd>) -> Entry {
+        cmd_in_term(index, conf_ver, version, 0, cmd)
+    }
+
+    /// A command built in `term` (0 = not bound), in an entry of term 2.
+    fn cmd_in_term(index: u64, conf_ver: u64, version: u64, term: u64, cmd: Option<Cmd>) -> Entry {
         let req = RaftCmdRequest {
             header: Some(RaftRequestHeader {
                 region_id: 9,
                 region_epoch: Some(metapb::RegionEpoch { conf_ver, version }),
-                proposal_id: 0,
+                term,
             }),
             cmd,
         };
@@ -471,8 +499,28 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(RaftApplyState::decode(raw.as_slice()).unwrap(), expected);
-        let kv = env.mvcc.get(b"k", i64::MAX).unwrap().unwrap();
+        let kv = env.mvcc.snapshot().get(b"k", i64::MAX).unwrap().unwrap();
         assert_eq!((kv.mod_revision, kv.value), (4, b"v4".to_vec()));
+        assert_eq!(out.results[3].revision, 3, "revision after a refused entry");
+        assert_eq!(out.results[4].revision, 4, "a write's own revision");
+    }
+
+    /// Mutations computed by a leader of another term never apply: a
+    /// command built in term 1 sitting in an entry of term 2 is refused,
+    /// on every replica alike.
+    #[test]
+    fn commands_apply_only_in_the_term_they_were_built_in() {
+        let env = env();
+        let entries = [
+            cmd_in_term(6, 1, 1, 1, put(3)),
+            cmd_in_term(7, 1, 1, 2, put(4)),
+            cmd_in_term(8, 1, 1, 3, put(5)),
+        ];
+        let out = run(&env, &region(), &entries, no_conf_change);
+        assert!(matches!(out.results[0].result, Err(Error::StaleCommand(_))));
+        assert!(out.results[1].result.is_ok());
+        assert!(matches!(out.results[2].result, Err(Error::StaleCommand(_))));
+        assert_eq!(out.apply_state.applied_revision, 4);
     }
 
     #[test]

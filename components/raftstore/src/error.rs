@@ -1,8 +1,20 @@
 use proto::metapb;
 
-/// Errors of region operations. The region errors (not leader, epoch not
-/// match, key not in region, stale command) tell a router to refresh its view
-/// and retry; the others are failures of this node.
+/// Errors of region operations.
+///
+/// For a proposal, every error says which of two things happened:
+/// * it **did not apply** and never will ([`Error::is_retryable`]): refused
+///   before it reached the log (not leader, epoch or term changed, replica
+///   stopped), or its log slot was committed with another entry, or apply
+///   rejected it on every replica (stale epoch, term or revision). A router
+///   refreshes its view of the region and retries;
+/// * its **outcome is unknown** ([`Error::OutcomeUnknown`]): it reached the
+///   log, and the replica can no longer tell whether it commits (the
+///   replica stopped, a snapshot replaced the log past it, or a new leader
+///   truncated it here while other replicas may still hold it). It may
+///   apply later; it must not be retried as if it had not.
+///
+/// The remaining variants are failures of this node.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("region {region_id} has no leader here (leader: {leader:?})")]
@@ -21,10 +33,15 @@ pub enum Error {
     /// that is not there, a second peer on one node, ...).
     #[error("invalid membership change: {0}")]
     InvalidConfChange(String),
+    /// The command did not apply and will not (see above).
     #[error("stale command: {0}")]
     StaleCommand(String),
+    /// The replica stopped before it took the request.
     #[error("region {0} is shutting down")]
     Stopped(u64),
+    /// The command may or may not apply (see above).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("engine: {0}")]
     Engine(#[from] engine::Error),
     #[error("mvcc: {0}")]
@@ -36,7 +53,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying (after refreshing the region view) may succeed.
+    /// Whether the request certainly had no effect and retrying (after
+    /// refreshing the region view) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -44,6 +62,7 @@ impl Error {
                 | Error::EpochNotMatch { .. }
                 | Error::StaleCommand(_)
                 | Error::RegionNotFound(_)
+                | Error::Stopped(_)
         )
     }
 }

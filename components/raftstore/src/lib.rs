@@ -35,8 +35,9 @@ mod store;
 pub mod transport;
 
 pub use error::{Error, Result};
+pub use msg::{Applied, ProposeCallback};
 pub use peer::PeerStatus;
-pub use store::{NodeIdent, RegionHandle, Store, StoreOptions};
+pub use store::{NodeIdent, ReadState, RegionHandle, Store, StoreOptions};
 pub use transport::{DropTransport, Transport};
 
 /// The kinds of membership change `RegionHandle::change_peers` takes.

@@ -1,10 +1,11 @@
 //! The mailbox protocol of a region replica: what [`crate::RegionHandle`]
 //! (and the replica's own helpers) send its loop, and how each is answered.
 //!
-//! Every request carries a [`Callback`] that is answered exactly once: with
-//! the outcome, or with `Stopped` if the replica stops (or is removed from
-//! its region) first; a caller whose callback is dropped unanswered sees
-//! the same through its closed channel. Requests that need a leader
+//! Every request carries a callback that is answered exactly once: with
+//! the outcome, or, if the replica stops (or is removed from its region)
+//! first, with `Stopped` — `OutcomeUnknown` for a proposal already in the
+//! log; a caller whose callback is dropped unanswered sees the same through
+//! its closed channel. Requests that need a leader
 //! (`Propose`, `ReadIndex`, `ChangePeers`) fail at once with `NotLeader`
 //! on a replica that is not a leader having applied an entry of its term;
 //! `TransferLeader` needs only a leader. Messages are handled in arrival
@@ -22,17 +23,41 @@ use crate::Result;
 /// How a request is answered.
 pub type Callback = oneshot::Sender<Result<()>>;
 
+/// What a proposal applied as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Its log index (a replica that applied this far has its effects).
+    pub index: u64,
+    /// The region's applied revision after it: a write's own revision.
+    pub revision: i64,
+}
+
+/// How a proposal is answered: called exactly once, on the replica's
+/// thread (or the sender's, when the replica is gone before taking it).
+/// The error says whether the proposal did not apply or its outcome is
+/// unknown (`crate::Error`).
+pub type ProposeCallback = Box<dyn FnOnce(Result<Applied>) + Send>;
+
+/// How a read barrier is answered: with the term in which a quorum
+/// confirmed this replica's leadership.
+pub type ReadCallback = oneshot::Sender<Result<u64>>;
+
 /// A message to a replica's loop.
 pub enum PeerMsg {
-    /// Replicate and apply `cmd`; answered once applied (or rejected).
-    Propose { cmd: RaftCmdRequest, cb: Callback },
+    /// Replicate and apply `cmd`; answered once applied (or rejected). A
+    /// command whose header names a term is refused unless this replica
+    /// leads in that term.
+    Propose {
+        cmd: RaftCmdRequest,
+        cb: ProposeCallback,
+    },
     /// Linearizable read barrier: answered once this replica is confirmed
     /// leader by a quorum and has applied everything committed before.
-    ReadIndex { cb: Callback },
+    ReadIndex { cb: ReadCallback },
     /// Replicate and apply a membership change; answered once applied.
     ChangePeers {
         changes: Vec<(ConfChangeType, metapb::Peer)>,
-        cb: Callback,
+        cb: ProposeCallback,
     },
     /// Hand leadership to `peer_id`; answered once the transfer started
     /// (raft-rs aborts it silently if the target does not win in time).

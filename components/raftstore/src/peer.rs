@@ -24,11 +24,23 @@
 //! Edge cases:
 //! * A storage write failure aborts the process: going on could
 //!   acknowledge writes that are not durable.
+//! * A proposal is refused (`StaleCommand`) unless this replica is the
+//!   ready leader of the term its header names (0: any), with the region's
+//!   epoch version.
 //! * A proposal is answered when its entry applies: with the entry's
 //!   result if the entry at its index has its term, `StaleCommand` if
-//!   another leader's entry took the slot, or if raft-rs turned a
-//!   membership change it refused into an empty entry. A proposal raft
-//!   drops at once is answered `StaleCommand` right away.
+//!   another leader's entry took the slot (committed: ours never will be),
+//!   or if raft-rs turned a membership change it refused into an empty
+//!   entry. A proposal raft drops at once is answered `StaleCommand` right
+//!   away. Those are the "did not apply" answers; a proposal whose fate
+//!   this replica can no longer learn is answered `OutcomeUnknown` at once:
+//!   when a snapshot replaces the log past it (the snapshot may contain
+//!   it), when the replica stops, and when, after a term change, the local
+//!   log no longer holds it at its index (a new leader's entries replaced
+//!   it here, but other replicas may hold it and a later leader may still
+//!   commit it). Answering those at once releases what the proposer holds
+//!   for them (latches, in-flight revisions) instead of blocking readers
+//!   until this replica catches up.
 //! * A replica removed by a membership change stops applying at that entry
 //!   (its region state is already `Tombstone`), answers everything still
 //!   waiting with `Stopped`, drops its raft log and unregisters itself.
@@ -52,12 +64,12 @@ use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, ApplyContext, ApplyOutcome};
+use crate::apply::{self, ApplyContext, ApplyOutcome, EntryResult};
 use crate::compaction;
 use crate::log_gc;
 use crate::membership;
 use crate::message::{self, SnapshotCheck};
-pub use crate::msg::{Callback, PeerMsg};
+pub use crate::msg::{Applied, Callback, PeerMsg, ProposeCallback, ReadCallback};
 use crate::read_queue::ReadQueue;
 use crate::snapshot::{self, RegionSnapshot};
 use crate::status::LastHeard;
@@ -74,7 +86,7 @@ pub const DEFAULT_LOG_GC_THRESHOLD: u64 = 4096;
 struct Proposal {
     index: u64,
     term: u64,
-    cb: Callback,
+    cb: ProposeCallback,
     /// raft-rs turns a membership change it refuses into an empty normal
     /// entry; such a proposal must not be answered with success.
     conf_change: bool,
@@ -263,13 +275,15 @@ impl Peer {
         not_leader(&self.region, self.raw.raft.leader_id)
     }
 
-    fn propose(&mut self, cmd: RaftCmdRequest, cb: Callback) {
+    fn propose(&mut self, cmd: RaftCmdRequest, cb: ProposeCallback) {
         if !self.is_ready_leader() {
-            let _ = cb.send(Err(self.not_leader()));
+            cb(Err(self.not_leader()));
             return;
         }
-        if let Err(e) = apply::check_epoch(&self.region, &cmd) {
-            let _ = cb.send(Err(e));
+        if let Err(e) = apply::check_epoch(&self.region, &cmd)
+            .and_then(|()| apply::check_term(&cmd, self.raw.raft.term))
+        {
+            cb(Err(e));
             return;
         }
         self.propose_entry(cb, false, |raw| {
@@ -277,14 +291,14 @@ impl Peer {
         });
     }
 
-    fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: Callback) {
+    fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: ProposeCallback) {
         if !self.is_ready_leader() {
-            let _ = cb.send(Err(self.not_leader()));
+            cb(Err(self.not_leader()));
             return;
         }
         let pending = self.raw.raft.has_pending_conf();
         if let Err(e) = membership::check_conf_change(&self.region, pending, &changes) {
-            let _ = cb.send(Err(e));
+            cb(Err(e));
             return;
         }
         let cc = membership::conf_change_proposal(&self.region, &changes);
@@ -303,7 +317,7 @@ impl Peer {
     /// returns its index, or `None` once `cb` was told raft dropped it.
     fn propose_entry(
         &mut self,
-        cb: Callback,
+        cb: ProposeCallback,
         conf_change: bool,
         propose: impl FnOnce(&mut RawNode<PeerStorage>) -> raft::Result<()>,
     ) -> Option<u64> {
@@ -315,11 +329,11 @@ impl Peer {
         let index = self.raw.raft.raft_log.last_index() + 1;
         let term = self.raw.raft.term;
         if let Err(e) = propose(&mut self.raw) {
-            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped: {e}"))));
+            cb(Err(Error::StaleCommand(format!("{what} dropped: {e}"))));
             return None;
         }
         if self.raw.raft.raft_log.last_index() < index {
-            let _ = cb.send(Err(Error::StaleCommand(format!("{what} dropped"))));
+            cb(Err(Error::StaleCommand(format!("{what} dropped"))));
             return None;
         }
         self.proposals.push_back(Proposal {
@@ -392,12 +406,12 @@ impl Peer {
         }
     }
 
-    fn read_index(&mut self, cb: Callback) {
+    fn read_index(&mut self, cb: ReadCallback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
             return;
         }
-        let ctx = self.reads.push_read(cb);
+        let ctx = self.reads.push_read(cb, self.raw.raft.term);
         self.raw.read_index(ctx);
     }
 
@@ -471,6 +485,11 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        // The snapshot replaced the log: whether it holds our proposals
+        // cannot be told any more.
+        self.fail_proposals(|| {
+            Error::OutcomeUnknown("the raft log was replaced by a snapshot".into())
+        });
         {
             let mut status = self.shared.status.lock();
             status.region = self.region.clone();
@@ -565,7 +584,7 @@ impl Peer {
             status.compact_revision = self.apply_state.compact_revision;
         }
         for r in results {
-            self.respond(r.index, r.term, r.is_conf, r.result);
+            self.respond(r);
         }
         if let Some(rev) = compaction {
             self.spawn_compaction(rev);
@@ -573,29 +592,55 @@ impl Peer {
         Ok(())
     }
 
-    fn respond(&mut self, index: u64, term: u64, is_conf: bool, res: Result<()>) {
-        let mut res = Some(res);
+    /// Answers the proposals up to the applied entry `r` (see the module
+    /// docs): earlier ones lost their slot to a committed entry.
+    fn respond(&mut self, r: EntryResult) {
+        let mut res = Some(r.result.map(|()| Applied {
+            index: r.index,
+            revision: r.revision,
+        }));
         while let Some(p) = self.proposals.front() {
-            if p.index > index {
+            if p.index > r.index {
                 break;
             }
             let Some(p) = self.proposals.pop_front() else {
                 break;
             };
-            if p.index == index && p.term == term && p.conf_change && !is_conf {
-                let _ = p.cb.send(Err(Error::StaleCommand(
+            if p.index == r.index && p.term == r.term && p.conf_change && !r.is_conf {
+                (p.cb)(Err(Error::StaleCommand(
                     "raft refused the membership change".into(),
                 )));
-            } else if p.index == index && p.term == term {
+            } else if p.index == r.index && p.term == r.term {
                 if let Some(res) = res.take() {
-                    let _ = p.cb.send(res);
+                    (p.cb)(res);
                 }
             } else {
-                // Its log slot was taken by another leader's entry.
-                let _ = p.cb.send(Err(Error::StaleCommand(
+                // Its log slot was committed with another leader's entry.
+                (p.cb)(Err(Error::StaleCommand(
                     "proposal overwritten by a new leader".into(),
                 )));
             }
+        }
+    }
+
+    /// After a term change, answers `OutcomeUnknown` to the proposals the
+    /// local log no longer holds at their index (see the module docs).
+    fn fail_replaced_proposals(&mut self) {
+        let term = self.raw.raft.term;
+        if self.proposals.front().is_none_or(|p| p.term == term) {
+            return;
+        }
+        let log = &self.raw.raft.raft_log;
+        let (kept, replaced): (VecDeque<Proposal>, VecDeque<Proposal>) = self
+            .proposals
+            .drain(..)
+            .partition(|p| p.term == term || log.term(p.index).is_ok_and(|t| t == p.term));
+        self.proposals = kept;
+        for p in replaced {
+            (p.cb)(Err(Error::OutcomeUnknown(format!(
+                "a leader of term {term} replaced the entry at index {} here",
+                p.index
+            ))));
         }
     }
 
@@ -611,6 +656,7 @@ impl Peer {
     fn after_ready(&mut self) {
         let applied = self.apply_state.applied_index;
         self.reads.release(applied);
+        self.fail_replaced_proposals();
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
@@ -638,11 +684,17 @@ impl Peer {
             self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
     }
 
+    /// Answers everyone waiting as the replica stops: readers `err`,
+    /// proposals already in the log `OutcomeUnknown`.
     fn fail_all(&mut self, err: impl Fn() -> Error) {
-        for p in self.proposals.drain(..) {
-            let _ = p.cb.send(Err(err()));
-        }
+        self.fail_proposals(|| Error::OutcomeUnknown("the replica stopped".into()));
         self.reads.fail_all(err);
+    }
+
+    fn fail_proposals(&mut self, err: impl Fn() -> Error) {
+        for p in self.proposals.drain(..) {
+            (p.cb)(Err(err()));
+        }
     }
 }
 

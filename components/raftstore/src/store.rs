@@ -1,14 +1,21 @@
 //! The replicas a node hosts, and the handle callers use to reach one.
 //!
 //! Contract of [`RegionHandle`]:
-//! * `propose` resolves once the command is applied on this replica (its
-//!   effects are readable here), or fails with a region error when this
-//!   replica is not a leader that has applied an entry of its term, when the
-//!   epoch differs, or when a new leader overwrote the entry. A failed
-//!   proposal may still have been committed only for `StaleCommand` after a
-//!   leader change; callers treat that outcome as unknown.
+//! * `propose` / `propose_with` answer once the command is applied on this
+//!   replica (its effects are readable here) with its [`Applied`] index and
+//!   revision, or with an error that says whether it did not apply
+//!   (retryable: not the ready leader, epoch or term moved, replica stopped
+//!   before taking it, its slot committed with another entry, apply refused
+//!   it) or its outcome is unknown (`OutcomeUnknown`: the replica lost track
+//!   of an entry already in its log) — see `crate::Error` and the `peer`
+//!   module. `propose_with`'s callback runs exactly once, on the replica's
+//!   thread (or the caller's, if the replica is gone); it must not block.
 //! * `read_index` resolves once a quorum confirmed this replica's leadership
-//!   and everything committed before the call is applied here.
+//!   and everything committed before the call is applied here, with the
+//!   term of that leadership.
+//! * `read_state(view)` is the region's applied and compaction revisions
+//!   as of `view`, a snapshot of this node's RocksDB: the same moment as
+//!   the data a read through `view` sees.
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
@@ -49,7 +56,7 @@ use std::thread::JoinHandle;
 
 use dashmap::DashMap;
 use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
-use mvcc::MvccStore;
+use mvcc::{MvccSnapshot, MvccStore};
 use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
@@ -62,7 +69,7 @@ use tracing::{debug, info, warn};
 
 use crate::keys;
 use crate::membership::conf_state_from_region;
-use crate::msg::PeerMsg;
+use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::peer::{Peer, DEFAULT_LOG_GC_THRESHOLD};
 use crate::status::{PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
@@ -88,28 +95,51 @@ impl RegionHandle {
         self.region_id
     }
 
-    pub async fn propose(&self, cmd: RaftCmdRequest) -> Result<()> {
-        self.submit(cmd)?.await
+    /// Proposes `cmd` and waits for its outcome (see the contract).
+    pub async fn propose(&self, cmd: RaftCmdRequest) -> Result<Applied> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_with(
+            cmd,
+            Box::new(move |res| {
+                let _ = tx.send(res);
+            }),
+        );
+        rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
 
-    /// Queues `cmd` for proposal now and returns the wait for its outcome.
-    /// Commands submitted one after another reach the raft log in that
-    /// order (when both are accepted), which callers use to keep revision
-    /// order equal to log order.
-    pub fn submit(
-        &self,
-        cmd: RaftCmdRequest,
-    ) -> Result<impl std::future::Future<Output = Result<()>> + use<>> {
-        let (cb, rx) = oneshot::channel();
-        self.send(PeerMsg::Propose { cmd, cb })?;
-        let region_id = self.region_id;
-        Ok(async move { rx.await.map_err(|_| Error::Stopped(region_id))? })
+    /// Queues `cmd` for proposal now; `cb` gets its outcome (see the
+    /// contract). Commands queued one after another reach the raft log in
+    /// that order (when both are accepted), which callers use to keep
+    /// revision order equal to log order.
+    pub fn propose_with(&self, cmd: RaftCmdRequest, cb: ProposeCallback) {
+        if let Err(mpsc::SendError(PeerMsg::Propose { cb, .. })) =
+            self.mailbox.send(PeerMsg::Propose { cmd, cb })
+        {
+            cb(Err(Error::Stopped(self.region_id)));
+        }
     }
 
-    pub async fn read_index(&self) -> Result<()> {
+    /// A linearizable read barrier; returns the term of the confirmed
+    /// leadership (see the contract).
+    pub async fn read_index(&self) -> Result<u64> {
         let (cb, rx) = oneshot::channel();
         self.send(PeerMsg::ReadIndex { cb })?;
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
+    }
+
+    /// The region's applied and compaction revisions as of `view`.
+    pub fn read_state(&self, view: &MvccSnapshot<'_>) -> Result<ReadState> {
+        let raw = view
+            .kv()
+            .get(cf::META, &keys::apply_state_key(self.region_id))?
+            .ok_or_else(|| {
+                Error::Corrupted(format!("region {} without apply state", self.region_id))
+            })?;
+        let state = RaftApplyState::decode(raw.as_slice())?;
+        Ok(ReadState {
+            applied_revision: state.applied_revision,
+            compact_revision: state.compact_revision,
+        })
     }
 
     /// Waits until this replica has applied the log up to `index`: a
@@ -127,7 +157,10 @@ impl RegionHandle {
     /// Proposes a membership change of the region (see the contract above)
     /// and waits until it is applied on this replica.
     pub async fn change_peers(&self, changes: Vec<(ConfChangeType, metapb::Peer)>) -> Result<()> {
-        let (cb, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let cb: ProposeCallback = Box::new(move |res| {
+            let _ = tx.send(res.map(|_| ()));
+        });
         self.send(PeerMsg::ChangePeers { changes, cb })?;
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
@@ -160,6 +193,14 @@ impl RegionHandle {
             .send(msg)
             .map_err(|_| Error::Stopped(self.region_id))
     }
+}
+
+/// A region's revisions as of one RocksDB snapshot (see
+/// [`RegionHandle::read_state`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadState {
+    pub applied_revision: i64,
+    pub compact_revision: i64,
 }
 
 /// Tunables of a [`Store`].

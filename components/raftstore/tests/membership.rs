@@ -84,6 +84,7 @@ async fn assert_consistent(c: &Cluster, nodes: &[u64], acked: &[(String, String)
             assert_eq!(st.applied_revision, s.applied_revision, "node {id}");
             c.store(id)
                 .mvcc()
+                .snapshot()
                 .hash(s.applied_revision, s.compact_revision, b"", b"")
                 .unwrap()
         })

@@ -51,10 +51,13 @@ async fn isolated_leader_loses_its_proposal() {
     let majority = others(&[1, 2, 3], old);
     c.partition(&[old], &majority);
     // Accepted: the old leader does not know yet that it is cut off.
-    let mut stale = tokio::spawn(h.submit(write(2, "lost", "x")).unwrap());
+    let mut stale = tokio::spawn({
+        let h = h.clone();
+        async move { h.propose(write(2, "lost", "x")).await }
+    });
     let early = tokio::time::timeout(Duration::from_secs(2), &mut stale).await;
     assert!(
-        !matches!(early, Ok(Ok(Ok(())))),
+        !matches!(early, Ok(Ok(Ok(_)))),
         "an isolated leader committed a write: {early:?}"
     );
 
@@ -84,7 +87,13 @@ async fn isolated_leader_loses_its_proposal() {
         .await
         .expect("the stale proposal is answered after heal")
         .unwrap();
-    assert!(matches!(res, Err(Error::StaleCommand(_))), "{res:?}");
+    // Either the new leader's entries replaced it here (outcome unknown:
+    // in general another replica might still hold it), or the entry that
+    // took its slot was applied first (certainly not applied).
+    assert!(
+        matches!(res, Err(Error::StaleCommand(_) | Error::OutcomeUnknown(_))),
+        "{res:?}"
+    );
     c.must_get_on(&[1, 2, 3], "m12", "y").await;
     c.wait_same_applied(&[1, 2, 3]).await;
     for id in 1..=3 {
@@ -190,7 +199,10 @@ async fn writes_need_a_quorum() {
     // partitioned), nothing can be acknowledged.
     let rest = others(&f, l2);
     c.partition(&[l2], &rest);
-    let pending = tokio::spawn(h2.submit(write(2, "unacked", "2")).unwrap());
+    let pending = tokio::spawn({
+        let h2 = h2.clone();
+        async move { h2.propose(write(2, "unacked", "2")).await }
+    });
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !pending.is_finished(),

@@ -33,7 +33,7 @@ fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
         header: Some(RaftRequestHeader {
             region_id: 2,
             region_epoch: region().region_epoch,
-            proposal_id: 0,
+            term: 0,
         }),
         cmd: Some(Cmd::Write(WriteRequest {
             revision: rev,
@@ -113,7 +113,12 @@ async fn proposals_apply_and_survive_restart() {
     );
     let h = leader(&store).await;
     assert_eq!(h.status().applied_revision, 6000);
-    let kv = store.mvcc().get(b"k0", i64::MAX).unwrap().unwrap();
+    let kv = store
+        .mvcc()
+        .snapshot()
+        .get(b"k0", i64::MAX)
+        .unwrap()
+        .unwrap();
     assert_eq!(kv.mod_revision, 6000);
     h.propose(write(6001, "after", "restart")).await.unwrap();
     h.read_index().await.unwrap();
@@ -130,11 +135,17 @@ async fn proposals_apply_and_survive_restart() {
         .unwrap();
     assert_eq!(h.status().compact_revision, 5000);
     assert!(
-        store.mvcc().get(b"k1", 4001).unwrap().is_none(),
+        store.mvcc().snapshot().get(b"k1", 4001).unwrap().is_none(),
         "superseded history is gone"
     );
     assert_eq!(
-        store.mvcc().get(b"k1", 5000).unwrap().unwrap().mod_revision,
+        store
+            .mvcc()
+            .snapshot()
+            .get(b"k1", 5000)
+            .unwrap()
+            .unwrap()
+            .mod_revision,
         4991
     );
     store.shutdown();

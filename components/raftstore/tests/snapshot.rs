@@ -50,6 +50,7 @@ async fn assert_same_hash(c: &Cluster) {
             assert_eq!(st.compact_revision, s.compact_revision, "node {id}");
             c.store(id)
                 .mvcc()
+                .snapshot()
                 .hash(s.applied_revision, s.compact_revision, b"", b"")
                 .unwrap()
         })

@@ -13,6 +13,11 @@ pub const PEER_URL_EXISTS: &str = "etcdserver: Peer URLs already exists";
 pub const MEMBER_BAD_URLS: &str = "etcdserver: given member URLs are invalid";
 pub const MEMBER_NOT_LEARNER: &str = "etcdserver: can only promote a learner member";
 
+/// etcd's "request timed out": also what a write whose outcome is unknown
+/// answers, as etcd does.
+pub const REQUEST_TIMED_OUT: &str = "etcdserver: request timed out";
+
+/// The one mapping from a node's errors to etcd's gRPC statuses.
 pub fn status(err: router::Error) -> Status {
     use mvcc::Error as M;
     use raftstore::Error as R;
@@ -46,18 +51,16 @@ pub fn status(err: router::Error) -> Status {
                 Status::unavailable("etcdserver: leader changed")
             }
             R::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
+            R::OutcomeUnknown(_) => Status::unavailable(REQUEST_TIMED_OUT),
             R::Mvcc(m) => status(router::Error::Mvcc(m)),
             other => Status::internal(format!("etcdserver: {other}")),
         },
         router::Error::Pd(e) => Status::unavailable(format!("etcdserver: placement driver: {e}")),
-        router::Error::RemotePd(e) => {
-            Status::unavailable(format!("etcdserver: placement driver: {e}"))
-        }
         router::Error::NoRegion(_) | router::Error::Unreachable { .. } => {
             Status::unavailable("etcdserver: no leader")
         }
-        router::Error::Timeout => Status::unavailable("etcdserver: request timed out"),
-        router::Error::Remote(e) => Status::internal(format!("etcdserver: {e}")),
+        router::Error::OutcomeUnknown(_) => Status::unavailable(REQUEST_TIMED_OUT),
+        router::Error::Internal(e) => Status::internal(format!("etcdserver: {e}")),
         e @ router::Error::CrossRegion => Status::new(Code::Unimplemented, e.to_string()),
     }
 }

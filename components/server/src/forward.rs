@@ -6,8 +6,10 @@
 //! methods: they run the request only if this node's replica is the ready
 //! leader and never forward it again. Errors travel in the response
 //! (`forwardpb::Error`), so a gRPC error means the call itself failed.
+//! A handler dropped because the sender went away loses nothing: a write
+//! handed to the region's sequencer keeps its latches and in-flight
+//! registration until its outcome is known (`router::leader`).
 
-use std::future::Future;
 use std::sync::Arc;
 
 use mvcc::exec::{WriteRequest, WriteResponse};
@@ -16,7 +18,7 @@ use proto::forwardpb::{
     self, write_request as wreq, write_response as wresp, CompactRequest, CompactResponse,
     RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse,
 };
-use router::forward::error_to_wire;
+use router::forward::wire::error_to_wire;
 use router::Router;
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -37,17 +39,6 @@ impl ForwardService {
             .max_decoding_message_size(MAX_RAFT_GRPC_BYTES)
             .max_encoding_message_size(usize::MAX)
     }
-}
-
-/// Runs `f` to completion even if the caller goes away: a write that took
-/// a revision must stay registered as in flight until it is applied or has
-/// failed, or a concurrent linearizable read could miss it.
-async fn detached<T: Send + 'static>(
-    f: impl Future<Output = router::Result<T>> + Send + 'static,
-) -> Result<router::Result<T>, Status> {
-    tokio::spawn(f)
-        .await
-        .map_err(|e| Status::internal(format!("forwarded request panicked: {e}")))
 }
 
 fn wire_error(e: &router::Error) -> Option<forwardpb::Error> {
@@ -72,11 +63,10 @@ impl RegionForward for ForwardService {
                 ))
             }
         };
-        let router = self.router.clone();
-        let header = req.header;
-        let res =
-            detached(async move { router.serve_forwarded_write(header.as_ref(), &write).await })
-                .await?;
+        let res = self
+            .router
+            .serve_forwarded_write(req.header.as_ref(), &write)
+            .await;
         let resp = match res {
             Ok(WriteResponse::Put(p)) => forwardpb::WriteResponse {
                 error: None,
@@ -123,13 +113,10 @@ impl RegionForward for ForwardService {
         req: Request<CompactRequest>,
     ) -> Result<Response<CompactResponse>, Status> {
         let req = req.into_inner();
-        let router = self.router.clone();
-        let res = detached(async move {
-            router
-                .serve_forwarded_compact(req.header.as_ref(), req.revision, req.physical)
-                .await
-        })
-        .await?;
+        let res = self
+            .router
+            .serve_forwarded_compact(req.header.as_ref(), req.revision, req.physical)
+            .await;
         let resp = match res {
             Ok((current_revision, applied_index)) => CompactResponse {
                 error: None,

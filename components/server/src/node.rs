@@ -8,6 +8,7 @@ use proto::etcdserverpb::{
 };
 use proto::metapb;
 use raftstore::{NodeIdent, Store};
+use router::forward::GrpcForwarder;
 use router::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,8 +45,13 @@ pub struct RunningNode {
     pub ctx: Arc<NodeContext>,
     store: Arc<Store>,
     pd_core: Option<Arc<PdCore>>,
-    stop: watch::Sender<bool>,
+    /// Ends the client servers; then `stop_peers` ends the peer servers
+    /// (raft transport, forwarding) and the heartbeats.
+    stop_clients: watch::Sender<bool>,
+    stop_peers: watch::Sender<bool>,
+    /// Client servers first, then peer servers (`peer_servers_from` on).
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    peer_servers_from: usize,
     heartbeats: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
@@ -112,17 +118,22 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     );
 
     let ctx = Arc::new(NodeContext {
-        router: Arc::new(Router::with_resolver(store.clone(), pd.clone(), resolver)),
+        router: Arc::new(Router::new(
+            store.clone(),
+            pd.clone(),
+            Arc::new(GrpcForwarder::new(resolver)),
+        )),
         pd,
         ident,
         config: config.clone(),
     });
-    let (stop, stopped) = watch::channel(false);
+    let (stop_clients, clients_stopped) = watch::channel(false);
+    let (stop_peers, stopped) = watch::channel(false);
     let mut servers = Vec::new();
     for listener in listeners {
         let addr = listener.local_addr().ok();
         let routes = grpc_routes(ctx.clone());
-        let mut stopped = stopped.clone();
+        let mut stopped = clients_stopped.clone();
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .add_routes(routes)
@@ -138,6 +149,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         info!(?addr, "serving etcd clients");
         servers.push(tokio::spawn(server));
     }
+    let peer_servers_from = servers.len();
     for listener in peer_listeners {
         let addr = listener.local_addr().ok();
         let mut stopped_signal = stopped.clone();
@@ -166,8 +178,10 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         ctx,
         store,
         pd_core,
-        stop,
+        stop_clients,
+        stop_peers,
         servers,
+        peer_servers_from,
         heartbeats,
         removal,
     })
@@ -344,6 +358,9 @@ async fn join_existing(
     Ok(ident)
 }
 
+/// How long a shutdown waits for the requests in flight on each server.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a starting node waits for the placement driver to answer.
 const PD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -393,10 +410,24 @@ fn node_meta(config: &Config, node_id: u64) -> metapb::Node {
 impl RunningNode {
     /// Stops serving, waits for in-flight requests, stops the replicas and
     /// persists the embedded PD's exact position.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+    ///
+    /// Order matters: client servers stop first and their in-flight
+    /// requests finish while the peer servers still carry raft messages and
+    /// forwarded requests (a write in flight needs its followers' acks);
+    /// only then do the peer servers, the heartbeats and the replicas stop.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_clients.send(true);
+        let peers = self.servers.split_off(self.peer_servers_from);
         for s in self.servers {
-            let _ = s.await;
+            if tokio::time::timeout(SHUTDOWN_WAIT, s).await.is_err() {
+                tracing::warn!(
+                    "client requests still running after {SHUTDOWN_WAIT:?}; stopping anyway"
+                );
+            }
+        }
+        let _ = self.stop_peers.send(true);
+        for s in peers {
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT, s).await;
         }
         let _ = self.heartbeats.await;
         self.removal.abort();
@@ -419,6 +450,9 @@ impl RunningNode {
             }
             let (res, idx, _) = futures::future::select_all(self.servers.iter_mut()).await;
             self.servers.remove(idx);
+            if idx < self.peer_servers_from {
+                self.peer_servers_from -= 1;
+            }
             match res {
                 Ok(Ok(())) => "server stopped".into(),
                 Ok(Err(e)) => format!("server failed: {e}"),

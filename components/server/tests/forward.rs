@@ -16,6 +16,7 @@ use pd::{LocalPdClient, PdClient, PdConfig, PdCore};
 use proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
 use proto::metapb;
 use raftstore::{NodeIdent, Store};
+use router::forward::GrpcForwarder;
 use router::Router;
 use server::forward::ForwardService;
 use server::raft_transport::{GrpcTransport, RaftTransportService, StaticResolver};
@@ -87,10 +88,10 @@ impl Cluster {
                 resolver.clone(),
             ));
             let store = Arc::new(Store::open_with_transport(dir.path(), transport).unwrap());
-            let router = Arc::new(Router::with_resolver(
+            let router = Arc::new(Router::new(
                 store.clone(),
                 pd.clone(),
-                resolver.clone(),
+                Arc::new(GrpcForwarder::new(resolver.clone())),
             ));
             let listener = listeners.remove(&id).unwrap();
             let (stop, server) = serve(store.clone(), router.clone(), listener);

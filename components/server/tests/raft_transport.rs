@@ -48,7 +48,7 @@ fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
         header: Some(RaftRequestHeader {
             region_id: REGION_ID,
             region_epoch: region().region_epoch,
-            proposal_id: 0,
+            term: 0,
         }),
         cmd: Some(Cmd::Write(WriteRequest {
             revision: rev,
@@ -188,7 +188,7 @@ impl Cluster {
             match tokio::time::timeout(Duration::from_secs(3), h.propose(write(*rev, key, value)))
                 .await
             {
-                Ok(Ok(())) => return,
+                Ok(Ok(_)) => return,
                 Ok(Err(e)) => assert!(Instant::now() < deadline, "put {key}: {e}"),
                 Err(_) => assert!(Instant::now() < deadline, "put {key}: timed out"),
             }
@@ -199,6 +199,7 @@ impl Cluster {
         self.nodes[&id]
             .store
             .mvcc()
+            .snapshot()
             .get(key.as_bytes(), i64::MAX)
             .unwrap()
             .map(|kv| kv.value)
@@ -349,9 +350,14 @@ async fn messages_to_a_node_travel_in_batches() {
     let mut waits = Vec::new();
     for rev in 2..=401 {
         // Submitted in revision order, so they reach the log in it.
-        waits.push(tokio::spawn(
-            h.submit(write(rev, &format!("k{rev}"), "v")).unwrap(),
-        ));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.propose_with(
+            write(rev, &format!("k{rev}"), "v"),
+            Box::new(move |res| {
+                let _ = tx.send(res);
+            }),
+        );
+        waits.push(rx);
     }
     for w in waits {
         w.await.unwrap().unwrap();

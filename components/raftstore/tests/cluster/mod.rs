@@ -243,7 +243,7 @@ pub fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
         header: Some(RaftRequestHeader {
             region_id: REGION_ID,
             region_epoch: region(1).region_epoch,
-            proposal_id: 0,
+            term: 0,
         }),
         cmd: Some(Cmd::Write(WriteRequest {
             revision: rev,
@@ -401,7 +401,7 @@ impl Cluster {
     /// Proposes a one-key write on the current leader.
     pub async fn put(&self, rev: i64, key: &str, value: &str) -> raftstore::Result<()> {
         let (_, h) = self.leader().await;
-        h.propose(write(rev, key, value)).await
+        h.propose(write(rev, key, value)).await.map(|_| ())
     }
 
     /// Writes `key` until one attempt is acknowledged, each attempt with the
@@ -434,18 +434,18 @@ impl Cluster {
             for kv in pending {
                 *rev += 1;
                 // Submitted in revision order, so they reach the log in it.
-                let wait = h
-                    .submit(write(*rev, &kv.0, &kv.1))
-                    .ok()
-                    .map(|f| tokio::spawn(tokio::time::timeout(Duration::from_secs(3), f)));
-                waits.push((kv, wait));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                h.propose_with(
+                    write(*rev, &kv.0, &kv.1),
+                    Box::new(move |res| {
+                        let _ = tx.send(res);
+                    }),
+                );
+                waits.push((kv, tokio::time::timeout(Duration::from_secs(3), rx)));
             }
             pending = Vec::new();
             for (kv, wait) in waits {
-                let acked = match wait {
-                    Some(w) => matches!(w.await, Ok(Ok(Ok(())))),
-                    None => false,
-                };
+                let acked = matches!(wait.await, Ok(Ok(Ok(_))));
                 if !acked {
                     pending.push(kv);
                 }
@@ -457,6 +457,7 @@ impl Cluster {
     pub fn get(&self, id: u64, key: &str) -> Option<Vec<u8>> {
         self.store(id)
             .mvcc()
+            .snapshot()
             .get(key.as_bytes(), i64::MAX)
             .unwrap()
             .map(|kv| kv.value)

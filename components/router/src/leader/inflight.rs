@@ -6,8 +6,23 @@
 //! until it either holds a revision above R or has finished. Writes that
 //! register later ask the oracle after the reader did, so their revisions
 //! are above R.
+//!
+//! Contract:
+//! * [`Inflight::register`] returns an owned [`InflightWrite`]; the write is
+//!   in flight until that guard is dropped, which its owner does once the
+//!   write's outcome is known (applied, or certainly not applied) — the
+//!   guard travels with the raft proposal, not with the client's request,
+//!   so a cancelled request does not end it early.
+//! * [`InflightWrite::set_revision`] records the revision once taken.
+//! * [`Inflight::wait_resolved`] waits, without bound (callers bound it),
+//!   until no write registered before the call is unresolved at or below
+//!   the given revision. A guard whose write never resolves (a leader
+//!   partitioned away with a pending proposal) blocks readers of that
+//!   leader only — and such a leader serves no reads: it is not ready once
+//!   another has been elected.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -34,17 +49,12 @@ impl Default for Inflight {
 }
 
 /// Removes its write from the tracker when dropped, whatever the outcome.
-pub struct InflightWrite<'a> {
-    inflight: &'a Inflight,
+pub struct InflightWrite {
+    inflight: Arc<Inflight>,
     token: u64,
 }
 
-impl InflightWrite<'_> {
-    /// Identifies this registration to [`Inflight::set_revision_of`].
-    pub fn token(&self) -> u64 {
-        self.token
-    }
-
+impl InflightWrite {
     pub fn set_revision(&self, rev: i64) {
         self.inflight
             .state
@@ -55,7 +65,7 @@ impl InflightWrite<'_> {
     }
 }
 
-impl Drop for InflightWrite<'_> {
+impl Drop for InflightWrite {
     fn drop(&mut self) {
         self.inflight.state.lock().writes.remove(&self.token);
         self.inflight.notify();
@@ -63,24 +73,15 @@ impl Drop for InflightWrite<'_> {
 }
 
 impl Inflight {
-    pub fn register(&self) -> InflightWrite<'_> {
+    pub fn register(self: &Arc<Self>) -> InflightWrite {
         let mut state = self.state.lock();
         state.next_token += 1;
         let token = state.next_token;
         state.writes.insert(token, None);
         InflightWrite {
-            inflight: self,
+            inflight: self.clone(),
             token,
         }
-    }
-
-    /// Sets the revision of the registration `token` (see
-    /// [`InflightWrite::token`]); no-op if it was already dropped.
-    pub fn set_revision_of(&self, token: u64, rev: i64) {
-        if let Some(r) = self.state.lock().writes.get_mut(&token) {
-            *r = Some(rev);
-        }
-        self.notify();
     }
 
     fn notify(&self) {

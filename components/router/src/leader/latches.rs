@@ -1,6 +1,8 @@
 //! Key latches of a region leader: a write holds them from evaluation until
-//! its entry is applied, so no other write can evaluate against a state its
-//! own change is about to replace.
+//! its outcome is known (its entry applied, or certainly never to apply),
+//! so no other write can evaluate against a state its own change is about
+//! to replace. The guard is owned ([`LatchGuard`]) and travels with the
+//! raft proposal, not with the client's request.
 //!
 //! Writes that touch only single keys latch hashed slots under a shared
 //! region latch; writes that touch a key range take the region latch
@@ -11,6 +13,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use mvcc::KeyRange;
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 const SLOTS: usize = 2048;
@@ -24,6 +27,18 @@ pub struct Latches {
 pub enum LatchSet {
     Keys(Vec<Vec<u8>>),
     Everything,
+}
+
+impl LatchSet {
+    /// What a request touching `spans` needs: its keys if every span is a
+    /// single key, the whole region otherwise.
+    pub fn of(spans: &[KeyRange]) -> LatchSet {
+        if spans.iter().all(|s| s.end.is_none()) {
+            LatchSet::Keys(spans.iter().map(|s| s.start.clone()).collect())
+        } else {
+            LatchSet::Everything
+        }
+    }
 }
 
 #[allow(dead_code)] // the guards are held for their Drop

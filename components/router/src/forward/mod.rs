@@ -1,0 +1,68 @@
+//! Forwarding requests to the node holding a region's leader.
+//!
+//! [`Forward`] is the seam between the router and the network: the node
+//! uses [`GrpcForwarder`] (the `forwardpb.RegionForward` service on the
+//! other node's peer URL, served by `server::forward`), tests use
+//! [`LocalNetwork`], which calls the other in-process router directly and
+//! can drop requests or replies between chosen nodes.
+//!
+//! Contract of every [`Forward`] method: the receiving node runs the
+//! request only if its replica of `target.region_id` is the ready leader
+//! (`Router::serve_forwarded_*`) and never forwards it again, so stale
+//! leader hints cannot make a request loop. Errors keep their class
+//! (`crate::error`): region errors from the receiver (retryable),
+//! [`crate::Error::Unreachable`] when the request certainly did not reach
+//! the receiver (retryable), [`crate::Error::OutcomeUnknown`] when a write
+//! or compaction may have run but no answer came back (never retried),
+//! etcd request errors as the receiver found them. Reads whose call failed
+//! are reported `Unreachable`: running a read twice is harmless.
+
+mod grpc;
+mod local;
+pub mod wire;
+
+use mvcc::exec::{WriteRequest, WriteResponse};
+use proto::etcdserverpb::{RangeRequest, RangeResponse};
+use proto::{forwardpb, metapb};
+
+use crate::Result;
+
+pub use grpc::GrpcForwarder;
+pub use local::{Delivery, LocalNetwork};
+
+/// Where a forwarded request goes: the node believed to hold the leader of
+/// the region, and the region as the sender located it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub node_id: u64,
+    pub region_id: u64,
+    pub epoch: Option<metapb::RegionEpoch>,
+}
+
+impl Target {
+    pub fn header(&self) -> forwardpb::RequestHeader {
+        forwardpb::RequestHeader {
+            region_id: self.region_id,
+            region_epoch: self.epoch,
+        }
+    }
+}
+
+/// Sends requests to the node of a region's leader (see the contract).
+#[async_trait::async_trait]
+pub trait Forward: Send + Sync {
+    /// Runs a Put, DeleteRange or Txn on the leader's node.
+    async fn write(&self, target: &Target, req: &WriteRequest) -> Result<WriteResponse>;
+
+    /// Runs a Range on the leader's node (for a node without a replica).
+    async fn range(&self, target: &Target, req: &RangeRequest) -> Result<RangeResponse>;
+
+    /// Compacts on the leader's node; returns the leader's linearizable
+    /// revision and its applied index once the compaction was applied
+    /// there (and, with `physical`, cleaned up).
+    async fn compact(&self, target: &Target, revision: i64, physical: bool) -> Result<(i64, u64)>;
+
+    /// The leader's linearizable revision R and an applied index covering
+    /// every write at or below R.
+    async fn read_index(&self, target: &Target) -> Result<(i64, u64)>;
+}

@@ -1,0 +1,212 @@
+//! Where a request is served: which region owns its keys and where that
+//! region's leader is.
+//!
+//! Contract of [`Router::locate`]:
+//! * a local replica covering every span → [`Location::Leader`] if it is
+//!   the ready leader, else [`Location::Follower`] with the leader's node
+//!   (from the replica's raft state, or a fresher hint from a node that
+//!   refused a forwarded request);
+//! * no local replica → [`Location::Remote`], region and leader from PD
+//!   (PD knows leaders from heartbeats only, so a hint beats it);
+//! * spans over several regions → [`Error::CrossRegion`];
+//! * no leader known yet, or this replica leads but is not ready (it has
+//!   not applied an entry of its term) → a retryable `NotLeader`.
+//!
+//! Hints are kept per region from forwarded requests' region errors
+//! ([`Router::note_forward_error`]): a `NotLeader` naming another node
+//! becomes the hint; any region error or unreachable node drops a hint
+//! pointing at the node that failed.
+
+use std::sync::Arc;
+
+use mvcc::exec::WriteRequest;
+use mvcc::KeyRange;
+use proto::etcdserverpb::{request_op::Request, TxnRequest};
+use proto::metapb;
+use raftstore::RegionHandle;
+
+use crate::forward::Target;
+use crate::leader::RegionLeader;
+use crate::{Error, Result, Router};
+
+/// Where a request for a region is served.
+pub(crate) enum Location {
+    /// This node's replica is the ready leader.
+    Leader(RegionHandle, Arc<RegionLeader>),
+    /// This node has a replica; the leader is on `Target`'s node.
+    Follower(RegionHandle, Target),
+    /// This node has no replica of the region.
+    Remote(Target),
+}
+
+/// A leader hint from a node that refused a forwarded request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LeaderHint {
+    refused_by: u64,
+    leader_node: u64,
+}
+
+impl Router {
+    /// The local replica whose key range covers every range in `spans`.
+    pub(crate) fn region_for(&self, spans: &[KeyRange]) -> Result<RegionHandle> {
+        let first = spans.first().map(|s| s.start.clone()).unwrap_or_default();
+        for handle in self.store.regions() {
+            let region = handle.status().region;
+            if spans.iter().all(|s| covers(&region, s)) {
+                return Ok(handle);
+            }
+            if spans.iter().any(|s| covers(&region, s)) {
+                return Err(Error::CrossRegion);
+            }
+        }
+        Err(Error::NoRegion(first))
+    }
+
+    /// Finds where the region of `spans` is served (see the contract).
+    pub(crate) async fn locate(&self, spans: &[KeyRange]) -> Result<Location> {
+        let handle = match self.region_for(spans) {
+            Ok(handle) => handle,
+            Err(Error::NoRegion(key)) => return self.locate_remote(spans, key).await,
+            Err(e) => return Err(e),
+        };
+        let status = handle.status();
+        let region_id = handle.region_id();
+        if status.ready_leader {
+            return Ok(Location::Leader(handle, self.region_leader(region_id)));
+        }
+        let own_node = node_of(&status.region, status.peer_id);
+        let mut leader_node = (status.leader_peer_id != 0)
+            .then(|| node_of(&status.region, status.leader_peer_id))
+            .flatten();
+        if let Some(hint) = self.hints.get(&region_id).map(|h| *h) {
+            // Raft's view here is usually freshest, except when that very
+            // node just told us it no longer leads.
+            if leader_node.is_none() || leader_node == Some(hint.refused_by) {
+                leader_node = Some(hint.leader_node);
+            }
+        }
+        match leader_node.filter(|&n| Some(n) != own_node) {
+            Some(node_id) => Ok(Location::Follower(
+                handle,
+                Target {
+                    node_id,
+                    region_id,
+                    epoch: status.region.region_epoch,
+                },
+            )),
+            // No leader known, or this replica leads but has not applied an
+            // entry of its term yet: wait.
+            None => Err(Error::Region(raftstore::Error::NotLeader {
+                region_id,
+                leader: None,
+            })),
+        }
+    }
+
+    async fn locate_remote(&self, spans: &[KeyRange], key: Vec<u8>) -> Result<Location> {
+        let Some((region, leader)) = self.pd.get_region(&key).await? else {
+            return Err(Error::NoRegion(key));
+        };
+        if !spans.iter().all(|s| covers(&region, s)) {
+            return Err(Error::CrossRegion);
+        }
+        let node_id = self
+            .hints
+            .get(&region.id)
+            .map(|h| h.leader_node)
+            .or(leader.map(|p| p.node_id))
+            .ok_or(Error::Region(raftstore::Error::NotLeader {
+                region_id: region.id,
+                leader: None,
+            }))?;
+        Ok(Location::Remote(Target {
+            node_id,
+            region_id: region.id,
+            epoch: region.region_epoch,
+        }))
+    }
+
+    /// Keeps what a failed forward taught about the leader.
+    pub(crate) fn note_forward_error(&self, target: &Target, err: &Error) {
+        match err {
+            Error::Region(raftstore::Error::NotLeader {
+                leader: Some(leader),
+                ..
+            }) if leader.node_id != target.node_id => {
+                self.hints.insert(
+                    target.region_id,
+                    LeaderHint {
+                        refused_by: target.node_id,
+                        leader_node: leader.node_id,
+                    },
+                );
+            }
+            Error::Region(_) | Error::Unreachable { .. } => {
+                self.hints
+                    .remove_if(&target.region_id, |_, h| h.leader_node == target.node_id);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether `region`'s key range holds all of `s`.
+pub(crate) fn covers(region: &metapb::Region, s: &KeyRange) -> bool {
+    let start_ok = s.start.as_slice() >= region.start_key.as_slice();
+    let end_ok = region.end_key.is_empty()
+        || match &s.end {
+            None => s.start < region.end_key,
+            Some(end) => !end.is_empty() && end.as_slice() <= region.end_key.as_slice(),
+        };
+    start_ok && end_ok
+}
+
+/// The node of `region`'s peer `peer_id`.
+fn node_of(region: &metapb::Region, peer_id: u64) -> Option<u64> {
+    region
+        .peers
+        .iter()
+        .find(|p| p.id == peer_id)
+        .map(|p| p.node_id)
+}
+
+/// Every key range a write may read or change, over both txn branches.
+pub(crate) fn write_spans(req: &WriteRequest) -> Vec<KeyRange> {
+    let mut spans = Vec::new();
+    match req {
+        WriteRequest::Put(p) => spans.push(KeyRange::from_etcd(&p.key, &[])),
+        WriteRequest::DeleteRange(d) => spans.push(KeyRange::from_etcd(&d.key, &d.range_end)),
+        WriteRequest::Txn(t) => txn_spans(t, &mut spans),
+    }
+    spans
+}
+
+fn txn_spans(t: &TxnRequest, spans: &mut Vec<KeyRange>) {
+    for c in &t.compare {
+        spans.push(KeyRange::from_etcd(&c.key, &c.range_end));
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) => spans.push(KeyRange::from_etcd(&r.key, &r.range_end)),
+            Some(Request::RequestPut(p)) => spans.push(KeyRange::from_etcd(&p.key, &[])),
+            Some(Request::RequestDeleteRange(d)) => {
+                spans.push(KeyRange::from_etcd(&d.key, &d.range_end))
+            }
+            Some(Request::RequestTxn(inner)) => txn_spans(inner, spans),
+            None => {}
+        }
+    }
+}
+
+/// Whether `req` is a txn etcd serves as a serializable read: every
+/// operation of both branches is a serializable Range (etcd's
+/// `isTxnSerializable`, top level only, as etcd checks it).
+pub(crate) fn is_serializable_txn(req: &WriteRequest) -> bool {
+    let WriteRequest::Txn(t) = req else {
+        return false;
+    };
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| matches!(&op.request, Some(Request::RequestRange(r)) if r.serializable))
+}
