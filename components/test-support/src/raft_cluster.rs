@@ -12,6 +12,10 @@
 //!   still delivered).
 //! - The `must_*` and `wait_*` helpers retry until they succeed and panic
 //!   after a deadline (15–20 s) with what they saw.
+//! - Every method takes `&self`: a workload and a
+//!   [`RaftNemesis`](crate::nemesis::RaftNemesis) can share the cluster in
+//!   an `Arc`, the nemesis stopping and restarting nodes and setting filters
+//!   from its own thread.
 //! - On drop the filters are removed, every store is shut down with its
 //!   engines closed, the delayer thread ends and the data dirs are removed.
 
@@ -359,9 +363,32 @@ impl Cluster {
         self.store(id).region(REGION_ID).unwrap()
     }
 
-    /// Node `id`'s replica of the region, if it hosts one.
+    /// Node `id`'s replica of the region, if the node runs and hosts one
+    /// (safe while another thread stops and restarts nodes).
     pub fn try_handle(&self, id: u64) -> Option<RegionHandle> {
-        self.store(id).region(REGION_ID)
+        let store = self.router.stores.read().get(&id).cloned()?;
+        store.region(REGION_ID)
+    }
+
+    /// Every node's id, running or stopped, ascending.
+    pub fn nodes(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.dirs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The node of the one running replica that is a ready leader, if
+    /// exactly one is, without waiting.
+    pub fn try_leader(&self) -> Option<u64> {
+        let leaders: Vec<u64> = self
+            .running()
+            .into_iter()
+            .filter(|&id| self.try_handle(id).is_some_and(|h| h.status().ready_leader))
+            .collect();
+        match leaders[..] {
+            [one] => Some(one),
+            _ => None,
+        }
     }
 
     /// Proposes `changes` on the current leader until one attempt is
