@@ -2,10 +2,10 @@
 //! node (and against etcd when it is installed) and its JSON report must
 //! account for every request. No timing assertions: only counts.
 
-use integration_tests::{bin_path, Etcd, Node};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use test_support::{bin_path, Etcd, Node};
 
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 

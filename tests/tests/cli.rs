@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 
-use integration_tests::{bin_path, free_port, Node};
+use test_support::{bin_path, free_port, Node};
 
 fn run_node(args: &[&str]) -> (bool, String) {
     let out = Command::new(bin_path("metastore-node"))
@@ -117,7 +117,7 @@ fn config_file_with_flag_names() {
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut listed = String::new();
     for _ in 0..100 {
-        let out = integration_tests::etcdctl(&endpoint, &["member", "list"]);
+        let out = test_support::etcdctl(&endpoint, &["member", "list"]);
         if out.status.success() {
             listed = String::from_utf8_lossy(&out.stdout).into_owned();
             break;

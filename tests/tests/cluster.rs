@@ -3,33 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{client, etcdctl, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
-use proto::metapb::PeerRole;
-
-/// Waits until PD reports the region over the whole keyspace with
-/// `voters` voters and no learner.
-async fn wait_for_voters(pd: &RpcPdClient, voters: usize) -> proto::metapb::Region {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some((region, Some(_)))) = pd.get_region(b"").await {
-            let v = region
-                .peers
-                .iter()
-                .filter(|p| p.role() == PeerRole::Voter)
-                .count();
-            if v == voters && v == region.peers.len() {
-                return region;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "region did not reach {voters} voters: {:?}",
-            pd.get_region(b"").await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use test_support::process::wait_for_voters;
+use test_support::{client, etcdctl, Node, Pd};
 
 fn start_node(name: &str, pd: &Pd) -> Node {
     Node::start_dev_with(&["--name", name, "--pd-endpoints", &pd.endpoint()])
@@ -187,7 +163,7 @@ async fn member_add_reserves_the_id_a_starting_node_takes() {
     let pd = Pd::start();
     let n1 = start_node("n1", &pd);
     let mut c1 = client(&n1.endpoint()).await;
-    let peer_port = integration_tests::free_port();
+    let peer_port = test_support::free_port();
     let peer_url = format!("http://127.0.0.1:{peer_port}");
 
     let added = c1.member_add([peer_url.clone()], None).await.unwrap();

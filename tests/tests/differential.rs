@@ -7,7 +7,6 @@
 //! `DIFF_OPS` (default 3000) and `DIFF_SEED` (default: three fixed seeds)
 //! size the run.
 
-use integration_tests::{Etcd, Node};
 use proto::etcdserverpb::compare::{CompareTarget, TargetUnion};
 use proto::etcdserverpb::kv_client::KvClient;
 use proto::etcdserverpb::request_op::Request;
@@ -15,6 +14,7 @@ use proto::etcdserverpb::response_op::Response as OpResponse;
 use proto::etcdserverpb::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use test_support::{Etcd, Node};
 use tonic::transport::Channel;
 
 const KEYS: usize = 10;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use integration_tests::{etcdctl, Node};
+use test_support::{etcdctl, Node};
 
 fn ok(endpoint: &str, args: &[&str]) -> String {
     let out = etcdctl(endpoint, args);

@@ -8,81 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use integration_tests::{client, Node, Pd};
-use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
-use proto::metapb::PeerRole;
+use test_support::{client, Cluster, ProcessCluster};
 
 /// An acknowledged write: key, revision, when sent, when acknowledged.
 type Ack = (String, i64, Instant, Instant);
 
-struct Cluster {
-    pds: Vec<Pd>,
-    nodes: Vec<Node>,
-    /// Member id of each node, by index.
-    ids: Vec<u64>,
-}
-
-async fn start_cluster() -> Cluster {
-    let pds = Pd::start_cluster(3);
-    let pd_endpoints: Vec<String> = pds.iter().map(Pd::endpoint).collect();
-    let mut nodes = Vec::new();
-    for i in 1..=3 {
-        let name = format!("n{i}");
-        nodes.push(Node::start_dev_with(&[
-            "--name",
-            &name,
-            "--pd-endpoints",
-            &pd_endpoints.join(","),
-        ]));
-    }
-    let pd_client = RpcPdClient::connect(&pd_endpoints, RpcPdClientConfig::default())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some((region, Some(_)))) = pd_client.get_region(b"").await {
-            if region.peers.len() == 3 && region.peers.iter().all(|p| p.role() == PeerRole::Voter) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "region never got 3 voters");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let mut ids = Vec::new();
-    for n in &nodes {
-        let mut c = client(&n.endpoint()).await;
-        ids.push(c.status().await.unwrap().header().unwrap().member_id());
-    }
-    Cluster { pds, nodes, ids }
-}
-
-impl Cluster {
-    /// Index of the node holding the region leader, as the nodes report it.
-    async fn leader_index(&self) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            for n in &self.nodes {
-                let Ok(mut c) = etcd_client::Client::connect([n.endpoint()], None).await else {
-                    continue;
-                };
-                if let Ok(s) = c.status().await {
-                    if let Some(i) = self.ids.iter().position(|id| *id == s.leader()) {
-                        return i;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no leader reported");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_writes_and_linearizable_reads() {
-    let cluster = start_cluster().await;
+    let cluster = ProcessCluster::start().await;
+    let ids = cluster.member_ids();
     let mut clients = Vec::new();
-    for n in &cluster.nodes {
-        clients.push(client(&n.endpoint()).await);
+    for endpoint in cluster.endpoints() {
+        clients.push(client(&endpoint).await);
     }
     for i in 0..90usize {
         let (w, r) = (i % 3, (i + 1) % 3);
@@ -90,7 +27,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
         let put = clients[w].put(key.clone(), format!("v{i}"), None).await;
         let put = put.unwrap_or_else(|e| panic!("put {key} through node {w}: {e}"));
         // The serving node's member id, not the leader's.
-        assert_eq!(put.header().unwrap().member_id(), cluster.ids[w]);
+        assert_eq!(put.header().unwrap().member_id(), ids[w]);
         let rev = put.header().unwrap().revision();
         // Read through another node right after the ack: must see it.
         let got = clients[r].get(key.clone(), None).await.unwrap();
@@ -101,7 +38,7 @@ async fn any_node_serves_writes_and_linearizable_reads() {
         );
         assert_eq!(got.kvs()[0].mod_revision(), rev);
         assert!(got.header().unwrap().revision() >= rev);
-        assert_eq!(got.header().unwrap().member_id(), cluster.ids[r]);
+        assert_eq!(got.header().unwrap().member_id(), ids[r]);
     }
     // etcd errors come back unchanged from whichever node serves.
     for c in clients.iter_mut() {
@@ -123,15 +60,14 @@ async fn any_node_serves_writes_and_linearizable_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_node_kill9_loses_no_acknowledged_write() {
-    let mut cluster = start_cluster().await;
+    let mut cluster = ProcessCluster::start().await;
     let leader = cluster.leader_index().await;
 
     // One writer per node, each through its own node only.
     let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
-    for (w, n) in cluster.nodes.iter().enumerate() {
-        let endpoint = n.endpoint();
+    for (w, endpoint) in cluster.endpoints().into_iter().enumerate() {
         let (acked, stop) = (acked.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut c = client(&endpoint).await;
@@ -155,7 +91,7 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     let before_kill = acked.lock().unwrap().len();
     assert!(before_kill > 0, "no write acknowledged before the kill");
     let killed_at = Instant::now();
-    cluster.nodes[leader].kill9();
+    cluster.kill9(leader);
     // Keep writing until the survivors have accepted writes for a while.
     // Recovery is measured to the first ack of a write sent after the kill
     // (a write in flight at the kill may still be acknowledged at once).
@@ -207,11 +143,11 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
 
     // Every acknowledged write is on every survivor, at its revision.
     let expected: HashMap<String, i64> = acked.iter().map(|(k, r, _, _)| (k.clone(), *r)).collect();
-    for (i, n) in cluster.nodes.iter().enumerate() {
+    for (i, endpoint) in cluster.endpoints().iter().enumerate() {
         if i == leader {
             continue;
         }
-        let mut c = client(&n.endpoint()).await;
+        let mut c = client(endpoint).await;
         let got = c
             .get("w", Some(GetOptions::new().with_prefix()))
             .await
@@ -227,8 +163,8 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     }
 
     // The killed node comes back, catches up, and all replicas hash equal.
-    cluster.nodes[leader].restart();
-    let mut c = client(&cluster.nodes[(leader + 1) % 3].endpoint()).await;
+    cluster.restart(leader);
+    let mut c = client(&cluster.endpoints()[(leader + 1) % 3]).await;
     let rev = c
         .put("final", "v", None)
         .await
@@ -239,8 +175,8 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut hashes = Vec::new();
-        for n in &cluster.nodes {
-            let Ok(mut c) = etcd_client::Client::connect([n.endpoint()], None).await else {
+        for endpoint in cluster.endpoints() {
+            let Ok(mut c) = etcd_client::Client::connect([endpoint], None).await else {
                 continue;
             };
             if let Ok(h) = c.hash_kv(rev).await {
@@ -260,19 +196,10 @@ async fn leader_node_kill9_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_keep_serving_across_pd_leader_kill9() {
-    let mut cluster = start_cluster().await;
-    let endpoints: Vec<String> = cluster.pds.iter().map(Pd::endpoint).collect();
-    let pd_client = RpcPdClient::connect(&endpoints, RpcPdClientConfig::default())
-        .await
-        .unwrap();
-    let leader_name = pd_client.get_members().await.unwrap().leader.unwrap().name;
-    let leader = cluster
-        .pds
-        .iter()
-        .position(|p| p.name() == leader_name)
-        .unwrap();
+    let mut cluster = ProcessCluster::start().await;
+    let leader = cluster.pd_leader_index().await;
     // etcd-client with all three node endpoints, as etcdctl would be.
-    let node_eps: Vec<String> = cluster.nodes.iter().map(Node::endpoint).collect();
+    let node_eps = cluster.endpoints();
     let mut c = etcd_client::Client::connect(&node_eps, None).await.unwrap();
     let mut last = c
         .put("before", "v", None)
@@ -283,7 +210,7 @@ async fn nodes_keep_serving_across_pd_leader_kill9() {
         .revision();
 
     let killed_at = Instant::now();
-    cluster.pds[leader].kill9();
+    cluster.kill9_pd(leader);
     let mut first_ok = None;
     let mut acked = 0;
     while acked < 50 {
@@ -306,7 +233,7 @@ async fn nodes_keep_serving_across_pd_leader_kill9() {
         "kill -9 of the PD leader to the first accepted write: {:?}",
         first_ok.unwrap()
     );
-    cluster.pds[leader].restart();
+    cluster.restart_pd(leader);
     let r = c
         .get("after", Some(GetOptions::new().with_prefix()))
         .await

@@ -5,7 +5,7 @@ use etcd_client::{
     Compare, CompareOp, DeleteOptions, Error, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
     TxnOp, TxnOpResponse,
 };
-use integration_tests::{client, Node};
+use test_support::{client, Node};
 
 fn grpc_error(e: Error) -> (tonic::Code, String) {
     match e {

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::{client, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
 use proto::metapb;
+use test_support::process::pd_leader;
+use test_support::{client, Node, Pd};
 
 fn config() -> RpcPdClientConfig {
     RpcPdClientConfig {
@@ -25,22 +26,6 @@ async fn connect(endpoints: &[String]) -> RpcPdClient {
             Err(e) if Instant::now() > deadline => panic!("PD cluster did not come up: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    }
-}
-
-/// The index of the member the cluster names as leader.
-async fn leader(pd: &RpcPdClient, pds: &[Pd]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(m) = pd.get_members().await {
-            if let Some(l) = m.leader {
-                if let Some(i) = pds.iter().position(|p| p.name() == l.name) {
-                    return i;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no PD leader");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -119,7 +104,7 @@ async fn pd_cluster_survives_leader_kill9() {
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let l = leader(&pd, &pds).await;
+    let l = pd_leader(&pds).await;
     let killed_at = Instant::now();
     pds[l].kill9();
     let recovered = loop {
@@ -161,7 +146,7 @@ async fn pd_cluster_survives_leader_kill9() {
     let mut leads = false;
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let cur = leader(&pd, &pds).await;
+        let cur = pd_leader(&pds).await;
         if cur == l {
             leads = true;
             break;
@@ -169,7 +154,7 @@ async fn pd_cluster_survives_leader_kill9() {
         // Kill the current leader and bring it back, so the restarted
         // member gets more chances to win an election.
         pds[cur].kill9();
-        let next = leader(&pd, &pds).await;
+        let next = pd_leader(&pds).await;
         pds[cur].restart();
         if next == l {
             leads = true;
@@ -192,7 +177,8 @@ async fn pd_cluster_survives_leader_kill9() {
 async fn node_keeps_writing_across_pd_leader_kill9() {
     let mut pds = Pd::start_cluster(3);
     let endpoints: Vec<String> = pds.iter().map(|p| p.endpoint()).collect();
-    let pd = connect(&endpoints).await;
+    // The PD cluster serves before the node starts.
+    connect(&endpoints).await;
     let node = Node::start_dev_with(&["--pd-endpoints", &endpoints.join(",")]);
     let mut c = client(&node.endpoint()).await;
     let mut last = 0;
@@ -202,7 +188,7 @@ async fn node_keeps_writing_across_pd_leader_kill9() {
         assert!(rev > last);
         last = rev;
     }
-    let l = leader(&pd, &pds).await;
+    let l = pd_leader(&pds).await;
     pds[l].kill9();
     // Writes take their revisions from the new PD leader, above every
     // earlier one.

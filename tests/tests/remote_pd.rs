@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use integration_tests::{client, Node, Pd};
 use pd::{PdClient, RpcPdClient, RpcPdClientConfig};
+use test_support::{client, Node, Pd};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_with_remote_pd_survives_pd_kill9() {

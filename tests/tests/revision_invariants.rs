@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use integration_tests::{client, Node};
+use test_support::{client, Node};
 
 type Snapshot = BTreeMap<String, i64>;
 

@@ -3,13 +3,11 @@
 //! removed; acknowledged writes stay on every current voter throughout and
 //! the removed replica is gone for good (tombstoned).
 
-mod cluster;
-
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, REGION_ID};
 use proto::metapb::{self, PeerRole};
 use raft::eraftpb::ConfChangeType;
+use test_support::raft_cluster::{Cluster, REGION_ID};
 
 fn peer(id: u64) -> metapb::Peer {
     metapb::Peer {

@@ -2,12 +2,10 @@
 //! every replica, survive leader isolation, message loss and node restarts,
 //! and are acknowledged only once a quorum has them.
 
-mod cluster;
-
 use std::time::Duration;
 
-use cluster::{write, Cluster, Delay, Duplicate, Loss};
 use raftstore::Error;
+use test_support::raft_cluster::{write, Cluster, Delay, Duplicate, Loss};
 
 fn others(all: &[u64], but: u64) -> Vec<u64> {
     all.iter().copied().filter(|&id| id != but).collect()

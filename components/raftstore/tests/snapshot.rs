@@ -2,13 +2,11 @@
 //! snapshot: afterwards their data equals the leader's, including keys the
 //! leader deleted meanwhile, and normal replication resumes.
 
-mod cluster;
-
 use std::time::{Duration, Instant};
 
-use cluster::{delete, write, Cluster};
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest};
 use raftstore::StoreOptions;
+use test_support::raft_cluster::{delete, write, Cluster};
 
 const GC_THRESHOLD: u64 = 50;
 

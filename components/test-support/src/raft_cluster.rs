@@ -2,8 +2,22 @@
 //! `test_raftstore`: N [`Store`]s in temp dirs joined by one transport that
 //! routes each message by `to_peer.node_id`, through filters that partition,
 //! lose, delay or duplicate messages.
-
-#![allow(dead_code)]
+//!
+//! Contracts:
+//! - Every node bootstraps region [`REGION_ID`] with peers `1..=n` on nodes
+//!   `1..=n` (peer id = node id); spare nodes host nothing until a test adds
+//!   a replica.
+//! - Filters apply to every message sent after they are added, in the order
+//!   added; [`Cluster::heal`] removes them all (messages already delayed are
+//!   still delivered).
+//! - The `must_*` and `wait_*` helpers retry until they succeed and panic
+//!   after a deadline (15–20 s) with what they saw.
+//! - Every method takes `&self`: a workload and a
+//!   [`RaftNemesis`](crate::nemesis::RaftNemesis) can share the cluster in
+//!   an `Arc`, the nemesis stopping and restarting nodes and setting filters
+//!   from its own thread.
+//! - On drop the filters are removed, every store is shut down with its
+//!   engines closed, the delayer thread ends and the data dirs are removed.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -23,6 +37,7 @@ use raft::eraftpb::ConfChangeType;
 use raftstore::{NodeIdent, RegionHandle, Store, StoreOptions, Transport};
 use tempfile::TempDir;
 
+/// The region every node bootstraps.
 pub const REGION_ID: u64 = 1;
 const CLUSTER_ID: u64 = 1;
 
@@ -202,6 +217,7 @@ fn run_delayer(router: Weak<Router>, rx: mpsc::Receiver<Delayed>) {
     }
 }
 
+/// The in-process cluster; see the module doc.
 pub struct Cluster {
     pub router: Arc<Router>,
     dirs: HashMap<u64, TempDir>,
@@ -209,6 +225,8 @@ pub struct Cluster {
     options: StoreOptions,
 }
 
+/// Region [`REGION_ID`] over the whole keyspace with voters `1..=n` on
+/// nodes `1..=n`, at epoch (1, 1).
 pub fn region(n: u64) -> metapb::Region {
     metapb::Region {
         id: REGION_ID,
@@ -238,6 +256,7 @@ pub fn delete(rev: i64, key: &str) -> RaftCmdRequest {
     cmd
 }
 
+/// A write putting `key` = `value` at `rev` (version 1).
 pub fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
     RaftCmdRequest {
         header: Some(RaftRequestHeader {
@@ -334,17 +353,42 @@ impl Cluster {
         ids
     }
 
+    /// Node `id`'s store; panics if it is not running.
     pub fn store(&self, id: u64) -> Arc<Store> {
         self.router.stores.read()[&id].clone()
     }
 
+    /// Node `id`'s replica of the region; panics if it has none.
     pub fn handle(&self, id: u64) -> RegionHandle {
         self.store(id).region(REGION_ID).unwrap()
     }
 
-    /// Node `id`'s replica of the region, if it hosts one.
+    /// Node `id`'s replica of the region, if the node runs and hosts one
+    /// (safe while another thread stops and restarts nodes).
     pub fn try_handle(&self, id: u64) -> Option<RegionHandle> {
-        self.store(id).region(REGION_ID)
+        let store = self.router.stores.read().get(&id).cloned()?;
+        store.region(REGION_ID)
+    }
+
+    /// Every node's id, running or stopped, ascending.
+    pub fn nodes(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.dirs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The node of the one running replica that is a ready leader, if
+    /// exactly one is, without waiting.
+    pub fn try_leader(&self) -> Option<u64> {
+        let leaders: Vec<u64> = self
+            .running()
+            .into_iter()
+            .filter(|&id| self.try_handle(id).is_some_and(|h| h.status().ready_leader))
+            .collect();
+        match leaders[..] {
+            [one] => Some(one),
+            _ => None,
+        }
     }
 
     /// Proposes `changes` on the current leader until one attempt is
@@ -503,10 +547,12 @@ impl Cluster {
         }
     }
 
+    /// Adds a filter for every message sent from now on.
     pub fn add_filter(&self, f: impl Filter + 'static) {
         self.router.filters.write().push(Arc::new(f));
     }
 
+    /// Cuts nodes `a` off from nodes `b`, both ways.
     pub fn partition(&self, a: &[u64], b: &[u64]) {
         self.add_filter(Partition {
             a: a.to_vec(),

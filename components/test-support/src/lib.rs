@@ -1,0 +1,28 @@
+//! Harness shared by the workspace's tests: real processes (metastore-node,
+//! metastore-pd, etcd) on free loopback ports, the in-process raftstore
+//! cluster with fault-injecting transport, and fault drivers (nemesis) for
+//! both.
+//!
+//! - [`process`]: single servers ([`Node`], [`Pd`], [`Etcd`]), `etcdctl`,
+//!   an `etcd-client` connector, ports and binary paths.
+//! - [`cluster`]: 3-member clusters behind the [`Cluster`] trait —
+//!   [`ProcessCluster`] (3 PD + 3 nodes) and [`EtcdCluster`].
+//! - [`proxy`]: a TCP proxy that passes, delays, stalls or blackholes.
+//! - [`nemesis`]: seeded background fault drivers: [`Nemesis`] for a
+//!   [`Cluster`], [`RaftNemesis`] for the in-process cluster.
+//! - [`raft_cluster`]: raftstore's in-process cluster, whose transport
+//!   filters (partition, loss, delay, duplication) are its fault injection.
+
+pub mod cluster;
+pub mod nemesis;
+pub mod process;
+pub mod proxy;
+pub mod raft_cluster;
+
+pub use cluster::{Cluster, EtcdCluster, PdControl, ProcessCluster, ProcessClusterOptions};
+pub use nemesis::{
+    Fault, Nemesis, NemesisConfig, NemesisEvent, NemesisLog, RaftFault, RaftNemesis,
+    RaftNemesisConfig, Step,
+};
+pub use process::{bin_path, client, etcdctl, free_port, Etcd, Node, Pd};
+pub use proxy::{Proxy, ProxyMode};
