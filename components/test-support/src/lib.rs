@@ -12,14 +12,28 @@
 //!   [`Cluster`], [`RaftNemesis`] for the in-process cluster.
 //! - [`raft_cluster`]: raftstore's in-process cluster, whose transport
 //!   filters (partition, loss, delay, duplication) are its fault injection.
+//! - [`router_cluster`]: whole node storage stacks (routers over that
+//!   cluster, forwarding in process, an oracle per node that can be slowed
+//!   with [`faulty_pd`]).
+//! - [`history`]: seeded workloads recorded as histories and checked by the
+//!   `checker` crate, through an [`Executor`]: [`EtcdExecutor`] (real
+//!   processes, MetaStore or etcd) or [`RouterExecutor`] (in process).
 
 pub mod cluster;
+pub mod etcd_executor;
+pub mod faulty_pd;
+pub mod history;
 pub mod nemesis;
 pub mod process;
 pub mod proxy;
 pub mod raft_cluster;
+pub mod router_cluster;
 
 pub use cluster::{Cluster, EtcdCluster, PdControl, ProcessCluster, ProcessClusterOptions};
+pub use etcd_executor::{Claims, EtcdExecutor};
+pub use faulty_pd::{FaultyPd, OracleFault};
+pub use history::{Executor, RunConfig};
+pub use router_cluster::{RouterCluster, RouterExecutor};
 pub use nemesis::{
     Fault, Nemesis, NemesisConfig, NemesisEvent, NemesisLog, RaftFault, RaftNemesis,
     RaftNemesisConfig, Step,

@@ -217,12 +217,24 @@ fn run_delayer(router: Weak<Router>, rx: mpsc::Receiver<Delayed>) {
     }
 }
 
+/// What happens to a node, for [`Cluster::on_node_event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// The node is about to stop: whoever holds its store must let go.
+    Stopping,
+    /// The node restarted; its new store is registered.
+    Started,
+}
+
+type NodeHook = Box<dyn Fn(u64, NodeEvent) + Send + Sync>;
+
 /// The in-process cluster; see the module doc.
 pub struct Cluster {
     pub router: Arc<Router>,
     dirs: HashMap<u64, TempDir>,
     delayer: Option<JoinHandle<()>>,
     options: StoreOptions,
+    hooks: RwLock<Vec<NodeHook>>,
 }
 
 /// Region [`REGION_ID`] over the whole keyspace with voters `1..=n` on
@@ -324,6 +336,7 @@ impl Cluster {
             dirs: HashMap::new(),
             delayer: Some(delayer),
             options,
+            hooks: RwLock::new(Vec::new()),
         };
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
@@ -552,6 +565,29 @@ impl Cluster {
         self.router.filters.write().push(Arc::new(f));
     }
 
+    /// Whether a message from node `from` to node `to` would get through
+    /// the filters now (delays aside), e.g. for a layer above raft that
+    /// shares this network.
+    pub fn delivers(&self, from: u64, to: u64) -> bool {
+        let mut copies = vec![Duration::ZERO];
+        for f in self.router.filters.read().iter() {
+            f.apply(from, to, &mut copies);
+        }
+        !copies.is_empty()
+    }
+
+    /// Runs `f` when a node stops or restarts (see [`NodeEvent`]), on the
+    /// thread that stops or restarts it.
+    pub fn on_node_event(&self, f: impl Fn(u64, NodeEvent) + Send + Sync + 'static) {
+        self.hooks.write().push(Box::new(f));
+    }
+
+    fn node_event(&self, id: u64, event: NodeEvent) {
+        for hook in self.hooks.read().iter() {
+            hook(id, event);
+        }
+    }
+
     /// Cuts nodes `a` off from nodes `b`, both ways.
     pub fn partition(&self, a: &[u64], b: &[u64]) {
         self.add_filter(Partition {
@@ -567,6 +603,7 @@ impl Cluster {
 
     /// Shuts node `id` down and closes its engines.
     pub fn stop_node(&self, id: u64) {
+        self.node_event(id, NodeEvent::Stopping);
         let store = self.router.stores.write().remove(&id).unwrap();
         store.shutdown();
         // The engines close when the last reference goes; a message in
@@ -597,6 +634,7 @@ impl Cluster {
         )
         .unwrap();
         self.router.stores.write().insert(id, Arc::new(store));
+        self.node_event(id, NodeEvent::Started);
     }
 }
 

@@ -1,0 +1,213 @@
+//! The checker's requests over the `etcd-client` crate, one client per
+//! endpoint, for real `metastore-node` processes and real etcd alike.
+//!
+//! Outcome classification: a response is `Ok`; an etcd request error
+//! (invalid argument, out of range, not found) and a call whose connection
+//! was never made are `Failed`; a call cut by its deadline, a broken
+//! connection and "request timed out" are `Unknown`. With
+//! [`Claims::MetaStore`], the errors MetaStore documents as "certainly not
+//! applied" ("no leader", "leader changed", "server stopped", placement
+//! driver failures) are `Failed` too — so the checker holds MetaStore to
+//! that claim (a write reported so and applied anyway is a violation);
+//! etcd's own meaning of those texts is not relied on ([`Claims::Etcd`]).
+
+use std::time::Duration;
+
+use checker::{Consistency, Kv, Outcome, Request, RereadResult, Response};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+
+use crate::history::Executor;
+
+/// Which errors count as "certainly not applied".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claims {
+    MetaStore,
+    Etcd,
+}
+
+pub struct EtcdExecutor {
+    clients: Vec<KvClient>,
+    claims: Claims,
+}
+
+impl EtcdExecutor {
+    /// Connects one client to each of `endpoints` (all must be up now).
+    pub async fn connect(endpoints: &[String], claims: Claims) -> EtcdExecutor {
+        let mut clients = Vec::new();
+        for ep in endpoints {
+            clients.push(crate::process::client(ep).await.kv_client());
+        }
+        EtcdExecutor { clients, claims }
+    }
+
+    fn classify(&self, err: etcd_client::Error) -> Outcome {
+        use tonic::Code;
+        let text = err.to_string();
+        match &err {
+            etcd_client::Error::GRpcStatus(s) => {
+                let msg = s.message();
+                match s.code() {
+                    Code::InvalidArgument
+                    | Code::OutOfRange
+                    | Code::NotFound
+                    | Code::FailedPrecondition => Outcome::Failed(text),
+                    Code::Unavailable if not_sent(msg) => Outcome::Failed(text),
+                    Code::Unavailable
+                        if self.claims == Claims::MetaStore
+                            && (msg == "etcdserver: no leader"
+                                || msg == "etcdserver: leader changed"
+                                || msg == "etcdserver: server stopped"
+                                || msg.starts_with("etcdserver: placement driver")) =>
+                    {
+                        Outcome::Failed(text)
+                    }
+                    _ => Outcome::Unknown(text),
+                }
+            }
+            etcd_client::Error::TransportError(_) if not_sent(&text) => Outcome::Failed(text),
+            _ => Outcome::Unknown(text),
+        }
+    }
+
+    async fn call(&self, endpoint: usize, req: &Request) -> Result<Response, etcd_client::Error> {
+        let mut kv = self.clients[endpoint].clone();
+        Ok(match req {
+            Request::Put { key, value } => {
+                let r = kv
+                    .put(key.clone(), value.clone(), Some(PutOptions::new().with_prev_key()))
+                    .await?;
+                Response::Put {
+                    revision: revision(r.header()),
+                    prev: r.prev_key().map(to_kv),
+                }
+            }
+            Request::Get {
+                key,
+                consistency,
+                txn,
+            } => {
+                let mut opts = GetOptions::new();
+                if *consistency == Consistency::Serializable {
+                    opts = opts.with_serializable();
+                }
+                if *txn {
+                    let r = kv
+                        .txn(Txn::new().and_then([TxnOp::get(key.clone(), Some(opts))]))
+                        .await?;
+                    let kv = match r.op_responses().into_iter().next() {
+                        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(to_kv),
+                        _ => None,
+                    };
+                    Response::Get {
+                        revision: revision(r.header()),
+                        kv,
+                    }
+                } else {
+                    let r = kv.get(key.clone(), Some(opts)).await?;
+                    Response::Get {
+                        revision: revision(r.header()),
+                        kv: r.kvs().first().map(to_kv),
+                    }
+                }
+            }
+            Request::Cas {
+                key,
+                expected_mod_revision,
+                value,
+            } => {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        *expected_mod_revision,
+                    )])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_prev_key()),
+                    )])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                let r = kv.txn(txn).await?;
+                let kv = match r.op_responses().into_iter().next() {
+                    Some(TxnOpResponse::Put(p)) => p.prev_key().map(to_kv),
+                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map(to_kv),
+                    _ => None,
+                };
+                Response::Cas {
+                    revision: revision(r.header()),
+                    succeeded: r.succeeded(),
+                    kv,
+                }
+            }
+            Request::Delete { key } => {
+                let r = kv
+                    .delete(key.clone(), Some(DeleteOptions::new().with_prev_key()))
+                    .await?;
+                Response::Delete {
+                    revision: revision(r.header()),
+                    deleted: r.prev_kvs().first().map(to_kv),
+                }
+            }
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for EtcdExecutor {
+    fn endpoints(&self) -> usize {
+        self.clients.len()
+    }
+
+    async fn execute(&self, endpoint: usize, req: &Request, deadline: Duration) -> Outcome {
+        match tokio::time::timeout(deadline, self.call(endpoint, req)).await {
+            Ok(Ok(resp)) => Outcome::Ok(resp),
+            Ok(Err(e)) => self.classify(e),
+            Err(_) => Outcome::Unknown(format!("cancelled after {deadline:?}")),
+        }
+    }
+
+    async fn reread(&self, key: &[u8], revision: i64) -> Result<RereadResult, String> {
+        let mut last = String::new();
+        for client in &self.clients {
+            let mut kv = client.clone();
+            let opts = GetOptions::new().with_revision(revision);
+            match tokio::time::timeout(Duration::from_secs(5), kv.get(key.to_vec(), Some(opts)))
+                .await
+            {
+                Ok(Ok(r)) => return Ok(RereadResult::Kv(r.kvs().first().map(to_kv))),
+                Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                    if s.message().contains("required revision has been compacted") =>
+                {
+                    return Ok(RereadResult::Compacted)
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Whether a failed call certainly never reached a server.
+fn not_sent(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    ["tcp connect error", "connection refused", "error trying to connect"]
+        .iter()
+        .any(|m| t.contains(m))
+}
+
+fn revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {
+    h.map_or(0, |h| h.revision())
+}
+
+fn to_kv(kv: &KeyValue) -> Kv {
+    Kv {
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+    }
+}
