@@ -311,6 +311,10 @@ impl ProcessCluster {
         &self.nodes[i]
     }
 
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+
     pub fn pds(&self) -> &[Pd] {
         &self.pds
     }

@@ -77,7 +77,11 @@ impl EtcdExecutor {
         Ok(match req {
             Request::Put { key, value } => {
                 let r = kv
-                    .put(key.clone(), value.clone(), Some(PutOptions::new().with_prev_key()))
+                    .put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_prev_key()),
+                    )
                     .await?;
                 Response::Put {
                     revision: revision(r.header()),
@@ -194,9 +198,13 @@ impl Executor for EtcdExecutor {
 /// Whether a failed call certainly never reached a server.
 fn not_sent(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
-    ["tcp connect error", "connection refused", "error trying to connect"]
-        .iter()
-        .any(|m| t.contains(m))
+    [
+        "tcp connect error",
+        "connection refused",
+        "error trying to connect",
+    ]
+    .iter()
+    .any(|m| t.contains(m))
 }
 
 fn revision(h: Option<&etcd_client::ResponseHeader>) -> i64 {

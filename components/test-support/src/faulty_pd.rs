@@ -42,9 +42,7 @@ impl FaultyPd {
     async fn oracle_delay(&self) {
         let delay = match *self.fault.lock() {
             OracleFault::None => return,
-            OracleFault::Slow(max) => {
-                max.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
-            }
+            OracleFault::Slow(max) => max.mul_f64(rand::thread_rng().gen_range(0.0..1.0)),
             OracleFault::Stall(d) => d,
         };
         tokio::time::sleep(delay).await;

@@ -99,7 +99,8 @@ pub async fn run(executor: Arc<dyn Executor>, cfg: &RunConfig) -> History {
                 } else {
                     cfg.deadline
                 };
-                let pending = recorder.invoke(client, executor.endpoint_name(endpoint), req.clone());
+                let pending =
+                    recorder.invoke(client, executor.endpoint_name(endpoint), req.clone());
                 let outcome = executor.execute(endpoint, &req, deadline).await;
                 generator.lock().observe(client, &req, &outcome);
                 let failed = !matches!(outcome, Outcome::Ok(_));
@@ -133,10 +134,16 @@ pub async fn check(executor: &dyn Executor, history: &History, name: &str) -> Re
             match executor.reread(&key, revision).await {
                 Ok(r) => break r,
                 Err(e) if Instant::now() < deadline => {
-                    eprintln!("re-read of {} at {revision} failed, retrying: {e}", checker::history::show(&key));
+                    eprintln!(
+                        "re-read of {} at {revision} failed, retrying: {e}",
+                        checker::history::show(&key)
+                    );
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => panic!("re-read of {} at {revision}: {e}", checker::history::show(&key)),
+                Err(e) => panic!(
+                    "re-read of {} at {revision}: {e}",
+                    checker::history::show(&key)
+                ),
             }
         };
         rereads.insert((key, revision), result);
@@ -144,7 +151,10 @@ pub async fn check(executor: &dyn Executor, history: &History, name: &str) -> Re
     let report = checker::check(history, &rereads, &Config::default())
         .unwrap_or_else(|e| panic!("{name}: history rejected: {e}"));
     if !report.is_ok() {
-        let path = std::env::temp_dir().join(format!("metastore-history-{name}-{}.json", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "metastore-history-{name}-{}.json",
+            std::process::id()
+        ));
         match history.to_json() {
             Ok(json) => {
                 let _ = std::fs::write(&path, json);

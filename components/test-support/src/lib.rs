@@ -33,10 +33,10 @@ pub use cluster::{Cluster, EtcdCluster, PdControl, ProcessCluster, ProcessCluste
 pub use etcd_executor::{Claims, EtcdExecutor};
 pub use faulty_pd::{FaultyPd, OracleFault};
 pub use history::{Executor, RunConfig};
-pub use router_cluster::{RouterCluster, RouterExecutor};
 pub use nemesis::{
     Fault, Nemesis, NemesisConfig, NemesisEvent, NemesisLog, RaftFault, RaftNemesis,
     RaftNemesisConfig, Step,
 };
 pub use process::{bin_path, client, etcdctl, free_port, Etcd, Node, Pd};
 pub use proxy::{Proxy, ProxyMode};
+pub use router_cluster::{RouterCluster, RouterExecutor};

@@ -322,6 +322,13 @@ impl Node {
         self.process.stop("metastore-node")
     }
 
+    /// SIGTERM without waiting (see [`Node::wait_exit`]).
+    pub fn terminate(&self) {
+        if let Some(child) = &self.process.child {
+            signal(child.id(), libc::SIGTERM);
+        }
+    }
+
     /// Waits up to `timeout` for the node to exit on its own.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.process.wait_exit(timeout)

@@ -42,7 +42,9 @@
 //!   its outcome is known), or the replica lost track of the entry. etcd
 //!   request errors come from evaluation and mean nothing was written.
 //! * `linearizable_revision(handle)`: (R, T) as described, T the term the
-//!   barrier confirmed; bounded by [`READ_TIMEOUT`] per wait.
+//!   barrier confirmed; each wait (oracle, barrier, in-flight writes) is
+//!   bounded by [`READ_TIMEOUT`], after which it fails "outcome unknown"
+//!   (etcd's "request timed out").
 //! * `compact(handle, revision)`: checks `revision` against the compaction
 //!   revision and a linearizable R, proposes it, and returns R and the
 //!   applied index once the compaction is applied here.
@@ -109,7 +111,7 @@ impl RegionLeader {
         let term = status.term;
         let current = match req {
             // Only txns read at historical revisions during evaluation.
-            WriteRequest::Txn(_) => self.pd.current_revision().await?,
+            WriteRequest::Txn(_) => self.current_revision().await?,
             _ => i64::MAX,
         };
         let eval = {
@@ -162,7 +164,7 @@ impl RegionLeader {
     /// A linearizable revision R and the term the barrier confirmed (see
     /// the contract).
     pub async fn linearizable_revision(&self, handle: &RegionHandle) -> Result<(i64, u64)> {
-        let revision = self.pd.current_revision().await?;
+        let revision = self.current_revision().await?;
         let term = tokio::time::timeout(READ_TIMEOUT, handle.read_index())
             .await
             .map_err(|_| Error::timed_out("read barrier"))??;
@@ -170,6 +172,14 @@ impl RegionLeader {
             .await
             .map_err(|_| Error::timed_out("wait for in-flight writes"))?;
         Ok((revision, term))
+    }
+
+    /// The oracle's current revision, waiting at most [`READ_TIMEOUT`].
+    async fn current_revision(&self) -> Result<i64> {
+        tokio::time::timeout(READ_TIMEOUT, self.pd.current_revision())
+            .await
+            .map_err(|_| Error::timed_out("the oracle's current revision"))?
+            .map_err(Error::from)
     }
 
     /// Proposes compaction at `revision` (see the contract).

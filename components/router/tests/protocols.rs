@@ -1,0 +1,120 @@
+//! Targeted schedules of the read protocol, each a hole that once existed:
+//! a read that takes its revision after its barrier, waits with no bound.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mvcc::exec::{WriteRequest, WriteResponse};
+use proto::etcdserverpb::{PutRequest, RangeRequest, RangeResponse};
+use router::Router;
+use test_support::{OracleFault, RouterCluster};
+
+fn put(key: &str, value: &str) -> WriteRequest {
+    WriteRequest::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    })
+}
+
+fn get(key: &str) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+fn value(resp: &RangeResponse) -> Option<&[u8]> {
+    resp.kvs.first().map(|kv| kv.value.as_slice())
+}
+
+async fn must_write(router: &Router, req: WriteRequest) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match router.write(&req).await {
+            Ok(WriteResponse::Put(p)) => return p.header.map_or(0, |h| h.revision),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "write failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A linearizable read on a leader that is about to be deposed, whose
+/// oracle call hangs: meanwhile the others elect a new leader, which
+/// acknowledges a new value. Had the read confirmed its leadership first
+/// and asked the oracle afterwards, it would get a revision above the new
+/// value's and answer the old value at it — a client listing at that
+/// revision and watching from the next would never see the new value. With
+/// the revision taken first, its barrier fails instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_takes_its_revision_before_its_barrier() {
+    let cluster = RouterCluster::new(3).await;
+    let old = cluster.leader().await;
+    let old_router = cluster.router(old).unwrap();
+    must_write(&old_router, put("k", "old")).await;
+    cluster
+        .oracle(old)
+        // Shorter than the read's bound on the oracle (4 s), longer than
+        // an election and a write.
+        .set_fault(OracleFault::Stall(Duration::from_millis(3500)));
+    let read = tokio::spawn(async move { old_router.range(&get("k")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let others: Vec<u64> = cluster.ids().into_iter().filter(|&i| i != old).collect();
+    cluster.raft().partition(&[old], &others);
+    // A new leader among the others acknowledges a new value.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let acked = loop {
+        let via = cluster.router(others[0]).unwrap();
+        match tokio::time::timeout(Duration::from_secs(1), via.write(&put("k", "new"))).await {
+            Ok(Ok(WriteResponse::Put(p))) => break p.header.map_or(0, |h| h.revision),
+            _ => assert!(
+                Instant::now() < deadline,
+                "the majority never took the write"
+            ),
+        }
+    };
+    assert!(!read.is_finished(), "the read did not wait for the oracle");
+    match read.await.unwrap() {
+        // Refused or timed out: fine.
+        Err(_) => {}
+        Ok(resp) => {
+            let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            assert!(
+                rev < acked || value(&resp) == Some(b"new"),
+                "a read answered {:?} at revision {rev} though \"new\" was acknowledged at {acked}",
+                value(&resp).map(String::from_utf8_lossy)
+            );
+        }
+    }
+    cluster.oracle(old).set_fault(OracleFault::None);
+    cluster.raft().heal();
+}
+
+/// An oracle that hangs does not hang the node's clients: reads and writes
+/// answer "request timed out" (outcome unknown) within their bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_oracle_times_requests_out() {
+    let cluster = RouterCluster::new(1).await;
+    cluster.leader().await;
+    let router: Arc<Router> = cluster.router(1).unwrap();
+    must_write(&router, put("k", "v")).await;
+    cluster
+        .oracle(1)
+        .set_fault(OracleFault::Stall(Duration::from_secs(60)));
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(20), router.range(&get("k"))).await;
+    assert!(
+        matches!(read, Ok(Err(router::Error::OutcomeUnknown(_)))),
+        "{read:?} after {:?}",
+        started.elapsed()
+    );
+    let write = tokio::time::timeout(Duration::from_secs(20), router.write(&put("k", "w"))).await;
+    assert!(
+        matches!(write, Ok(Err(router::Error::OutcomeUnknown(_)))),
+        "{write:?}"
+    );
+    cluster.oracle(1).set_fault(OracleFault::None);
+}
