@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 
 use test_support::{client, Cluster, ProcessCluster};
 
+/// When a write was sent, when it was answered, and how.
+type Outcome = (Instant, Instant, Result<(), String>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_flight_writes_finish_when_the_leader_node_shuts_down() {
     let mut cluster = ProcessCluster::start().await;
     let leader = cluster.leader_index().await;
     let endpoint = cluster.node(leader).endpoint();
-    // (sent, answered, outcome) of every write through the leader's node.
-    let log: Arc<Mutex<Vec<(Instant, Instant, Result<(), String>)>>> = Arc::default();
+    // Every write through the leader's node.
+    let log: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..8 {
         let mut c = client(&endpoint).await;
