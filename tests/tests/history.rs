@@ -34,7 +34,7 @@ async fn dev_node_cas_chains_with_cancelling_clients() {
     let executor = Arc::new(EtcdExecutor::connect(&[node.endpoint()], Claims::MetaStore).await);
     let mut cfg = RunConfig::new(seed, "cas");
     cfg.clients = 16;
-    cfg.duration = Duration::from_secs(8);
+    cfg.duration = history::duration(Duration::from_secs(8));
     cfg.cancel_percent = 60;
     cfg.workload.keys = 2;
     cfg.workload.put = 5;
@@ -71,7 +71,7 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
     );
     let mut cfg = RunConfig::new(seed, name);
     cfg.clients = 12;
-    cfg.duration = Duration::from_secs(25);
+    cfg.duration = history::duration(Duration::from_secs(25));
     cfg.cancel_percent = 10;
     cfg.deadline = Duration::from_secs(5);
     let hist = history::run(executor.clone(), &cfg).await;

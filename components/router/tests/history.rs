@@ -32,7 +32,7 @@ async fn cas_chains_with_cancelling_clients() {
         .set_fault(OracleFault::Slow(Duration::from_millis(4)));
     let mut cfg = RunConfig::new(seed, "cas");
     cfg.clients = 16;
-    cfg.duration = Duration::from_secs(6);
+    cfg.duration = history::duration(Duration::from_secs(6));
     cfg.cancel_percent = 40;
     cfg.deadline = Duration::from_secs(5);
     cfg.workload.keys = 2;
@@ -73,7 +73,8 @@ async fn three_nodes_under_faults() {
         },
         epoch,
     );
-    let stop = Instant::now() + Duration::from_secs(20);
+    let run_for = history::duration(Duration::from_secs(20));
+    let stop = Instant::now() + run_for;
     let chaos = tokio::spawn({
         let cluster = cluster.clone();
         async move {
@@ -103,7 +104,7 @@ async fn three_nodes_under_faults() {
     });
     let mut cfg = RunConfig::new(seed, "faults");
     cfg.clients = 12;
-    cfg.duration = Duration::from_secs(20);
+    cfg.duration = run_for;
     cfg.cancel_percent = 15;
     cfg.deadline = Duration::from_secs(5);
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));

@@ -1,5 +1,6 @@
-//! Targeted schedules of the read protocol, each a hole that once existed:
-//! a read that takes its revision after its barrier, waits with no bound.
+//! Targeted schedules of the read and write protocols, each a hole that
+//! once existed: a read that takes its revision after its barrier, waits
+//! with no bound, a write retried after it may have applied.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,4 +118,48 @@ async fn a_stalled_oracle_times_requests_out() {
         "{write:?}"
     );
     cluster.oracle(1).set_fault(OracleFault::None);
+}
+
+/// A write forwarded by a follower whose reply is lost may have applied:
+/// the follower answers "outcome unknown" and does not send it again — a
+/// retry would apply it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_whose_reply_is_lost_is_not_retried() {
+    let cluster = RouterCluster::new(3).await;
+    let leader = cluster.leader().await;
+    let follower = cluster.ids().into_iter().find(|&i| i != leader).unwrap();
+    let via = cluster.router(follower).unwrap();
+    must_write(&via, put("k", "0")).await;
+    cluster.set_lose_reply_percent(100);
+    let res = via
+        .write(&WriteRequest::Txn(proto::etcdserverpb::TxnRequest {
+            success: vec![proto::etcdserverpb::RequestOp {
+                request: Some(proto::etcdserverpb::request_op::Request::RequestPut(
+                    PutRequest {
+                        key: b"k".to_vec(),
+                        value: b"once".to_vec(),
+                        prev_kv: true,
+                        ..Default::default()
+                    },
+                )),
+            }],
+            ..Default::default()
+        }))
+        .await;
+    cluster.set_lose_reply_percent(0);
+    assert!(
+        matches!(res, Err(router::Error::OutcomeUnknown(_))),
+        "{res:?}"
+    );
+    // It did apply, exactly once: version 2 (after "0"), not 3.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = via.range(&get("k")).await.unwrap();
+        if value(&r) == Some(b"once") {
+            assert_eq!(r.kvs[0].version, 2, "applied more than once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the write never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -166,6 +166,15 @@ pub async fn check(executor: &dyn Executor, history: &History, name: &str) -> Re
     report
 }
 
+/// How long a workload runs: `METASTORE_HISTORY_SECS` if set (the soak
+/// sets it), else `default` (what CI runs).
+pub fn duration(default: Duration) -> Duration {
+    std::env::var("METASTORE_HISTORY_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(default, Duration::from_secs)
+}
+
 /// A seed from `METASTORE_SEED` (to replay a failure) or drawn now; printed
 /// either way.
 pub fn seed(test: &str) -> u64 {
