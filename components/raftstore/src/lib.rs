@@ -15,8 +15,10 @@
 //! addressing raft messages), `apply` (committed entries to a write batch
 //! and an outcome), `membership` (conf changes and the region meta),
 //! `snapshot` (encoding and installing region snapshots), `log_gc`,
-//! `compaction` (physical MVCC clean-up), `read_queue` (readers waiting for
-//! an index) and `status` (what a replica publishes).
+//! `compaction` (physical MVCC clean-up), `proposals` (pending proposals
+//! and what each answer claims: did not apply, or outcome unknown),
+//! `read_queue` (readers waiting for an index) and `status` (what a replica
+//! publishes).
 
 mod apply;
 mod compaction;
@@ -27,6 +29,7 @@ mod membership;
 mod message;
 mod msg;
 pub mod peer;
+mod proposals;
 mod read_queue;
 mod snapshot;
 mod status;

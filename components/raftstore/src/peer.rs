@@ -27,20 +27,8 @@
 //! * A proposal is refused (`StaleCommand`) unless this replica is the
 //!   ready leader of the term its header names (0: any), with the region's
 //!   epoch version.
-//! * A proposal is answered when its entry applies: with the entry's
-//!   result if the entry at its index has its term, `StaleCommand` if
-//!   another leader's entry took the slot (committed: ours never will be),
-//!   or if raft-rs turned a membership change it refused into an empty
-//!   entry. A proposal raft drops at once is answered `StaleCommand` right
-//!   away. Those are the "did not apply" answers; a proposal whose fate
-//!   this replica can no longer learn is answered `OutcomeUnknown` at once:
-//!   when a snapshot replaces the log past it (the snapshot may contain
-//!   it), when the replica stops, and when, after a term change, the local
-//!   log no longer holds it at its index (a new leader's entries replaced
-//!   it here, but other replicas may hold it and a later leader may still
-//!   commit it). Answering those at once releases what the proposer holds
-//!   for them (latches, in-flight revisions) instead of blocking readers
-//!   until this replica catches up.
+//! * Every proposal is answered exactly once; what an answer claims (did
+//!   not apply, or outcome unknown) is the `proposals` module's contract.
 //! * A replica removed by a membership change stops applying at that entry
 //!   (its region state is already `Tombstone`), answers everything still
 //!   waiting with `Stopped`, drops its raft log and unregisters itself.
@@ -49,7 +37,6 @@
 //!   election timeout; a compaction left pending by a previous run is
 //!   started again.
 
-use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,12 +51,13 @@ use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, ApplyContext, ApplyOutcome, EntryResult};
+use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
 use crate::log_gc;
 use crate::membership;
 use crate::message::{self, SnapshotCheck};
 pub use crate::msg::{Applied, Callback, PeerMsg, ProposeCallback, ReadCallback};
+use crate::proposals::Proposals;
 use crate::read_queue::ReadQueue;
 use crate::snapshot::{self, RegionSnapshot};
 use crate::status::LastHeard;
@@ -83,15 +71,6 @@ pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// fall further behind catch up through a region snapshot.
 pub const DEFAULT_LOG_GC_THRESHOLD: u64 = 4096;
 
-struct Proposal {
-    index: u64,
-    term: u64,
-    cb: ProposeCallback,
-    /// raft-rs turns a membership change it refuses into an empty normal
-    /// entry; such a proposal must not be answered with success.
-    conf_change: bool,
-}
-
 pub struct Peer {
     region: metapb::Region,
     peer_id: u64,
@@ -100,7 +79,7 @@ pub struct Peer {
     log: RaftLogEngine,
     mvcc: MvccStore,
     apply_state: RaftApplyState,
-    proposals: VecDeque<Proposal>,
+    proposals: Proposals,
     /// Read barriers and `WaitApplied` callers.
     reads: ReadQueue,
     was_leader: bool,
@@ -141,7 +120,7 @@ impl Peer {
             kv,
             log,
             apply_state,
-            proposals: VecDeque::new(),
+            proposals: Proposals::default(),
             reads: ReadQueue::default(),
             was_leader: false,
             log_gc_threshold,
@@ -336,12 +315,7 @@ impl Peer {
             cb(Err(Error::StaleCommand(format!("{what} dropped"))));
             return None;
         }
-        self.proposals.push_back(Proposal {
-            index,
-            term,
-            cb,
-            conf_change,
-        });
+        self.proposals.push(index, term, cb, conf_change);
         Some(index)
     }
 
@@ -487,9 +461,8 @@ impl Peer {
         self.region = installed.region;
         // The snapshot replaced the log: whether it holds our proposals
         // cannot be told any more.
-        self.fail_proposals(|| {
-            Error::OutcomeUnknown("the raft log was replaced by a snapshot".into())
-        });
+        self.proposals
+            .fail_all(|| Error::OutcomeUnknown("the raft log was replaced by a snapshot".into()));
         {
             let mut status = self.shared.status.lock();
             status.region = self.region.clone();
@@ -584,64 +557,12 @@ impl Peer {
             status.compact_revision = self.apply_state.compact_revision;
         }
         for r in results {
-            self.respond(r);
+            self.proposals.on_applied(r);
         }
         if let Some(rev) = compaction {
             self.spawn_compaction(rev);
         }
         Ok(())
-    }
-
-    /// Answers the proposals up to the applied entry `r` (see the module
-    /// docs): earlier ones lost their slot to a committed entry.
-    fn respond(&mut self, r: EntryResult) {
-        let mut res = Some(r.result.map(|()| Applied {
-            index: r.index,
-            revision: r.revision,
-        }));
-        while let Some(p) = self.proposals.front() {
-            if p.index > r.index {
-                break;
-            }
-            let Some(p) = self.proposals.pop_front() else {
-                break;
-            };
-            if p.index == r.index && p.term == r.term && p.conf_change && !r.is_conf {
-                (p.cb)(Err(Error::StaleCommand(
-                    "raft refused the membership change".into(),
-                )));
-            } else if p.index == r.index && p.term == r.term {
-                if let Some(res) = res.take() {
-                    (p.cb)(res);
-                }
-            } else {
-                // Its log slot was committed with another leader's entry.
-                (p.cb)(Err(Error::StaleCommand(
-                    "proposal overwritten by a new leader".into(),
-                )));
-            }
-        }
-    }
-
-    /// After a term change, answers `OutcomeUnknown` to the proposals the
-    /// local log no longer holds at their index (see the module docs).
-    fn fail_replaced_proposals(&mut self) {
-        let term = self.raw.raft.term;
-        if self.proposals.front().is_none_or(|p| p.term == term) {
-            return;
-        }
-        let log = &self.raw.raft.raft_log;
-        let (kept, replaced): (VecDeque<Proposal>, VecDeque<Proposal>) = self
-            .proposals
-            .drain(..)
-            .partition(|p| p.term == term || log.term(p.index).is_ok_and(|t| t == p.term));
-        self.proposals = kept;
-        for p in replaced {
-            (p.cb)(Err(Error::OutcomeUnknown(format!(
-                "a leader of term {term} replaced the entry at index {} here",
-                p.index
-            ))));
-        }
     }
 
     /// Starts the physical clean-up of compaction `revision`; the replica
@@ -656,7 +577,9 @@ impl Peer {
     fn after_ready(&mut self) {
         let applied = self.apply_state.applied_index;
         self.reads.release(applied);
-        self.fail_replaced_proposals();
+        let log = &self.raw.raft.raft_log;
+        self.proposals
+            .fail_replaced(self.raw.raft.term, |index| log.term(index).ok());
         let leader = self.raw.raft.state == StateRole::Leader;
         if self.was_leader && !leader {
             // raft-rs forgets read requests across a leader change.
@@ -687,14 +610,9 @@ impl Peer {
     /// Answers everyone waiting as the replica stops: readers `err`,
     /// proposals already in the log `OutcomeUnknown`.
     fn fail_all(&mut self, err: impl Fn() -> Error) {
-        self.fail_proposals(|| Error::OutcomeUnknown("the replica stopped".into()));
+        self.proposals
+            .fail_all(|| Error::OutcomeUnknown("the replica stopped".into()));
         self.reads.fail_all(err);
-    }
-
-    fn fail_proposals(&mut self, err: impl Fn() -> Error) {
-        for p in self.proposals.drain(..) {
-            (p.cb)(Err(err()));
-        }
     }
 }
 

@@ -5,10 +5,7 @@
 use std::time::{Duration, Instant};
 
 use proto::metapb;
-use proto::raft_cmdpb::{
-    mutation::Op, raft_cmd_request::Cmd, CompactRequest, Mutation, RaftCmdRequest,
-    RaftRequestHeader, WriteRequest,
-};
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest};
 use raftstore::{Error, NodeIdent, RegionHandle, Store};
 
 fn region() -> metapb::Region {
@@ -29,25 +26,7 @@ fn region() -> metapb::Region {
 }
 
 fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: Some(RaftRequestHeader {
-            region_id: 2,
-            region_epoch: region().region_epoch,
-            term: 0,
-        }),
-        cmd: Some(Cmd::Write(WriteRequest {
-            revision: rev,
-            mutations: vec![Mutation {
-                op: Op::Put as i32,
-                key: key.into(),
-                sub: 0,
-                create_revision: 0,
-                version: 1,
-                lease: 0,
-                value: value.into(),
-            }],
-        })),
-    }
+    test_support::raft_cluster::write_to(2, rev, key, value)
 }
 
 async fn leader(store: &Store) -> RegionHandle {

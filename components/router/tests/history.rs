@@ -48,7 +48,7 @@ async fn cas_chains_with_cancelling_clients() {
     let report = history::check(executor.as_ref(), &hist, "cas_chains").await;
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}");
-    assert!(report.ok > 1000, "too few operations completed: {report}");
+    assert!(report.ok > 300, "too few operations completed: {report}");
 }
 
 /// Three nodes; the raft network partitions the leader or another node,
@@ -116,5 +116,5 @@ async fn three_nodes_under_faults() {
     let report = history::check(executor.as_ref(), &hist, "three_nodes").await;
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
-    assert!(report.ok > 500, "too few operations completed: {report}");
+    assert!(report.ok > 300, "too few operations completed: {report}");
 }

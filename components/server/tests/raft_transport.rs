@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::metapb;
-use proto::raft_cmdpb::{
-    mutation::Op, raft_cmd_request::Cmd, Mutation, RaftCmdRequest, RaftRequestHeader, WriteRequest,
-};
+use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::RaftMessage;
 use raftstore::{NodeIdent, RegionHandle, Store, Transport};
 use server::raft_transport::{GrpcTransport, RaftTransportService, StaticResolver};
@@ -44,25 +42,7 @@ fn region() -> metapb::Region {
 }
 
 fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: Some(RaftRequestHeader {
-            region_id: REGION_ID,
-            region_epoch: region().region_epoch,
-            term: 0,
-        }),
-        cmd: Some(Cmd::Write(WriteRequest {
-            revision: rev,
-            mutations: vec![Mutation {
-                op: Op::Put as i32,
-                key: key.into(),
-                sub: 0,
-                create_revision: 0,
-                version: 1,
-                lease: 0,
-                value: value.into(),
-            }],
-        })),
-    }
+    test_support::raft_cluster::write_to(REGION_ID, rev, key, value)
 }
 
 struct Server {

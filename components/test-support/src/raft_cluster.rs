@@ -268,11 +268,17 @@ pub fn delete(rev: i64, key: &str) -> RaftCmdRequest {
     cmd
 }
 
-/// A write putting `key` = `value` at `rev` (version 1).
+/// A write putting `key` = `value` at `rev` (version 1) in region
+/// [`REGION_ID`].
 pub fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
+    write_to(REGION_ID, rev, key, value)
+}
+
+/// [`write`] for region `region_id` at epoch (1, 1), not bound to a term.
+pub fn write_to(region_id: u64, rev: i64, key: &str, value: &str) -> RaftCmdRequest {
     RaftCmdRequest {
         header: Some(RaftRequestHeader {
-            region_id: REGION_ID,
+            region_id,
             region_epoch: region(1).region_epoch,
             term: 0,
         }),
