@@ -119,9 +119,9 @@ pub async fn run(executor: Arc<dyn Executor>, cfg: &RunConfig) -> History {
     recorder.into_history()
 }
 
-/// Re-reads what the checker needs and checks `history`. On failure the
-/// history is written to `$CARGO_TARGET_TMPDIR`-like temp dir and the path
-/// printed.
+/// Re-reads what the checker needs (once nothing is in flight) and checks
+/// `history`. On failure the history is written as JSON to the system's
+/// temp dir and the path printed.
 pub async fn check(executor: &dyn Executor, history: &History, name: &str) -> Report {
     let plan = checker::reread_plan(history);
     let mut rereads: Rereads = HashMap::new();
@@ -129,6 +129,7 @@ pub async fn check(executor: &dyn Executor, history: &History, name: &str) -> Re
         if rereads.contains_key(&(key.clone(), revision)) {
             continue;
         }
+        // The cluster may still be electing a leader after the last fault.
         let deadline = Instant::now() + Duration::from_secs(60);
         let result = loop {
             match executor.reread(&key, revision).await {
