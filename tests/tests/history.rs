@@ -32,17 +32,8 @@ async fn dev_node_cas_chains_with_cancelling_clients() {
     let seed = history::seed("dev_node_cas_chains_with_cancelling_clients");
     let node = Node::start_dev();
     let executor = Arc::new(EtcdExecutor::connect(&[node.endpoint()], Claims::MetaStore).await);
-    let mut cfg = RunConfig::new(seed, "cas");
-    cfg.clients = 16;
+    let mut cfg = RunConfig::cas_chains(seed, "cas", 60);
     cfg.duration = history::duration(Duration::from_secs(8));
-    cfg.cancel_percent = 60;
-    cfg.workload.keys = 2;
-    cfg.workload.put = 5;
-    cfg.workload.get_linearizable = 10;
-    cfg.workload.get_serializable = 5;
-    cfg.workload.read_only_txn = 5;
-    cfg.workload.cas = 70;
-    cfg.workload.delete = 5;
     let hist = history::run(executor.clone(), &cfg).await;
     let report = history::check(executor.as_ref(), &hist, "dev_node_cas").await;
     println!("{report}");

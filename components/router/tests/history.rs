@@ -30,18 +30,9 @@ async fn cas_chains_with_cancelling_clients() {
     cluster
         .oracle(1)
         .set_fault(OracleFault::Slow(Duration::from_millis(4)));
-    let mut cfg = RunConfig::new(seed, "cas");
-    cfg.clients = 16;
+    let mut cfg = RunConfig::cas_chains(seed, "cas", 40);
     cfg.duration = history::duration(Duration::from_secs(6));
-    cfg.cancel_percent = 40;
     cfg.deadline = Duration::from_secs(5);
-    cfg.workload.keys = 2;
-    cfg.workload.put = 5;
-    cfg.workload.get_linearizable = 10;
-    cfg.workload.get_serializable = 5;
-    cfg.workload.read_only_txn = 5;
-    cfg.workload.cas = 70;
-    cfg.workload.delete = 5;
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
     let hist = history::run(executor.clone(), &cfg).await;
     cluster.oracle(1).set_fault(OracleFault::None);

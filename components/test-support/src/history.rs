@@ -61,6 +61,8 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The default mix of `checker::WorkloadConfig` over keys under
+    /// `prefix/`, from 8 clients for 10 s, 10 % of the calls cancelled.
     pub fn new(seed: u64, prefix: &str) -> RunConfig {
         RunConfig {
             seed,
@@ -74,6 +76,23 @@ impl RunConfig {
             short_deadline: (Duration::from_millis(1), Duration::from_millis(10)),
             deadline: Duration::from_secs(8),
         }
+    }
+
+    /// Compare-and-swap chains (the shape Kubernetes uses) from 16 clients
+    /// on two hot keys, `cancel_percent` % of the calls cancelled after
+    /// 1–10 ms, with some puts, gets, read-only txns and deletes mixed in.
+    pub fn cas_chains(seed: u64, prefix: &str, cancel_percent: u32) -> RunConfig {
+        let mut cfg = RunConfig::new(seed, prefix);
+        cfg.clients = 16;
+        cfg.cancel_percent = cancel_percent;
+        cfg.workload.keys = 2;
+        cfg.workload.put = 5;
+        cfg.workload.get_linearizable = 10;
+        cfg.workload.get_serializable = 5;
+        cfg.workload.read_only_txn = 5;
+        cfg.workload.cas = 70;
+        cfg.workload.delete = 5;
+        cfg
     }
 }
 
