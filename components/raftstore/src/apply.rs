@@ -31,6 +31,14 @@
 //!   `Compacted`; otherwise it becomes the compaction revision and the
 //!   pending one, and the outcome asks for the physical clean-up (the last
 //!   such revision of the run);
+//! * a split (checked by the `split` module's `derive`) stages the region's
+//!   new meta (later entries of the run see it) and the new region's state:
+//!   its region state and an apply state at `INIT_INDEX`/`INIT_TERM` with
+//!   the region's applied, compaction and pending compaction revisions —
+//!   unless this node already has a state for the new region (a snapshot
+//!   newer than the split, or a removed replica's tombstone, which stays);
+//!   the outcome names the new region if its state was staged, for the
+//!   replica to start;
 //! * an undecodable command or one without a body fails with `Corrupted`;
 //! * a membership change is checked and turned into the new region meta by
 //!   the `membership` module; the meta is staged as the region state
@@ -58,13 +66,15 @@ use engine::{cf, KvEngine, WriteBatch};
 use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest};
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest, SplitRequest};
 use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType};
 use tracing::info;
 
 use crate::keys;
 use crate::membership;
+use crate::split;
+use crate::storage::{INIT_INDEX, INIT_TERM};
 use crate::{Error, Result};
 
 /// The outcome of one committed entry, to answer its proposal with.
@@ -100,6 +110,9 @@ pub(crate) struct ApplyOutcome {
     /// A membership change removed this replica (its region state is
     /// staged as `Tombstone`); the replica is to stop.
     pub removed: bool,
+    /// New regions split off by the run, in entry order, to be started on
+    /// this node.
+    pub splits: Vec<metapb::Region>,
 }
 
 /// Region `region`'s replica `peer_id`, at `apply_state`, on `kv`.
@@ -133,6 +146,7 @@ pub(crate) fn apply_entries(
             conf_state: None,
             compaction: None,
             removed: false,
+            splits: Vec::new(),
         },
     };
     for e in entries {
@@ -259,8 +273,69 @@ impl Run<'_> {
                 self.outcome.compaction = Some(c.revision);
                 Ok(())
             }
+            Some(Cmd::Split(req)) => self.apply_split(&req),
             None => Err(Error::Corrupted("raft command without a body".into())),
         }
+    }
+
+    /// Stages a split (see the module docs and the `split` module).
+    fn apply_split(&mut self, req: &SplitRequest) -> Result<()> {
+        let (region, new_region) = split::derive(self.region(), req)?;
+        self.stage_region_state(&region, PeerState::Normal);
+        let existing = self
+            .kv
+            .get(cf::META, &keys::region_state_key(new_region.id))?
+            .map(|raw| RegionLocalState::decode(raw.as_slice()))
+            .transpose()?;
+        if let Some(existing) = existing {
+            info!(
+                region_id = region.id,
+                new_region_id = new_region.id,
+                state = ?existing.state(),
+                "split: this node already had a replica of the new region; kept"
+            );
+        } else {
+            let parent = &self.outcome.apply_state;
+            let apply_state = RaftApplyState {
+                applied_index: INIT_INDEX,
+                applied_term: INIT_TERM,
+                truncated_index: INIT_INDEX,
+                truncated_term: INIT_TERM,
+                applied_revision: parent.applied_revision,
+                compact_revision: parent.compact_revision,
+                pending_compact_revision: parent.pending_compact_revision,
+            };
+            self.kv.put_to(
+                &mut self.wb,
+                cf::META,
+                &keys::apply_state_key(new_region.id),
+                &apply_state.encode_to_vec(),
+            );
+            self.stage_region_state(&new_region, PeerState::Normal);
+            self.outcome.splits.push(new_region.clone());
+        }
+        info!(
+            region_id = region.id,
+            new_region_id = new_region.id,
+            split_key = ?String::from_utf8_lossy(&req.split_key),
+            version = region.region_epoch.unwrap_or_default().version,
+            "applied split"
+        );
+        self.outcome.region = Some(region);
+        Ok(())
+    }
+
+    fn stage_region_state(&mut self, region: &metapb::Region, state: PeerState) {
+        let record = RegionLocalState {
+            region: Some(region.clone()),
+            state: state as i32,
+        };
+        self.kv.put_to(
+            &mut self.wb,
+            cf::META,
+            &keys::region_state_key(region.id),
+            &record.encode_to_vec(),
+        );
     }
 
     /// Applies a committed membership change: raft's configuration (through
@@ -273,20 +348,12 @@ impl Run<'_> {
     ) -> Result<()> {
         let applied = membership::apply_conf_change(self.region(), self.peer_id, e, raft_apply)?;
         let region = applied.region;
-        let state = RegionLocalState {
-            region: Some(region.clone()),
-            state: if applied.removed {
-                PeerState::Tombstone
-            } else {
-                PeerState::Normal
-            } as i32,
+        let state = if applied.removed {
+            PeerState::Tombstone
+        } else {
+            PeerState::Normal
         };
-        self.kv.put_to(
-            &mut self.wb,
-            cf::META,
-            &keys::region_state_key(region.id),
-            &state.encode_to_vec(),
-        );
+        self.stage_region_state(&region, state);
         info!(
             region_id = region.id,
             index = e.index,

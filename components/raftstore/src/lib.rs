@@ -32,6 +32,7 @@ pub mod peer;
 mod proposals;
 mod read_queue;
 mod snapshot;
+mod split;
 mod status;
 pub mod storage;
 mod store;

@@ -9,7 +9,8 @@
 //! returns an outcome this loop makes the replica's), membership changes
 //! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
 //! physical compaction (`compaction`), readers waiting for an index
-//! (`read_queue`) and pending/down peers (`status`).
+//! (`read_queue`), pending/down peers (`status`) and what a split makes of
+//! the region (`split`; the store starts the new region).
 //!
 //! Each loop turn drains the mailbox (so concurrent proposals share one
 //! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
@@ -33,12 +34,14 @@
 //!   (its region state is already `Tombstone`), answers everything still
 //!   waiting with `Stopped`, drops its raft log and unregisters itself.
 //!   Its MVCC data stays in RocksDB for now.
+//! * A region snapshot overlapping another initialized replica on this
+//!   node is dropped when it arrives (the store checks).
 //! * A sole voter campaigns at once when it starts, instead of waiting an
-//!   election timeout; a compaction left pending by a previous run is
+//!   election timeout, and so does a region split off a leader here; a compaction left pending by a previous run is
 //!   started again.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
@@ -63,6 +66,7 @@ use crate::snapshot::{self, RegionSnapshot};
 use crate::status::LastHeard;
 pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
 use crate::storage::PeerStorage;
+use crate::store::StoreCore;
 use crate::transport::Transport;
 use crate::{Error, Result};
 
@@ -92,8 +96,12 @@ pub struct Peer {
     transport: Arc<dyn Transport>,
     /// Set once a membership change removed this replica: the loop ends.
     destroyed: bool,
-    /// Run when the loop of a removed replica ends (unregisters it).
-    on_destroy: Option<Box<dyn FnOnce() + Send>>,
+    /// The store hosting this replica: it starts the regions this replica
+    /// splits off, checks incoming snapshots against the other replicas
+    /// and unregisters a removed replica.
+    host: Weak<StoreCore>,
+    /// Campaign at start (a region just split off a leader here).
+    campaign: bool,
     /// When each peer last sent this replica a message (for down peers).
     last_heard: LastHeard,
 }
@@ -111,6 +119,8 @@ impl Peer {
         mailbox: Sender<PeerMsg>,
         transport: Arc<dyn Transport>,
         log_gc_threshold: u64,
+        host: Weak<StoreCore>,
+        campaign: bool,
     ) -> Peer {
         Peer {
             mvcc: MvccStore::new(kv.clone()),
@@ -129,15 +139,10 @@ impl Peer {
             mailbox,
             transport,
             destroyed: false,
-            on_destroy: None,
+            host,
+            campaign,
             last_heard: LastHeard::default(),
         }
-    }
-
-    /// `f` runs on the replica's thread when a membership change removed
-    /// it and its loop ended.
-    pub fn set_on_destroy(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.on_destroy = Some(Box::new(f));
     }
 
     /// Whether the replica has its region's data: false for a replica
@@ -152,8 +157,9 @@ impl Peer {
         if self.apply_state.pending_compact_revision != 0 {
             self.spawn_compaction(self.apply_state.pending_compact_revision);
         }
-        // A sole voter need not wait an election timeout after a restart.
-        if self.raw.raft.prs().conf().voters().ids().len() == 1 {
+        // A sole voter need not wait an election timeout after a restart,
+        // nor a region split off a leader here.
+        if self.campaign || self.raw.raft.prs().conf().voters().ids().len() == 1 {
             if let Err(e) = self.raw.campaign() {
                 warn!(region_id, "campaign failed: {e}");
             }
@@ -212,8 +218,8 @@ impl Peer {
             );
         }
         self.shared.status.lock().region = self.region.clone();
-        if let Some(f) = self.on_destroy.take() {
-            f();
+        if let Some(host) = self.host.upgrade() {
+            host.unregister(region_id, &self.shared);
         }
         info!(
             region_id,
@@ -367,6 +373,17 @@ impl Peer {
         match message::check_snapshot(region_id, self.peer_id, from, &m) {
             SnapshotCheck::NotSnapshot => {}
             SnapshotCheck::Valid(index, term, snap) => {
+                let overlapping = self
+                    .host
+                    .upgrade()
+                    .and_then(|h| h.overlapping(&snap.region));
+                if let Some(other) = overlapping {
+                    debug!(
+                        region_id,
+                        from, other, "region snapshot overlapping another replica here dropped"
+                    );
+                    return;
+                }
                 self.incoming_snapshot = Some((index, term, snap));
             }
             SnapshotCheck::Rejected => return,
@@ -531,10 +548,14 @@ impl Peer {
             conf_state,
             compaction,
             removed,
+            splits,
         } = outcome;
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
+        }
+        if !splits.is_empty() {
+            self.start_split_regions(splits)?;
         }
         if let Some(cs) = conf_state {
             self.raw.mut_store().set_conf_state(cs.clone());
@@ -561,6 +582,27 @@ impl Peer {
         }
         if let Some(rev) = compaction {
             self.spawn_compaction(rev);
+        }
+        Ok(())
+    }
+
+    /// Makes the regions split off by the entries just applied live on this
+    /// node, before anyone hears of the split: the split is made durable
+    /// (a new region's replica may vote and accept entries at once, which
+    /// a roll-back of the split after a crash would orphan), this
+    /// replica's shrunk range is published (so the new regions' snapshots
+    /// are no longer refused as overlapping it), then the store starts
+    /// them. The store stopping is not an error: the replicas start from
+    /// their persisted state at the next start-up.
+    fn start_split_regions(&mut self, splits: Vec<metapb::Region>) -> Result<()> {
+        self.kv.sync_wal()?;
+        self.shared.status.lock().region = self.region.clone();
+        let Some(host) = self.host.upgrade() else {
+            return Ok(());
+        };
+        let campaign = self.raw.raft.state == StateRole::Leader;
+        for region in splits {
+            host.start_split_region(region, campaign)?;
         }
         Ok(())
     }

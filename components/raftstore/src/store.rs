@@ -43,7 +43,11 @@
 //! node and of a kind only a leader sends (append, heartbeat, snapshot),
 //! creates an uninitialized replica (no range, no data, empty log) that
 //! asks the leader for a snapshot; `regions` leaves such replicas out until
-//! the snapshot gave them a range, `region` finds them.
+//! the snapshot gave them a range, `region` finds them. A region snapshot
+//! whose range overlaps another initialized replica here is dropped (the
+//! leader sends it again later): two replicas must never own one key. A
+//! split applied by a replica here starts the new region's replica on
+//! this node (see the `split` module and `start_split_region`).
 //!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
@@ -51,7 +55,7 @@
 
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use dashmap::DashMap;
@@ -71,6 +75,7 @@ use crate::keys;
 use crate::membership::conf_state_from_region;
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::peer::{Peer, DEFAULT_LOG_GC_THRESHOLD};
+use crate::split;
 use crate::status::{PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
@@ -219,8 +224,24 @@ impl Default for StoreOptions {
     }
 }
 
-/// The engines of a node and the region replicas on them.
+/// The engines of a node and the region replicas on them. Its methods are
+/// [`StoreCore`]'s, which the replicas also reach (to start the regions
+/// they split off and to check snapshot ranges against their siblings).
 pub struct Store {
+    core: Arc<StoreCore>,
+}
+
+impl std::ops::Deref for Store {
+    type Target = StoreCore;
+
+    fn deref(&self) -> &StoreCore {
+        &self.core
+    }
+}
+
+pub struct StoreCore {
+    /// This core, for the replicas it starts.
+    me: Weak<StoreCore>,
     data_dir: std::path::PathBuf,
     kv: KvEngine,
     log: RaftLogEngine,
@@ -256,7 +277,8 @@ impl Store {
     ) -> Result<Store> {
         let kv = KvEngine::open(&data_dir.join("kv"))?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
-        let store = Store {
+        let store = Arc::new_cyclic(|me| StoreCore {
+            me: me.clone(),
             data_dir: data_dir.to_owned(),
             kv,
             log,
@@ -265,7 +287,7 @@ impl Store {
             threads: Mutex::new(Vec::new()),
             transport,
             options,
-        };
+        });
         let (lower, upper) = keys::region_state_bounds();
         let mut states = Vec::new();
         let mut it = store.kv.iter(cf::META, &lower, &upper);
@@ -281,12 +303,14 @@ impl Store {
         for state in states {
             if state.state() == PeerState::Normal {
                 let region = state.region.unwrap_or_default();
-                store.start_peer(region)?;
+                store.start_peer(region, false)?;
             }
         }
-        Ok(store)
+        Ok(Store { core: store })
     }
+}
 
+impl StoreCore {
     pub fn mvcc(&self) -> MvccStore {
         MvccStore::new(self.kv.clone())
     }
@@ -444,10 +468,62 @@ impl Store {
             .delete_from(&mut wb, cf::META, keys::PREPARED_BOOTSTRAP_KEY);
         self.kv.write(wb)?;
         self.kv.sync_wal()?;
-        self.start_peer(region)
+        self.start_peer(region, false)
     }
 
-    fn start_peer(&self, region: metapb::Region) -> Result<()> {
+    /// Starts this node's replica of `region`, which a replica here has
+    /// just split off (its region state and apply state are in RocksDB,
+    /// synced). Nothing happens if the region already has a replica here:
+    /// a replica created on demand by the new region's leader before the
+    /// split applied here keeps waiting for its snapshot, which the
+    /// region's shrunk range no longer blocks. The raft state starts as a
+    /// bootstrapped region's, keeping a term and vote already persisted
+    /// for the region (such a replica may have voted before a restart: a
+    /// forgotten vote could elect two leaders in one term). `campaign`: the
+    /// splitting replica led its region; this one campaigns at once.
+    pub(crate) fn start_split_region(&self, region: metapb::Region, campaign: bool) -> Result<()> {
+        let _guard = self.create_lock.lock();
+        if self.regions.contains_key(&region.id) {
+            info!(
+                region_id = region.id,
+                "split: a replica of the new region is already running here"
+            );
+            return Ok(());
+        }
+        let mut hs = self.log.hard_state(region.id)?.unwrap_or_default();
+        if hs.term < INIT_TERM {
+            hs.term = INIT_TERM;
+            hs.vote = 0;
+        }
+        hs.commit = hs.commit.max(INIT_INDEX);
+        let mut batch = RaftLogBatch::default();
+        batch.put_hard_state(region.id, &hs)?;
+        batch.put_conf_state(region.id, &conf_state_from_region(&region))?;
+        self.log.write(&mut batch, true)?;
+        self.start_peer(region, campaign)
+    }
+
+    /// The id of another initialized replica here whose range overlaps
+    /// `region`'s: a snapshot of `region` must not be installed while one
+    /// exists (two replicas here would own the same keys).
+    pub(crate) fn overlapping(&self, region: &metapb::Region) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            if *r.key() == region.id {
+                return None;
+            }
+            let status = r.shared.status.lock();
+            (status.applied_index > 0 && split::overlaps(&status.region, region))
+                .then_some(*r.key())
+        })
+    }
+
+    /// Forgets replica `shared` of `region_id`, removed from its region.
+    pub(crate) fn unregister(&self, region_id: u64, shared: &Arc<PeerShared>) {
+        self.regions
+            .remove_if(&region_id, |_, h| Arc::ptr_eq(&h.shared, shared));
+    }
+
+    fn start_peer(&self, region: metapb::Region, campaign: bool) -> Result<()> {
         let ident = self
             .node_ident()?
             .ok_or_else(|| Error::Corrupted("region state without node identity".into()))?;
@@ -471,20 +547,39 @@ impl Store {
         // with the apply state after a crash, so it matches the applied
         // index and the membership entries above it are applied again.
         let conf_state = conf_state_from_region(&region);
-        self.spawn_peer(region, peer_id, apply_state, hard_state, conf_state)
+        self.spawn_peer(
+            region,
+            peer_id,
+            apply_state,
+            hard_state,
+            conf_state,
+            campaign,
+        )
     }
 
     /// Creates an uninitialized replica of region `region_id` for `to_peer`
     /// (on this node), which knows only the peer that contacted it. Its log
     /// is empty and truncated at 0 with no conf state, so raft-rs rejects
     /// the leader's appends and the leader sends a snapshot, which brings
-    /// the region meta. Nothing is persisted for it before that snapshot: a
-    /// restart forgets it and the leader's next message creates it again.
+    /// the region meta. Only its raft hard state (term and vote) is
+    /// persisted before that snapshot: a restart forgets the replica, and
+    /// the leader's next message creates it again with that hard state.
     fn create_peer(&self, region_id: u64, to_peer: metapb::Peer, from: metapb::Peer) -> Result<()> {
         // A former replica's log (tombstoned, or an uninitialized one from
-        // before a restart) must not leak into the new one.
+        // before a restart) must not leak into the new one, but its term
+        // and vote must: an uninitialized replica votes (a split's new
+        // region has voters that start uninitialized), and a forgotten vote
+        // could elect two leaders in one term.
+        let stored = self.log.hard_state(region_id)?.unwrap_or_default();
+        let hard_state = HardState {
+            term: stored.term,
+            vote: stored.vote,
+            commit: 0,
+            ..Default::default()
+        };
         let mut batch = RaftLogBatch::default();
         batch.clean(region_id);
+        batch.put_hard_state(region_id, &hard_state)?;
         self.log.write(&mut batch, true)?;
         let region = metapb::Region {
             id: region_id,
@@ -501,8 +596,9 @@ impl Store {
             region,
             to_peer.id,
             RaftApplyState::default(),
-            HardState::default(),
+            hard_state,
             ConfState::default(),
+            false,
         )
     }
 
@@ -513,6 +609,7 @@ impl Store {
         apply_state: RaftApplyState,
         hard_state: HardState,
         conf_state: ConfState,
+        campaign: bool,
     ) -> Result<()> {
         let storage = PeerStorage::new(
             region.clone(),
@@ -553,7 +650,7 @@ impl Store {
             .0,
         });
         let region_id = region.id;
-        let mut peer = Peer::new(
+        let peer = Peer::new(
             region,
             peer_id,
             raw,
@@ -564,12 +661,9 @@ impl Store {
             tx.clone(),
             self.transport.clone(),
             self.options.log_gc_threshold,
+            self.me.clone(),
+            campaign,
         );
-        let regions = self.regions.clone();
-        let own = shared.clone();
-        peer.set_on_destroy(move || {
-            regions.remove_if(&region_id, |_, h| Arc::ptr_eq(&h.shared, &own));
-        });
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
             .spawn(move || peer.run(rx))

@@ -47,6 +47,30 @@ const CLUSTER_ID: u64 = 1;
 /// their delays (delay, reordering).
 pub trait Filter: Send + Sync {
     fn apply(&self, from: u64, to: u64, copies: &mut Vec<Duration>);
+
+    /// Like `apply`, seeing the message itself (its region, its peers);
+    /// by default decided by the nodes alone.
+    fn apply_msg(&self, msg: &RaftMessage, from: u64, to: u64, copies: &mut Vec<Duration>) {
+        let _ = msg;
+        self.apply(from, to, copies);
+    }
+}
+
+/// Drops every message of region `region_id` to node `to`: that node's
+/// replica of the region hears nothing (its other regions are unaffected).
+pub struct BlockRegion {
+    pub region_id: u64,
+    pub to: u64,
+}
+
+impl Filter for BlockRegion {
+    fn apply(&self, _: u64, _: u64, _: &mut Vec<Duration>) {}
+
+    fn apply_msg(&self, msg: &RaftMessage, _: u64, to: u64, copies: &mut Vec<Duration>) {
+        if msg.region_id == self.region_id && to == self.to {
+            copies.clear();
+        }
+    }
 }
 
 /// Drops every message between a node of `a` and a node of `b`, both ways.
@@ -175,7 +199,7 @@ impl Transport for Router {
         let to = msg.to_peer.map(|p| p.node_id).unwrap_or_default();
         let mut copies = vec![Duration::ZERO];
         for f in self.filters.read().iter() {
-            f.apply(from, to, &mut copies);
+            f.apply_msg(&msg, from, to, &mut copies);
         }
         for d in copies {
             if d.is_zero() {
@@ -387,6 +411,35 @@ impl Cluster {
     pub fn try_handle(&self, id: u64) -> Option<RegionHandle> {
         let store = self.router.stores.read().get(&id).cloned()?;
         store.region(REGION_ID)
+    }
+
+    /// Node `id`'s replica of region `region_id`, if the node runs and
+    /// hosts one.
+    pub fn try_region(&self, id: u64, region_id: u64) -> Option<RegionHandle> {
+        let store = self.router.stores.read().get(&id).cloned()?;
+        store.region(region_id)
+    }
+
+    /// Waits until exactly one running replica of region `region_id` is a
+    /// ready leader.
+    pub async fn region_leader(&self, region_id: u64) -> (u64, RegionHandle) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let leaders: Vec<(u64, RegionHandle)> = self
+                .running()
+                .into_iter()
+                .filter_map(|id| Some((id, self.try_region(id, region_id)?)))
+                .filter(|(_, h)| h.status().ready_leader)
+                .collect();
+            if leaders.len() == 1 {
+                return leaders.into_iter().next().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "region {region_id}: no single leader"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Every node's id, running or stopped, ascending.
