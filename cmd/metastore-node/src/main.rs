@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use server::units::{ByteSize, Interval};
 use server::Config;
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,17 @@ struct Args {
     /// Comma-separated placement driver client URLs; absent = embedded PD.
     #[arg(long, value_delimiter = ',')]
     pd_endpoints: Option<Vec<String>>,
+    /// A region splits once its history holds more than this many bytes
+    /// (e.g. 96MiB, the default).
+    #[arg(long)]
+    region_max_size: Option<ByteSize>,
+    /// A region splits once it holds more than this many keys (default
+    /// 960000).
+    #[arg(long)]
+    region_max_keys: Option<u64>,
+    /// How often region leaders measure their regions (default 10s).
+    #[arg(long)]
+    split_check_interval: Option<Interval>,
     /// TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -71,6 +83,15 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.pd_endpoints {
         cfg.pd_endpoints = v;
+    }
+    if let Some(v) = args.region_max_size {
+        cfg.region_max_size = v;
+    }
+    if let Some(v) = args.region_max_keys {
+        cfg.region_max_keys = v;
+    }
+    if let Some(v) = args.split_check_interval {
+        cfg.split_check_interval = v;
     }
     Ok(cfg)
 }

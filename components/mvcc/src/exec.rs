@@ -136,6 +136,75 @@ fn range_with(
     })
 }
 
+/// Whether `r` is answered from its first `limit` + 1 keys in key order,
+/// sorted afterwards: etcd decides whether to fetch everything from the
+/// sort *order* alone, so a non-key target without an order (which sorts
+/// ascending) sorts only that prefix.
+fn sorts_a_prefix(r: &RangeRequest) -> bool {
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    r.limit > 0
+        && !filtered
+        && r.sort_order == SortOrder::None as i32
+        && r.sort_target != SortTarget::Key as i32
+}
+
+/// The request each piece of `r` is read with, when `r`'s key range is cut
+/// into consecutive sub-ranges (each piece gets its own `key` and
+/// `range_end`) whose answers [`merge_ranges`] puts together.
+pub fn piece_request(r: &RangeRequest) -> RangeRequest {
+    let mut piece = r.clone();
+    if r.sort_target == SortTarget::Value as i32 {
+        // Values are sorted on before `keys_only` drops them.
+        piece.keys_only = false;
+    }
+    if sorts_a_prefix(r) {
+        // The prefix is decided in key order over the whole range.
+        piece.sort_target = SortTarget::Key as i32;
+        piece.limit = r.limit + 1;
+    }
+    piece
+}
+
+/// The answer to `r` from the answers to its pieces (read with
+/// [`piece_request`] at one revision, in key order): the response one read
+/// of the whole range gives. Each piece holds its top keys in `r`'s order
+/// (the overall top `limit` are among them) and says whether it had more;
+/// `count` is the sum.
+pub fn merge_ranges(r: &RangeRequest, parts: Vec<RangeResponse>) -> RangeResponse {
+    let mut more = false;
+    let mut count = 0;
+    let mut kvs = Vec::new();
+    for part in parts {
+        more |= part.more;
+        count += part.count;
+        kvs.extend(part.kvs);
+    }
+    if sorts_a_prefix(r) {
+        // The first `limit` + 1 keys of the range, then etcd's sort.
+        kvs.truncate(r.limit as usize + 1);
+        more = false;
+    }
+    sort_kvs(&mut kvs, r.sort_order, r.sort_target);
+    if r.limit > 0 && kvs.len() > r.limit as usize {
+        kvs.truncate(r.limit as usize);
+        more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    RangeResponse {
+        header: None,
+        kvs,
+        more,
+        count,
+    }
+}
+
 /// etcd sorts ascending by default for a non-key target and not at all when
 /// asked for keys ascending (they already are). Stable, so ties keep key
 /// order as etcd's insertion sort does for small results.

@@ -18,7 +18,7 @@ pub mod codec;
 pub mod exec;
 mod store;
 
-pub use store::{CompactStats, KeyRange, MvccSnapshot, MvccStore, RangeResult};
+pub use store::{CompactStats, KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
 
 /// Errors of the MVCC layer. The etcd-visible ones carry etcd's meaning; the
 /// server maps them to etcd's gRPC codes and texts.

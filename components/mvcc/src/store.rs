@@ -81,6 +81,16 @@ pub struct RangeResult {
     pub count: usize,
 }
 
+/// How much history a key range holds (see [`MvccSnapshot::size_of`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SizeStats {
+    /// Bytes of every version record (encoded key and value).
+    pub bytes: u64,
+    /// Keys with at least one version (deleted ones included: their
+    /// history still takes room until compacted).
+    pub keys: u64,
+}
+
 /// Counts of a physical compaction.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CompactStats {
@@ -341,6 +351,82 @@ impl MvccSnapshot<'_> {
             kv: Some(kv),
             prev_kv,
         }))
+    }
+
+    /// How much history the keys in `[start, end)` (`end` empty =
+    /// unbounded) hold: a scan of their versions.
+    pub fn size_of(&self, start: &[u8], end: &[u8]) -> Result<SizeStats> {
+        let mut stats = SizeStats::default();
+        self.walk_keys(start, end, |_, bytes| {
+            stats.bytes += bytes;
+            stats.keys += 1;
+            true
+        })?;
+        Ok(stats)
+    }
+
+    /// A key to split `[start, end)` at: the first key, after `start`,
+    /// before which the keys' history holds at least `bytes` bytes or
+    /// `keys` keys. `None` if there is none (the range ends first, or holds
+    /// a single key).
+    pub fn split_key(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        bytes: u64,
+        keys: u64,
+    ) -> Result<Option<Vec<u8>>> {
+        let mut seen = SizeStats::default();
+        let mut found = None;
+        self.walk_keys(start, end, |key, key_bytes| {
+            if (seen.bytes >= bytes || seen.keys >= keys) && key > start {
+                found = Some(key.to_vec());
+                return false;
+            }
+            seen.bytes += key_bytes;
+            seen.keys += 1;
+            true
+        })?;
+        Ok(found)
+    }
+
+    /// Calls `f(key, bytes of its versions)` for every key with versions in
+    /// `[start, end)`, in key order, while it returns true.
+    fn walk_keys(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], u64) -> bool,
+    ) -> Result<()> {
+        let lower = codec::mvcc_lower_bound(start);
+        let upper = codec::mvcc_upper_bound(end);
+        let mut it = self.kv.iter(cf::MVCC, &lower, &upper);
+        it.seek(&lower);
+        let mut current: Option<(Vec<u8>, u64)> = None;
+        while it.valid() {
+            let (Some(raw_key), Some(raw_value)) = (it.key(), it.value()) else {
+                break;
+            };
+            let size = (raw_key.len() + raw_value.len()) as u64;
+            let (user_key, _) = codec::decode_mvcc_key(raw_key)?;
+            match &mut current {
+                Some((key, bytes)) if *key == user_key => *bytes += size,
+                _ => {
+                    if let Some((key, bytes)) = current.take() {
+                        if !f(&key, bytes) {
+                            return Ok(());
+                        }
+                    }
+                    current = Some((user_key, size));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        if let Some((key, bytes)) = current {
+            f(&key, bytes);
+        }
+        Ok(())
     }
 
     /// Whether the version of `key` at `version_rev` (<= `compact_rev`)

@@ -510,3 +510,131 @@ fn delete_range_revision_only_when_something_was_deleted() {
     assert_eq!((d.deleted, d.header.unwrap().revision), (1, before + 1));
     assert_eq!(d.prev_kvs[0].value, b"1");
 }
+
+/// A range cut into pieces (as regions cut it) and merged answers exactly
+/// what one read of the whole range answers, for every option etcd has.
+#[test]
+fn merged_pieces_answer_like_one_range() {
+    let mut db = Db::new();
+    for (i, k) in ["a", "b", "c", "d", "e", "f", "g", "h"].iter().enumerate() {
+        db.put(k, &format!("{}", 7 - i));
+    }
+    db.put("c", "x");
+    db.delete("e", "");
+    db.put("a", "y");
+    let now = db.rev;
+    let snap = db.store.snapshot();
+    type SetOption = Box<dyn Fn(&mut RangeRequest)>;
+    let options: Vec<SetOption> = vec![
+        Box::new(|_| {}),
+        Box::new(|r| r.limit = 1),
+        Box::new(|r| r.limit = 3),
+        Box::new(|r| r.limit = 7),
+        Box::new(|r| r.count_only = true),
+        Box::new(|r| {
+            r.keys_only = true;
+            r.limit = 2
+        }),
+        Box::new(|r| {
+            r.sort_order = SortOrder::Descend as i32;
+            r.limit = 3
+        }),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Value as i32;
+            r.limit = 4
+        }),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Mod as i32;
+            r.sort_order = SortOrder::Descend as i32;
+        }),
+        Box::new(|r| {
+            r.min_mod_revision = 9;
+            r.limit = 1
+        }),
+        Box::new(|r| r.max_create_revision = 4),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Create as i32;
+            r.sort_order = SortOrder::Descend as i32;
+            r.limit = 2
+        }),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Version as i32;
+            r.limit = 1
+        }),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Value as i32;
+            r.keys_only = true;
+        }),
+        Box::new(|r| {
+            r.sort_target = SortTarget::Value as i32;
+            r.sort_order = SortOrder::Descend as i32;
+            r.keys_only = true;
+            r.limit = 2;
+        }),
+    ];
+    let cuts: [&[&str]; 4] = [
+        &["d"],
+        &["b", "f"],
+        &["a0", "c", "c0", "g"],
+        &["b", "c", "d", "e", "f", "g", "h"],
+    ];
+    for option in &options {
+        let mut whole = RangeRequest {
+            key: b"a".to_vec(),
+            range_end: vec![0],
+            ..Default::default()
+        };
+        option(&mut whole);
+        let expected = exec::range(&snap, &whole, now).unwrap();
+        for cut in cuts {
+            let mut bounds: Vec<Vec<u8>> = vec![b"a".to_vec()];
+            bounds.extend(cut.iter().map(|k| k.as_bytes().to_vec()));
+            bounds.push(vec![0]);
+            let parts = bounds
+                .windows(2)
+                .map(|w| {
+                    let mut piece = exec::piece_request(&whole);
+                    piece.key = w[0].clone();
+                    piece.range_end = w[1].clone();
+                    exec::range(&snap, &piece, now).unwrap()
+                })
+                .collect();
+            let merged = exec::merge_ranges(&whole, parts);
+            assert_eq!(merged, expected, "{whole:?} cut at {cut:?}");
+        }
+    }
+}
+
+#[test]
+fn size_and_split_key_of_a_range() {
+    let mut db = Db::new();
+    for k in ["a", "b", "c", "d"] {
+        db.put(k, "0123456789");
+    }
+    db.put("b", "0123456789");
+    db.delete("d", "");
+    let snap = db.store.snapshot();
+    let all = snap.size_of(b"a", b"").unwrap();
+    assert_eq!(all.keys, 4);
+    let one = snap.size_of(b"a", b"b").unwrap();
+    assert_eq!(one.keys, 1);
+    assert!(one.bytes > 10 && all.bytes > 4 * one.bytes);
+    assert_eq!(snap.size_of(b"x", b"").unwrap(), Default::default());
+    // Half the keys: split before the third.
+    assert_eq!(
+        snap.split_key(b"a", b"", u64::MAX, 2).unwrap(),
+        Some(b"c".to_vec())
+    );
+    // "b" has two versions: half the bytes are reached before "c" too.
+    assert_eq!(
+        snap.split_key(b"a", b"", all.bytes / 2, u64::MAX).unwrap(),
+        Some(b"c".to_vec())
+    );
+    // Never at the range's start, never past its end.
+    assert_eq!(
+        snap.split_key(b"a", b"", 0, 0).unwrap(),
+        Some(b"b".to_vec())
+    );
+    assert_eq!(snap.split_key(b"c", b"d", 0, 0).unwrap(), None);
+    assert_eq!(snap.split_key(b"a", b"c", u64::MAX, 5).unwrap(), None);
+}

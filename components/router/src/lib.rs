@@ -7,7 +7,8 @@
 //!   run the request here if this node's replica is the ready leader,
 //!   forward it to the leader's node otherwise (linearizable reads are
 //!   served by a follower through the leader's read index), and retry what
-//!   certainly did not apply until [`RETRY_DEADLINE`];
+//!   certainly did not apply until [`RETRY_DEADLINE`]; requests over
+//!   several regions and region split (`regions`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -28,6 +29,7 @@ pub mod error;
 pub mod forward;
 pub mod leader;
 mod locate;
+mod regions;
 pub mod resolve;
 mod router;
 

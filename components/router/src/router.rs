@@ -111,7 +111,29 @@ impl Router {
     pub async fn range(&self, req: &RangeRequest) -> Result<RangeResponse> {
         check::check_range(req)?;
         let span = KeyRange::from_etcd(&req.key, &req.range_end);
-        let spans = std::slice::from_ref(&span);
+        if req.serializable {
+            if let Ok(handle) = self.region_for(std::slice::from_ref(&span)) {
+                return self.read_local(&handle, req, None);
+            }
+        }
+        let span = &span;
+        self.with_pieces(span, |pieces| async move {
+            if pieces.len() > 1 {
+                self.range_pieces(req, pieces).await
+            } else {
+                self.range_in_region(req, span).await
+            }
+        })
+        .await
+    }
+
+    /// Serves a Range whose keys `span` lie in one region.
+    pub(crate) async fn range_in_region(
+        &self,
+        req: &RangeRequest,
+        span: &KeyRange,
+    ) -> Result<RangeResponse> {
+        let spans = std::slice::from_ref(span);
         if req.serializable {
             if let Ok(handle) = self.region_for(spans) {
                 return self.read_local(&handle, req, None);
@@ -233,12 +255,34 @@ impl Router {
         Ok(response)
     }
 
-    /// etcd Compact: returns the current revision for the response header.
-    /// With `physical`, waits until this node's replica (or the leader's,
-    /// if this node has none) has cleaned up.
+    /// etcd Compact, in every region (see `regions`): returns the current
+    /// revision for the response header. With `physical`, waits until this
+    /// node's replicas (or the leaders', for regions without one here)
+    /// have cleaned up.
     pub async fn compact(&self, revision: i64, physical: bool) -> Result<i64> {
-        let span = KeyRange::from_etcd(b"\0", b"\0");
-        let spans = std::slice::from_ref(&span);
+        let everything = KeyRange::from_etcd(b"\0", b"\0");
+        self.with_pieces(&everything, |pieces| async move {
+            let mut current = 0;
+            let mut compacted_before = 0;
+            for piece in &pieces {
+                match self.compact_region(piece, revision, physical).await {
+                    Ok(c) => current = current.max(c),
+                    // Done by an earlier call that stopped half way.
+                    Err(Error::Mvcc(mvcc::Error::Compacted)) => compacted_before += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            if compacted_before == pieces.len() {
+                return Err(mvcc::Error::Compacted.into());
+            }
+            Ok(current)
+        })
+        .await
+    }
+
+    /// Compact in the one region holding `span`.
+    async fn compact_region(&self, span: &KeyRange, revision: i64, physical: bool) -> Result<i64> {
+        let spans = std::slice::from_ref(span);
         let (current, local, index) = retrying(move || async move {
             match self.locate(spans).await? {
                 Location::Leader(handle, leader) => {
@@ -273,13 +317,43 @@ impl Router {
         Ok(current)
     }
 
-    /// Hash of this replica's KV history up to `revision` (0 = current)
-    /// with the compaction revision and the revision hashed. On a follower
-    /// the current revision is the leader's linearizable one, so hashes of
-    /// different nodes at one revision are comparable.
+    /// Hash of this node's KV history up to `revision` (0 = current) with
+    /// the compaction revision and the revision hashed: one hash per
+    /// region, of this node's replica, combined in key order (a single
+    /// region's hash as it is). On a follower the current revision is the
+    /// leader's linearizable one, so hashes of different nodes at one
+    /// revision are comparable. Every region needs a replica here.
     pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
-        let span = KeyRange::from_etcd(b"\0", b"\0");
-        let spans = std::slice::from_ref(&span);
+        let everything = KeyRange::from_etcd(b"\0", b"\0");
+        self.with_pieces(&everything, |pieces| async move {
+            let mut hashes = Vec::with_capacity(pieces.len());
+            // The revision hashed is fixed by the first region: later ones
+            // hash at it (their current revision is at least as high).
+            let mut at = revision;
+            for piece in &pieces {
+                let (hash, compacted, rev) = self.hash_region(piece, at).await?;
+                at = rev;
+                hashes.push((hash, compacted));
+            }
+            let compacted = hashes.iter().map(|h| h.1).max().unwrap_or(0);
+            let hash = match hashes[..] {
+                [(one, _)] => one,
+                _ => {
+                    let mut hasher = crc32fast::Hasher::new();
+                    for (h, _) in &hashes {
+                        hasher.update(&h.to_be_bytes());
+                    }
+                    hasher.finalize()
+                }
+            };
+            Ok((hash, compacted, at))
+        })
+        .await
+    }
+
+    /// [`Router::hash_kv`] of this node's replica of the region of `span`.
+    async fn hash_region(&self, span: &KeyRange, revision: i64) -> Result<(u32, i64, i64)> {
+        let spans = std::slice::from_ref(span);
         // Hashing is of a node's own data: without a replica there is
         // nothing to hash, whoever leads.
         self.region_for(spans)?;
@@ -423,7 +497,7 @@ impl Router {
 
 /// Runs `op` until it succeeds, fails with an error that is not
 /// retryable, or [`RETRY_DEADLINE`] passes.
-async fn retrying<T, F, Fut>(mut op: F) -> Result<T>
+pub(crate) async fn retrying<T, F, Fut>(mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::units::{ByteSize, Interval};
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
@@ -16,6 +18,12 @@ pub struct Config {
     pub advertise_peer_urls: Vec<String>,
     /// Placement driver endpoints; empty runs an embedded one (dev mode).
     pub pd_endpoints: Vec<String>,
+    /// A region splits once its history holds more bytes than this...
+    pub region_max_size: ByteSize,
+    /// ... or more keys than this.
+    pub region_max_keys: u64,
+    /// How often region leaders measure their regions for splitting.
+    pub split_check_interval: Interval,
 }
 
 impl Default for Config {
@@ -28,6 +36,9 @@ impl Default for Config {
             listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
             advertise_peer_urls: Vec::new(),
             pd_endpoints: Vec::new(),
+            region_max_size: ByteSize(96 << 20),
+            region_max_keys: 960_000,
+            split_check_interval: Interval(std::time::Duration::from_secs(10)),
         }
     }
 }
@@ -149,5 +160,18 @@ mod tests {
         assert_eq!(cfg.name, "n1");
         assert_eq!(cfg.advertise_client_urls, vec!["http://127.0.0.1:1"]);
         assert!(toml::from_str::<Config>("nmae = \"x\"").is_err());
+        let cfg: Config = toml::from_str(
+            "region-max-size = \"1MiB\"\nregion-max-keys = 100\nsplit-check-interval = \"500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.region_max_size, ByteSize(1 << 20));
+        assert_eq!(cfg.region_max_keys, 100);
+        assert_eq!(
+            cfg.split_check_interval.0,
+            std::time::Duration::from_millis(500)
+        );
+        let cfg: Config = toml::from_str("region-max-size = 4096").unwrap();
+        assert_eq!(cfg.region_max_size, ByteSize(4096));
+        assert!(toml::from_str::<Config>("region-max-size = \"big\"").is_err());
     }
 }

@@ -20,6 +20,8 @@ pub mod kv;
 pub mod maintenance;
 pub mod node;
 pub mod raft_transport;
+mod split_check;
+pub mod units;
 
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub struct NodeContext {
     pub pd: Arc<dyn PdClient>,
     pub ident: NodeIdent,
     pub config: Config,
+    /// Sizes of the regions this node leads, for heartbeats.
+    pub region_sizes: Arc<split_check::RegionSizes>,
 }
 
 impl NodeContext {

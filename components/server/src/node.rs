@@ -22,6 +22,7 @@ use crate::forward::ForwardService;
 use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
 use crate::maintenance::MaintenanceService;
 use crate::raft_transport::{GrpcTransport, PdResolver, RaftTransportService};
+use crate::split_check::SplitLimits;
 use crate::NodeContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,7 @@ pub struct RunningNode {
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     peer_servers_from: usize,
     heartbeats: JoinHandle<()>,
+    split_checks: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -126,6 +128,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         pd,
         ident,
         config: config.clone(),
+        region_sizes: Arc::default(),
     });
     let (stop_clients, clients_stopped) = watch::channel(false);
     let (stop_peers, stopped) = watch::channel(false);
@@ -173,6 +176,16 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         ctx.pd.clone(),
         stopped.clone(),
     ));
+    let split_checks = tokio::spawn(crate::split_check::run(
+        ctx.router.clone(),
+        ctx.region_sizes.clone(),
+        SplitLimits {
+            max_size: config.region_max_size.0,
+            max_keys: config.region_max_keys,
+            interval: config.split_check_interval.0,
+        },
+        stopped.clone(),
+    ));
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     Ok(RunningNode {
         ctx,
@@ -183,6 +196,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         servers,
         peer_servers_from,
         heartbeats,
+        split_checks,
         removal,
     })
 }
@@ -430,6 +444,7 @@ impl RunningNode {
             let _ = tokio::time::timeout(SHUTDOWN_WAIT, s).await;
         }
         let _ = self.heartbeats.await;
+        let _ = self.split_checks.await;
         self.removal.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;

@@ -572,6 +572,7 @@ async fn forwarded_responses_carry_the_serving_nodes_header() {
             node_id: follower,
         },
         config: server::Config::default(),
+        region_sizes: Default::default(),
     });
     let kv = server::kv::KvService::new(ctx);
     let resp = kv

@@ -48,6 +48,14 @@
 //! * `compact(handle, revision)`: checks `revision` against the compaction
 //!   revision and a linearizable R, proposes it, and returns R and the
 //!   applied index once the compaction is applied here.
+//! * `split(handle, req)`: a barrier for the region's writes — it takes the
+//!   region's whole latch, so every write evaluated before has its outcome
+//!   and none is evaluated meanwhile — then proposes the split in the
+//!   current term; the region's new meta once applied here. A write
+//!   evaluated against the old epoch after that fails its epoch check and
+//!   is routed again. Not applied: not the ready leader, the epoch or term
+//!   moved, the latch not free within [`WRITE_TIMEOUT`]; outcome unknown:
+//!   no answer within [`WRITE_TIMEOUT`].
 
 pub mod inflight;
 pub mod latches;
@@ -59,7 +67,10 @@ use std::time::Duration;
 use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
 use mvcc::{KeyRange, MvccStore};
 use pd::PdClient;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest, RaftRequestHeader};
+use proto::metapb;
+use proto::raft_cmdpb::{
+    raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest, RaftRequestHeader, SplitRequest,
+};
 use raftstore::{Applied, RegionHandle};
 use tokio::sync::oneshot;
 
@@ -205,6 +216,36 @@ impl RegionLeader {
             .await
             .map_err(|_| Error::timed_out("compaction"))??;
         Ok((current, applied.index))
+    }
+}
+
+impl RegionLeader {
+    /// Splits the region as `req` says (see the contract).
+    pub async fn split(&self, handle: &RegionHandle, req: SplitRequest) -> Result<metapb::Region> {
+        let _latches =
+            tokio::time::timeout(WRITE_TIMEOUT, self.latches.acquire(LatchSet::Everything))
+                .await
+                .map_err(|_| {
+                    Error::Region(raftstore::Error::StaleCommand(
+                        "split: the region's writes did not finish in time".into(),
+                    ))
+                })?;
+        let status = handle.status();
+        if !status.ready_leader {
+            return Err(not_leader(handle));
+        }
+        let cmd = RaftCmdRequest {
+            header: Some(RaftRequestHeader {
+                region_id: status.region.id,
+                region_epoch: status.region.region_epoch,
+                term: status.term,
+            }),
+            cmd: Some(Cmd::Split(req)),
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, handle.propose(cmd))
+            .await
+            .map_err(|_| Error::timed_out("split"))??;
+        Ok(handle.status().region)
     }
 }
 

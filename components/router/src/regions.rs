@@ -1,0 +1,187 @@
+//! Requests over many regions, and region split.
+//!
+//! Contract:
+//! * [`Router::pieces`]: the regions covering a key range, in key order,
+//!   each with the part of the range it owns. Regions are found among this
+//!   node's initialized replicas first, then asked of PD; a key no region
+//!   covers (PD has heard from only one side of a fresh split) is a
+//!   retryable `NoRegion`. The pieces are a snapshot of the layout: a split
+//!   after they were taken makes a piece span two regions, which the
+//!   single-region path answers with `CrossRegion`, and callers take the
+//!   pieces again.
+//! * A Range over several regions is one read at one revision R: R is the
+//!   oracle's current revision, taken before anything else (so it is at or
+//!   above every write acknowledged before the read started); every piece
+//!   is then read at R as a linearizable read of its region (each region
+//!   waits until its writes at or below R are resolved, exactly as a
+//!   single-region read does), and the answers are merged as one read of
+//!   the whole range would answer (`mvcc::exec::merge_ranges`). A
+//!   serializable Range over several regions is served the same way: a
+//!   replica's applied revision says nothing about the other regions, so
+//!   no local revision is common to all of them (the per-region resolved
+//!   revision will make local serializable reads possible).
+//! * Writes over several regions answer `CrossRegion` (etcd's
+//!   `Unimplemented`) until the cross-region commit exists.
+//! * `compact(R)` applies the compaction in every region (in key order);
+//!   regions that had already compacted at R or later (a previous call
+//!   that stopped half way) count as done, and `Compacted` comes back only
+//!   if every region had.
+//! * `split_region(id, key)`, on the region's ready leader only: takes the
+//!   region's whole latch (so no write of the region is being evaluated or
+//!   is in flight), new ids from PD, and proposes the split; returns the
+//!   two regions once it is applied here.
+
+use std::time::Instant;
+
+use futures::future::try_join_all;
+use mvcc::exec;
+use mvcc::KeyRange;
+use proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use proto::metapb;
+use proto::raft_cmdpb::SplitRequest;
+
+use crate::leader::READ_TIMEOUT;
+use crate::{Error, Result, Router, MIN_BACKOFF, RETRY_DEADLINE};
+
+/// A key range as etcd's `key` and `range_end`.
+fn etcd_bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
+    let end = match &range.end {
+        None => Vec::new(),
+        Some(end) if end.is_empty() => vec![0],
+        Some(end) => end.clone(),
+    };
+    (range.start.clone(), end)
+}
+
+impl Router {
+    /// The regions covering `span`, with their parts (see the contract).
+    pub(crate) async fn pieces(&self, span: &KeyRange) -> Result<Vec<KeyRange>> {
+        let local: Vec<metapb::Region> = self
+            .store
+            .regions()
+            .into_iter()
+            .map(|h| h.status().region)
+            .collect();
+        let mut pieces = Vec::new();
+        let mut cursor = span.start.clone();
+        loop {
+            let region = match local.iter().find(|r| contains(r, &cursor)) {
+                Some(r) => r.clone(),
+                None => match self.pd.get_region(&cursor).await? {
+                    Some((region, _)) => region,
+                    None => return Err(Error::NoRegion(cursor)),
+                },
+            };
+            let region_end = region.end_key.clone();
+            let last = match &span.end {
+                None => true,
+                Some(end) if end.is_empty() => region_end.is_empty(),
+                Some(end) => region_end.is_empty() || end.as_slice() <= &region_end[..],
+            };
+            if last {
+                pieces.push(KeyRange {
+                    start: cursor,
+                    end: span.end.clone(),
+                });
+                return Ok(pieces);
+            }
+            pieces.push(KeyRange {
+                start: cursor,
+                end: Some(region_end.clone()),
+            });
+            cursor = region_end;
+        }
+    }
+
+    /// A Range over several regions (see the contract).
+    pub(crate) async fn range_pieces(
+        &self,
+        req: &RangeRequest,
+        pieces: Vec<KeyRange>,
+    ) -> Result<RangeResponse> {
+        let current = tokio::time::timeout(READ_TIMEOUT, self.pd.current_revision())
+            .await
+            .map_err(|_| Error::timed_out("the oracle's current revision"))??;
+        if req.revision > current {
+            return Err(mvcc::Error::FutureRev.into());
+        }
+        let mut template = exec::piece_request(req);
+        template.revision = if req.revision > 0 {
+            req.revision
+        } else {
+            current
+        };
+        template.serializable = false;
+        let reads = pieces.iter().map(|piece| {
+            let mut r = template.clone();
+            (r.key, r.range_end) = etcd_bounds(piece);
+            async move { self.range_in_region(&r, piece).await }
+        });
+        let parts = try_join_all(reads).await?;
+        let mut resp = exec::merge_ranges(req, parts);
+        resp.header = Some(ResponseHeader {
+            revision: current,
+            ..Default::default()
+        });
+        Ok(resp)
+    }
+
+    /// Runs `op` on the pieces of `span` (in key order) until it does not
+    /// meet a piece spanning regions (a split since the pieces were
+    /// taken), or [`RETRY_DEADLINE`] passes.
+    pub(crate) async fn with_pieces<T, F, Fut>(&self, span: &KeyRange, mut op: F) -> Result<T>
+    where
+        F: FnMut(Vec<KeyRange>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + RETRY_DEADLINE;
+        loop {
+            let pieces = crate::router::retrying(|| self.pieces(span)).await?;
+            match op(pieces).await {
+                Err(Error::CrossRegion) if Instant::now() < deadline => {
+                    tokio::time::sleep(MIN_BACKOFF).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Splits region `region_id` at `split_key` on this node's ready
+    /// leader (see the contract): the region and the new one.
+    pub async fn split_region(
+        &self,
+        region_id: u64,
+        split_key: Vec<u8>,
+    ) -> Result<(metapb::Region, metapb::Region)> {
+        let handle = self
+            .store
+            .region(region_id)
+            .ok_or(Error::Region(raftstore::Error::RegionNotFound(region_id)))?;
+        let peers = handle.status().region.peers.len();
+        let new_region_id = self.pd.alloc_id().await?;
+        let mut new_peer_ids = Vec::with_capacity(peers);
+        for _ in 0..peers {
+            new_peer_ids.push(self.pd.alloc_id().await?);
+        }
+        let req = SplitRequest {
+            split_key,
+            new_region_id,
+            new_peer_ids,
+        };
+        let leader = self.region_leader(region_id);
+        let region = leader.split(&handle, req).await?;
+        let new_region = self
+            .store
+            .region(new_region_id)
+            .map(|h| h.status().region)
+            .ok_or(Error::Region(raftstore::Error::RegionNotFound(
+                new_region_id,
+            )))?;
+        Ok((region, new_region))
+    }
+}
+
+/// Whether `region` owns `key`.
+fn contains(region: &metapb::Region, key: &[u8]) -> bool {
+    key >= region.start_key.as_slice() && (region.end_key.is_empty() || key < &region.end_key[..])
+}
