@@ -24,8 +24,8 @@
 //!   fails with `StaleCommand`: its mutations were computed by a leader of
 //!   another term (the leader refuses such a proposal already; this check
 //!   holds whatever a proposer did). Term 0 is not bound to a term;
-//! * a write whose revision is not above the applied revision fails with
-//!   `StaleCommand`; otherwise its mutations are staged and the applied
+//! * a write with a key outside the region, or whose revision is not above
+//!   the applied revision, fails with `StaleCommand`; otherwise its mutations are staged and the applied
 //!   revision becomes its revision;
 //! * a compaction at or below the compaction revision fails with
 //!   `Compacted`; otherwise it becomes the compaction revision and the
@@ -250,9 +250,21 @@ impl Run<'_> {
         let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
         check_epoch(self.region(), &cmd)?;
         check_term(&cmd, e.term)?;
+        let region = self.outcome.region.as_ref().unwrap_or(self.old_region);
         let state = &mut self.outcome.apply_state;
         match cmd.cmd {
             Some(Cmd::Write(w)) => {
+                if let Some(m) = w
+                    .mutations
+                    .iter()
+                    .find(|m| !split::contains(region, &m.key))
+                {
+                    return Err(Error::StaleCommand(format!(
+                        "key {:?} is not in region {}",
+                        String::from_utf8_lossy(&m.key),
+                        region.id
+                    )));
+                }
                 if w.revision <= state.applied_revision {
                     return Err(Error::StaleCommand(format!(
                         "revision {} is not above applied revision {}",

@@ -90,6 +90,12 @@ pub(crate) fn derive(
     Ok((left, right))
 }
 
+/// Whether `region` owns `key`.
+pub(crate) fn contains(region: &metapb::Region, key: &[u8]) -> bool {
+    key >= region.start_key.as_slice()
+        && (region.end_key.is_empty() || key < region.end_key.as_slice())
+}
+
 /// Whether two regions' key ranges overlap (empty end = unbounded).
 pub(crate) fn overlaps(a: &metapb::Region, b: &metapb::Region) -> bool {
     let below = |start: &[u8], end: &[u8]| end.is_empty() || start < end;

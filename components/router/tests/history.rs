@@ -109,3 +109,86 @@ async fn three_nodes_under_faults() {
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
     assert!(report.ok > 300, "too few operations completed: {report}");
 }
+
+/// Three nodes, the faults above, and the region split again and again
+/// under the workload: each hot key ends up in a region of its own, while
+/// leadership moves region by region and the oracle is now and then slow
+/// (writes wait in the sequencer while a split is proposed). Splits must lose no write, let no
+/// write apply in two regions or skip its latches, and keep every read at
+/// one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn splits_under_load_and_faults() {
+    let seed = history::seed("splits_under_load_and_faults");
+    let cluster = RouterCluster::new(3).await;
+    cluster.leader().await;
+    let epoch = Instant::now();
+    let nemesis = RaftNemesis::start(
+        cluster.raft().clone(),
+        RaftNemesisConfig {
+            faults: RaftFault::ALL.to_vec(),
+            seed: Some(seed),
+            interval: (Duration::from_millis(800), Duration::from_millis(2000)),
+            hold: (Duration::from_millis(300), Duration::from_millis(1500)),
+            ..RaftNemesisConfig::default()
+        },
+        epoch,
+    );
+    let run_for = history::duration(Duration::from_secs(15));
+    let stop = Instant::now() + run_for;
+    let mut cfg = RunConfig::new(seed, "split");
+    cfg.workload.keys = 6;
+    let split_keys: Vec<Vec<u8>> = (1..cfg.workload.keys)
+        .map(|i| format!("split/{i}").into_bytes())
+        .collect();
+    let chaos = tokio::spawn({
+        let cluster = cluster.clone();
+        async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
+            let mut splits = 0;
+            while Instant::now() < stop {
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
+                match rng.gen_range(0..10) {
+                    0..=5 => {
+                        let key = &split_keys[rng.gen_range(0..split_keys.len())];
+                        if cluster.split(key).await.is_ok() {
+                            splits += 1;
+                        }
+                    }
+                    6 | 7 => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
+                    // A slow oracle keeps writes waiting in the sequencer
+                    // while a split is proposed.
+                    8 => {
+                        for id in 1..=3 {
+                            let delay = Duration::from_millis(rng.gen_range(5..40));
+                            cluster.oracle(id).set_fault(OracleFault::Slow(delay));
+                        }
+                    }
+                    _ => {
+                        for id in 1..=3 {
+                            cluster.oracle(id).set_fault(OracleFault::None);
+                        }
+                    }
+                }
+            }
+            for id in 1..=3 {
+                cluster.oracle(id).set_fault(OracleFault::None);
+            }
+            splits
+        }
+    });
+    cfg.clients = 12;
+    cfg.duration = run_for;
+    cfg.cancel_percent = 15;
+    cfg.deadline = Duration::from_secs(5);
+    let executor = Arc::new(RouterExecutor::new(cluster.clone()));
+    let hist = history::run(executor.clone(), &cfg).await;
+    let splits = chaos.await.unwrap_or(0);
+    let log = nemesis.stop().await;
+    println!("{log}\n{splits} splits");
+    cluster.leader().await;
+    let report = history::check(executor.as_ref(), &hist, "splits").await;
+    println!("{report}");
+    assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
+    assert!(splits >= 2, "only {splits} splits");
+    assert!(report.ok > 300, "too few operations completed: {report}");
+}

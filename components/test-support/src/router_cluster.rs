@@ -167,6 +167,54 @@ impl RouterCluster {
         }
     }
 
+    /// Splits the region holding `key` at `key`, on whichever node leads
+    /// it (`Router::split_region`); says why not if it could not.
+    pub async fn split(&self, key: &[u8]) -> Result<(), String> {
+        for id in self.raft.running() {
+            let Some(router) = self.router(id) else {
+                continue;
+            };
+            let led = router.store().regions().into_iter().find(|h| {
+                let s = h.status();
+                s.ready_leader
+                    && key >= s.region.start_key.as_slice()
+                    && (s.region.end_key.is_empty() || key < s.region.end_key.as_slice())
+            });
+            if let Some(h) = led {
+                return router
+                    .split_region(h.region_id(), key.to_vec())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+            }
+        }
+        Err("no ready leader holds the key".into())
+    }
+
+    /// Hands leadership of every region led elsewhere to node `to`.
+    pub async fn transfer_all_leaders(&self, to: u64) {
+        let Some(target) = self.router(to) else {
+            return;
+        };
+        for h in target.store().regions() {
+            let status = h.status();
+            let Some(to_peer) = status.region.peers.iter().find(|p| p.node_id == to) else {
+                continue;
+            };
+            let Some(leader) = status
+                .region
+                .peers
+                .iter()
+                .find(|p| p.id == status.leader_peer_id)
+            else {
+                continue;
+            };
+            if let Some(lh) = self.raft.try_region(leader.node_id, status.region.id) {
+                let _ = lh.transfer_leader(to_peer.id).await;
+            }
+        }
+    }
+
     /// Asks the leader to hand leadership to node `to` (a no-op if there is
     /// no leader or `to` leads).
     pub async fn transfer_leader(&self, to: u64) {
