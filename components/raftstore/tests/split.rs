@@ -108,6 +108,14 @@ async fn split_divides_the_region_on_every_replica() {
         matches!(stale, Err(Error::EpochNotMatch { .. })),
         "{stale:?}"
     );
+    // A key the region no longer owns is refused, whatever the epoch.
+    let outside = h
+        .propose(write_after_split(REGION_ID, rev, "q", "wrong"))
+        .await;
+    assert!(
+        matches!(outside, Err(Error::StaleCommand(_))),
+        "{outside:?}"
+    );
     // New-epoch writes go to the region owning the key.
     h.propose(write_after_split(REGION_ID, rev, "b", "b-2"))
         .await
