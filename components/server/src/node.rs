@@ -286,7 +286,7 @@ async fn join_cluster(
                     let ours = pd
                         .get_region_by_id(region.id)
                         .await?
-                        .is_some_and(|(r, _)| r.peers.iter().any(|p| p.node_id == ident.node_id));
+                        .is_some_and(|r| r.region.peers.iter().any(|p| p.node_id == ident.node_id));
                     if !ours {
                         info!("another node bootstrapped the cluster first; joining it");
                         store.clear_prepared_bootstrap()?;

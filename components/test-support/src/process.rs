@@ -494,7 +494,12 @@ pub async fn pd_leader(pds: &[Pd]) -> usize {
 pub async fn wait_for_voters(pd: &RpcPdClient, voters: usize) -> Region {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(Some((region, Some(_)))) = pd.get_region(b"").await {
+        if let Ok(Some(pd::RegionWithLeader {
+            region,
+            leader: Some(_),
+            ..
+        })) = pd.get_region(b"").await
+        {
             let v = region
                 .peers
                 .iter()
