@@ -61,7 +61,10 @@ async fn region_leaders_are_reported_to_pd() {
         .unwrap();
     let mut leader = None;
     for _ in 0..50 {
-        if let Some((_, Some(l))) = pd_client.get_region(b"k").await.unwrap() {
+        if let Some(pd::RegionWithLeader {
+            leader: Some(l), ..
+        }) = pd_client.get_region(b"k").await.unwrap()
+        {
             leader = Some(l);
             break;
         }

@@ -14,6 +14,10 @@ pub enum PdError {
     AlreadyBootstrapped,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// No region covers the key or has the id asked about (calls that can
+    /// answer "none" return `Ok(None)` instead).
+    #[error("region not found: {0}")]
+    RegionNotFound(String),
     #[error("cluster id mismatch: expected {expected}, PD has {actual}")]
     ClusterIdMismatch { expected: u64, actual: u64 },
     /// The PD storage failed; the operation may or may not have taken effect.
@@ -53,6 +57,7 @@ impl PdError {
             PdError::NotBootstrapped => (T::NotBootstrapped, String::new()),
             PdError::AlreadyBootstrapped => (T::AlreadyBootstrapped, String::new()),
             PdError::InvalidArgument(m) => (T::InvalidArgument, m.clone()),
+            PdError::RegionNotFound(m) => (T::RegionNotFound, m.clone()),
             e @ PdError::ClusterIdMismatch { .. } => (T::ClusterIdMismatch, e.to_string()),
             PdError::Storage(m) => (T::Storage, m.clone()),
             PdError::Exhausted(what) => (T::Exhausted, (*what).to_owned()),
@@ -77,21 +82,60 @@ impl PdError {
             T::NotBootstrapped => PdError::NotBootstrapped,
             T::AlreadyBootstrapped => PdError::AlreadyBootstrapped,
             T::InvalidArgument => PdError::InvalidArgument(m),
+            T::RegionNotFound => PdError::RegionNotFound(m),
             T::NotLeader => PdError::NotLeader(m),
             T::Unavailable => PdError::Unavailable(m),
             T::Storage => PdError::Storage(m),
             T::Exhausted if m == "id" => PdError::Exhausted("id"),
             T::Exhausted => PdError::Exhausted("revision"),
             T::Closed => PdError::Closed,
-            T::Ok | T::Unknown | T::RegionNotFound | T::NodeNotFound | T::ClusterIdMismatch => {
-                PdError::Other(m)
-            }
+            T::Ok | T::Unknown | T::NodeNotFound | T::ClusterIdMismatch => PdError::Other(m),
         }
     }
 }
 
-/// A region and its leader, if PD knows it.
-pub type RegionWithLeader = (metapb::Region, Option<metapb::Peer>);
+/// A region with what PD learned about it from its leader's heartbeats
+/// (kept in memory on the PD leader only, refreshed by every heartbeat).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegionWithLeader {
+    pub region: metapb::Region,
+    /// `None` until PD heard from the region's leader.
+    pub leader: Option<metapb::Peer>,
+    /// The region's data in bytes, as its leader estimated it (0 until a
+    /// heartbeat reported it).
+    pub approximate_size: u64,
+    /// The region's number of keys, likewise.
+    pub approximate_keys: u64,
+}
+
+impl RegionWithLeader {
+    /// A region PD knows nothing more about.
+    pub fn new(region: metapb::Region) -> Self {
+        RegionWithLeader {
+            region,
+            ..Default::default()
+        }
+    }
+
+    pub fn to_proto(&self) -> pdpb::RegionWithLeader {
+        pdpb::RegionWithLeader {
+            region: Some(self.region.clone()),
+            leader: self.leader,
+            approximate_size: self.approximate_size,
+            approximate_keys: self.approximate_keys,
+        }
+    }
+
+    /// `None` if the message carries no region.
+    pub fn from_proto(r: pdpb::RegionWithLeader) -> Option<Self> {
+        Some(RegionWithLeader {
+            region: r.region?,
+            leader: r.leader,
+            approximate_size: r.approximate_size,
+            approximate_keys: r.approximate_keys,
+        })
+    }
+}
 
 /// What a region's leader reports about its region.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -102,6 +146,10 @@ pub struct RegionHeartbeat {
     pub pending_peers: Vec<metapb::Peer>,
     /// Peers the leader has not heard from for a while.
     pub down_peers: Vec<metapb::Peer>,
+    /// The region's data in bytes, as the leader estimates it.
+    pub approximate_size: u64,
+    /// The region's number of keys, as the leader estimates it.
+    pub approximate_keys: u64,
 }
 
 /// The next membership or leadership step PD wants a region's leader to
@@ -116,6 +164,12 @@ pub enum RegionOperator {
     PromoteLearner(metapb::Peer),
     RemovePeer(metapb::Peer),
     TransferLeader(metapb::Peer),
+    /// Split the region at `key`, which lies strictly inside it; the new
+    /// region starts at `key`. Requested by an operator
+    /// ([`PdClient::split_region`]).
+    Split {
+        key: Vec<u8>,
+    },
 }
 
 #[async_trait::async_trait]
@@ -195,39 +249,93 @@ pub trait PdClient: Send + Sync {
     /// decreases, also across restarts. Linearizable: the value is at least
     /// every revision handed out before this call started.
     async fn current_revision(&self) -> Result<i64>;
+
+    /// Asks PD to split the region containing `key` at `key`: PD hands
+    /// [`RegionOperator::Split`] to the region's leader with a later
+    /// heartbeat response (replica placement steps go first), until the
+    /// region no longer has `key` strictly inside it or the request is
+    /// [`crate::schedule::ScheduleConfig::split_timeout`] old. The request
+    /// lives in memory on the PD leader (lost when leadership moves); a
+    /// second request for the same region replaces the first. Returns the
+    /// region containing `key`.
+    /// `Err(InvalidArgument)` for an empty key or one that starts its
+    /// region (nothing to split), `Err(RegionNotFound)` when no region
+    /// covers it, `Err(NotBootstrapped)` before bootstrap.
+    async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader>;
+}
+
+/// An operator's wire fields, shared by heartbeat responses and
+/// GetOperators' `Operator`: at most one is set.
+#[derive(Debug, Default)]
+pub(crate) struct OperatorFields {
+    pub change_peer: Option<pdpb::ChangePeer>,
+    pub transfer_leader: Option<pdpb::TransferLeader>,
+    pub split_region: Option<pdpb::SplitRegion>,
+}
+
+impl OperatorFields {
+    pub fn from_operator(op: &RegionOperator) -> Self {
+        use pdpb::ChangePeerType as T;
+        let change = |t: T, peer: &metapb::Peer| OperatorFields {
+            change_peer: Some(pdpb::ChangePeer {
+                change_type: t as i32,
+                peer: Some(*peer),
+            }),
+            ..Default::default()
+        };
+        match op {
+            RegionOperator::AddLearner(p) => change(T::AddLearner, p),
+            RegionOperator::PromoteLearner(p) => change(T::PromoteLearner, p),
+            RegionOperator::RemovePeer(p) => change(T::RemovePeer, p),
+            RegionOperator::TransferLeader(p) => OperatorFields {
+                transfer_leader: Some(pdpb::TransferLeader { peer: Some(*p) }),
+                ..Default::default()
+            },
+            RegionOperator::Split { key } => OperatorFields {
+                split_region: Some(pdpb::SplitRegion {
+                    split_key: key.clone(),
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// `None` if no field is set or the one set is not understood (sent by
+    /// a newer PD), which is safe to skip.
+    pub fn into_operator(self) -> Option<RegionOperator> {
+        use pdpb::ChangePeerType as T;
+        if let Some(t) = self.transfer_leader {
+            return t.peer.map(RegionOperator::TransferLeader);
+        }
+        if let Some(c) = self.change_peer {
+            let peer = c.peer?;
+            return match T::try_from(c.change_type).ok()? {
+                T::AddLearner => Some(RegionOperator::AddLearner(peer)),
+                T::PromoteLearner => Some(RegionOperator::PromoteLearner(peer)),
+                T::RemovePeer => Some(RegionOperator::RemovePeer(peer)),
+            };
+        }
+        let key = self.split_region?.split_key;
+        // An empty key cannot lie strictly inside a region.
+        (!key.is_empty()).then_some(RegionOperator::Split { key })
+    }
 }
 
 /// Fills the operator fields of a heartbeat response.
 pub(crate) fn operator_to_proto(op: &RegionOperator, resp: &mut pdpb::RegionHeartbeatResponse) {
-    use pdpb::ChangePeerType as T;
-    let change = |t: T, peer: &metapb::Peer| {
-        Some(pdpb::ChangePeer {
-            change_type: t as i32,
-            peer: Some(*peer),
-        })
-    };
-    match op {
-        RegionOperator::AddLearner(p) => resp.change_peer = change(T::AddLearner, p),
-        RegionOperator::PromoteLearner(p) => resp.change_peer = change(T::PromoteLearner, p),
-        RegionOperator::RemovePeer(p) => resp.change_peer = change(T::RemovePeer, p),
-        RegionOperator::TransferLeader(p) => {
-            resp.transfer_leader = Some(pdpb::TransferLeader { peer: Some(*p) })
-        }
-    }
+    let f = OperatorFields::from_operator(op);
+    resp.change_peer = f.change_peer;
+    resp.transfer_leader = f.transfer_leader;
+    resp.split_region = f.split_region;
 }
 
 /// The operator of a heartbeat response; `None` if it has none or one this
 /// client does not understand (a newer PD), which is safe to skip.
 pub(crate) fn operator_from_proto(resp: &pdpb::RegionHeartbeatResponse) -> Option<RegionOperator> {
-    use pdpb::ChangePeerType as T;
-    if let Some(t) = &resp.transfer_leader {
-        return t.peer.map(RegionOperator::TransferLeader);
+    OperatorFields {
+        change_peer: resp.change_peer,
+        transfer_leader: resp.transfer_leader,
+        split_region: resp.split_region.clone(),
     }
-    let c = resp.change_peer.as_ref()?;
-    let peer = c.peer?;
-    match T::try_from(c.change_type).ok()? {
-        T::AddLearner => Some(RegionOperator::AddLearner(peer)),
-        T::PromoteLearner => Some(RegionOperator::PromoteLearner(peer)),
-        T::RemovePeer => Some(RegionOperator::RemovePeer(peer)),
-    }
+    .into_operator()
 }

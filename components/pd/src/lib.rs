@@ -31,6 +31,11 @@
 //! across leader changes, crashes and partitions. [`PdCore::close`] commits
 //! the exact position so a clean restart continues without a gap.
 //!
+//! Besides the nodes' contract, PD takes requests from operators' tools
+//! (`metastore-ctl`): a split of the region containing a key, handed to the
+//! region's leader with a heartbeat response ([`PdClient::split_region`]),
+//! and what its scheduling is doing ([`operators`]).
+//!
 //! Nodes use PD through the [`PdClient`] trait: [`LocalPdClient`] when a
 //! single-member PD is embedded in the same process, [`RpcPdClient`] over
 //! gRPC ([`service::PdService`]) otherwise, which follows the leader.
@@ -52,11 +57,13 @@
 
 pub mod client;
 pub mod local;
+pub mod operators;
 pub mod pd_core;
 mod raft_node;
 pub mod rpc_client;
 pub mod schedule;
 pub mod service;
+mod split;
 mod state;
 pub mod storage;
 pub mod transport;
@@ -65,5 +72,6 @@ pub use crate::client::{
     PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result, INITIAL_REVISION,
 };
 pub use crate::local::LocalPdClient;
+pub use crate::operators::{PendingOperator, SchedulerInfo, SchedulingStatus};
 pub use crate::pd_core::{PdConfig, PdCore};
 pub use crate::rpc_client::{RpcPdClient, RpcPdClientConfig};

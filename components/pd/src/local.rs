@@ -83,4 +83,8 @@ impl PdClient for LocalPdClient {
     async fn current_revision(&self) -> Result<i64> {
         self.core.current_revision().await
     }
+
+    async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
+        self.core.split_region(key).await
+    }
 }

@@ -2,7 +2,6 @@
 //! raft-replicated state machine (see [`crate::raft_node`]); only the leader
 //! serves.
 
-use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -16,9 +15,11 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::operators::{PendingOperator, SchedulingStatus};
 use crate::raft_node::{RaftConfig, RaftMsg, RaftNode, RaftStatus, RaftStore, Shared, Transport};
 use crate::schedule::{ClusterView, ScheduleConfig, Scheduler};
-use crate::state::{ClusterState, HeartbeatEffect};
+use crate::split::{strictly_inside, SplitRequests};
+use crate::state::{ClusterState, HeartbeatEffect, Reported};
 use crate::storage::Storage;
 use crate::transport::{PdRaftService, PeerTransport};
 
@@ -97,6 +98,8 @@ pub struct PdCore {
     ids: tokio::sync::Mutex<Alloc<u64>>,
     oracle: tokio::sync::Mutex<Alloc<i64>>,
     scheduler: Scheduler,
+    /// Splits asked for by operators, handed out with heartbeat responses.
+    splits: SplitRequests,
 }
 
 impl std::fmt::Debug for PdCore {
@@ -331,6 +334,7 @@ impl PdCore {
                 high_water: 0,
                 closed: false,
             }),
+            splits: SplitRequests::new(config.schedule.split_timeout),
             scheduler: Scheduler::new(config.schedule),
         }))
     }
@@ -727,20 +731,8 @@ impl PdCore {
     pub async fn get_region(&self, key: &[u8]) -> Result<Option<RegionWithLeader>> {
         self.read(|c| {
             check_bootstrapped(c)?;
-            let Some((_, id)) = c
-                .tree
-                .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
-                .next_back()
-            else {
-                return Ok(None);
-            };
-            let Some(e) = c.regions.get(id) else {
-                return Ok(None);
-            };
-            if !e.region.end_key.is_empty() && key >= e.region.end_key.as_slice() {
-                return Ok(None);
-            }
-            Ok(Some((e.region.clone(), e.leader)))
+            Ok(c.region_containing(key)
+                .and_then(|id| c.entry_with_leader(id)))
         })
         .await
     }
@@ -769,18 +761,23 @@ impl PdCore {
         .await
     }
 
-    /// Records the heartbeat and asks the scheduler for the region's next
-    /// step (see [`crate::client::PdClient::region_heartbeat`]). The
-    /// scheduler runs on the serving leader only, since this answers
-    /// NotLeader elsewhere.
+    /// Records the heartbeat and answers the region's next step (see
+    /// [`crate::client::PdClient::region_heartbeat`]): the replica
+    /// placement step if one is due, otherwise a split requested with
+    /// [`Self::split_region`]. Both run on the serving leader only, since
+    /// this answers NotLeader elsewhere.
     pub async fn handle_region_heartbeat(
         &self,
         hb: RegionHeartbeat,
     ) -> Result<Option<RegionOperator>> {
-        if !self.region_heartbeat(hb.region.clone(), hb.leader).await? {
+        if !self.record_heartbeat(&hb).await? {
             return Ok(None);
         }
-        self.scheduler.schedule(self, &hb).await
+        let placement = self.scheduler.schedule(self, &hb).await?;
+        // Asked even when placement goes first, so that a settled or
+        // expired request is dropped.
+        let split = self.splits.on_heartbeat(&hb.region);
+        Ok(placement.or(split))
     }
 
     /// Records a region's meta (through raft, only when it changed) and its
@@ -791,8 +788,21 @@ impl PdCore {
         region: metapb::Region,
         leader: metapb::Peer,
     ) -> Result<bool> {
+        self.record_heartbeat(&RegionHeartbeat {
+            region,
+            leader,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Records a region's meta (through raft, only when it changed), and
+    /// its leader and approximate size and keys (in memory on this
+    /// leader); `Ok(false)` if the heartbeat was stale and ignored.
+    async fn record_heartbeat(&self, hb: &RegionHeartbeat) -> Result<bool> {
+        let (region, leader) = (&hb.region, hb.leader);
         self.check_open()?;
-        validate_region(&region)?;
+        validate_region(region)?;
         if !region
             .peers
             .iter()
@@ -806,7 +816,7 @@ impl PdCore {
         let effect = self
             .read(|c| {
                 check_bootstrapped(c)?;
-                Ok(c.heartbeat_effect(&region))
+                Ok(c.heartbeat_effect(region))
             })
             .await?;
         match effect {
@@ -821,7 +831,7 @@ impl PdCore {
                 if !changed {
                     // Stale by the time it applied: a newer report won.
                     let c = self.shared.state.read();
-                    if let HeartbeatEffect::Stale = c.heartbeat_effect(&region) {
+                    if let HeartbeatEffect::Stale = c.heartbeat_effect(region) {
                         return Ok(false);
                     }
                 }
@@ -829,11 +839,58 @@ impl PdCore {
         }
         let mut c = self.shared.state.write();
         if let Some(e) = c.regions.get_mut(&region.id) {
-            if e.region == region {
-                e.leader = Some(leader);
+            if e.region == *region {
+                e.reported = Reported {
+                    leader: Some(leader),
+                    approximate_size: hb.approximate_size,
+                    approximate_keys: hb.approximate_keys,
+                };
             }
         }
         Ok(true)
+    }
+
+    /// Records a request to split the region containing `key` at `key`,
+    /// handed out by [`Self::handle_region_heartbeat`] (see
+    /// [`crate::client::PdClient::split_region`]); returns that region.
+    pub async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
+        self.check_open()?;
+        if key.is_empty() {
+            return Err(PdError::InvalidArgument(
+                "split key must not be empty".into(),
+            ));
+        }
+        let Some(found) = self.get_region(key).await? else {
+            return Err(PdError::RegionNotFound(format!(
+                "no region contains key \"{}\"",
+                key.escape_ascii()
+            )));
+        };
+        if !strictly_inside(&found.region, key) {
+            return Err(PdError::InvalidArgument(format!(
+                "key \"{}\" is the start key of region {}: nothing to split",
+                key.escape_ascii(),
+                found.region.id
+            )));
+        }
+        self.splits.request(found.region.id, key.to_vec());
+        Ok(found)
+    }
+
+    /// The operators being handed out: requested splits, then the replica
+    /// placement steps being repeated; each by region id.
+    pub async fn operators(&self) -> Result<Vec<PendingOperator>> {
+        self.wait_serving().await?;
+        let mut ops = self.splits.pending();
+        ops.extend(self.scheduler.issued());
+        Ok(ops)
+    }
+
+    /// The schedulers the leader runs and their settings; answered by the
+    /// serving leader like everything else, as the settings are per member.
+    pub async fn scheduling_status(&self) -> Result<SchedulingStatus> {
+        self.wait_serving().await?;
+        Ok(SchedulingStatus::of(self.scheduler.config()))
     }
 }
 
@@ -882,7 +939,7 @@ impl ClusterView for PdCore {
             .scan_regions(&[], &[], 0)
             .await?
             .into_iter()
-            .map(|(r, _)| r)
+            .map(|r| r.region)
             .collect())
     }
 
@@ -896,5 +953,7 @@ impl ClusterView for PdCore {
     }
 }
 
+#[cfg(test)]
+mod split_tests;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 use crate::client::{PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::operators::{PendingOperator, SchedulingStatus};
 
 #[derive(Debug, Clone)]
 pub struct RpcPdClientConfig {
@@ -145,6 +146,9 @@ has_header!(
     pdpb::RegionHeartbeatResponse,
     pdpb::AllocRevisionsResponse,
     pdpb::CurrentRevisionResponse,
+    pdpb::SplitRegionResponse,
+    pdpb::GetOperatorsResponse,
+    pdpb::GetSchedulersResponse,
 );
 
 fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
@@ -505,6 +509,37 @@ impl RpcPdClient {
         Ok(resp)
     }
 
+    /// The operators PD is handing out to region leaders (see
+    /// [`crate::PdCore::operators`]). Those this client does not understand
+    /// (from a newer PD) are left out.
+    pub async fn get_operators(&self) -> Result<Vec<PendingOperator>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_operators(pdpb::GetOperatorsRequest { header }).await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp
+            .operators
+            .into_iter()
+            .filter_map(PendingOperator::from_proto)
+            .collect())
+    }
+
+    /// PD's schedulers and their settings.
+    pub async fn get_schedulers(&self) -> Result<SchedulingStatus> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_schedulers(pdpb::GetSchedulersRequest { header })
+                    .await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(SchedulingStatus::from_proto(resp))
+    }
+
     async fn tso(&self, req: TsoRequest, rx: oneshot::Receiver<Result<i64>>) -> Result<i64> {
         let stopped = || PdError::Unavailable("revision batcher stopped".into());
         self.tso_tx.send(req).map_err(|_| stopped())?;
@@ -512,11 +547,14 @@ impl RpcPdClient {
     }
 }
 
-fn region_pair(
-    region: Option<metapb::Region>,
-    leader: Option<metapb::Peer>,
-) -> Option<RegionWithLeader> {
-    region.map(|r| (r, leader))
+/// The region of a GetRegion response, if any.
+fn found_region(resp: pdpb::GetRegionResponse) -> Option<RegionWithLeader> {
+    RegionWithLeader::from_proto(pdpb::RegionWithLeader {
+        region: resp.region,
+        leader: resp.leader,
+        approximate_size: resp.approximate_size,
+        approximate_keys: resp.approximate_keys,
+    })
 }
 
 #[async_trait::async_trait]
@@ -627,7 +665,7 @@ impl PdClient for RpcPdClient {
             return Ok(None);
         }
         self.inner.check(resp.header.as_ref())?;
-        Ok(region_pair(resp.region, resp.leader))
+        Ok(found_region(resp))
     }
 
     async fn get_region_by_id(&self, id: u64) -> Result<Option<RegionWithLeader>> {
@@ -645,7 +683,7 @@ impl PdClient for RpcPdClient {
             return Ok(None);
         }
         self.inner.check(resp.header.as_ref())?;
-        Ok(region_pair(resp.region, resp.leader))
+        Ok(found_region(resp))
     }
 
     async fn scan_regions(
@@ -672,7 +710,7 @@ impl PdClient for RpcPdClient {
         Ok(resp
             .regions
             .into_iter()
-            .filter_map(|r| region_pair(r.region, r.leader))
+            .filter_map(RegionWithLeader::from_proto)
             .collect())
     }
 
@@ -686,6 +724,8 @@ impl PdClient for RpcPdClient {
                     leader: Some(hb.leader),
                     pending_peers: hb.pending_peers.clone(),
                     down_peers: hb.down_peers.clone(),
+                    approximate_size: hb.approximate_size,
+                    approximate_keys: hb.approximate_keys,
                 };
                 async move { c.region_heartbeat(req).await }
             })
@@ -705,5 +745,22 @@ impl PdClient for RpcPdClient {
     async fn current_revision(&self) -> Result<i64> {
         let (tx, rx) = oneshot::channel();
         self.tso(TsoRequest::Current { tx }, rx).await
+    }
+
+    async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::SplitRegionRequest {
+                    header,
+                    key: key.to_vec(),
+                };
+                async move { c.split_region(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        resp.region
+            .and_then(RegionWithLeader::from_proto)
+            .ok_or_else(|| PdError::Other("split answered without the region".into()))
     }
 }

@@ -34,6 +34,15 @@ use parking_lot::Mutex;
 use proto::metapb::{self, NodeState, PeerRole};
 
 use crate::client::{RegionHeartbeat, RegionOperator, Result};
+use crate::operators::{PendingOperator, SOURCE_PLACEMENT};
+
+/// The scheduler's name, as operators' tools show it.
+pub const SCHEDULER_NAME: &str = "replica-placement";
+/// What the scheduler does, as operators' tools show it.
+pub const SCHEDULER_DESCRIPTION: &str = "keeps every region at max-replicas voters on \
+     distinct up nodes: adds a learner on the least loaded node, promotes it once caught \
+     up, removes surplus replicas and those on removed or long-down nodes (handing \
+     leadership over first), and tombstones removed nodes that hold no replica";
 
 #[derive(Debug, Clone)]
 pub struct ScheduleConfig {
@@ -43,6 +52,9 @@ pub struct ScheduleConfig {
     pub max_node_down_time: Duration,
     /// How long an issued operator is repeated before PD decides anew.
     pub operator_timeout: Duration,
+    /// How long a split asked for with [`crate::PdClient::split_region`]
+    /// is handed out before PD forgets it.
+    pub split_timeout: Duration,
 }
 
 impl Default for ScheduleConfig {
@@ -51,6 +63,7 @@ impl Default for ScheduleConfig {
             max_replicas: 3,
             max_node_down_time: Duration::from_secs(30 * 60),
             operator_timeout: Duration::from_secs(10),
+            split_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -89,6 +102,24 @@ impl Scheduler {
 
     pub fn config(&self) -> &ScheduleConfig {
         &self.config
+    }
+
+    /// The steps being repeated to their regions (not yet timed out), by
+    /// region id.
+    pub fn issued(&self) -> Vec<PendingOperator> {
+        let issued = self.issued.lock();
+        let mut out: Vec<PendingOperator> = issued
+            .iter()
+            .filter(|(_, i)| i.at.elapsed() < self.config.operator_timeout)
+            .map(|(id, i)| PendingOperator {
+                region_id: *id,
+                source: SOURCE_PLACEMENT.to_owned(),
+                op: i.op.clone(),
+                age: i.at.elapsed(),
+            })
+            .collect();
+        out.sort_by_key(|o| o.region_id);
+        out
     }
 
     /// The next step for the heartbeating region, if any.
@@ -379,6 +410,10 @@ mod tests {
         );
         // Repeated, not re-allocated, until the epoch moves.
         assert_eq!(block_on(s.schedule(&v, &hb(&r, 11))).unwrap(), op);
+        let issued = s.issued();
+        assert_eq!(issued.len(), 1);
+        assert_eq!((issued[0].region_id, Some(issued[0].op.clone())), (1, op));
+        assert_eq!(issued[0].source, SCHEDULER_NAME);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::client::{PdError, RegionHeartbeat, RegionWithLeader};
+use crate::operators::PendingOperator;
 use crate::pd_core::PdCore;
 
 #[derive(Debug, Clone)]
@@ -33,14 +34,13 @@ fn region_response(
     header: Option<pdpb::ResponseHeader>,
     found: Option<RegionWithLeader>,
 ) -> pdpb::GetRegionResponse {
-    let (region, leader) = match found {
-        Some((r, l)) => (Some(r), l),
-        None => (None, None),
-    };
+    let found = found.map(|r| r.to_proto()).unwrap_or_default();
     pdpb::GetRegionResponse {
         header,
-        region,
-        leader,
+        region: found.region,
+        leader: found.leader,
+        approximate_size: found.approximate_size,
+        approximate_keys: found.approximate_keys,
     }
 }
 
@@ -243,11 +243,8 @@ impl pd_server::Pd for PdService {
             .await?;
         let regions = v
             .unwrap_or_default()
-            .into_iter()
-            .map(|(region, leader)| pdpb::RegionWithLeader {
-                region: Some(region),
-                leader,
-            })
+            .iter()
+            .map(RegionWithLeader::to_proto)
             .collect();
         Ok(Response::new(pdpb::ScanRegionsResponse { header, regions }))
     }
@@ -274,6 +271,8 @@ impl pd_server::Pd for PdService {
                         leader,
                         pending_peers: req.pending_peers,
                         down_peers: req.down_peers,
+                        approximate_size: req.approximate_size,
+                        approximate_keys: req.approximate_keys,
                     })
                     .await?;
                 Ok((region_id, epoch, op))
@@ -314,6 +313,51 @@ impl pd_server::Pd for PdService {
         Ok(Response::new(pdpb::CurrentRevisionResponse {
             header,
             revision: v.unwrap_or(0),
+        }))
+    }
+
+    async fn split_region(
+        &self,
+        req: Request<pdpb::SplitRegionRequest>,
+    ) -> Result<Response<pdpb::SplitRegionResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self
+            .run(req.header, self.core.split_region(&req.key))
+            .await?;
+        Ok(Response::new(pdpb::SplitRegionResponse {
+            header,
+            region: v.as_ref().map(RegionWithLeader::to_proto),
+        }))
+    }
+
+    async fn get_operators(
+        &self,
+        req: Request<pdpb::GetOperatorsRequest>,
+    ) -> Result<Response<pdpb::GetOperatorsResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header, self.core.operators()).await?;
+        Ok(Response::new(pdpb::GetOperatorsResponse {
+            header,
+            operators: v
+                .unwrap_or_default()
+                .iter()
+                .map(PendingOperator::to_proto)
+                .collect(),
+        }))
+    }
+
+    async fn get_schedulers(
+        &self,
+        req: Request<pdpb::GetSchedulersRequest>,
+    ) -> Result<Response<pdpb::GetSchedulersResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self.run(req.header, self.core.scheduling_status()).await?;
+        Ok(Response::new(match v {
+            Some(status) => status.to_proto(header),
+            None => pdpb::GetSchedulersResponse {
+                header,
+                ..Default::default()
+            },
         }))
     }
 }

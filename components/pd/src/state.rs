@@ -15,7 +15,16 @@ use crate::storage::{Batch, PersistedState};
 pub(crate) struct RegionEntry {
     pub region: metapb::Region,
     /// Learned from heartbeats by the leader only; not replicated.
+    pub reported: Reported,
+}
+
+/// What the latest heartbeat of a region said besides its meta. Kept in
+/// memory on the PD leader only: the next heartbeat refreshes it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Reported {
     pub leader: Option<metapb::Peer>,
+    pub approximate_size: u64,
+    pub approximate_keys: u64,
 }
 
 #[derive(Default)]
@@ -89,7 +98,23 @@ impl ClusterState {
     }
 
     pub fn entry_with_leader(&self, id: u64) -> Option<RegionWithLeader> {
-        self.regions.get(&id).map(|e| (e.region.clone(), e.leader))
+        self.regions.get(&id).map(|e| RegionWithLeader {
+            region: e.region.clone(),
+            leader: e.reported.leader,
+            approximate_size: e.reported.approximate_size,
+            approximate_keys: e.reported.approximate_keys,
+        })
+    }
+
+    /// The id of the region containing `key` (start <= key < end, an empty
+    /// end is +inf), if any.
+    pub fn region_containing(&self, key: &[u8]) -> Option<u64> {
+        let (_, id) = self
+            .tree
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()?;
+        let e = self.regions.get(id)?;
+        (e.region.end_key.is_empty() || key < e.region.end_key.as_slice()).then_some(*id)
     }
 
     /// Ids of the regions overlapping [start, end), in key order.
@@ -128,7 +153,7 @@ impl ClusterState {
             region.id,
             RegionEntry {
                 region,
-                leader: None,
+                reported: Reported::default(),
             },
         );
     }
@@ -268,12 +293,12 @@ impl ClusterState {
                     }
                 }
                 batch.put_region(&region);
-                let leader = self.remove_region(region.id).and_then(|e| e.leader);
+                let reported = self.remove_region(region.id).map(|e| e.reported);
                 debug!(region_id = region.id, epoch = ?epoch(&region), "region meta updated");
                 let id = region.id;
                 self.insert_region(region);
-                if let Some(e) = self.regions.get_mut(&id) {
-                    e.leader = leader;
+                if let (Some(e), Some(reported)) = (self.regions.get_mut(&id), reported) {
+                    e.reported = reported;
                 }
                 Ok(true)
             }

@@ -309,7 +309,12 @@ async fn three_members_replicate_and_fail_over() {
     assert!(ids.iter().all(|i| *i < id), "id {id} reused");
     ids.push(id);
     assert_eq!(
-        pd.get_region_by_id(region_id).await.unwrap().unwrap().0.id,
+        pd.get_region_by_id(region_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .region
+            .id,
         region_id
     );
 

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pd::service::PdService;
-use pd::{PdClient, PdConfig, PdCore, PdError, RpcPdClient, RpcPdClientConfig};
+use pd::{
+    PdClient, PdConfig, PdCore, PdError, RegionOperator, RegionWithLeader, RpcPdClient,
+    RpcPdClientConfig,
+};
 use proto::metapb;
 use proto::pdpb::pd_server::PdServer;
 use tokio::net::TcpListener;
@@ -155,38 +158,50 @@ async fn full_api_over_grpc() {
     ));
 
     // Regions: bootstrap region has no leader until a heartbeat.
-    let (r, leader) = pd.get_region(b"k").await.unwrap().unwrap();
-    assert_eq!((r.clone(), leader), (r1.clone(), None));
+    let found = pd.get_region(b"k").await.unwrap().unwrap();
+    assert_eq!(found, RegionWithLeader::new(r1.clone()));
     // Split into [, m) and [m, ).
     let r2_id = pd.alloc_id().await.unwrap();
     let p2 = peer(pd.alloc_id().await.unwrap(), node_id);
     let left = region(region_id, b"", b"m", 2, vec![p1]);
     let right = region(r2_id, b"m", b"", 2, vec![p2]);
     pd.region_heartbeat(hb(left.clone(), p1)).await.unwrap();
-    pd.region_heartbeat(hb(right.clone(), p2)).await.unwrap();
-    assert_eq!(
-        pd.get_region(b"a").await.unwrap(),
-        Some((left.clone(), Some(p1)))
-    );
+    let mut right_hb = hb(right.clone(), p2);
+    right_hb.approximate_size = 4096;
+    right_hb.approximate_keys = 12;
+    pd.region_heartbeat(right_hb).await.unwrap();
+    let with = |region: &metapb::Region, leader, size, keys| {
+        Some(RegionWithLeader {
+            region: region.clone(),
+            leader: Some(leader),
+            approximate_size: size,
+            approximate_keys: keys,
+        })
+    };
+    assert_eq!(pd.get_region(b"a").await.unwrap(), with(&left, p1, 0, 0));
     assert_eq!(
         pd.get_region(b"m").await.unwrap(),
-        Some((right.clone(), Some(p2)))
+        with(&right, p2, 4096, 12)
     );
     assert_eq!(
         pd.get_region_by_id(r2_id).await.unwrap(),
-        Some((right.clone(), Some(p2)))
+        with(&right, p2, 4096, 12)
     );
     assert_eq!(pd.get_region_by_id(424_242).await.unwrap(), None);
     let all = pd.scan_regions(b"", b"", 0).await.unwrap();
     assert_eq!(
-        all.iter().map(|(r, _)| r.id).collect::<Vec<_>>(),
+        all.iter().map(|r| r.region.id).collect::<Vec<_>>(),
         vec![region_id, r2_id]
+    );
+    assert_eq!(
+        (all[1].approximate_size, all[1].approximate_keys),
+        (4096, 12)
     );
     assert_eq!(pd.scan_regions(b"n", b"", 0).await.unwrap().len(), 1);
     assert_eq!(pd.scan_regions(b"", b"", 1).await.unwrap().len(), 1);
     // Stale heartbeat (older version) is ignored, not an error.
     pd.region_heartbeat(hb(r1.clone(), p1)).await.unwrap();
-    assert_eq!(pd.get_region(b"z").await.unwrap().unwrap().0.id, r2_id);
+    assert_eq!(pd.get_region(b"z").await.unwrap().unwrap().region.id, r2_id);
     // A leader outside the region is rejected.
     assert!(matches!(
         pd.region_heartbeat(hb(left.clone(), peer(77, 77))).await,
@@ -385,6 +400,58 @@ async fn refuses_an_endpoint_of_another_cluster() {
     }
     let _ = stop_b.send(());
     b.await.unwrap().unwrap();
+}
+
+/// Split requests, their errors and the scheduling status, over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_requests_and_scheduling_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = PdConfig::new(dir.path());
+    cfg.schedule.max_replicas = 1;
+    let core = PdCore::open(cfg).unwrap();
+    let server = start(core.clone()).await;
+    let pd = RpcPdClient::connect(&[server.url()], config())
+        .await
+        .unwrap();
+    assert_eq!(pd.split_region(b"k").await, Err(PdError::NotBootstrapped));
+    let p1 = peer(3, 1);
+    let whole = region(2, b"", b"", 1, vec![p1]);
+    pd.bootstrap(node(1), whole.clone()).await.unwrap();
+
+    assert!(matches!(
+        pd.split_region(b"").await,
+        Err(PdError::InvalidArgument(_))
+    ));
+    let asked = pd.split_region(b"k").await.unwrap();
+    assert_eq!(asked, RegionWithLeader::new(whole.clone()));
+    let ops = pd.get_operators().await.unwrap();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(
+        (ops[0].region_id, ops[0].source.as_str()),
+        (2, pd::operators::SOURCE_SPLIT_REQUEST)
+    );
+    assert_eq!(
+        pd.region_heartbeat(hb(whole.clone(), p1)).await.unwrap(),
+        Some(RegionOperator::Split { key: b"k".to_vec() })
+    );
+    // Only the right half reported: the keys left of k have no region.
+    let right = region(4, b"k", b"", 2, vec![peer(5, 1)]);
+    pd.region_heartbeat(hb(right, peer(5, 1))).await.unwrap();
+    assert!(matches!(
+        pd.split_region(b"a").await,
+        Err(PdError::RegionNotFound(_))
+    ));
+    assert!(matches!(
+        pd.split_region(b"k").await,
+        Err(PdError::InvalidArgument(_))
+    ));
+
+    let status = pd.get_schedulers().await.unwrap();
+    assert_eq!(status.max_replicas, 1);
+    assert_eq!(status.schedulers.len(), 1);
+    assert_eq!(status.split_timeout, Duration::from_secs(60));
+
+    server.stop().await;
 }
 
 fn hb(region: metapb::Region, leader: metapb::Peer) -> pd::RegionHeartbeat {

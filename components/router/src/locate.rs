@@ -104,7 +104,8 @@ impl Router {
     }
 
     async fn locate_remote(&self, spans: &[KeyRange], key: Vec<u8>) -> Result<Location> {
-        let Some((region, leader)) = self.pd.get_region(&key).await? else {
+        let Some(pd::RegionWithLeader { region, leader, .. }) = self.pd.get_region(&key).await?
+        else {
             return Err(Error::NoRegion(key));
         };
         if !spans.iter().all(|s| covers(&region, s)) {

@@ -68,6 +68,9 @@ pub async fn run(store: Arc<Store>, pd: Arc<dyn PdClient>, mut stopped: watch::R
                 leader: *leader,
                 pending_peers: peers_by_id(&status, &status.pending_peers),
                 down_peers: peers_by_id(&status, &status.down_peers),
+                // filled by the split checker
+                approximate_size: 0,
+                approximate_keys: 0,
             };
             match pd.region_heartbeat(hb).await {
                 Ok(op) => {
@@ -174,5 +177,14 @@ async fn execute(handle: &RegionHandle, op: &RegionOperator) -> raftstore::Resul
                 .await
         }
         RegionOperator::TransferLeader(p) => handle.transfer_leader(p.id).await,
+        RegionOperator::Split { key } => {
+            // carried out by the router's split (wired in main)
+            debug!(
+                region_id = handle.region_id(),
+                key = %key.escape_ascii(),
+                "split requested by PD; not carried out yet"
+            );
+            Ok(())
+        }
     }
 }

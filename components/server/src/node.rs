@@ -96,8 +96,10 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
 
     let (pd, pd_core): (Arc<dyn PdClient>, Option<Arc<PdCore>>) = if config.pd_endpoints.is_empty()
     {
-        let core = PdCore::open(PdConfig::new(data_dir.join("pd")))
-            .map_err(|e| data_dir_error(e.to_string()))?;
+        let mut pd_config = PdConfig::new(data_dir.join("pd"));
+        // The embedded PD's API is served on the client URLs (below).
+        pd_config.client_urls = config.advertise_client_urls.clone();
+        let core = PdCore::open(pd_config).map_err(|e| data_dir_error(e.to_string()))?;
         (Arc::new(LocalPdClient::new(core.clone())), Some(core))
     } else {
         (Arc::new(connect_pd(&config.pd_endpoints).await?), None)
@@ -135,7 +137,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     let mut servers = Vec::new();
     for listener in listeners {
         let addr = listener.local_addr().ok();
-        let routes = grpc_routes(ctx.clone());
+        let routes = grpc_routes(ctx.clone(), pd_core.clone());
         let mut stopped = clients_stopped.clone();
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -201,7 +203,9 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     })
 }
 
-fn grpc_routes(ctx: Arc<NodeContext>) -> tonic::service::Routes {
+/// The client port's services: etcd's, and in dev mode the embedded PD's
+/// (`pdpb.PD`, for `metastore-ctl`).
+fn grpc_routes(ctx: Arc<NodeContext>, pd_core: Option<Arc<PdCore>>) -> tonic::service::Routes {
     let kv = KvServer::new(KvService::new(ctx.clone()))
         .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
         .max_encoding_message_size(usize::MAX);
@@ -209,9 +213,12 @@ fn grpc_routes(ctx: Arc<NodeContext>) -> tonic::service::Routes {
         .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
         .max_encoding_message_size(usize::MAX);
     let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
-    let routes = tonic::service::Routes::new(kv)
+    let mut routes = tonic::service::Routes::new(kv)
         .add_service(maintenance)
         .add_service(cluster);
+    if let Some(core) = pd_core {
+        routes = routes.add_service(pd::service::PdService::new(core).into_server());
+    }
     let router = routes.into_axum_router().merge(crate::http::routes(ctx));
     tonic::service::Routes::from(router)
 }
@@ -300,7 +307,7 @@ async fn join_cluster(
                     let ours = pd
                         .get_region_by_id(region.id)
                         .await?
-                        .is_some_and(|(r, _)| r.peers.iter().any(|p| p.node_id == ident.node_id));
+                        .is_some_and(|r| r.region.peers.iter().any(|p| p.node_id == ident.node_id));
                     if !ours {
                         info!("another node bootstrapped the cluster first; joining it");
                         store.clear_prepared_bootstrap()?;

@@ -97,4 +97,7 @@ impl PdClient for FaultyPd {
         self.oracle_delay().await;
         self.inner.current_revision().await
     }
+    async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
+        self.inner.split_region(key).await
+    }
 }

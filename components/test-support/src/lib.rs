@@ -4,7 +4,7 @@
 //! both.
 //!
 //! - [`process`]: single servers ([`Node`], [`Pd`], [`Etcd`]), `etcdctl`,
-//!   an `etcd-client` connector, ports and binary paths.
+//!   `metastore-ctl`, an `etcd-client` connector, ports and binary paths.
 //! - [`cluster`]: 3-member clusters behind the [`Cluster`] trait —
 //!   [`ProcessCluster`] (3 PD + 3 nodes) and [`EtcdCluster`].
 //! - [`proxy`]: a TCP proxy that passes, delays, stalls or blackholes.
@@ -37,6 +37,6 @@ pub use nemesis::{
     Fault, Nemesis, NemesisConfig, NemesisEvent, NemesisLog, RaftFault, RaftNemesis,
     RaftNemesisConfig, Step,
 };
-pub use process::{bin_path, client, etcdctl, free_port, Etcd, Node, Pd};
+pub use process::{bin_path, client, etcdctl, free_port, metastore_ctl, Etcd, Node, Pd};
 pub use proxy::{Proxy, ProxyMode};
 pub use router_cluster::{RouterCluster, RouterExecutor};

@@ -1,6 +1,7 @@
 //! Real server processes for the process-level tests: `metastore-node`,
 //! `metastore-pd` and Debian's `etcd`, each on free loopback ports with a
-//! throw-away data directory, plus `etcdctl` and an `etcd-client` helper.
+//! throw-away data directory, plus `etcdctl`, `metastore-ctl` and an
+//! `etcd-client` helper.
 //!
 //! Contracts:
 //! - A server's constructor returns once the process listens on its client
@@ -494,7 +495,12 @@ pub async fn pd_leader(pds: &[Pd]) -> usize {
 pub async fn wait_for_voters(pd: &RpcPdClient, voters: usize) -> Region {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(Some((region, Some(_)))) = pd.get_region(b"").await {
+        if let Ok(Some(pd::RegionWithLeader {
+            region,
+            leader: Some(_),
+            ..
+        })) = pd.get_region(b"").await
+        {
             let v = region
                 .peers
                 .iter()
@@ -666,6 +672,17 @@ pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run etcdctl (apt-get install etcd-client)")
+}
+
+/// Runs `metastore-ctl` with `--pd-endpoints pd_endpoints` (a dev node's
+/// client URL, or PD members' client URLs) and `args`.
+pub fn metastore_ctl(pd_endpoints: &str, args: &[&str]) -> Output {
+    Command::new(bin_path("metastore-ctl"))
+        .args(["--pd-endpoints", pd_endpoints])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run metastore-ctl")
 }
 
 /// Connects the `etcd-client` crate to `endpoint`, retrying while the

@@ -7,14 +7,14 @@ use proto::metapb;
 use super::{PdConfig, PdCore};
 use crate::client::PdError;
 
-fn open(dir: &Path, id_window: u64, revision_window: i64) -> Arc<PdCore> {
+pub(super) fn open(dir: &Path, id_window: u64, revision_window: i64) -> Arc<PdCore> {
     let mut cfg = PdConfig::new(dir);
     cfg.id_window = id_window;
     cfg.revision_window = revision_window;
     PdCore::open(cfg).expect("open PD")
 }
 
-fn peer(id: u64, node_id: u64) -> metapb::Peer {
+pub(super) fn peer(id: u64, node_id: u64) -> metapb::Peer {
     metapb::Peer {
         id,
         node_id,
@@ -22,7 +22,13 @@ fn peer(id: u64, node_id: u64) -> metapb::Peer {
     }
 }
 
-fn region(id: u64, start: &[u8], end: &[u8], conf_ver: u64, version: u64) -> metapb::Region {
+pub(super) fn region(
+    id: u64,
+    start: &[u8],
+    end: &[u8],
+    conf_ver: u64,
+    version: u64,
+) -> metapb::Region {
     metapb::Region {
         id,
         start_key: start.to_vec(),
@@ -32,7 +38,7 @@ fn region(id: u64, start: &[u8], end: &[u8], conf_ver: u64, version: u64) -> met
     }
 }
 
-fn node(id: u64) -> metapb::Node {
+pub(super) fn node(id: u64) -> metapb::Node {
     metapb::Node {
         id,
         name: format!("n{id}"),
@@ -42,7 +48,7 @@ fn node(id: u64) -> metapb::Node {
     }
 }
 
-async fn bootstrapped(dir: &Path) -> Arc<PdCore> {
+pub(super) async fn bootstrapped(dir: &Path) -> Arc<PdCore> {
     let pd = open(dir, 1000, 10_000);
     pd.bootstrap(node(1), region(1, b"", b"", 1, 1))
         .await
@@ -50,7 +56,7 @@ async fn bootstrapped(dir: &Path) -> Arc<PdCore> {
     pd
 }
 
-fn leader_of(r: &metapb::Region) -> metapb::Peer {
+pub(super) fn leader_of(r: &metapb::Region) -> metapb::Peer {
     r.peers[0]
 }
 
@@ -223,7 +229,7 @@ async fn bootstrap_once() {
         Err(PdError::AlreadyBootstrapped)
     );
     assert_eq!(pd.get_node(1).await.unwrap(), Some(node(1)));
-    assert_eq!(pd.get_region(b"zz").await.unwrap().unwrap().0.id, 1);
+    assert_eq!(pd.get_region(b"zz").await.unwrap().unwrap().region.id, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,7 +243,7 @@ async fn cluster_ids_differ_between_data_dirs() {
 }
 
 /// Splits region 1 [,) into 1 [, g), 2 [g, p), 3 [p, ).
-async fn split_three(pd: &PdCore) {
+pub(super) async fn split_three(pd: &PdCore) {
     let r1 = region(1, b"", b"g", 1, 3);
     let r2 = region(2, b"g", b"p", 1, 3);
     let r3 = region(3, b"p", b"", 1, 3);
@@ -250,7 +256,9 @@ async fn split_three(pd: &PdCore) {
 async fn region_lookup_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let pd = bootstrapped(dir.path()).await;
-    let (r, leader) = pd.get_region(b"").await.unwrap().unwrap();
+    let crate::RegionWithLeader {
+        region: r, leader, ..
+    } = pd.get_region(b"").await.unwrap().unwrap();
     assert_eq!(r.id, 1);
     assert_eq!(leader, None, "no heartbeat yet");
 
@@ -267,18 +275,25 @@ async fn region_lookup_by_key() {
         (b"\xff\xff\xff", 3),
     ];
     for (key, want) in cases {
-        let (r, leader) = pd.get_region(key).await.unwrap().unwrap();
+        let crate::RegionWithLeader {
+            region: r, leader, ..
+        } = pd.get_region(key).await.unwrap().unwrap();
         assert_eq!(r.id, *want, "key {key:?}");
         assert_eq!(leader, Some(leader_of(&r)));
     }
     assert_eq!(
-        pd.get_region_by_id(2).await.unwrap().unwrap().0.start_key,
+        pd.get_region_by_id(2)
+            .await
+            .unwrap()
+            .unwrap()
+            .region
+            .start_key,
         b"g"
     );
     assert_eq!(pd.get_region_by_id(42).await.unwrap(), None);
 
     let ids =
-        |v: Vec<crate::RegionWithLeader>| v.into_iter().map(|(r, _)| r.id).collect::<Vec<_>>();
+        |v: Vec<crate::RegionWithLeader>| v.into_iter().map(|r| r.region.id).collect::<Vec<_>>();
     assert_eq!(
         ids(pd.scan_regions(b"", b"", 0).await.unwrap()),
         vec![1, 2, 3]
@@ -302,8 +317,8 @@ async fn region_lookup_by_key() {
     // The tree is rebuilt from storage.
     drop(pd);
     let pd = open(dir.path(), 1000, 10_000);
-    assert_eq!(pd.get_region(b"h").await.unwrap().unwrap().0.id, 2);
-    assert_eq!(pd.get_region(b"zz").await.unwrap().unwrap().0.id, 3);
+    assert_eq!(pd.get_region(b"h").await.unwrap().unwrap().region.id, 2);
+    assert_eq!(pd.get_region(b"zz").await.unwrap().unwrap().region.id, 3);
     assert_eq!(
         ids(pd.scan_regions(b"", b"", 0).await.unwrap()),
         vec![1, 2, 3]
@@ -321,12 +336,12 @@ async fn hole_after_partial_split_report() {
         .unwrap();
     assert_eq!(pd.get_region(b"a").await.unwrap(), None);
     assert_eq!(pd.get_region_by_id(1).await.unwrap(), None);
-    assert_eq!(pd.get_region(b"x").await.unwrap().unwrap().0.id, 2);
+    assert_eq!(pd.get_region(b"x").await.unwrap().unwrap().region.id, 2);
     let r1 = region(1, b"", b"m", 1, 2);
     pd.region_heartbeat(r1.clone(), leader_of(&r1))
         .await
         .unwrap();
-    assert_eq!(pd.get_region(b"a").await.unwrap().unwrap().0.id, 1);
+    assert_eq!(pd.get_region(b"a").await.unwrap().unwrap().region.id, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,10 +356,15 @@ async fn stale_heartbeats_are_ignored() {
         .await
         .unwrap();
     assert_eq!(
-        pd.get_region_by_id(2).await.unwrap().unwrap().0.end_key,
+        pd.get_region_by_id(2)
+            .await
+            .unwrap()
+            .unwrap()
+            .region
+            .end_key,
         b"p"
     );
-    assert_eq!(pd.get_region(b"q").await.unwrap().unwrap().0.id, 3);
+    assert_eq!(pd.get_region(b"q").await.unwrap().unwrap().region.id, 3);
 
     // Older conf_ver, newer version: still stale.
     let mut stale = region(2, b"g", b"p", 0, 9);
@@ -353,7 +373,13 @@ async fn stale_heartbeats_are_ignored() {
         .await
         .unwrap();
     assert_eq!(
-        pd.get_region_by_id(2).await.unwrap().unwrap().0.peers.len(),
+        pd.get_region_by_id(2)
+            .await
+            .unwrap()
+            .unwrap()
+            .region
+            .peers
+            .len(),
         2
     );
 
@@ -364,7 +390,12 @@ async fn stale_heartbeats_are_ignored() {
         .await
         .unwrap();
     assert_eq!(
-        pd.get_region_by_id(1).await.unwrap().unwrap().0.end_key,
+        pd.get_region_by_id(1)
+            .await
+            .unwrap()
+            .unwrap()
+            .region
+            .end_key,
         b"g"
     );
     // An unknown region overlapping a newer one.
@@ -373,13 +404,13 @@ async fn stale_heartbeats_are_ignored() {
         .await
         .unwrap();
     assert_eq!(pd.get_region_by_id(7).await.unwrap(), None);
-    assert_eq!(pd.get_region(b"h").await.unwrap().unwrap().0.id, 2);
+    assert_eq!(pd.get_region(b"h").await.unwrap().unwrap().region.id, 2);
 
     // Same epoch, new leader: accepted.
     let r2 = region(2, b"g", b"p", 1, 3);
     pd.region_heartbeat(r2.clone(), r2.peers[1]).await.unwrap();
     assert_eq!(
-        pd.get_region_by_id(2).await.unwrap().unwrap().1,
+        pd.get_region_by_id(2).await.unwrap().unwrap().leader,
         Some(r2.peers[1])
     );
     // Newer conf_ver: accepted and persisted.
@@ -390,7 +421,7 @@ async fn stale_heartbeats_are_ignored() {
         .unwrap();
     drop(pd);
     let pd = open(dir.path(), 1000, 10_000);
-    assert_eq!(pd.get_region_by_id(2).await.unwrap().unwrap().0, r2b);
+    assert_eq!(pd.get_region_by_id(2).await.unwrap().unwrap().region, r2b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,7 +516,7 @@ async fn legacy_single_member_data_dir_is_carried_over() {
     assert_eq!(pd.cluster_id(), 4242);
     assert!(pd.is_bootstrapped().await.unwrap());
     assert_eq!(pd.get_node(1).await.unwrap(), Some(node(1)));
-    assert_eq!(pd.get_region(b"k").await.unwrap().unwrap().0.id, 1);
+    assert_eq!(pd.get_region(b"k").await.unwrap().unwrap().region.id, 1);
     assert!(pd.alloc_revisions(1).await.unwrap() > 9000);
     assert!(pd.alloc_id().await.unwrap() > 500);
     pd.close().await.unwrap();

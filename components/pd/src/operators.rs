@@ -1,0 +1,181 @@
+//! What PD tells operators' tools (`metastore-ctl`) about its scheduling:
+//! the operators it is handing out to region leaders and the schedulers it
+//! runs with their settings, and the wire forms of both (`GetOperators`,
+//! `GetSchedulers`).
+
+use std::time::Duration;
+
+use proto::pdpb;
+
+use crate::client::{OperatorFields, RegionOperator};
+use crate::schedule::{self, ScheduleConfig};
+
+/// [`PendingOperator::source`] of a replica placement step
+/// ([`crate::schedule`]).
+pub const SOURCE_PLACEMENT: &str = schedule::SCHEDULER_NAME;
+/// [`PendingOperator::source`] of a split asked for with
+/// [`crate::PdClient::split_region`].
+pub const SOURCE_SPLIT_REQUEST: &str = "split-request";
+
+/// An operator PD hands to a region's leader with each heartbeat response
+/// until the region applied it or it expired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingOperator {
+    pub region_id: u64,
+    /// What issued it: [`SOURCE_PLACEMENT`] or [`SOURCE_SPLIT_REQUEST`]
+    /// (a newer PD may name others).
+    pub source: String,
+    pub op: RegionOperator,
+    /// Since it was issued or requested.
+    pub age: Duration,
+}
+
+impl PendingOperator {
+    pub fn to_proto(&self) -> pdpb::Operator {
+        let f = OperatorFields::from_operator(&self.op);
+        pdpb::Operator {
+            region_id: self.region_id,
+            source: self.source.clone(),
+            change_peer: f.change_peer,
+            transfer_leader: f.transfer_leader,
+            split_region: f.split_region,
+            age_ms: millis(self.age),
+        }
+    }
+
+    /// `None` for an operator this client does not understand.
+    pub fn from_proto(o: pdpb::Operator) -> Option<Self> {
+        let op = OperatorFields {
+            change_peer: o.change_peer,
+            transfer_leader: o.transfer_leader,
+            split_region: o.split_region,
+        }
+        .into_operator()?;
+        Some(PendingOperator {
+            region_id: o.region_id,
+            source: o.source,
+            op,
+            age: Duration::from_millis(o.age_ms),
+        })
+    }
+}
+
+/// A scheduler PD runs on every region heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerInfo {
+    pub name: String,
+    /// What it does, in one sentence.
+    pub description: String,
+}
+
+/// PD's schedulers and their settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulingStatus {
+    pub schedulers: Vec<SchedulerInfo>,
+    /// Voters every region is given, on distinct nodes.
+    pub max_replicas: u64,
+    /// How long a peer may be down before it is replaced.
+    pub max_node_down_time: Duration,
+    /// How long a placement step is repeated before PD decides anew.
+    pub operator_timeout: Duration,
+    /// How long a requested split waits to be carried out.
+    pub split_timeout: Duration,
+}
+
+impl SchedulingStatus {
+    /// The status of a PD scheduling with `config`.
+    pub fn of(config: &ScheduleConfig) -> Self {
+        SchedulingStatus {
+            schedulers: vec![SchedulerInfo {
+                name: schedule::SCHEDULER_NAME.to_owned(),
+                description: schedule::SCHEDULER_DESCRIPTION.to_owned(),
+            }],
+            max_replicas: config.max_replicas as u64,
+            max_node_down_time: config.max_node_down_time,
+            operator_timeout: config.operator_timeout,
+            split_timeout: config.split_timeout,
+        }
+    }
+
+    /// Fills the fields of a GetSchedulers response but its header.
+    pub fn to_proto(&self, header: Option<pdpb::ResponseHeader>) -> pdpb::GetSchedulersResponse {
+        pdpb::GetSchedulersResponse {
+            header,
+            schedulers: self
+                .schedulers
+                .iter()
+                .map(|s| pdpb::Scheduler {
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                })
+                .collect(),
+            max_replicas: self.max_replicas,
+            max_node_down_time_ms: millis(self.max_node_down_time),
+            operator_timeout_ms: millis(self.operator_timeout),
+            split_timeout_ms: millis(self.split_timeout),
+        }
+    }
+
+    pub fn from_proto(r: pdpb::GetSchedulersResponse) -> Self {
+        SchedulingStatus {
+            schedulers: r
+                .schedulers
+                .into_iter()
+                .map(|s| SchedulerInfo {
+                    name: s.name,
+                    description: s.description,
+                })
+                .collect(),
+            max_replicas: r.max_replicas,
+            max_node_down_time: Duration::from_millis(r.max_node_down_time_ms),
+            operator_timeout: Duration::from_millis(r.operator_timeout_ms),
+            split_timeout: Duration::from_millis(r.split_timeout_ms),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::metapb;
+
+    #[test]
+    fn operators_round_trip_through_the_wire() {
+        let peer = metapb::Peer {
+            id: 7,
+            node_id: 3,
+            role: metapb::PeerRole::Learner as i32,
+        };
+        for op in [
+            RegionOperator::AddLearner(peer),
+            RegionOperator::PromoteLearner(peer),
+            RegionOperator::RemovePeer(peer),
+            RegionOperator::TransferLeader(peer),
+            RegionOperator::Split {
+                key: b"k\x00".to_vec(),
+            },
+        ] {
+            let p = PendingOperator {
+                region_id: 5,
+                source: SOURCE_SPLIT_REQUEST.to_owned(),
+                op,
+                age: Duration::from_millis(1500),
+            };
+            assert_eq!(PendingOperator::from_proto(p.to_proto()), Some(p));
+        }
+        // Nothing set: nothing understood.
+        assert_eq!(PendingOperator::from_proto(pdpb::Operator::default()), None);
+    }
+
+    #[test]
+    fn scheduling_status_round_trips() {
+        let s = SchedulingStatus::of(&ScheduleConfig::default());
+        assert_eq!(s.max_replicas, 3);
+        assert_eq!(s.schedulers[0].name, "replica-placement");
+        assert_eq!(SchedulingStatus::from_proto(s.to_proto(None)), s);
+    }
+}
