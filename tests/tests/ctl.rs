@@ -2,15 +2,15 @@
 //! driver on its client URL: stores, regions, the scheduler, and clear
 //! errors with the documented exit codes.
 //!
-//! `region split` is checked here only for its usage error: nodes do not
-//! carry out splits yet (the split itself is covered in process by the
-//! crate's unit tests against an in-process PD).
+//! Splits: `region split KEY` on a dev node's data, and a node with small
+//! split thresholds splitting itself as keys arrive; etcdctl sees one store
+//! throughout.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{free_port, metastore_ctl, Node};
+use test_support::{etcdctl, free_port, metastore_ctl, Node};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -131,4 +131,105 @@ fn unreachable_pd_is_one_line_and_exit_code_1() {
         1,
         &format!("metastore-ctl: cannot reach PD at {dead}"),
     );
+}
+
+/// The count of keys under `prefix`, as one etcdctl read answers it (one
+/// key returned, the count of all).
+fn count_under(endpoint: &str, prefix: &str) -> u64 {
+    let out = etcdctl(
+        endpoint,
+        &[
+            "get",
+            prefix,
+            "--prefix",
+            "--keys-only",
+            "--limit",
+            "1",
+            "-w",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "etcdctl get: {}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).expect("etcdctl JSON");
+    v["count"].as_u64().unwrap_or(0)
+}
+
+fn put_keys(endpoint: &str, n: usize) {
+    for i in 0..n {
+        let out = etcdctl(endpoint, &["put", &format!("k{i:03}"), &format!("v{i}")]);
+        assert!(out.status.success(), "etcdctl put: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn region_split_on_request() {
+    let node = Node::start_dev();
+    let ep = node.endpoint();
+    regions_with_leader(&ep);
+    put_keys(&ep, 30);
+
+    let split = json(&ep, &["region", "split", "k010", "-w", "json"]);
+    assert_eq!(split["count"], 2, "{split}");
+    assert_eq!(split["regions"][0]["end_key"], "k010", "{split}");
+    assert_eq!(split["regions"][1]["start_key"], "k010", "{split}");
+    let version = |r: &Value| r["epoch"]["version"].as_u64().unwrap_or(0);
+    assert!(version(&split["regions"][0]) >= 2, "{split}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let regions = json(&ep, &["region", "list", "-w", "json"]);
+        let led = regions["regions"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().all(|r| !r["leader"].is_null()));
+        if regions["count"] == 2 && led {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{regions}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One store for etcdctl: reads across the split, writes on both sides.
+    assert_eq!(count_under(&ep, "k"), 30);
+    for (k, v) in [("k005", "left"), ("k020", "right")] {
+        let out = etcdctl(&ep, &["put", k, v]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = etcdctl(&ep, &["get", k, "--print-value-only"]);
+        assert_eq!(stdout(&out).trim(), v);
+    }
+    let out = etcdctl(&ep, &["get", "k008", "k012", "--keys-only"]);
+    let text = stdout(&out);
+    let keys: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(keys, ["k008", "k009", "k010", "k011"], "{}", stdout(&out));
+    // A key that is already a boundary cannot split again.
+    assert_fails(&metastore_ctl(&ep, &["region", "split", "k010"]), 2, "k010");
+}
+
+#[test]
+fn a_node_with_small_limits_splits_itself() {
+    let node =
+        Node::start_dev_with(&["--region-max-keys", "20", "--split-check-interval", "200ms"]);
+    let ep = node.endpoint();
+    regions_with_leader(&ep);
+    put_keys(&ep, 150);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let regions = loop {
+        let regions = json(&ep, &["region", "list", "-w", "json"]);
+        if regions["count"].as_u64().unwrap_or(0) >= 5 {
+            break regions;
+        }
+        assert!(Instant::now() < deadline, "{regions}\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let list = regions["regions"].as_array().expect("regions");
+    // Adjacent, in key order, from the start of the keyspace to its end.
+    assert_eq!(list[0]["start_key"], "");
+    assert_eq!(list[list.len() - 1]["end_key"], "");
+    for pair in list.windows(2) {
+        assert_eq!(pair[0]["end_key"], pair[1]["start_key"], "{regions}");
+    }
+    assert_eq!(count_under(&ep, "k"), 150);
+    let out = etcdctl(
+        &ep,
+        &["get", "k", "--prefix", "--keys-only", "--limit", "0"],
+    );
+    assert_eq!(stdout(&out).split_whitespace().count(), 150);
 }

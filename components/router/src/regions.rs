@@ -68,7 +68,7 @@ impl Router {
             let region = match local.iter().find(|r| contains(r, &cursor)) {
                 Some(r) => r.clone(),
                 None => match self.pd.get_region(&cursor).await? {
-                    Some((region, _)) => region,
+                    Some(found) => found.region,
                     None => return Err(Error::NoRegion(cursor)),
                 },
             };

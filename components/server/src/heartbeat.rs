@@ -1,7 +1,9 @@
 //! Region heartbeats: every region this node leads reports its meta, leader,
-//! and lagging or silent peers to the placement driver, and carries out the
-//! step PD answers with (add a learner, promote it, remove a peer, hand
-//! leadership over) — this is how PD keeps each region at `max-replicas`.
+//! lagging or silent peers and last measured size (`split_check`) to the
+//! placement driver, and carries out the step PD answers with (add a
+//! learner, promote it, remove a peer, hand leadership over — how PD keeps
+//! each region at `max-replicas` — or split at a key an operator asked
+//! for).
 //!
 //! A heartbeat goes out at once when a region gains a new leader term here,
 //! when its membership or lagging peers change, and otherwise every
@@ -15,9 +17,12 @@ use std::time::{Duration, Instant};
 use pd::{PdClient, RegionHeartbeat, RegionOperator};
 use proto::metapb;
 
-use raftstore::{ConfChangeType, PeerStatus, RegionHandle, Store};
+use raftstore::{ConfChangeType, PeerStatus, RegionHandle};
+use router::Router;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+use crate::split_check::RegionSizes;
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 const BUSY_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -33,7 +38,13 @@ struct Reported {
     busy: bool,
 }
 
-pub async fn run(store: Arc<Store>, pd: Arc<dyn PdClient>, mut stopped: watch::Receiver<bool>) {
+pub async fn run(
+    router: Arc<Router>,
+    pd: Arc<dyn PdClient>,
+    sizes: Arc<RegionSizes>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let store = router.store().clone();
     let mut reported: HashMap<u64, Reported> = HashMap::new();
     // Regions with an operator being carried out: one at a time per region.
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -68,9 +79,8 @@ pub async fn run(store: Arc<Store>, pd: Arc<dyn PdClient>, mut stopped: watch::R
                 leader: *leader,
                 pending_peers: peers_by_id(&status, &status.pending_peers),
                 down_peers: peers_by_id(&status, &status.down_peers),
-                // filled by the split checker
-                approximate_size: 0,
-                approximate_keys: 0,
+                approximate_size: sizes.get(status.region.id).bytes,
+                approximate_keys: sizes.get(status.region.id).keys,
             };
             match pd.region_heartbeat(hb).await {
                 Ok(op) => {
@@ -90,7 +100,13 @@ pub async fn run(store: Arc<Store>, pd: Arc<dyn PdClient>, mut stopped: watch::R
                         },
                     );
                     if let Some(op) = op {
-                        spawn_operator(handle, status.region.clone(), op, running.clone());
+                        spawn_operator(
+                            router.clone(),
+                            handle,
+                            status.region.clone(),
+                            op,
+                            running.clone(),
+                        );
                     }
                 }
                 // PD may be restarting or electing; the next round retries.
@@ -118,6 +134,7 @@ fn peers_by_id(status: &PeerStatus, ids: &[u64]) -> Vec<metapb::Peer> {
 /// the region. The operator was decided for `decided_on`; if the region has
 /// changed since, it is dropped (PD decides again on the next heartbeat).
 fn spawn_operator(
+    router: Arc<Router>,
     handle: RegionHandle,
     decided_on: metapb::Region,
     op: RegionOperator,
@@ -130,7 +147,7 @@ fn spawn_operator(
     tokio::spawn(async move {
         let current = handle.status().region;
         if current.region_epoch == decided_on.region_epoch {
-            if let Err(e) = execute(&handle, &op).await {
+            if let Err(e) = execute(&router, &handle, &op).await {
                 warn!(region_id, ?op, "scheduled step failed: {e}");
             } else {
                 info!(region_id, ?op, "scheduled step done");
@@ -150,13 +167,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn execute(handle: &RegionHandle, op: &RegionOperator) -> raftstore::Result<()> {
+async fn execute(
+    router: &Router,
+    handle: &RegionHandle,
+    op: &RegionOperator,
+) -> Result<(), String> {
     let change = |ty: ConfChangeType, peer: &metapb::Peer, role: metapb::PeerRole| {
         let mut peer = *peer;
         peer.role = role as i32;
         vec![(ty, peer)]
     };
-    match op {
+    let done = match op {
         RegionOperator::AddLearner(p) => {
             handle
                 .change_peers(change(
@@ -178,13 +199,12 @@ async fn execute(handle: &RegionHandle, op: &RegionOperator) -> raftstore::Resul
         }
         RegionOperator::TransferLeader(p) => handle.transfer_leader(p.id).await,
         RegionOperator::Split { key } => {
-            // carried out by the router's split (wired in main)
-            debug!(
-                region_id = handle.region_id(),
-                key = %key.escape_ascii(),
-                "split requested by PD; not carried out yet"
-            );
-            Ok(())
+            return router
+                .split_region(handle.region_id(), key.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
-    }
+    };
+    done.map_err(|e| e.to_string())
 }

@@ -174,8 +174,9 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         servers.push(tokio::spawn(server));
     }
     let heartbeats = tokio::spawn(crate::heartbeat::run(
-        store.clone(),
+        ctx.router.clone(),
         ctx.pd.clone(),
+        ctx.region_sizes.clone(),
         stopped.clone(),
     ));
     let split_checks = tokio::spawn(crate::split_check::run(
