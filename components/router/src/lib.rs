@@ -25,6 +25,7 @@
 //! Failures are classified in [`error`]: etcd request errors, not applied
 //! (retried), outcome unknown (never retried), node failures.
 
+mod cache;
 pub mod error;
 pub mod forward;
 pub mod leader;

@@ -6,8 +6,9 @@
 //!   the ready leader, else [`Location::Follower`] with the leader's node
 //!   (from the replica's raft state, or a fresher hint from a node that
 //!   refused a forwarded request);
-//! * no local replica → [`Location::Remote`], region and leader from PD
-//!   (PD knows leaders from heartbeats only, so a hint beats it);
+//! * no local replica → [`Location::Remote`], region and leader from the
+//!   region cache, filled from PD on a miss (PD knows leaders from
+//!   heartbeats only, so a hint beats it);
 //! * spans over several regions → [`Error::CrossRegion`];
 //! * no leader known yet, or this replica leads but is not ready (it has
 //!   not applied an entry of its term) → a retryable `NotLeader`.
@@ -25,6 +26,7 @@ use proto::etcdserverpb::{request_op::Request, TxnRequest};
 use proto::metapb;
 use raftstore::RegionHandle;
 
+use crate::cache::Cached;
 use crate::forward::Target;
 use crate::leader::RegionLeader;
 use crate::{Error, Result, Router};
@@ -104,10 +106,15 @@ impl Router {
     }
 
     async fn locate_remote(&self, spans: &[KeyRange], key: Vec<u8>) -> Result<Location> {
-        let Some(pd::RegionWithLeader { region, leader, .. }) = self.pd.get_region(&key).await?
-        else {
-            return Err(Error::NoRegion(key));
-        };
+        let mut found = self.remote_region(&key, false).await?;
+        if !spans.iter().all(|s| covers(&found.region, s)) {
+            // The cached region may predate a split or a merge: ask PD.
+            found = self.remote_region(&key, true).await?;
+        }
+        let Cached {
+            region,
+            leader_node,
+        } = found;
         if !spans.iter().all(|s| covers(&region, s)) {
             return Err(Error::CrossRegion);
         }
@@ -115,7 +122,7 @@ impl Router {
             .hints
             .get(&region.id)
             .map(|h| h.leader_node)
-            .or(leader.map(|p| p.node_id))
+            .or(leader_node)
             .ok_or(Error::Region(raftstore::Error::NotLeader {
                 region_id: region.id,
                 leader: None,
@@ -127,8 +134,36 @@ impl Router {
         }))
     }
 
-    /// Keeps what a failed forward taught about the leader.
+    /// The region owning `key`, from the cache, or from PD (then cached);
+    /// `fresh`: from PD in any case.
+    pub(crate) async fn remote_region(&self, key: &[u8], fresh: bool) -> Result<Cached> {
+        if let Some(cached) = self.cache.lookup(key).filter(|_| !fresh) {
+            return Ok(cached);
+        }
+        let Some(found) = self.pd.get_region(key).await? else {
+            return Err(Error::NoRegion(key.to_vec()));
+        };
+        let leader_node = found.leader.map(|p| p.node_id);
+        self.cache.insert(found.region.clone(), leader_node);
+        Ok(Cached {
+            region: found.region,
+            leader_node,
+        })
+    }
+
+    /// Keeps what a failed forward taught about the region and its leader:
+    /// the region's new meta from an epoch mismatch replaces the cached
+    /// one; any other region error or an unreachable node drops the cached
+    /// region (PD is asked again).
     pub(crate) fn note_forward_error(&self, target: &Target, err: &Error) {
+        match err {
+            Error::Region(raftstore::Error::EpochNotMatch { current, .. }) => {
+                self.cache.remove(target.region_id);
+                self.cache.insert(current.clone(), None);
+            }
+            Error::Region(_) | Error::Unreachable { .. } => self.cache.remove(target.region_id),
+            _ => {}
+        }
         match err {
             Error::Region(raftstore::Error::NotLeader {
                 leader: Some(leader),

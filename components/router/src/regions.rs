@@ -3,7 +3,8 @@
 //! Contract:
 //! * [`Router::pieces`]: the regions covering a key range, in key order,
 //!   each with the part of the range it owns. Regions are found among this
-//!   node's initialized replicas first, then asked of PD; a key no region
+//!   node's initialized replicas first, then in the region cache (filled
+//!   from PD); a key no region
 //!   covers (PD has heard from only one side of a fresh split) is a
 //!   retryable `NoRegion`. The pieces are a snapshot of the layout: a split
 //!   after they were taken makes a piece span two regions, which the
@@ -67,10 +68,7 @@ impl Router {
         loop {
             let region = match local.iter().find(|r| contains(r, &cursor)) {
                 Some(r) => r.clone(),
-                None => match self.pd.get_region(&cursor).await? {
-                    Some(found) => found.region,
-                    None => return Err(Error::NoRegion(cursor)),
-                },
+                None => self.remote_region(&cursor, false).await?.region,
             };
             let region_end = region.end_key.clone();
             let last = match &span.end {

@@ -38,9 +38,10 @@ use proto::forwardpb::RequestHeader;
 use raftstore::{RegionHandle, Store};
 use tracing::debug;
 
+use crate::cache::RegionCache;
 use crate::forward::{Forward, Target};
-use crate::leader::{RegionLeader, READ_TIMEOUT};
-use crate::locate::{covers, is_serializable_txn, write_spans, LeaderHint, Location};
+use crate::leader::{check_spans, RegionLeader, READ_TIMEOUT};
+use crate::locate::{is_serializable_txn, write_spans, LeaderHint, Location};
 use crate::{Error, Result, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 
 pub struct Router {
@@ -52,6 +53,8 @@ pub struct Router {
     /// Region id → newest leader hint, newer than what PD may know (PD
     /// hears of leaders through heartbeats only).
     pub(crate) hints: DashMap<u64, LeaderHint>,
+    /// Regions without a replica here (see `cache`).
+    pub(crate) cache: RegionCache,
 }
 
 impl Router {
@@ -65,6 +68,7 @@ impl Router {
             leaders: DashMap::new(),
             forwarder,
             hints: DashMap::new(),
+            cache: RegionCache::default(),
         }
     }
 
@@ -173,12 +177,19 @@ impl Router {
     /// Reads this replica's state machine for `req` with `current` as the
     /// newest revision a read may ask for (`None`: the replica's applied
     /// revision, a serializable read), from one snapshot.
+    ///
+    /// The region must still hold the range *now*: a linearizable read
+    /// checked here, after its barrier, knows that a split moving the keys
+    /// away (and so any write of them through the new region) came after
+    /// its revision R.
     fn read_local(
         &self,
         handle: &RegionHandle,
         req: &RangeRequest,
         current: Option<i64>,
     ) -> Result<RangeResponse> {
+        let span = KeyRange::from_etcd(&req.key, &req.range_end);
+        check_spans(&handle.status().region, std::slice::from_ref(&span))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
         let current = current.unwrap_or(state.applied_revision.max(1));
@@ -239,6 +250,7 @@ impl Router {
         handle: &RegionHandle,
         req: &WriteRequest,
     ) -> Result<WriteResponse> {
+        check_spans(&handle.status().region, &write_spans(req))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
         let current = state.applied_revision.max(1);
@@ -422,15 +434,7 @@ impl Router {
 
     /// Checks that `spans` lie in the forwarded request's region here.
     fn check_forwarded_spans(&self, handle: &RegionHandle, spans: &[KeyRange]) -> Result<()> {
-        let region = handle.status().region;
-        if spans.iter().all(|s| covers(&region, s)) {
-            return Ok(());
-        }
-        Err(raftstore::Error::EpochNotMatch {
-            region_id: region.id,
-            current: region,
-        }
-        .into())
+        check_spans(&handle.status().region, spans)
     }
 
     /// Leader side of a forwarded Put, DeleteRange or Txn.

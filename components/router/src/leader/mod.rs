@@ -74,6 +74,7 @@ use proto::raft_cmdpb::{
 use raftstore::{Applied, RegionHandle};
 use tokio::sync::oneshot;
 
+use crate::locate::covers;
 use crate::{Error, Result};
 use inflight::Inflight;
 use latches::{LatchSet, Latches};
@@ -119,6 +120,9 @@ impl RegionLeader {
         if !status.ready_leader {
             return Err(not_leader(handle));
         }
+        // A split may have moved the keys away while this write waited for
+        // its latches (a split holds them all).
+        check_spans(&status.region, spans)?;
         let term = status.term;
         let current = match req {
             // Only txns read at historical revisions during evaluation.
@@ -247,6 +251,18 @@ impl RegionLeader {
             .map_err(|_| Error::timed_out("split"))??;
         Ok(handle.status().region)
     }
+}
+
+/// `EpochNotMatch` unless `region` holds every key of `spans`: the caller
+/// located the request by an older view of the region.
+pub(crate) fn check_spans(region: &metapb::Region, spans: &[KeyRange]) -> Result<()> {
+    if spans.iter().all(|s| covers(region, s)) {
+        return Ok(());
+    }
+    Err(Error::Region(raftstore::Error::EpochNotMatch {
+        region_id: region.id,
+        current: region.clone(),
+    }))
 }
 
 fn not_leader(handle: &RegionHandle) -> Error {
