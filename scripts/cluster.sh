@@ -10,6 +10,9 @@
 #   scripts/cluster.sh stop           SIGTERM everything
 #   scripts/cluster.sh clean          stop and delete ./local-cluster
 #
+# METASTORE_NODE_ARGS adds flags to every node, e.g. small split limits:
+#   METASTORE_NODE_ARGS="--region-max-keys 1000 --split-check-interval 1s" scripts/cluster.sh start
+#
 # Ports (etcd's convention for local clusters):
 #   nodes  n1 2379/2380  n2 22379/22380  n3 32379/32380   (client/peer)
 #   PD     pd1 2479/2480 pd2 22479/22480 pd3 32479/32480  (client/peer)
@@ -52,6 +55,7 @@ launch() {
                 --listen-client-urls "http://127.0.0.1:$p" \
                 --listen-peer-urls "http://127.0.0.1:$((p + 1))" \
                 --pd-endpoints "$pd_endpoints" \
+                ${METASTORE_NODE_ARGS:-} \
                 >>"$base/$name.log" 2>&1 &
             ;;
         *) echo "unknown member $name (pd1 pd2 pd3 n1 n2 n3)" >&2; exit 2 ;;

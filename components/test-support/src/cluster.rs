@@ -141,6 +141,8 @@ pub struct ProcessClusterOptions {
     /// PD leader stays behind them): a test can then make the revision
     /// oracle slow, stalled or unreachable.
     pub pd_proxies: bool,
+    /// More flags for every node (e.g. small split limits).
+    pub node_args: Vec<String>,
 }
 
 /// A connection for one harness query: short timeouts, as the member may be
@@ -279,12 +281,9 @@ impl ProcessCluster {
         let mut nodes = Vec::new();
         for i in 1..=3 {
             let name = format!("n{i}");
-            nodes.push(Node::start_dev_with(&[
-                "--name",
-                &name,
-                "--pd-endpoints",
-                &node_pd_endpoints,
-            ]));
+            let mut args = vec!["--name", &name, "--pd-endpoints", &node_pd_endpoints];
+            args.extend(options.node_args.iter().map(String::as_str));
+            nodes.push(Node::start_dev_with(&args));
         }
         let direct: Vec<String> = pds.iter().map(Pd::endpoint).collect();
         let pd_client = RpcPdClient::connect(&direct, RpcPdClientConfig::default())
