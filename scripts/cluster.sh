@@ -12,6 +12,7 @@
 #
 # METASTORE_NODE_ARGS adds flags to every node, e.g. small split limits:
 #   METASTORE_NODE_ARGS="--region-max-keys 1000 --split-check-interval 1s" scripts/cluster.sh start
+# METASTORE_RELEASE=1 builds and runs the release binaries (benchmarks).
 #
 # Ports (etcd's convention for local clusters):
 #   nodes  n1 2379/2380  n2 22379/22380  n3 32379/32380   (client/peer)
@@ -20,7 +21,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/metastore-target}"
-bin="$CARGO_TARGET_DIR/debug"
+profile=debug
+[[ -n "${METASTORE_RELEASE:-}" ]] && profile=release
+bin="$CARGO_TARGET_DIR/$profile"
 base="${METASTORE_CLUSTER_DIR:-$PWD/local-cluster}"
 
 pd_port() { case "$1" in pd1) echo 2479 ;; pd2) echo 22479 ;; pd3) echo 32479 ;; esac; }
@@ -77,7 +80,11 @@ wait_port() {
 case "${1:-}" in
     start)
         "$root/scripts/setup.sh"
-        (cd "$root" && cargo build --workspace --bins)
+        if [[ "$profile" == release ]]; then
+            (cd "$root" && cargo build --release --workspace --bins)
+        else
+            (cd "$root" && cargo build --workspace --bins)
+        fi
         for m in pd1 pd2 pd3; do launch "$m"; done
         for m in pd1 pd2 pd3; do wait_port "$(pd_port "$m")"; done
         # The first node bootstraps the cluster; the others join it and PD
@@ -109,7 +116,7 @@ case "${1:-}" in
         if [[ "$1" == clean ]]; then rm -rf "$base" && echo "removed $base"; fi
         ;;
     *)
-        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -79,6 +79,19 @@ pub enum Command {
     Watch(WatchArgs),
     /// Benchmark lease keepalive
     LeaseKeepalive(LeaseArgs),
+    /// Benchmark the revision oracle: AllocRevisions on the placement
+    /// driver's leader (--endpoints are PD client URLs)
+    Oracle(OracleArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OracleArgs {
+    /// Total number of AllocRevisions requests
+    #[arg(long, default_value_t = 10000)]
+    pub total: u64,
+    /// Revisions asked for per request
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
 }
 
 #[derive(Args, Debug, Clone)]

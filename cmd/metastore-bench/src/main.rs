@@ -7,6 +7,7 @@ mod histogram;
 mod keys;
 mod kv;
 mod lease;
+mod oracle;
 mod progress;
 mod rate;
 mod runner;
@@ -71,7 +72,7 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
             }
         }
         Command::Watch(a) => watch::check(a)?,
-        Command::Range(_) | Command::LeaseKeepalive(_) => {}
+        Command::Range(_) | Command::LeaseKeepalive(_) | Command::Oracle(_) => {}
     }
     if g.clients < g.conns {
         eprintln!(
@@ -80,6 +81,18 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
         );
     }
 
+    let oracle_global;
+    let g = if let Command::Oracle(_) = &cli.command {
+        // PD followers refuse: every connection goes to the leader.
+        let endpoints: Vec<String> = g.endpoints.iter().map(|e| conn::normalize(e)).collect();
+        let mut leader_only = g.clone();
+        leader_only.endpoints = vec![oracle::leader_url(&endpoints).await?];
+        leader_only.target_leader = false;
+        oracle_global = leader_only;
+        &oracle_global
+    } else {
+        g
+    };
     let conns = conn::connect(g).await?;
     let clients = g.clients as usize;
     let ch = |i: usize| conn::for_client(&conns, i);
@@ -215,6 +228,31 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
                         elapsed: out.puts_elapsed,
                     },
                 ],
+                extra,
+            };
+            (text, js) = (r.to_text(), r.to_json());
+        }
+        Command::Oracle(a) => {
+            let workers = (0..clients)
+                .map(|i| oracle::OracleWorker::new(ch(i), a.batch))
+                .collect();
+            let out = runner::run(workers, a.total, 1, None, Some("oracle")).await;
+            extra.insert("batch".into(), json!(a.batch));
+            extra.insert(
+                "revisions_per_sec".into(),
+                json!(
+                    out.classes[0].ok_count() as f64 * a.batch as f64
+                        / out.elapsed.as_secs_f64().max(1e-9)
+                ),
+            );
+            let r = Report {
+                command: "oracle",
+                main: Section {
+                    name: "alloc-revisions",
+                    stats: &out.classes[0],
+                    elapsed: out.elapsed,
+                },
+                parts: vec![],
                 extra,
             };
             (text, js) = (r.to_text(), r.to_json());
