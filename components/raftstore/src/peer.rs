@@ -488,6 +488,9 @@ impl Peer {
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
         }
+        if let Some(host) = self.host.upgrade() {
+            host.layout_changed();
+        }
         if self.apply_state.compact_revision > 0 {
             self.spawn_compaction(self.apply_state.compact_revision);
         }
@@ -600,6 +603,7 @@ impl Peer {
         let Some(host) = self.host.upgrade() else {
             return Ok(());
         };
+        host.layout_changed();
         let campaign = self.raw.raft.state == StateRole::Leader;
         for region in splits {
             host.start_split_region(region, campaign)?;

@@ -54,6 +54,7 @@
 //! [`Store::on_raft_message`].
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -242,6 +243,9 @@ impl std::ops::Deref for Store {
 pub struct StoreCore {
     /// This core, for the replicas it starts.
     me: Weak<StoreCore>,
+    /// Bumped whenever a replica starts or goes, or a replica's key range
+    /// changes (see [`StoreCore::layout_version`]).
+    layout: AtomicU64,
     data_dir: std::path::PathBuf,
     kv: KvEngine,
     log: RaftLogEngine,
@@ -279,6 +283,7 @@ impl Store {
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),
+            layout: AtomicU64::new(0),
             data_dir: data_dir.to_owned(),
             kv,
             log,
@@ -521,6 +526,20 @@ impl StoreCore {
     pub(crate) fn unregister(&self, region_id: u64, shared: &Arc<PeerShared>) {
         self.regions
             .remove_if(&region_id, |_, h| Arc::ptr_eq(&h.shared, shared));
+        self.layout_changed();
+    }
+
+    /// A number that changes whenever the set of replicas here or the key
+    /// range of one changes (after the change is visible in their status):
+    /// callers keeping an index of the replicas' ranges rebuild it when it
+    /// moved.
+    pub fn layout_version(&self) -> u64 {
+        self.layout.load(Ordering::Acquire)
+    }
+
+    /// A replica started, went, or changed its key range.
+    pub(crate) fn layout_changed(&self) {
+        self.layout.fetch_add(1, Ordering::AcqRel);
     }
 
     fn start_peer(&self, region: metapb::Region, campaign: bool) -> Result<()> {
@@ -677,6 +696,7 @@ impl StoreCore {
                 shared,
             },
         );
+        self.layout_changed();
         info!(region_id, peer_id, "region replica started");
         Ok(())
     }

@@ -31,6 +31,7 @@ pub mod forward;
 pub mod leader;
 mod locate;
 mod regions;
+mod replicas;
 pub mod resolve;
 mod router;
 

@@ -49,19 +49,20 @@ pub(crate) struct LeaderHint {
 }
 
 impl Router {
-    /// The local replica whose key range covers every range in `spans`.
+    /// The local replica whose key range covers every range in `spans`:
+    /// `NoRegion` if none holds the first key, `CrossRegion` if the one
+    /// that does ends before the spans do.
     pub(crate) fn region_for(&self, spans: &[KeyRange]) -> Result<RegionHandle> {
         let first = spans.first().map(|s| s.start.clone()).unwrap_or_default();
-        for handle in self.store.regions() {
-            let region = handle.status().region;
-            if spans.iter().all(|s| covers(&region, s)) {
-                return Ok(handle);
-            }
-            if spans.iter().any(|s| covers(&region, s)) {
-                return Err(Error::CrossRegion);
-            }
+        let Some(handle) = self.replicas.find(&self.store, &first) else {
+            return Err(Error::NoRegion(first));
+        };
+        let region = handle.status().region;
+        if spans.iter().all(|s| covers(&region, s)) {
+            Ok(handle)
+        } else {
+            Err(Error::CrossRegion)
         }
-        Err(Error::NoRegion(first))
     }
 
     /// Finds where the region of `spans` is served (see the contract).

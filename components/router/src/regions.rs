@@ -57,17 +57,11 @@ fn etcd_bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
 impl Router {
     /// The regions covering `span`, with their parts (see the contract).
     pub(crate) async fn pieces(&self, span: &KeyRange) -> Result<Vec<KeyRange>> {
-        let local: Vec<metapb::Region> = self
-            .store
-            .regions()
-            .into_iter()
-            .map(|h| h.status().region)
-            .collect();
         let mut pieces = Vec::new();
         let mut cursor = span.start.clone();
         loop {
-            let region = match local.iter().find(|r| contains(r, &cursor)) {
-                Some(r) => r.clone(),
+            let region = match self.replicas.find(&self.store, &cursor) {
+                Some(h) => h.status().region,
                 None => self.remote_region(&cursor, false).await?.region,
             };
             let region_end = region.end_key.clone();
@@ -177,9 +171,4 @@ impl Router {
             )))?;
         Ok((region, new_region))
     }
-}
-
-/// Whether `region` owns `key`.
-fn contains(region: &metapb::Region, key: &[u8]) -> bool {
-    key >= region.start_key.as_slice() && (region.end_key.is_empty() || key < &region.end_key[..])
 }

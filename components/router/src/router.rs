@@ -42,6 +42,7 @@ use crate::cache::RegionCache;
 use crate::forward::{Forward, Target};
 use crate::leader::{check_spans, RegionLeader, READ_TIMEOUT};
 use crate::locate::{is_serializable_txn, write_spans, LeaderHint, Location};
+use crate::replicas::LocalReplicas;
 use crate::{Error, Result, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 
 pub struct Router {
@@ -55,6 +56,8 @@ pub struct Router {
     pub(crate) hints: DashMap<u64, LeaderHint>,
     /// Regions without a replica here (see `cache`).
     pub(crate) cache: RegionCache,
+    /// This node's replicas by key (see `replicas`).
+    pub(crate) replicas: LocalReplicas,
 }
 
 impl Router {
@@ -69,6 +72,7 @@ impl Router {
             forwarder,
             hints: DashMap::new(),
             cache: RegionCache::default(),
+            replicas: LocalReplicas::default(),
         }
     }
 
