@@ -56,6 +56,7 @@
 //! ```
 
 pub mod client;
+pub mod load;
 pub mod local;
 pub mod operators;
 pub mod pd_core;

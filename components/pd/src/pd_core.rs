@@ -263,7 +263,7 @@ impl PdCore {
             members = members.len(),
             bootstrapped = cluster.bootstrapped,
             nodes = cluster.nodes.len(),
-            regions = cluster.regions.len(),
+            regions = cluster.region_count(),
             revision = cluster.revision_high_water,
             id = cluster.id_high_water,
             applied = applied.0,
@@ -837,16 +837,14 @@ impl PdCore {
                 }
             }
         }
-        let mut c = self.shared.state.write();
-        if let Some(e) = c.regions.get_mut(&region.id) {
-            if e.region == *region {
-                e.reported = Reported {
-                    leader: Some(leader),
-                    approximate_size: hb.approximate_size,
-                    approximate_keys: hb.approximate_keys,
-                };
-            }
-        }
+        self.shared.state.write().report(
+            region,
+            Reported {
+                leader: Some(leader),
+                approximate_size: hb.approximate_size,
+                approximate_keys: hb.approximate_keys,
+            },
+        );
         Ok(true)
     }
 
