@@ -84,7 +84,6 @@ pub(crate) struct NodeLoads {
 
 impl NodeLoads {
     /// The load of `node_id` (zero if it holds nothing).
-    #[cfg(test)]
     pub fn get(&self, node_id: u64) -> NodeLoad {
         self.by_node.get(&node_id).copied().unwrap_or_default()
     }

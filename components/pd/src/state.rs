@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use crate::client::INITIAL_REVISION;
 use crate::client::{PdError, RegionWithLeader, Result};
-use crate::load::{NodeLoads, RegionLoad};
+use crate::load::{NodeInfo, NodeLoads, RegionLoad};
 use crate::storage::{Batch, PersistedState};
 
 pub(crate) struct RegionEntry {
@@ -170,6 +170,19 @@ impl ClusterState {
     #[cfg(test)]
     pub fn loads(&self) -> &NodeLoads {
         &self.loads
+    }
+
+    /// Every node with its state and load, as the schedulers see them.
+    pub fn node_infos(&self) -> Vec<NodeInfo> {
+        self.nodes
+            .values()
+            .map(|n| NodeInfo {
+                id: n.id,
+                state: n.state(),
+                started: !n.client_urls.is_empty(),
+                load: self.loads.get(n.id),
+            })
+            .collect()
     }
 
     /// The counters as a walk over every region finds them: what `loads`
