@@ -951,6 +951,8 @@ impl ClusterView for PdCore {
 }
 
 #[cfg(test)]
+mod balance_tests;
+#[cfg(test)]
 mod split_tests;
 #[cfg(test)]
 mod tests;

@@ -386,4 +386,8 @@ impl Scheduler {
 }
 
 #[cfg(test)]
+mod balance_tests;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;

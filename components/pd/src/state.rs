@@ -196,6 +196,12 @@ impl ClusterState {
         loads
     }
 
+    /// Every region's id, in key order.
+    #[cfg(test)]
+    pub fn region_ids(&self) -> Vec<u64> {
+        self.tree.values().copied().collect()
+    }
+
     /// Inserts (or replaces) a region; the caller removed whatever it
     /// overlaps.
     pub fn insert_region(&mut self, region: metapb::Region, reported: Reported) {

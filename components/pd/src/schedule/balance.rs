@@ -240,6 +240,17 @@ impl Moves {
     pub fn cancel(&self, region_id: u64) {
         self.moves.lock().remove(&region_id);
     }
+
+    /// (leader transfers, replica moves) in flight.
+    #[cfg(test)]
+    pub fn in_flight(&self) -> (usize, usize) {
+        let moves = self.moves.lock();
+        let leaders = moves
+            .values()
+            .filter(|m| matches!(m.kind, Kind::Leader { .. }))
+            .count();
+        (leaders, moves.len() - leaders)
+    }
 }
 
 /// All peers are voters on up nodes, none pending or down, and there are
