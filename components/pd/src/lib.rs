@@ -31,6 +31,11 @@
 //! across leader changes, crashes and partitions. [`PdCore::close`] commits
 //! the exact position so a clean restart continues without a gap.
 //!
+//! PD schedules on its leader: each region heartbeat is answered with at
+//! most one step for the region's leader — replica placement, then leader
+//! and region balance ([`schedule`]) — decided from per-node load counters
+//! kept up to date as regions change ([`load`]), not by walking regions.
+//!
 //! Besides the nodes' contract, PD takes requests from operators' tools
 //! (`metastore-ctl`): a split of the region containing a key, handed to the
 //! region's leader with a heartbeat response ([`PdClient::split_region`]),
@@ -56,6 +61,7 @@
 //! ```
 
 pub mod client;
+pub mod load;
 pub mod local;
 pub mod operators;
 pub mod pd_core;

@@ -13,6 +13,11 @@ use crate::schedule::{self, ScheduleConfig};
 /// [`PendingOperator::source`] of a replica placement step
 /// ([`crate::schedule`]).
 pub const SOURCE_PLACEMENT: &str = schedule::SCHEDULER_NAME;
+/// [`PendingOperator::source`] of a leader transfer for leader balance.
+pub const SOURCE_LEADER_BALANCE: &str = schedule::LEADER_BALANCE;
+/// [`PendingOperator::source`] of the steps of a replica move for region
+/// balance (the learner, its promotion, the source replica's removal).
+pub const SOURCE_REGION_BALANCE: &str = schedule::REGION_BALANCE;
 /// [`PendingOperator::source`] of a split asked for with
 /// [`crate::PdClient::split_region`].
 pub const SOURCE_SPLIT_REQUEST: &str = "split-request";
@@ -22,8 +27,9 @@ pub const SOURCE_SPLIT_REQUEST: &str = "split-request";
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingOperator {
     pub region_id: u64,
-    /// What issued it: [`SOURCE_PLACEMENT`] or [`SOURCE_SPLIT_REQUEST`]
-    /// (a newer PD may name others).
+    /// What issued it: [`SOURCE_PLACEMENT`], [`SOURCE_LEADER_BALANCE`],
+    /// [`SOURCE_REGION_BALANCE`] or [`SOURCE_SPLIT_REQUEST`] (a newer PD
+    /// may name others).
     pub source: String,
     pub op: RegionOperator,
     /// Since it was issued or requested.
@@ -86,10 +92,13 @@ impl SchedulingStatus {
     /// The status of a PD scheduling with `config`.
     pub fn of(config: &ScheduleConfig) -> Self {
         SchedulingStatus {
-            schedulers: vec![SchedulerInfo {
-                name: schedule::SCHEDULER_NAME.to_owned(),
-                description: schedule::SCHEDULER_DESCRIPTION.to_owned(),
-            }],
+            schedulers: schedule::schedulers(config)
+                .into_iter()
+                .map(|(name, description)| SchedulerInfo {
+                    name: name.to_owned(),
+                    description,
+                })
+                .collect(),
             max_replicas: config.max_replicas as u64,
             max_node_down_time: config.max_node_down_time,
             operator_timeout: config.operator_timeout,
@@ -175,7 +184,12 @@ mod tests {
     fn scheduling_status_round_trips() {
         let s = SchedulingStatus::of(&ScheduleConfig::default());
         assert_eq!(s.max_replicas, 3);
-        assert_eq!(s.schedulers[0].name, "replica-placement");
+        let names: Vec<&str> = s.schedulers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["replica-placement", "leader-balance", "region-balance"]
+        );
+        assert!(s.schedulers[1].description.contains("at most 4 in flight"));
         assert_eq!(SchedulingStatus::from_proto(s.to_proto(None)), s);
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::load::NodeInfo;
 use crate::operators::{PendingOperator, SchedulingStatus};
 use crate::raft_node::{RaftConfig, RaftMsg, RaftNode, RaftStatus, RaftStore, Shared, Transport};
 use crate::schedule::{ClusterView, ScheduleConfig, Scheduler};
@@ -263,7 +264,7 @@ impl PdCore {
             members = members.len(),
             bootstrapped = cluster.bootstrapped,
             nodes = cluster.nodes.len(),
-            regions = cluster.regions.len(),
+            regions = cluster.region_count(),
             revision = cluster.revision_high_water,
             id = cluster.id_high_water,
             applied = applied.0,
@@ -837,16 +838,14 @@ impl PdCore {
                 }
             }
         }
-        let mut c = self.shared.state.write();
-        if let Some(e) = c.regions.get_mut(&region.id) {
-            if e.region == *region {
-                e.reported = Reported {
-                    leader: Some(leader),
-                    approximate_size: hb.approximate_size,
-                    approximate_keys: hb.approximate_keys,
-                };
-            }
-        }
+        self.shared.state.write().report(
+            region,
+            Reported {
+                leader: Some(leader),
+                approximate_size: hb.approximate_size,
+                approximate_keys: hb.approximate_keys,
+            },
+        );
         Ok(true)
     }
 
@@ -930,29 +929,29 @@ fn validate_region(region: &metapb::Region) -> Result<()> {
 
 #[async_trait::async_trait]
 impl ClusterView for PdCore {
-    async fn nodes(&self) -> Result<Vec<metapb::Node>> {
-        self.get_all_nodes().await
-    }
-
-    async fn regions(&self) -> Result<Vec<metapb::Region>> {
-        Ok(self
-            .scan_regions(&[], &[], 0)
-            .await?
-            .into_iter()
-            .map(|r| r.region)
-            .collect())
+    async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(c.node_infos())
+        })
+        .await
     }
 
     async fn alloc_id(&self) -> Result<u64> {
         PdCore::alloc_id(self).await
     }
 
-    async fn set_node_state(&self, mut node: metapb::Node, state: metapb::NodeState) -> Result<()> {
+    async fn set_node_state(&self, node_id: u64, state: metapb::NodeState) -> Result<()> {
+        let Some(mut node) = self.get_node(node_id).await? else {
+            return Err(PdError::InvalidArgument(format!("no node {node_id}")));
+        };
         node.state = state as i32;
         self.put_node(node).await
     }
 }
 
+#[cfg(test)]
+mod balance_tests;
 #[cfg(test)]
 mod split_tests;
 #[cfg(test)]

@@ -10,12 +10,23 @@ use tracing::{debug, info};
 
 use crate::client::INITIAL_REVISION;
 use crate::client::{PdError, RegionWithLeader, Result};
+use crate::load::{NodeInfo, NodeLoads, RegionLoad};
 use crate::storage::{Batch, PersistedState};
 
 pub(crate) struct RegionEntry {
     pub region: metapb::Region,
     /// Learned from heartbeats by the leader only; not replicated.
     pub reported: Reported,
+}
+
+impl RegionEntry {
+    fn load(&self) -> RegionLoad<'_> {
+        RegionLoad {
+            region: &self.region,
+            leader: self.reported.leader,
+            size: self.reported.approximate_size,
+        }
+    }
 }
 
 /// What the latest heartbeat of a region said besides its meta. Kept in
@@ -31,7 +42,11 @@ pub(crate) struct Reported {
 pub(crate) struct ClusterState {
     pub bootstrapped: bool,
     pub nodes: BTreeMap<u64, metapb::Node>,
-    pub regions: HashMap<u64, RegionEntry>,
+    /// Changed only through [`Self::insert_region`], [`Self::remove_region`]
+    /// and [`Self::report`], which keep `loads` in step.
+    regions: HashMap<u64, RegionEntry>,
+    /// Per-node replica, leader and size counters over `regions`.
+    loads: NodeLoads,
     /// start_key -> region id; the regions in it never overlap.
     pub tree: BTreeMap<Vec<u8>, u64>,
     /// Committed: no id above it was handed out by any leader.
@@ -75,7 +90,7 @@ impl ClusterState {
             c.nodes.insert(n.id, n);
         }
         for r in p.regions {
-            c.insert_region(r);
+            c.insert_region(r, Reported::default());
         }
         if c.tree.len() != c.regions.len() {
             // Two regions with one start key can only come from corruption or
@@ -147,23 +162,79 @@ impl ClusterState {
         out
     }
 
-    pub fn insert_region(&mut self, region: metapb::Region) {
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// The per-node load counters.
+    #[cfg(test)]
+    pub fn loads(&self) -> &NodeLoads {
+        &self.loads
+    }
+
+    /// Every node with its state and load, as the schedulers see them.
+    pub fn node_infos(&self) -> Vec<NodeInfo> {
+        self.nodes
+            .values()
+            .map(|n| NodeInfo {
+                id: n.id,
+                state: n.state(),
+                started: !n.client_urls.is_empty(),
+                load: self.loads.get(n.id),
+            })
+            .collect()
+    }
+
+    /// The counters as a walk over every region finds them: what `loads`
+    /// must always equal.
+    #[cfg(test)]
+    pub fn recount_loads(&self) -> NodeLoads {
+        let mut loads = NodeLoads::default();
+        for e in self.regions.values() {
+            loads.add(e.load());
+        }
+        loads
+    }
+
+    /// Every region's id, in key order.
+    #[cfg(test)]
+    pub fn region_ids(&self) -> Vec<u64> {
+        self.tree.values().copied().collect()
+    }
+
+    /// Inserts (or replaces) a region; the caller removed whatever it
+    /// overlaps.
+    pub fn insert_region(&mut self, region: metapb::Region, reported: Reported) {
+        self.remove_region(region.id);
         self.tree.insert(region.start_key.clone(), region.id);
-        self.regions.insert(
-            region.id,
-            RegionEntry {
-                region,
-                reported: Reported::default(),
-            },
-        );
+        let e = RegionEntry { region, reported };
+        self.loads.add(e.load());
+        self.regions.insert(e.region.id, e);
     }
 
     pub fn remove_region(&mut self, id: u64) -> Option<RegionEntry> {
         let e = self.regions.remove(&id)?;
+        self.loads.remove(e.load());
         if self.tree.get(&e.region.start_key) == Some(&id) {
             self.tree.remove(&e.region.start_key);
         }
         Some(e)
+    }
+
+    /// Records what the leader of region `region.id` reported besides the
+    /// meta, if PD's meta of the region is still `region` (a report for an
+    /// outdated meta is dropped). `false` if dropped.
+    pub fn report(&mut self, region: &metapb::Region, reported: Reported) -> bool {
+        let Some(e) = self.regions.get_mut(&region.id) else {
+            return false;
+        };
+        if e.region != *region {
+            return false;
+        }
+        self.loads.remove(e.load());
+        e.reported = reported;
+        self.loads.add(e.load());
+        true
     }
 
     pub fn heartbeat_effect(&self, region: &metapb::Region) -> HeartbeatEffect {
@@ -249,7 +320,7 @@ impl ClusterState {
                 );
                 self.bootstrapped = true;
                 self.nodes.insert(node.id, node);
-                self.insert_region(region);
+                self.insert_region(region, Reported::default());
                 Ok(true)
             }
             Cmd::PutNode(node) => {
@@ -293,13 +364,13 @@ impl ClusterState {
                     }
                 }
                 batch.put_region(&region);
-                let reported = self.remove_region(region.id).map(|e| e.reported);
+                // What the leader reported stays until its next heartbeat.
+                let reported = self
+                    .remove_region(region.id)
+                    .map(|e| e.reported)
+                    .unwrap_or_default();
                 debug!(region_id = region.id, epoch = ?epoch(&region), "region meta updated");
-                let id = region.id;
-                self.insert_region(region);
-                if let (Some(e), Some(reported)) = (self.regions.get_mut(&id), reported) {
-                    e.reported = reported;
-                }
+                self.insert_region(region, reported);
                 Ok(true)
             }
             Cmd::IdHighWater(h) => {
@@ -326,3 +397,6 @@ impl ClusterState {
         }
     }
 }
+
+#[cfg(test)]
+mod load_tests;

@@ -448,7 +448,11 @@ async fn split_requests_and_scheduling_over_grpc() {
 
     let status = pd.get_schedulers().await.unwrap();
     assert_eq!(status.max_replicas, 1);
-    assert_eq!(status.schedulers.len(), 1);
+    let names: Vec<&str> = status.schedulers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["replica-placement", "leader-balance", "region-balance"]
+    );
     assert_eq!(status.split_timeout, Duration::from_secs(60));
 
     server.stop().await;

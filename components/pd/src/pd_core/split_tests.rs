@@ -15,11 +15,14 @@ use crate::schedule::ScheduleConfig;
 
 /// A bootstrapped PD on nodes 1 and 2 (the test regions' nodes) placing
 /// `max_replicas` voters, and split requests kept for `split_timeout`.
+/// Balancing is off: the test regions are all led from node 1.
 async fn open(dir: &Path, max_replicas: usize, split_timeout: Duration) -> Arc<PdCore> {
     let mut cfg = PdConfig::new(dir);
     cfg.schedule = ScheduleConfig {
         max_replicas,
         split_timeout,
+        leader_balance_limit: 0,
+        region_balance_limit: 0,
         ..Default::default()
     };
     let pd = PdCore::open(cfg).expect("open PD");
