@@ -84,7 +84,11 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metastore_cluster_under_nemesis() {
-    let cluster = ProcessCluster::start_with(ProcessClusterOptions { pd_proxies: true }).await;
+    let cluster = ProcessCluster::start_with(ProcessClusterOptions {
+        pd_proxies: true,
+        ..Default::default()
+    })
+    .await;
     under_nemesis("metastore_nemesis", cluster, Claims::MetaStore).await;
 }
 
