@@ -4,7 +4,8 @@
 //! count, a Kubernetes-style paginated list at one revision (limit, and
 //! the next page from the last key + `\0` at the first page's revision),
 //! and reads at that revision from every node all agree with what was
-//! written.
+//! written; PD's leader balance spreads the regions' leaders evenly (within
+//! one) over the nodes.
 //!
 //! `SCALE_KEYS` (default 12,000) sets the number of keys.
 
@@ -80,7 +81,12 @@ async fn many_regions_answer_as_one_store() {
     let regions = loop {
         let regions = pd.scan_regions(b"", b"", 0).await.expect("scan regions");
         let led = regions.iter().filter(|r| r.leader.is_some()).count();
-        if regions.len() >= MIN_REGIONS && led == regions.len() {
+        // PD learns of a split's two sides from two heartbeats: wait until
+        // it has heard from every region (adjacent, covering the keyspace).
+        let adjacent = regions
+            .windows(2)
+            .all(|p| p[0].region.end_key == p[1].region.start_key);
+        if regions.len() >= MIN_REGIONS && led == regions.len() && adjacent {
             break regions;
         }
         assert!(
@@ -102,6 +108,34 @@ async fn many_regions_answer_as_one_store() {
         regions.len(),
         started.elapsed()
     );
+    // PD's leader balance spreads the leaders: within one of even.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let regions = pd.scan_regions(b"", b"", 0).await.expect("scan regions");
+        let mut per_node = std::collections::BTreeMap::new();
+        for r in &regions {
+            if let Some(l) = r.leader {
+                *per_node.entry(l.node_id).or_insert(0usize) += 1;
+            }
+        }
+        let (min, max) = (
+            per_node.values().min().copied().unwrap_or(0),
+            per_node.values().max().copied().unwrap_or(0),
+        );
+        if per_node.len() == 3 && max - min <= 1 {
+            println!(
+                "leaders per node {per_node:?} after {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders not balanced: {per_node:?} over {} regions",
+            regions.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let mut c = Client::connect([endpoints[0].clone()], None)
         .await
