@@ -82,15 +82,11 @@ async fn three_nodes_under_faults() {
                         .oracle(node)
                         .set_fault(OracleFault::Stall(Duration::from_millis(1500))),
                     _ => {
-                        for id in 1..=3 {
-                            cluster.oracle(id).set_fault(OracleFault::None);
-                        }
+                        cluster.clear_oracle_faults();
                     }
                 }
             }
-            for id in 1..=3 {
-                cluster.oracle(id).set_fault(OracleFault::None);
-            }
+            cluster.clear_oracle_faults();
         }
     });
     let mut cfg = RunConfig::new(seed, "faults");
@@ -164,15 +160,11 @@ async fn splits_under_load_and_faults() {
                         }
                     }
                     _ => {
-                        for id in 1..=3 {
-                            cluster.oracle(id).set_fault(OracleFault::None);
-                        }
+                        cluster.clear_oracle_faults();
                     }
                 }
             }
-            for id in 1..=3 {
-                cluster.oracle(id).set_fault(OracleFault::None);
-            }
+            cluster.clear_oracle_faults();
             splits
         }
     });

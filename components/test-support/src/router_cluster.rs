@@ -150,6 +150,13 @@ impl RouterCluster {
         &self.nodes.pds[&id]
     }
 
+    /// Every node's oracle back to normal.
+    pub fn clear_oracle_faults(&self) {
+        for pd in self.nodes.pds.values() {
+            pd.set_fault(crate::OracleFault::None);
+        }
+    }
+
     /// Makes `percent` % of forwarded requests lose their reply.
     pub fn set_lose_reply_percent(&self, percent: u32) {
         *self.lose_reply_percent.write() = percent;
