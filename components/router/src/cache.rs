@@ -9,8 +9,9 @@
 //! * `insert(region, leader)`: caches a region learnt from PD or from a
 //!   region error, replacing every cached region it overlaps whose epoch
 //!   `version` is not newer (an older answer never replaces a newer split);
-//! * `remove(region_id)`: drops a region (not found where it was sought, or
-//!   its leader unreachable): the next request asks PD again.
+//! * `remove(region_id)`: drops a region (not found where it was sought,
+//!   its leader unreachable, or no leader known): the next request asks PD
+//!   again.
 
 use std::collections::BTreeMap;
 

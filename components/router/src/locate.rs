@@ -119,15 +119,20 @@ impl Router {
         if !spans.iter().all(|s| covers(&region, s)) {
             return Err(Error::CrossRegion);
         }
-        let node_id = self
+        let Some(node_id) = self
             .hints
             .get(&region.id)
             .map(|h| h.leader_node)
             .or(leader_node)
-            .ok_or(Error::Region(raftstore::Error::NotLeader {
+        else {
+            // PD knew of no leader when asked (an election, a restart):
+            // ask it again next time rather than keep that answer.
+            self.cache.remove(region.id);
+            return Err(Error::Region(raftstore::Error::NotLeader {
                 region_id: region.id,
                 leader: None,
-            }))?;
+            }));
+        };
         Ok(Location::Remote(Target {
             node_id,
             region_id: region.id,

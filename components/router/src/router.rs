@@ -124,6 +124,10 @@ impl Router {
                 return self.read_local(&handle, req, None);
             }
         }
+        if span.end.is_none() {
+            // A single key lies in one region: no pieces to find.
+            return self.range_in_region(req, &span).await;
+        }
         let span = &span;
         self.with_pieces(span, |pieces| async move {
             if pieces.len() > 1 {
