@@ -82,9 +82,14 @@ impl Router {
             .then(|| node_of(&status.region, status.leader_peer_id))
             .flatten();
         if let Some(hint) = self.hints.get(&region_id).map(|h| *h) {
-            // Raft's view here is usually freshest, except when that very
-            // node just told us it no longer leads.
-            if leader_node.is_none() || leader_node == Some(hint.refused_by) {
+            if Some(hint.leader_node) == own_node {
+                // A hint naming this node: its own raft state knows better
+                // (followed, it would leave no node to forward to, and no
+                // forward would ever correct it).
+                self.hints.remove(&region_id);
+            } else if leader_node.is_none() || leader_node == Some(hint.refused_by) {
+                // Raft's view here is usually freshest, except when that
+                // very node just told us it no longer leads.
                 leader_node = Some(hint.leader_node);
             }
         }
