@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use checker::History;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use test_support::history::{self, RunConfig};
@@ -53,15 +54,11 @@ async fn three_nodes_under_faults() {
     cluster.leader().await;
     cluster.set_lose_reply_percent(3);
     let epoch = Instant::now();
-    let nemesis = RaftNemesis::start(
-        cluster.raft().clone(),
-        RaftNemesisConfig {
-            faults: RaftFault::ALL.to_vec(),
-            seed: Some(seed),
-            interval: (Duration::from_millis(500), Duration::from_millis(1500)),
-            hold: (Duration::from_millis(500), Duration::from_millis(2000)),
-            ..RaftNemesisConfig::default()
-        },
+    let nemesis = every_raft_fault(
+        &cluster,
+        seed,
+        (Duration::from_millis(500), Duration::from_millis(1500)),
+        (Duration::from_millis(500), Duration::from_millis(2000)),
         epoch,
     );
     let run_for = history::duration(Duration::from_secs(20));
@@ -97,13 +94,7 @@ async fn three_nodes_under_faults() {
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
     let hist = history::run(executor.clone(), &cfg).await;
     let _ = chaos.await;
-    let log = nemesis.stop().await;
-    println!("{log}");
-    cluster.leader().await;
-    let report = history::check(executor.as_ref(), &hist, "three_nodes").await;
-    println!("{report}");
-    assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
-    assert!(report.ok > 300, "too few operations completed: {report}");
+    judge(&cluster, nemesis, &executor, &hist, "three_nodes", seed).await;
 }
 
 /// Three nodes, the faults above, and the region split again and again
@@ -118,15 +109,11 @@ async fn splits_under_load_and_faults() {
     let cluster = RouterCluster::new(3).await;
     cluster.leader().await;
     let epoch = Instant::now();
-    let nemesis = RaftNemesis::start(
-        cluster.raft().clone(),
-        RaftNemesisConfig {
-            faults: RaftFault::ALL.to_vec(),
-            seed: Some(seed),
-            interval: (Duration::from_millis(800), Duration::from_millis(2000)),
-            hold: (Duration::from_millis(300), Duration::from_millis(1500)),
-            ..RaftNemesisConfig::default()
-        },
+    let nemesis = every_raft_fault(
+        &cluster,
+        seed,
+        (Duration::from_millis(800), Duration::from_millis(2000)),
+        (Duration::from_millis(300), Duration::from_millis(1500)),
         epoch,
     );
     let run_for = history::duration(Duration::from_secs(15));
@@ -175,12 +162,47 @@ async fn splits_under_load_and_faults() {
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
     let hist = history::run(executor.clone(), &cfg).await;
     let splits = chaos.await.unwrap_or(0);
+    println!("{splits} splits");
+    judge(&cluster, nemesis, &executor, &hist, "splits", seed).await;
+    assert!(splits >= 2, "only {splits} splits");
+}
+
+/// Every raft fault, one every `interval`, each held for `hold`.
+fn every_raft_fault(
+    cluster: &RouterCluster,
+    seed: u64,
+    interval: (Duration, Duration),
+    hold: (Duration, Duration),
+    epoch: Instant,
+) -> RaftNemesis {
+    RaftNemesis::start(
+        cluster.raft().clone(),
+        RaftNemesisConfig {
+            faults: RaftFault::ALL.to_vec(),
+            seed: Some(seed),
+            interval,
+            hold,
+            ..RaftNemesisConfig::default()
+        },
+        epoch,
+    )
+}
+
+/// Ends the faults, waits for a leader and checks the history: no
+/// violation, and enough operations done to mean something.
+async fn judge(
+    cluster: &RouterCluster,
+    nemesis: RaftNemesis,
+    executor: &RouterExecutor,
+    hist: &History,
+    name: &str,
+    seed: u64,
+) {
     let log = nemesis.stop().await;
-    println!("{log}\n{splits} splits");
+    println!("{log}");
     cluster.leader().await;
-    let report = history::check(executor.as_ref(), &hist, "splits").await;
+    let report = history::check(executor, hist, name).await;
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
-    assert!(splits >= 2, "only {splits} splits");
     assert!(report.ok > 300, "too few operations completed: {report}");
 }

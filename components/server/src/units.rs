@@ -9,6 +9,17 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+/// `"96 MiB"` → (96, "MiB"); `what` and `example` word the error.
+fn number_and_unit<'a>(s: &'a str, what: &str, example: &str) -> Result<(u64, &'a str), String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n = digits
+        .parse()
+        .map_err(|_| format!("invalid {what} {s:?}: expected e.g. {example}"))?;
+    Ok((n, unit.trim()))
+}
+
 /// A size in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -17,13 +28,8 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected e.g. 96MiB"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        let (n, unit) = number_and_unit(s, "size", "96MiB")?;
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
             "kib" => 1 << 10,
@@ -75,13 +81,8 @@ impl FromStr for Interval {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (digits, unit) = t.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 10s"))?;
-        let d = match unit.trim() {
+        let (n, unit) = number_and_unit(s, "duration", "10s")?;
+        let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
