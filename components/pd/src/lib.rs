@@ -64,6 +64,7 @@ pub mod client;
 pub mod load;
 pub mod local;
 pub mod operators;
+mod oracle_batch;
 pub mod pd_core;
 mod raft_node;
 pub mod rpc_client;
@@ -79,5 +80,6 @@ pub use crate::client::{
 };
 pub use crate::local::LocalPdClient;
 pub use crate::operators::{PendingOperator, SchedulerInfo, SchedulingStatus};
+pub use crate::oracle_batch::OracleBatchStats;
 pub use crate::pd_core::{PdConfig, PdCore};
 pub use crate::rpc_client::{RpcPdClient, RpcPdClientConfig};

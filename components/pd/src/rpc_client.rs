@@ -1,5 +1,6 @@
 //! [`PdClient`] over gRPC, following the PD leader, with TSO-style batching
-//! of revision requests.
+//! of revision requests (one oracle RPC in flight per client, see
+//! `oracle_batch.rs`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use proto::metapb;
 use proto::pdpb::{self, pd_client::PdClient as GrpcClient};
-use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 use crate::client::{PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
 use crate::operators::{PendingOperator, SchedulingStatus};
+use crate::oracle_batch::{OracleBatchStats, OracleBatcher, OracleRpc};
 
 #[derive(Debug, Clone)]
 pub struct RpcPdClientConfig {
@@ -39,12 +40,14 @@ impl Default for RpcPdClientConfig {
 /// the members and the leader, connects to the leader's client URL, and
 /// starts over when the connection breaks or a member answers NOT_LEADER.
 ///
-/// Cheap to clone; clones share the connection and the revision batcher.
-/// Must be created inside a tokio runtime, which runs the batcher task.
+/// Cheap to clone; clones share the connection and the revision batcher:
+/// `alloc_revisions` and `current_revision` calls from all clones (all the
+/// regions of a node) share one RPC in flight at a time. Must be created
+/// inside a tokio runtime, which runs the batcher task.
 #[derive(Debug, Clone)]
 pub struct RpcPdClient {
     inner: Arc<Inner>,
-    tso_tx: mpsc::UnboundedSender<TsoRequest>,
+    oracle: OracleBatcher,
 }
 
 #[derive(Debug)]
@@ -63,17 +66,6 @@ struct Conn {
     generation: u64,
     url: String,
     client: GrpcClient<Channel>,
-}
-
-#[derive(Debug)]
-enum TsoRequest {
-    Alloc {
-        count: u32,
-        tx: oneshot::Sender<Result<i64>>,
-    },
-    Current {
-        tx: oneshot::Sender<Result<i64>>,
-    },
 }
 
 /// tonic's transport errors say little at the top level ("transport error");
@@ -351,8 +343,13 @@ impl Inner {
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
     }
+}
 
-    async fn alloc_revisions_rpc(&self, count: u32) -> Result<i64> {
+/// The batcher's RPCs: each one a [`Inner::call`], so the combined request
+/// follows the leader and retries like any other.
+#[async_trait::async_trait]
+impl OracleRpc for Inner {
+    async fn alloc_revisions(&self, count: u32) -> Result<i64> {
         let resp = self
             .call(|mut c, header| async move {
                 c.alloc_revisions(pdpb::AllocRevisionsRequest { header, count })
@@ -363,7 +360,7 @@ impl Inner {
         Ok(resp.first)
     }
 
-    async fn current_revision_rpc(&self) -> Result<i64> {
+    async fn current_revision(&self) -> Result<i64> {
         let resp = self
             .call(|mut c, header| async move {
                 c.current_revision(pdpb::CurrentRevisionRequest { header })
@@ -372,72 +369,6 @@ impl Inner {
             .await?;
         self.check(resp.header.as_ref())?;
         Ok(resp.revision)
-    }
-}
-
-/// The batcher: one revision RPC in flight at a time; everything that queued
-/// meanwhile goes into the next RPC. A request is only ever drained before the
-/// RPC serving it starts, which is what makes `current_revision` linearizable.
-async fn tso_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<TsoRequest>) {
-    let mut carried: Option<TsoRequest> = None;
-    loop {
-        let first = match carried.take() {
-            Some(r) => r,
-            None => match rx.recv().await {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        let mut allocs: Vec<(u32, oneshot::Sender<Result<i64>>)> = Vec::new();
-        let mut reads: Vec<oneshot::Sender<Result<i64>>> = Vec::new();
-        let mut total: u64 = 0;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
-            match req {
-                TsoRequest::Alloc { count, tx } => {
-                    if total + u64::from(count) > u64::from(u32::MAX) {
-                        // Keep the batch within one RPC's u32 count.
-                        carried = Some(TsoRequest::Alloc { count, tx });
-                        break;
-                    }
-                    total += u64::from(count);
-                    allocs.push((count, tx));
-                }
-                TsoRequest::Current { tx } => reads.push(tx),
-            }
-            next = rx.try_recv().ok();
-        }
-
-        if allocs.is_empty() {
-            let r = inner.current_revision_rpc().await;
-            for tx in reads {
-                let _ = tx.send(r.clone());
-            }
-            continue;
-        }
-        // One AllocRevisions serves the readers too: the last revision it
-        // hands out is the current revision at a moment after every batched
-        // caller arrived, exactly what a separate CurrentRevision would give.
-        match inner.alloc_revisions_rpc(total as u32).await {
-            Ok(first) => {
-                let mut next = first;
-                for (count, tx) in allocs {
-                    let _ = tx.send(Ok(next));
-                    next += i64::from(count);
-                }
-                for tx in reads {
-                    let _ = tx.send(Ok(next - 1));
-                }
-            }
-            Err(e) => {
-                for (_, tx) in allocs {
-                    let _ = tx.send(Err(e.clone()));
-                }
-                for tx in reads {
-                    let _ = tx.send(Err(e.clone()));
-                }
-            }
-        }
     }
 }
 
@@ -487,9 +418,8 @@ impl RpcPdClient {
         });
         let first = inner.connect_any().await?;
         *inner.conn.lock().await = Some(first);
-        let (tso_tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(tso_loop(inner.clone(), rx));
-        Ok(RpcPdClient { inner, tso_tx })
+        let oracle = OracleBatcher::spawn(inner.clone());
+        Ok(RpcPdClient { inner, oracle })
     }
 
     /// The URL of the endpoint currently in use, if connected.
@@ -540,10 +470,10 @@ impl RpcPdClient {
         Ok(SchedulingStatus::from_proto(resp))
     }
 
-    async fn tso(&self, req: TsoRequest, rx: oneshot::Receiver<Result<i64>>) -> Result<i64> {
-        let stopped = || PdError::Unavailable("revision batcher stopped".into());
-        self.tso_tx.send(req).map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+    /// How well this client (and its clones) batched revision requests so
+    /// far: RPCs sent against calls answered.
+    pub fn oracle_stats(&self) -> OracleBatchStats {
+        self.oracle.stats()
     }
 }
 
@@ -735,16 +665,11 @@ impl PdClient for RpcPdClient {
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {
-        if count == 0 {
-            return Err(PdError::InvalidArgument("revision count 0".into()));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.tso(TsoRequest::Alloc { count, tx }, rx).await
+        self.oracle.alloc_revisions(count).await
     }
 
     async fn current_revision(&self) -> Result<i64> {
-        let (tx, rx) = oneshot::channel();
-        self.tso(TsoRequest::Current { tx }, rx).await
+        self.oracle.current_revision().await
     }
 
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {

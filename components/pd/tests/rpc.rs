@@ -252,6 +252,7 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
     // before the reader arrived fails the floor check only now and then.
     const ROUNDS: usize = 20;
     let max_done = Arc::new(AtomicI64::new(1));
+    let client_calls = Arc::new(AtomicUsize::new(0));
     let mut seen = BTreeSet::new();
     let mut count = 0usize;
     for _ in 0..ROUNDS {
@@ -260,6 +261,7 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
             let pd = pd.clone();
             let core = core.clone();
             let max_done = max_done.clone();
+            let client_calls = client_calls.clone();
             tasks.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 for i in 0..OPS {
@@ -274,10 +276,12 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
                         tokio::task::yield_now().await;
                     } else if (t + i) % 3 == 0 {
                         let floor = max_done.load(Ordering::SeqCst);
+                        client_calls.fetch_add(1, Ordering::Relaxed);
                         let cur = pd.current_revision().await.unwrap();
                         assert!(cur >= floor, "current_revision {cur} < completed {floor}");
                     } else {
                         let n = ((t * 7 + i) % 5 + 1) as u32;
+                        client_calls.fetch_add(1, Ordering::Relaxed);
                         let first = pd.alloc_revisions(n).await.unwrap();
                         let last = first + i64::from(n) - 1;
                         mine.push((first, last));
@@ -296,9 +300,14 @@ async fn concurrent_revisions_are_batched_disjoint_and_linearizable() {
             }
         }
     }
-    let calls = ROUNDS * TASKS * OPS * 3 / 4;
+    let calls = client_calls.load(Ordering::Relaxed);
     let used = rpcs.load(Ordering::Relaxed) - before;
     assert!(used < calls, "no batching: {used} RPCs for {calls} calls");
+    // The client's own account agrees with what the server saw.
+    let stats = pd.oracle_stats();
+    assert_eq!(stats.rpcs() as usize, used);
+    assert_eq!(stats.calls() as usize, calls);
+    assert_eq!(stats.cancelled, 0);
     // Failure-free: consecutive from 2 (a fresh cluster is at 1).
     assert_eq!(seen.first().copied(), Some(2));
     assert_eq!(seen.last().copied(), Some(1 + count as i64));
