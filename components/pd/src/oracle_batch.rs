@@ -96,6 +96,10 @@ pub struct OracleBatchStats {
     pub revisions: u64,
     /// Calls dropped by their caller before an RPC took them (skipped).
     pub cancelled: u64,
+    /// Time spent in RPCs, in microseconds: `rpc_micros / rpcs` is the mean
+    /// round trip (retries included), and over a period, `rpc_micros` over
+    /// its length is how busy the one RPC slot was.
+    pub rpc_micros: u64,
 }
 
 impl OracleBatchStats {
@@ -116,6 +120,7 @@ struct Counters {
     current_calls: AtomicU64,
     revisions: AtomicU64,
     cancelled: AtomicU64,
+    rpc_micros: AtomicU64,
 }
 
 impl Counters {
@@ -128,11 +133,17 @@ impl Counters {
             current_calls: l(&self.current_calls),
             revisions: l(&self.revisions),
             cancelled: l(&self.cancelled),
+            rpc_micros: l(&self.rpc_micros),
         }
     }
 
     fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_rpc_time(&self, started: Instant) {
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Counters::add(&self.rpc_micros, micros);
     }
 }
 
@@ -257,7 +268,10 @@ impl Batch {
                 return;
             }
             Counters::add(&counters.current_rpcs, 1);
-            let r = rpc.current_revision().await.and_then(|v| {
+            let started = Instant::now();
+            let r = rpc.current_revision().await;
+            counters.add_rpc_time(started);
+            let r = r.and_then(|v| {
                 if v < INITIAL_REVISION {
                     Err(PdError::Other(format!("PD answered current revision {v}")))
                 } else {
@@ -271,7 +285,10 @@ impl Batch {
         }
         Counters::add(&counters.alloc_rpcs, 1);
         Counters::add(&counters.revisions, u64::from(self.total));
-        let first = match rpc.alloc_revisions(self.total).await {
+        let started = Instant::now();
+        let r = rpc.alloc_revisions(self.total).await;
+        counters.add_rpc_time(started);
+        let first = match r {
             Ok(first) => first,
             Err(e) => return self.fail(e),
         };
@@ -331,15 +348,19 @@ async fn run<R: OracleRpc>(
         }
         batch.serve(rpc.as_ref(), &counters).await;
 
-        if logged.0.elapsed() >= LOG_EVERY {
-            let now = counters.snapshot();
-            let (rpcs, calls) = (now.rpcs() - logged.1.rpcs(), now.calls() - logged.1.calls());
+        let period = logged.0.elapsed();
+        if period >= LOG_EVERY {
+            let (now, was) = (counters.snapshot(), logged.1);
+            let rpcs = now.rpcs() - was.rpcs();
+            let micros = now.rpc_micros - was.rpc_micros;
             debug!(
                 rpcs,
-                calls,
-                revisions = now.revisions - logged.1.revisions,
-                cancelled = now.cancelled - logged.1.cancelled,
-                secs = logged.0.elapsed().as_secs_f64(),
+                calls = now.calls() - was.calls(),
+                revisions = now.revisions - was.revisions,
+                cancelled = now.cancelled - was.cancelled,
+                mean_rpc_ms = micros as f64 / 1000.0 / rpcs.max(1) as f64,
+                busy = micros as f64 / 1e6 / period.as_secs_f64(),
+                secs = period.as_secs_f64(),
                 "revision oracle batching"
             );
             logged = (Instant::now(), now);
