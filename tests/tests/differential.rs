@@ -6,12 +6,12 @@
 //!
 //! A second run does the same against a node forced to split into many
 //! small regions as it goes (at most 2 keys per region), so ranges are
-//! answered across regions at one revision. Writes touching several keys
-//! are not sent there (a write spanning regions answers `Unimplemented`
-//! until the cross-region commit exists), and reads are linearizable (a
-//! serializable read — also a txn without operations — answers at its
-//! region's applied revision, which is below etcd's current one on a node
-//! with many regions, until regions publish a resolved revision).
+//! answered across regions at one revision and DeleteRanges and Txns over
+//! several keys commit across regions (two-phase, at one revision). Reads
+//! there are linearizable (a serializable read — also a txn without
+//! operations — answers at its region's applied revision, which is below
+//! etcd's current one on a node with many regions, until regions publish a
+//! resolved revision).
 //!
 //! `DIFF_OPS` (default 3000) and `DIFF_SEED` (default: three fixed seeds)
 //! size the run.
@@ -32,24 +32,16 @@ struct Gen {
     rng: StdRng,
     /// Highest revision seen so far (from etcd's answers).
     rev: i64,
-    /// Many-region mode: writes touch one key, reads are linearizable.
+    /// Many-region mode: reads are linearizable.
     regions: bool,
-    /// In many-region mode, the one key of the txn being generated.
-    txn_key: Option<Vec<u8>>,
 }
 
 impl Gen {
     fn key(&mut self) -> Vec<u8> {
-        if let Some(k) = &self.txn_key {
-            return k.clone();
-        }
         format!("k{}", self.rng.gen_range(0..KEYS)).into_bytes()
     }
 
     fn range_end(&mut self, key: &[u8]) -> Vec<u8> {
-        if self.txn_key.is_some() {
-            return Vec::new();
-        }
         match self.rng.gen_range(0..6) {
             0..=2 => Vec::new(),
             3 => vec![0],
@@ -128,11 +120,7 @@ impl Gen {
     fn delete(&mut self) -> DeleteRangeRequest {
         let key = self.key();
         DeleteRangeRequest {
-            range_end: if self.regions {
-                Vec::new()
-            } else {
-                self.range_end(&key)
-            },
+            range_end: self.range_end(&key),
             key,
             prev_kv: self.rng.gen_bool(0.4),
         }
@@ -181,7 +169,6 @@ impl Gen {
 
     fn txn(&mut self, depth: u32) -> TxnRequest {
         if self.regions && depth == 0 {
-            self.txn_key = Some(self.key());
             let mut t = self.txn(1);
             if t.success.is_empty() && t.failure.is_empty() {
                 // A txn without operations is a serializable read (see
@@ -190,7 +177,9 @@ impl Gen {
                     request: Some(Request::RequestRange(self.range())),
                 });
             }
-            self.txn_key = None;
+            if has_open_ended_delete(&t) {
+                clear_ignore_flags(&mut t);
+            }
             return t;
         }
         let n = self.rng.gen_range(0..3);
@@ -317,7 +306,6 @@ async fn run_seed(seed: u64, ops: usize, regions: bool) {
         rng: StdRng::seed_from_u64(seed),
         rev: 1,
         regions,
-        txn_key: None,
     };
     let mut compacted_to = 0;
     let mut errors = 0;

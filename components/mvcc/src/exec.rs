@@ -22,7 +22,8 @@ use proto::etcdserverpb::{
 use proto::mvccpb::KeyValue;
 use proto::raft_cmdpb::{mutation::Op, Mutation};
 
-use crate::store::{KeyRange, MvccSnapshot, RangeResult};
+use crate::store::{KeyRange, RangeResult};
+use crate::view::ReadView;
 use crate::{Error, Result};
 
 /// Placeholder for the revision the request commits at.
@@ -78,7 +79,7 @@ pub struct Evaluation {
 
 /// Range semantics of etcd for a read at `rev` (already resolved against the
 /// compaction and current revisions). The header is left to the caller.
-pub fn range(store: &MvccSnapshot, r: &RangeRequest, rev: i64) -> Result<RangeResponse> {
+pub fn range(store: &dyn ReadView, r: &RangeRequest, rev: i64) -> Result<RangeResponse> {
     range_with(r, |kr, limit, collect| store.range(kr, rev, limit, collect))
 }
 
@@ -233,7 +234,7 @@ fn sort_kvs(kvs: &mut [KeyValue], order: i32, target: i32) {
 /// Evaluates a validated write against the newest state. `lease_exists`
 /// tells whether a lease id is granted.
 pub fn evaluate(
-    store: &MvccSnapshot,
+    store: &dyn ReadView,
     req: &WriteRequest,
     bounds: ReadBounds,
     lease_exists: &dyn Fn(i64) -> bool,
@@ -339,7 +340,7 @@ fn fill_txn(t: &mut TxnResponse, fix: &dyn Fn(&mut i64)) {
 }
 
 struct TxnContext<'a> {
-    store: &'a MvccSnapshot<'a>,
+    store: &'a dyn ReadView,
     bounds: ReadBounds,
     lease_exists: &'a dyn Fn(i64) -> bool,
     /// This request's own changes: `Some` put, `None` deleted.

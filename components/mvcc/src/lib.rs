@@ -6,6 +6,8 @@
 //!   change listing for watch replay, physical compaction, stable hashing.
 //! * [`check`]: etcd's request validation (empty keys, txn limits, put/delete
 //!   overlaps), in etcd's order.
+//! * [`ReadView`] (`view.rs`): what evaluation reads — a node's snapshot, or
+//!   the keys a transaction over several regions fetched from them.
 //! * [`exec`]: etcd's request semantics (Range options, Put flags, DeleteRange,
 //!   nested Txn with compares) evaluated into mutations a raft entry carries.
 //!
@@ -17,8 +19,10 @@ pub mod check;
 pub mod codec;
 pub mod exec;
 mod store;
+mod view;
 
 pub use store::{CompactStats, KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
+pub use view::{FetchedView, ReadView};
 
 /// Errors of the MVCC layer. The etcd-visible ones carry etcd's meaning; the
 /// server maps them to etcd's gRPC codes and texts.

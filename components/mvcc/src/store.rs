@@ -55,8 +55,17 @@ impl KeyRange {
         }
     }
 
+    /// Whether some key lies in both ranges.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        if self.is_empty() || other.is_empty() {
+            return false;
+        }
+        let below = |start: &[u8], upper: &[u8]| upper.is_empty() || start < upper;
+        below(&self.start, &other.upper()) && below(&other.start, &self.upper())
+    }
+
     /// Exclusive upper bound as raw bytes; empty = unbounded.
-    fn upper(&self) -> Vec<u8> {
+    pub fn upper(&self) -> Vec<u8> {
         match &self.end {
             None => {
                 let mut next = self.start.clone();

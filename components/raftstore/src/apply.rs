@@ -27,6 +27,13 @@
 //! * a write with a key outside the region, or whose revision is not above
 //!   the applied revision, fails with `StaleCommand`; otherwise its mutations are staged and the applied
 //!   revision becomes its revision;
+//! * a write of a key some transaction has locked fails with
+//!   `StaleCommand`; the transaction commands (lock, commit, rollback,
+//!   forget) do what the `txn` module says; their effect on the locks is
+//!   in the outcome (`locks`) for the replica to publish;
+//! * a compaction or a split while the region holds transaction locks fails
+//!   with `StaleCommand` (a commit below the compaction revision, or a lock
+//!   left on the wrong side of a split, would break the history);
 //! * a compaction at or below the compaction revision fails with
 //!   `Compacted`; otherwise it becomes the compaction revision and the
 //!   pending one, and the outcome asks for the physical clean-up (the last
@@ -67,7 +74,7 @@ use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest, SplitRequest};
-use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
+use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState, TxnLockRecord};
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType};
 use tracing::info;
 
@@ -75,6 +82,7 @@ use crate::keys;
 use crate::membership;
 use crate::split;
 use crate::storage::{INIT_INDEX, INIT_TERM};
+use crate::txn::{self, TxnApply};
 use crate::{Error, Result};
 
 /// The outcome of one committed entry, to answer its proposal with.
@@ -113,6 +121,8 @@ pub(crate) struct ApplyOutcome {
     /// New regions split off by the run, in entry order, to be started on
     /// this node.
     pub splits: Vec<metapb::Region>,
+    /// The region's transaction locks after the run, if it changed them.
+    pub locks: Option<Vec<TxnLockRecord>>,
 }
 
 /// Region `region`'s replica `peer_id`, at `apply_state`, on `kv`.
@@ -122,6 +132,8 @@ pub(crate) struct ApplyContext<'a> {
     pub peer_id: u64,
     pub region: &'a metapb::Region,
     pub apply_state: &'a RaftApplyState,
+    /// The region's transaction locks before the run.
+    pub locks: &'a [TxnLockRecord],
 }
 
 /// Stages the committed `entries` into one write batch (ending with the new
@@ -138,6 +150,8 @@ pub(crate) fn apply_entries(
         mvcc: ctx.mvcc,
         peer_id: ctx.peer_id,
         old_region: ctx.region,
+        locks: ctx.locks.to_vec(),
+        locks_changed: false,
         wb: WriteBatch::default(),
         outcome: ApplyOutcome {
             results: Vec::with_capacity(entries.len()),
@@ -147,6 +161,7 @@ pub(crate) fn apply_entries(
             compaction: None,
             removed: false,
             splits: Vec::new(),
+            locks: None,
         },
     };
     for e in entries {
@@ -183,9 +198,14 @@ pub(crate) fn apply_entries(
     let Run {
         kv,
         mut wb,
-        outcome,
+        mut outcome,
+        locks,
+        locks_changed,
         ..
     } = run;
+    if locks_changed {
+        outcome.locks = Some(locks);
+    }
     kv.put_to(
         &mut wb,
         cf::META,
@@ -236,6 +256,9 @@ struct Run<'a> {
     peer_id: u64,
     /// The region meta before the run; `outcome.region` once changed.
     old_region: &'a metapb::Region,
+    /// The region's transaction locks as of the entry being applied.
+    locks: Vec<TxnLockRecord>,
+    locks_changed: bool,
     wb: WriteBatch,
     outcome: ApplyOutcome,
 }
@@ -265,6 +288,14 @@ impl Run<'_> {
                         region.id
                     )));
                 }
+                if let Some((txn_id, key)) =
+                    txn::locked_key(&self.locks, w.mutations.iter().map(|m| m.key.as_slice()))
+                {
+                    return Err(Error::StaleCommand(format!(
+                        "key {:?} is locked by transaction {txn_id}",
+                        String::from_utf8_lossy(key)
+                    )));
+                }
                 if w.revision <= state.applied_revision {
                     return Err(Error::StaleCommand(format!(
                         "revision {} is not above applied revision {}",
@@ -276,6 +307,9 @@ impl Run<'_> {
                 state.applied_revision = w.revision;
                 Ok(())
             }
+            Some(Cmd::Compact(_) | Cmd::Split(_)) if !self.locks.is_empty() => Err(
+                Error::StaleCommand("the region has transactions in progress".into()),
+            ),
             Some(Cmd::Compact(c)) => {
                 if c.revision <= state.compact_revision {
                     return Err(Error::Mvcc(mvcc::Error::Compacted));
@@ -286,8 +320,33 @@ impl Run<'_> {
                 Ok(())
             }
             Some(Cmd::Split(req)) => self.apply_split(&req),
+            Some(Cmd::TxnLock(req)) => self.apply_txn(|t| t.lock(&req)),
+            Some(Cmd::TxnCommit(req)) => self.apply_txn(|t| t.commit(&req)),
+            Some(Cmd::TxnRollback(req)) => self.apply_txn(|t| t.rollback(&req)),
+            Some(Cmd::TxnForget(req)) => self.apply_txn(|t| t.forget(&req)),
             None => Err(Error::Corrupted("raft command without a body".into())),
         }
+    }
+
+    /// Applies a transaction command on a copy of the locks, kept only if
+    /// it succeeded (a refused command stages nothing: `TxnApply` checks
+    /// everything before staging).
+    fn apply_txn(&mut self, f: impl FnOnce(TxnApply<'_>) -> Result<()>) -> Result<()> {
+        let mut locks = self.locks.clone();
+        let region = self.outcome.region.as_ref().unwrap_or(self.old_region);
+        f(TxnApply {
+            kv: self.kv,
+            mvcc: self.mvcc,
+            wb: &mut self.wb,
+            region,
+            applied_revision: self.outcome.apply_state.applied_revision,
+            locks: &mut locks,
+        })?;
+        if locks != self.locks {
+            self.locks = locks;
+            self.locks_changed = true;
+        }
+        Ok(())
     }
 
     /// Stages a split (see the module docs and the `split` module).
@@ -510,6 +569,7 @@ mod tests {
             peer_id: 1,
             region,
             apply_state: &state,
+            locks: &[],
         };
         let (wb, outcome) = apply_entries(ctx, entries, raft);
         env.kv.write(wb).unwrap();
@@ -527,6 +587,91 @@ mod tests {
             .unwrap()
             .unwrap();
         RegionLocalState::decode(raw.as_slice()).unwrap()
+    }
+
+    fn txn_lock(txn_id: u64, key: &[u8]) -> Option<Cmd> {
+        Some(Cmd::TxnLock(proto::raft_cmdpb::TxnLockRequest {
+            txn_id,
+            primary_key: key.to_vec(),
+            spans: vec![proto::raft_cmdpb::KeySpan {
+                start: key.to_vec(),
+                end: Vec::new(),
+                single: true,
+            }],
+        }))
+    }
+
+    fn txn_commit(txn_id: u64, revision: i64, key: &[u8], primary: bool) -> Option<Cmd> {
+        Some(Cmd::TxnCommit(proto::raft_cmdpb::TxnCommitRequest {
+            txn_id,
+            revision,
+            mutations: vec![Mutation {
+                op: Op::Put as i32,
+                key: key.to_vec(),
+                value: b"txn".to_vec(),
+                ..Default::default()
+            }],
+            primary,
+            primary_key: key.to_vec(),
+        }))
+    }
+
+    /// A lock keeps other writes of its keys out (and compaction and
+    /// split out of the region); its commit writes at its revision — below
+    /// the applied revision — without moving the applied revision, records
+    /// the decision on the primary, and a second commit or a rollback
+    /// after it is refused.
+    #[test]
+    fn transaction_commands() {
+        let env = env();
+        let split = Some(Cmd::Split(SplitRequest {
+            split_key: b"m".to_vec(),
+            new_region_id: 20,
+            new_peer_ids: vec![21, 22],
+        }));
+        let rollback = |txn_id| {
+            Some(Cmd::TxnRollback(proto::raft_cmdpb::TxnRollbackRequest {
+                txn_id,
+            }))
+        };
+        let entries = [
+            cmd(6, 1, 1, txn_lock(7, b"k")),
+            cmd(7, 1, 1, txn_lock(8, b"k")),
+            cmd(8, 1, 1, put(3)),
+            cmd(9, 1, 1, compact(2)),
+            cmd(10, 1, 1, split),
+            cmd(11, 1, 1, txn_commit(7, 2, b"k", true)),
+            cmd(12, 1, 1, txn_commit(7, 5, b"k", true)),
+            cmd(13, 1, 1, rollback(7)),
+            cmd(14, 1, 1, txn_commit(7, 5, b"k", true)),
+            cmd(15, 1, 1, put(6)),
+        ];
+        let out = run(&env, &region(), &entries, no_conf_change);
+        let results: Vec<_> = out.results.iter().map(|r| &r.result).collect();
+        assert!(results[0].is_ok());
+        // Another transaction, a write, a compaction, a split: refused.
+        for r in &results[1..5] {
+            assert!(matches!(r, Err(Error::StaleCommand(_))), "{r:?}");
+        }
+        // A revision not above the lock's base (the applied revision 2).
+        assert!(matches!(results[5], Err(Error::StaleCommand(_))));
+        assert!(results[6].is_ok());
+        // The lock is gone: no rollback, no second commit.
+        assert!(matches!(results[7], Err(Error::StaleCommand(_))));
+        assert!(matches!(results[8], Err(Error::StaleCommand(_))));
+        assert!(results[9].is_ok());
+        assert_eq!(out.locks, Some(Vec::new()));
+        // The commit did not move the applied revision; the write after it
+        // did.
+        assert_eq!(out.results[6].revision, 2);
+        assert_eq!(out.apply_state.applied_revision, 6);
+        let view = env.mvcc.snapshot();
+        assert_eq!(view.get(b"k", 5).unwrap().unwrap().value, b"txn");
+        assert_eq!(view.get(b"k", 6).unwrap().unwrap().value, b"v6");
+        let record = crate::txn::read_record(view.kv(), b"k", 7)
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.revision, 5);
     }
 
     #[test]

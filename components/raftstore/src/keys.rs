@@ -42,3 +42,62 @@ pub fn decode_region_state_key(key: &[u8]) -> Option<u64> {
     id.copy_from_slice(&rest[..8]);
     Some(u64::from_be_bytes(id))
 }
+
+const LOCK_PREFIX: &[u8] = b"l/";
+const TXN_RECORD_PREFIX: &[u8] = b"t/";
+
+/// A transaction lock of region `region_id` (see `txn`).
+pub fn txn_lock_key(region_id: u64, txn_id: u64) -> Vec<u8> {
+    let mut k = txn_lock_prefix(region_id);
+    k.extend_from_slice(&txn_id.to_be_bytes());
+    k
+}
+
+/// Bounds of region `region_id`'s transaction locks.
+pub fn txn_lock_bounds(region_id: u64) -> (Vec<u8>, Vec<u8>) {
+    (
+        txn_lock_prefix(region_id),
+        txn_lock_prefix(region_id.wrapping_add(1)),
+    )
+}
+
+fn txn_lock_prefix(region_id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(LOCK_PREFIX.len() + 16);
+    k.extend_from_slice(LOCK_PREFIX);
+    k.extend_from_slice(&region_id.to_be_bytes());
+    k
+}
+
+/// The decision record of transaction `txn_id` whose primary key is
+/// `primary_key`: keyed by the memcomparable primary key, so the records
+/// a region owns are those between its encoded start and end keys, across
+/// splits.
+pub fn txn_record_key(primary_key: &[u8], txn_id: u64) -> Vec<u8> {
+    let mut k = txn_record_bound(primary_key);
+    k.extend_from_slice(&txn_id.to_be_bytes());
+    k
+}
+
+/// Bounds of the decision records of the primary keys in `[start, end)`
+/// (empty `end`: unbounded).
+pub fn txn_record_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let upper = if end.is_empty() {
+        b"t0".to_vec()
+    } else {
+        txn_record_bound(end)
+    };
+    (txn_record_bound(start), upper)
+}
+
+fn txn_record_bound(key: &[u8]) -> Vec<u8> {
+    let mut k = TXN_RECORD_PREFIX.to_vec();
+    k.extend_from_slice(&mvcc::codec::encode_bytes(key));
+    k
+}
+
+/// The primary key of a decision record key.
+pub fn decode_txn_record_key(key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.strip_prefix(TXN_RECORD_PREFIX)?;
+    let (primary, used) = mvcc::codec::decode_bytes(rest).ok()?;
+    (rest.len() == used + 8).then_some(primary)
+}

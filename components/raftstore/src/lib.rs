@@ -17,8 +17,9 @@
 //! `snapshot` (encoding and installing region snapshots), `log_gc`,
 //! `compaction` (physical MVCC clean-up), `proposals` (pending proposals
 //! and what each answer claims: did not apply, or outcome unknown),
-//! `read_queue` (readers waiting for an index) and `status` (what a replica
-//! publishes).
+//! `read_queue` (readers waiting for an index), `status` (what a replica
+//! publishes) and `txn` (transaction locks and decisions, for writes over
+//! several regions).
 
 mod apply;
 mod compaction;
@@ -37,6 +38,7 @@ mod status;
 pub mod storage;
 mod store;
 pub mod transport;
+pub mod txn;
 
 pub use error::{Error, Result};
 pub use msg::{Applied, ProposeCallback};

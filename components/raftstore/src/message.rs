@@ -117,7 +117,7 @@ pub(crate) enum SnapshotCheck {
     /// Not a snapshot message.
     NotSnapshot,
     /// A valid region snapshot: its index, term and decoded data.
-    Valid(u64, u64, RegionSnapshot),
+    Valid(u64, u64, Box<RegionSnapshot>),
     /// To be dropped (logged).
     Rejected,
 }
@@ -144,7 +144,7 @@ pub(crate) fn check_snapshot(
             );
             SnapshotCheck::Rejected
         }
-        Ok(snap) => SnapshotCheck::Valid(meta.index, meta.term, snap),
+        Ok(snap) => SnapshotCheck::Valid(meta.index, meta.term, Box::new(snap)),
         Err(e) => {
             warn!(
                 region_id,

@@ -49,7 +49,7 @@ use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{RaftApplyState, RaftMessage};
+use proto::raft_serverpb::{RaftApplyState, RaftMessage, TxnLockRecord};
 use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tracing::{debug, error, info, warn};
@@ -104,6 +104,8 @@ pub struct Peer {
     campaign: bool,
     /// When each peer last sent this replica a message (for down peers).
     last_heard: LastHeard,
+    /// The region's transaction locks (published in `shared.locks`).
+    locks: Vec<TxnLockRecord>,
 }
 
 impl Peer {
@@ -122,6 +124,7 @@ impl Peer {
         host: Weak<StoreCore>,
         campaign: bool,
     ) -> Peer {
+        let locks = shared.locks.all().into_iter().map(|l| l.record).collect();
         Peer {
             mvcc: MvccStore::new(kv.clone()),
             region,
@@ -142,6 +145,7 @@ impl Peer {
             host,
             campaign,
             last_heard: LastHeard::default(),
+            locks,
         }
     }
 
@@ -384,7 +388,7 @@ impl Peer {
                     );
                     return;
                 }
-                self.incoming_snapshot = Some((index, term, snap));
+                self.incoming_snapshot = Some((index, term, *snap));
             }
             SnapshotCheck::Rejected => return,
         }
@@ -476,6 +480,8 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        self.shared.locks.replace(&installed.locks);
+        self.locks = installed.locks;
         // The snapshot replaced the log: whether it holds our proposals
         // cannot be told any more.
         self.proposals
@@ -541,6 +547,7 @@ impl Peer {
             peer_id: self.peer_id,
             region: &self.region,
             apply_state: &self.apply_state,
+            locks: &self.locks,
         };
         let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
         self.kv.write(wb)?;
@@ -552,6 +559,7 @@ impl Peer {
             compaction,
             removed,
             splits,
+            locks,
         } = outcome;
         self.apply_state = apply_state;
         if let Some(region) = region {
@@ -579,6 +587,13 @@ impl Peer {
             status.applied_index = self.apply_state.applied_index;
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
+        }
+        if let Some(locks) = locks {
+            // Before any caller hears of the entries: a transaction's
+            // coordinator that was told "locked" relies on readers and
+            // writers here seeing the lock.
+            self.shared.locks.replace(&locks);
+            self.locks = locks;
         }
         for r in results {
             self.proposals.on_applied(r);

@@ -4,11 +4,14 @@
 //! Encoding of `Snapshot.data` (all integers big-endian):
 //!
 //! ```text
-//! magic    b"MSRS" | version u8 = 2
+//! magic    b"MSRS" | version u8 = 3
 //! region_id u64 | applied_revision i64 | compact_revision i64
 //! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
-//! records: tag u8 (1 = MVCC CF, 2 = revision CF)
-//!          | key_len u32 | key | value_len u32 | value
+//! records: tag u8 (1 = MVCC CF, 2 = revision CF, 3 = transaction lock,
+//!          4 = transaction decision) | key_len u32 | key | value_len u32
+//!          | value
+//!          (a lock: key = transaction id u64, value = `TxnLockRecord`; a
+//!          decision: key = its primary key, value = `TxnCommitRecord`)
 //! end:     tag u8 = 0, then nothing
 //! ```
 //!
@@ -41,19 +44,24 @@ use engine::{cf, KvEngine, KvSnapshot, RaftLogBatch, RaftLogEngine, WriteBatch};
 use mvcc::codec;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState};
+use proto::raft_serverpb::{
+    PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord, TxnLockRecord,
+};
 use raft::eraftpb::{HardState, Snapshot};
 use tracing::info;
 
 use crate::keys;
 use crate::storage::PeerStorage;
+use crate::txn;
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"MSRS";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const TAG_END: u8 = 0;
 const TAG_MVCC: u8 = 1;
 const TAG_REVISION: u8 = 2;
+const TAG_LOCK: u8 = 3;
+const TAG_TXN_RECORD: u8 = 4;
 
 /// The decoded content of a region snapshot.
 #[derive(Debug, Default, PartialEq)]
@@ -64,6 +72,9 @@ pub struct RegionSnapshot {
     pub compact_revision: i64,
     pub mvcc: Vec<(Vec<u8>, Vec<u8>)>,
     pub revision: Vec<(Vec<u8>, Vec<u8>)>,
+    pub locks: Vec<TxnLockRecord>,
+    /// (primary key, decision) of the transactions this region decided.
+    pub txn_records: Vec<(Vec<u8>, TxnCommitRecord)>,
 }
 
 fn in_range(region: &metapb::Region, user_key: &[u8]) -> bool {
@@ -122,6 +133,17 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
     scan(&snap, cf::REVISION, region, |k, v| {
         put_record(&mut out, TAG_REVISION, k, v)
     })?;
+    for lock in txn::snapshot_locks(&snap, region_id)? {
+        put_record(
+            &mut out,
+            TAG_LOCK,
+            &lock.txn_id.to_be_bytes(),
+            &lock.encode_to_vec(),
+        )?;
+    }
+    for (primary, record) in txn::snapshot_records(&snap, region)? {
+        put_record(&mut out, TAG_TXN_RECORD, &primary, &record.encode_to_vec())?;
+    }
     out.push(TAG_END);
     Ok((apply_state, out))
 }
@@ -221,6 +243,7 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     };
     let region = &snap.region;
     let (mut mvcc, mut revision) = (Vec::new(), Vec::new());
+    let (mut locks, mut txn_records) = (Vec::new(), Vec::new());
     loop {
         match r.u8()? {
             TAG_END => break,
@@ -241,6 +264,27 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
                 }
                 revision.push((k, v));
             }
+            TAG_LOCK => {
+                let (_, v) = (r.bytes()?, r.bytes()?);
+                let lock = TxnLockRecord::decode(v.as_slice()).map_err(|_| bad("lock"))?;
+                if !lock
+                    .spans
+                    .iter()
+                    .all(|s| txn::region_covers(region, &txn::span_range(s)))
+                {
+                    return Err(bad("lock outside the region"));
+                }
+                locks.push(lock);
+            }
+            TAG_TXN_RECORD => {
+                let (k, v) = (r.bytes()?, r.bytes()?);
+                let record =
+                    TxnCommitRecord::decode(v.as_slice()).map_err(|_| bad("transaction record"))?;
+                if !in_range(region, &k) {
+                    return Err(bad("transaction record outside the region"));
+                }
+                txn_records.push((k, record));
+            }
             _ => return Err(bad("unknown record tag")),
         }
     }
@@ -249,6 +293,8 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     }
     snap.mvcc = mvcc;
     snap.revision = revision;
+    snap.locks = locks;
+    snap.txn_records = txn_records;
     Ok(snap)
 }
 
@@ -290,6 +336,26 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
     for (k, v) in &snap.revision {
         kv.put_to(wb, cf::REVISION, k, v);
     }
+    let (lower, upper) = keys::txn_lock_bounds(region.id);
+    kv.delete_range_to(wb, cf::META, &lower, &upper);
+    for lock in &snap.locks {
+        kv.put_to(
+            wb,
+            cf::META,
+            &keys::txn_lock_key(region.id, lock.txn_id),
+            &lock.encode_to_vec(),
+        );
+    }
+    let (lower, upper) = keys::txn_record_bounds(&region.start_key, &region.end_key);
+    kv.delete_range_to(wb, cf::META, &lower, &upper);
+    for (primary, record) in &snap.txn_records {
+        kv.put_to(
+            wb,
+            cf::META,
+            &keys::txn_record_key(primary, record.txn_id),
+            &record.encode_to_vec(),
+        );
+    }
     Ok(())
 }
 
@@ -297,6 +363,7 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
 pub(crate) struct Installed {
     pub apply_state: RaftApplyState,
     pub region: metapb::Region,
+    pub locks: Vec<TxnLockRecord>,
 }
 
 /// Replaces region `region_id`'s data, region meta, apply state and raft
@@ -377,6 +444,7 @@ pub(crate) fn install(
     Ok(Installed {
         apply_state,
         region: data.region,
+        locks: data.locks,
     })
 }
 
@@ -457,6 +525,41 @@ mod tests {
             codec::revision_key(3, 0).to_vec(),
             b"a".to_vec(),
         )]);
+        assert!(decode(7, &outside).is_err());
+        // Transaction locks and decisions travel with the region's data,
+        // and only those of the region's keys.
+        let lock = |key: &[u8]| TxnLockRecord {
+            txn_id: 5,
+            primary_key: key.to_vec(),
+            spans: vec![txn::range_span(&mvcc::KeyRange {
+                start: key.to_vec(),
+                end: None,
+            })],
+            base_revision: 2,
+        };
+        let record = TxnCommitRecord {
+            txn_id: 5,
+            revision: 3,
+            mutations: Vec::new(),
+        };
+        let with_txn = encoded(&[
+            (
+                TAG_LOCK,
+                5u64.to_be_bytes().to_vec(),
+                lock(b"c").encode_to_vec(),
+            ),
+            (TAG_TXN_RECORD, b"c".to_vec(), record.encode_to_vec()),
+        ]);
+        let snap = decode(7, &with_txn).unwrap();
+        assert_eq!(snap.locks, vec![lock(b"c")]);
+        assert_eq!(snap.txn_records, vec![(b"c".to_vec(), record.clone())]);
+        let outside = encoded(&[(
+            TAG_LOCK,
+            5u64.to_be_bytes().to_vec(),
+            lock(b"e").encode_to_vec(),
+        )]);
+        assert!(decode(7, &outside).is_err());
+        let outside = encoded(&[(TAG_TXN_RECORD, b"a".to_vec(), record.encode_to_vec())]);
         assert!(decode(7, &outside).is_err());
         let bad_key = encoded(&[(TAG_MVCC, b"xx".to_vec(), put)]);
         assert!(decode(7, &bad_key).is_err());

@@ -56,6 +56,8 @@ pub struct PeerShared {
     pub status: Mutex<PeerStatus>,
     /// Highest compaction revision whose physical clean-up has finished.
     pub physically_compacted: watch::Sender<i64>,
+    /// The transaction locks the replica has applied.
+    pub locks: crate::txn::LockTable,
 }
 
 /// When each peer last sent this replica a message, for down peers.

@@ -66,7 +66,9 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{self, PeerState, RaftApplyState, RaftMessage, RegionLocalState};
+use proto::raft_serverpb::{
+    self, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnCommitRecord,
+};
 use raft::eraftpb::{ConfChangeType, ConfState, HardState, MessageType};
 use raft::RawNode;
 use tokio::sync::{oneshot, watch};
@@ -80,6 +82,7 @@ use crate::split;
 use crate::status::{PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
 use crate::transport::{DropTransport, Transport};
+use crate::txn::{self, LockTable};
 use crate::{Error, Result};
 
 /// Cluster and node id this node's data belongs to.
@@ -183,6 +186,22 @@ impl RegionHandle {
 
     pub fn status(&self) -> PeerStatus {
         self.shared.status.lock().clone()
+    }
+
+    /// The transaction locks this replica has applied (see `txn`).
+    pub fn locks(&self) -> &LockTable {
+        &self.shared.locks
+    }
+
+    /// The decision of transaction `txn_id` with `primary_key`, if this
+    /// replica's state as of `view` records one (see `txn`).
+    pub fn txn_record(
+        &self,
+        view: &MvccSnapshot<'_>,
+        primary_key: &[u8],
+        txn_id: u64,
+    ) -> Result<Option<TxnCommitRecord>> {
+        txn::read_record(view.kv(), primary_key, txn_id)
     }
 
     /// Waits until the physical clean-up of compaction `revision` is done.
@@ -667,7 +686,9 @@ impl StoreCore {
                 0
             })
             .0,
+            locks: Default::default(),
         });
+        shared.locks.replace(&txn::load_locks(&self.kv, region.id)?);
         let region_id = region.id;
         let peer = Peer::new(
             region,

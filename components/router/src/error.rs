@@ -38,7 +38,9 @@ pub enum Error {
     Pd(#[from] PdError),
     #[error("no region serves key {0:?}")]
     NoRegion(Vec<u8>),
-    #[error("requests spanning several regions are not supported yet")]
+    /// The request's keys are not in one region (any more): the caller takes
+    /// the multi-region path, or the regions afresh.
+    #[error("the request's keys span several regions")]
     CrossRegion,
     /// The node believed to hold the leader could not be reached; the
     /// request was not sent.

@@ -8,7 +8,8 @@
 //!   forward it to the leader's node otherwise (linearizable reads are
 //!   served by a follower through the leader's read index), and retry what
 //!   certainly did not apply until [`RETRY_DEADLINE`]; requests over
-//!   several regions and region split (`regions`);
+//!   several regions and region split (`regions`); writes over several
+//!   regions by two-phase commit (`txn`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -34,6 +35,7 @@ mod regions;
 mod replicas;
 pub mod resolve;
 mod router;
+mod txn;
 
 use std::time::Duration;
 

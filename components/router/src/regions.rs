@@ -21,8 +21,8 @@
 //!   replica's applied revision says nothing about the other regions, so
 //!   no local revision is common to all of them (the per-region resolved
 //!   revision will make local serializable reads possible).
-//! * Writes over several regions answer `CrossRegion` (etcd's
-//!   `Unimplemented`) until the cross-region commit exists.
+//! * Writes over several regions commit through `txn` (two-phase, at one
+//!   revision).
 //! * `compact(R)` applies the compaction in every region (in key order);
 //!   regions that had already compacted at R or later (a previous call
 //!   that stopped half way) count as done, and `Compacted` comes back only
@@ -55,8 +55,21 @@ fn etcd_bounds(range: &KeyRange) -> (Vec<u8>, Vec<u8>) {
 }
 
 impl Router {
-    /// The regions covering `span`, with their parts (see the contract).
+    /// The parts of `span` each region owns (see the contract).
     pub(crate) async fn pieces(&self, span: &KeyRange) -> Result<Vec<KeyRange>> {
+        Ok(self
+            .region_pieces(span)
+            .await?
+            .into_iter()
+            .map(|(_, piece)| piece)
+            .collect())
+    }
+
+    /// The regions covering `span`, with their parts (see the contract).
+    pub(crate) async fn region_pieces(
+        &self,
+        span: &KeyRange,
+    ) -> Result<Vec<(metapb::Region, KeyRange)>> {
         let mut pieces = Vec::new();
         let mut cursor = span.start.clone();
         loop {
@@ -71,16 +84,18 @@ impl Router {
                 Some(end) => region_end.is_empty() || end.as_slice() <= &region_end[..],
             };
             if last {
-                pieces.push(KeyRange {
+                let piece = KeyRange {
                     start: cursor,
                     end: span.end.clone(),
-                });
+                };
+                pieces.push((region, piece));
                 return Ok(pieces);
             }
-            pieces.push(KeyRange {
+            let piece = KeyRange {
                 start: cursor,
                 end: Some(region_end.clone()),
-            });
+            };
+            pieces.push((region, piece));
             cursor = region_end;
         }
     }

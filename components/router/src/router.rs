@@ -17,7 +17,11 @@
 //!   the read is forwarded.
 //! * `write`: on the ready leader through `RegionLeader::write`, otherwise
 //!   forwarded; a txn whose every operation is a serializable Range is a
-//!   serializable read and served locally like one, as etcd does.
+//!   serializable read and served locally like one, as etcd does. A write
+//!   whose keys lie in several regions commits through `txn` (two-phase,
+//!   at one revision).
+//! * every read and write of keys a transaction over several regions has
+//!   locked waits for the lock to go (`leader::txn::wait_unlocked`).
 //! * every read uses one RocksDB snapshot and checks its revision against
 //!   the compaction revision in that same snapshot, so a compaction cannot
 //!   delete versions under a read it allowed.
@@ -34,12 +38,13 @@ use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
 use mvcc::{check, KeyRange, MvccStore};
 use pd::PdClient;
 use proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
-use proto::forwardpb::RequestHeader;
+use proto::forwardpb::{txn_step_request::Step, txn_step_response, RequestHeader};
 use raftstore::{RegionHandle, Store};
 use tracing::debug;
 
 use crate::cache::RegionCache;
 use crate::forward::{Forward, Target};
+use crate::leader::txn::wait_unlocked;
 use crate::leader::{check_spans, RegionLeader, READ_TIMEOUT};
 use crate::locate::{is_serializable_txn, write_spans, LeaderHint, Location};
 use crate::replicas::LocalReplicas;
@@ -50,7 +55,7 @@ pub struct Router {
     pub(crate) pd: Arc<dyn PdClient>,
     mvcc: MvccStore,
     leaders: DashMap<u64, Arc<RegionLeader>>,
-    forwarder: Arc<dyn Forward>,
+    pub(crate) forwarder: Arc<dyn Forward>,
     /// Region id → newest leader hint, newer than what PD may know (PD
     /// hears of leaders through heartbeats only).
     pub(crate) hints: DashMap<u64, LeaderHint>,
@@ -58,6 +63,9 @@ pub struct Router {
     pub(crate) cache: RegionCache,
     /// This node's replicas by key (see `replicas`).
     pub(crate) replicas: LocalReplicas,
+    /// Decisions of transactions over several regions to forget (see
+    /// `txn`).
+    pub(crate) txn_cleanup: crate::txn::Cleanup,
 }
 
 impl Router {
@@ -73,6 +81,7 @@ impl Router {
             hints: DashMap::new(),
             cache: RegionCache::default(),
             replicas: LocalReplicas::default(),
+            txn_cleanup: Default::default(),
         }
     }
 
@@ -87,7 +96,7 @@ impl Router {
             .clone()
     }
 
-    async fn forwarded<T>(
+    pub(crate) async fn forwarded<T>(
         &self,
         target: &Target,
         fut: impl std::future::Future<Output = Result<T>>,
@@ -121,7 +130,7 @@ impl Router {
         let span = KeyRange::from_etcd(&req.key, &req.range_end);
         if req.serializable {
             if let Ok(handle) = self.region_for(std::slice::from_ref(&span)) {
-                return self.read_local(&handle, req, None);
+                return self.read_serializable(&handle, req).await;
             }
         }
         if span.end.is_none() {
@@ -148,7 +157,7 @@ impl Router {
         let spans = std::slice::from_ref(span);
         if req.serializable {
             if let Ok(handle) = self.region_for(spans) {
-                return self.read_local(&handle, req, None);
+                return self.read_serializable(&handle, req).await;
             }
         }
         retrying(move || async move {
@@ -158,6 +167,7 @@ impl Router {
                 }
                 Location::Follower(handle, target) => {
                     let current = self.follower_revision(&handle, &target).await?;
+                    wait_unlocked(&handle, spans, 0).await?;
                     self.read_local(&handle, req, Some(current))
                 }
                 Location::Remote(target) => {
@@ -176,10 +186,31 @@ impl Router {
         leader: &RegionLeader,
     ) -> Result<RangeResponse> {
         if req.serializable {
-            return self.read_local(handle, req, None);
+            return self.read_serializable(handle, req).await;
         }
         let (current, _) = leader.linearizable_revision(handle).await?;
+        let span = KeyRange::from_etcd(&req.key, &req.range_end);
+        wait_unlocked(handle, std::slice::from_ref(&span), 0).await?;
         self.read_local(handle, req, Some(current))
+    }
+
+    /// A serializable read on this replica at its applied revision, once
+    /// no transaction holds a lock on its keys (a lock's commit may land
+    /// below that revision), retrying while locked.
+    async fn read_serializable(
+        &self,
+        handle: &RegionHandle,
+        req: &RangeRequest,
+    ) -> Result<RangeResponse> {
+        let span = KeyRange::from_etcd(&req.key, &req.range_end);
+        let spans = std::slice::from_ref(&span);
+        retrying(|| async move {
+            // Fixed before the wait: a lock taken later commits above it.
+            let at = handle.status().applied_revision.max(1);
+            wait_unlocked(handle, spans, 0).await?;
+            self.read_local(handle, req, Some(at))
+        })
+        .await
     }
 
     /// Reads this replica's state machine for `req` with `current` as the
@@ -237,10 +268,16 @@ impl Router {
         let spans = &write_spans(req);
         if is_serializable_txn(req) {
             if let Ok(handle) = self.region_for(spans) {
-                return self.read_only_txn_local(&handle, req);
+                let handle = &handle;
+                return retrying(|| async move {
+                    let at = handle.status().applied_revision.max(1);
+                    wait_unlocked(handle, spans, 0).await?;
+                    self.read_only_txn_local(handle, req, at)
+                })
+                .await;
             }
         }
-        retrying(move || async move {
+        let res = retrying(move || async move {
             match self.locate(spans).await? {
                 Location::Leader(handle, leader) => leader.write(&handle, req, spans).await,
                 Location::Follower(_, target) | Location::Remote(target) => {
@@ -249,19 +286,24 @@ impl Router {
                 }
             }
         })
-        .await
+        .await;
+        match res {
+            Err(Error::CrossRegion) => self.write_across(req, spans).await,
+            other => other,
+        }
     }
 
-    /// A serializable read-only txn on this replica at its applied revision.
+    /// A serializable read-only txn on this replica at `current`, a
+    /// revision it has applied.
     fn read_only_txn_local(
         &self,
         handle: &RegionHandle,
         req: &WriteRequest,
+        current: i64,
     ) -> Result<WriteResponse> {
         check_spans(&handle.status().region, &write_spans(req))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
-        let current = state.applied_revision.max(1);
         let bounds = ReadBounds {
             current,
             compacted: state.compact_revision,
@@ -488,6 +530,17 @@ impl Router {
             handle.wait_physically_compacted(revision).await?;
         }
         Ok((current, index))
+    }
+
+    /// Leader side of a step of a transaction over several regions.
+    pub async fn serve_txn_step(
+        &self,
+        header: Option<&RequestHeader>,
+        step: Step,
+    ) -> Result<Option<txn_step_response::Result>> {
+        let handle = self.forwarded_leader(header)?;
+        let leader = self.region_leader(handle.region_id());
+        leader.txn_step(&handle, step).await
     }
 
     /// Leader side of a follower's read index: a linearizable revision R

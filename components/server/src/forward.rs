@@ -16,7 +16,8 @@ use mvcc::exec::{WriteRequest, WriteResponse};
 use proto::forwardpb::region_forward_server::{RegionForward, RegionForwardServer};
 use proto::forwardpb::{
     self, write_request as wreq, write_response as wresp, CompactRequest, CompactResponse,
-    RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse,
+    RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse, TxnStepRequest,
+    TxnStepResponse,
 };
 use router::forward::wire::error_to_wire;
 use router::Router;
@@ -145,6 +146,27 @@ impl RegionForward for ForwardService {
             Err(e) => ReadIndexResponse {
                 error: wire_error(&e),
                 ..Default::default()
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn txn_step(
+        &self,
+        req: Request<TxnStepRequest>,
+    ) -> Result<Response<TxnStepResponse>, Status> {
+        let req = req.into_inner();
+        let Some(step) = req.step else {
+            return Err(Status::invalid_argument("transaction step without a step"));
+        };
+        let resp = match self.router.serve_txn_step(req.header.as_ref(), step).await {
+            Ok(result) => TxnStepResponse {
+                error: None,
+                result,
+            },
+            Err(e) => TxnStepResponse {
+                error: wire_error(&e),
+                result: None,
             },
         };
         Ok(Response::new(resp))

@@ -55,6 +55,8 @@ pub struct RunningNode {
     peer_servers_from: usize,
     heartbeats: JoinHandle<()>,
     split_checks: JoinHandle<()>,
+    /// Resolves abandoned locks of transactions over several regions.
+    lock_resolver: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -190,6 +192,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         stopped.clone(),
     ));
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
+    let lock_resolver = ctx.router.start_lock_resolver();
     Ok(RunningNode {
         ctx,
         store,
@@ -201,6 +204,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         heartbeats,
         split_checks,
         removal,
+        lock_resolver,
     })
 }
 
@@ -454,6 +458,7 @@ impl RunningNode {
         let _ = self.heartbeats.await;
         let _ = self.split_checks.await;
         self.removal.abort();
+        self.lock_resolver.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

@@ -52,6 +52,7 @@ impl Nodes {
             self.net.forwarder(id),
         ));
         self.net.register(id, &router);
+        router.start_lock_resolver();
         self.routers.write().insert(id, router);
     }
 }

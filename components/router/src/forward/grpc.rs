@@ -16,6 +16,7 @@ use proto::forwardpb::{
     self, region_forward_client::RegionForwardClient, write_request as wreq,
     write_response as wresp,
 };
+use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
@@ -179,6 +180,26 @@ impl Forward for GrpcForwarder {
             return Err(error_from_wire(e));
         }
         Ok((resp.current_revision, resp.applied_index))
+    }
+
+    async fn txn_step(
+        &self,
+        target: &Target,
+        step: Step,
+    ) -> Result<Option<txn_step_response::Result>> {
+        let msg = forwardpb::TxnStepRequest {
+            header: Some(target.header()),
+            step: Some(step),
+        };
+        let resp = self
+            .call(target.node_id, false, |mut c| async move {
+                c.txn_step(msg).await
+            })
+            .await?;
+        if let Some(e) = resp.error {
+            return Err(error_from_wire(e));
+        }
+        Ok(resp.result)
     }
 
     /// The leader's linearizable revision and an applied index covering

@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 use mvcc::exec::{WriteRequest, WriteResponse};
 use parking_lot::RwLock;
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
+use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 
 use super::{Forward, Target};
 use crate::{Error, Result, Router};
@@ -131,6 +132,20 @@ impl Forward for LocalForwarder {
         router
             .serve_forwarded_compact(Some(&header), revision, physical)
             .await
+    }
+
+    async fn txn_step(
+        &self,
+        target: &Target,
+        step: Step,
+    ) -> Result<Option<txn_step_response::Result>> {
+        let (router, delivery) = self.net.route(self.from, target.node_id)?;
+        let header = target.header();
+        if delivery == Delivery::LoseReply {
+            tokio::spawn(async move { router.serve_txn_step(Some(&header), step).await });
+            return Err(reply_lost());
+        }
+        router.serve_txn_step(Some(&header), step).await
     }
 
     async fn read_index(&self, target: &Target) -> Result<(i64, u64)> {

@@ -23,6 +23,7 @@ pub mod wire;
 
 use mvcc::exec::{WriteRequest, WriteResponse};
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
+use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use proto::{forwardpb, metapb};
 
 use crate::Result;
@@ -65,4 +66,12 @@ pub trait Forward: Send + Sync {
     /// The leader's linearizable revision R and an applied index covering
     /// every write at or below R.
     async fn read_index(&self, target: &Target) -> Result<(i64, u64)>;
+
+    /// Runs one step of a transaction over several regions on the
+    /// leader's node (`RegionLeader::txn_step`).
+    async fn txn_step(
+        &self,
+        target: &Target,
+        step: Step,
+    ) -> Result<Option<txn_step_response::Result>>;
 }

@@ -8,7 +8,8 @@
 //! A write, step by step (one future, the caller's; nothing it holds is
 //! lost if the caller goes away):
 //! 1. latch the keys it touches ([`latches`]): single keys by hashed slot,
-//!    any key range the whole region;
+//!    any key range the whole region; then wait until no transaction over
+//!    several regions holds a lock on them ([`txn`]);
 //! 2. on the ready leader of term T, evaluate it (`mvcc::exec`) against one
 //!    RocksDB snapshot, with the compaction revision read from the same
 //!    snapshot;
@@ -60,6 +61,7 @@
 pub mod inflight;
 pub mod latches;
 pub mod sequencer;
+pub mod txn;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +118,9 @@ impl RegionLeader {
         spans: &[KeyRange],
     ) -> Result<WriteResponse> {
         let latches = self.latches.acquire(LatchSet::of(spans)).await;
+        // A transaction over several regions holding some of the keys
+        // commits without latches; its lock is what keeps this write out.
+        txn::wait_unlocked(handle, spans, 0).await?;
         let status = handle.status();
         if !status.ready_leader {
             return Err(not_leader(handle));
@@ -199,6 +204,8 @@ impl RegionLeader {
 
     /// Proposes compaction at `revision` (see the contract).
     pub async fn compact(&self, handle: &RegionHandle, revision: i64) -> Result<(i64, u64)> {
+        // Apply refuses a compaction while transactions hold locks.
+        txn::wait_unlocked(handle, &[everything()], 0).await?;
         let (current, term) = self.linearizable_revision(handle).await?;
         let compacted = handle.read_state(&self.mvcc.snapshot())?.compact_revision;
         if revision <= compacted {
@@ -234,6 +241,22 @@ impl RegionLeader {
                         "split: the region's writes did not finish in time".into(),
                     ))
                 })?;
+        // Apply refuses a split while transactions hold locks.
+        txn::wait_unlocked(handle, &[everything()], 0).await?;
+        self.propose_in_term(handle, Cmd::Split(req), "split")
+            .await?;
+        Ok(handle.status().region)
+    }
+
+    /// Proposes `cmd` on the ready leader, bound to its current term, and
+    /// waits at most [`WRITE_TIMEOUT`] for it to apply here (`what` names
+    /// it in the timeout's error).
+    async fn propose_in_term(
+        &self,
+        handle: &RegionHandle,
+        cmd: Cmd,
+        what: &str,
+    ) -> Result<Applied> {
         let status = handle.status();
         if !status.ready_leader {
             return Err(not_leader(handle));
@@ -244,12 +267,12 @@ impl RegionLeader {
                 region_epoch: status.region.region_epoch,
                 term: status.term,
             }),
-            cmd: Some(Cmd::Split(req)),
+            cmd: Some(cmd),
         };
         tokio::time::timeout(WRITE_TIMEOUT, handle.propose(cmd))
             .await
-            .map_err(|_| Error::timed_out("split"))??;
-        Ok(handle.status().region)
+            .map_err(|_| Error::timed_out(what))?
+            .map_err(Error::from)
     }
 }
 
@@ -263,6 +286,14 @@ pub(crate) fn check_spans(region: &metapb::Region, spans: &[KeyRange]) -> Result
         region_id: region.id,
         current: region.clone(),
     }))
+}
+
+/// Every key.
+fn everything() -> KeyRange {
+    KeyRange {
+        start: Vec::new(),
+        end: Some(Vec::new()),
+    }
 }
 
 fn not_leader(handle: &RegionHandle) -> Error {

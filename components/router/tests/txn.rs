@@ -1,0 +1,536 @@
+//! Writes over several regions (`router::txn`): one revision for all their
+//! changes, all or nothing — also when the coordinator stops at any step
+//! and under the raft faults of the history tests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mvcc::exec::{WriteRequest, WriteResponse};
+use parking_lot::Mutex;
+use pd::PdClient;
+use proto::etcdserverpb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    request_op::Request,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
+};
+use proto::forwardpb::{
+    txn_step_request::Step, txn_step_response, RequestHeader, TxnLock, TxnStatusRequest,
+};
+use proto::raft_cmdpb::{mutation::Op, KeySpan, Mutation, TxnCommitRequest, TxnLockRequest};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use router::Router;
+use test_support::history;
+use test_support::{RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster};
+
+fn put_op(key: &str, value: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn delete_op(key: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+            key: key.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn txn(ops: Vec<RequestOp>) -> WriteRequest {
+    WriteRequest::Txn(TxnRequest {
+        success: ops,
+        ..Default::default()
+    })
+}
+
+fn scan(prefix: &str) -> RangeRequest {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    RangeRequest {
+        key: prefix.into(),
+        range_end: end,
+        ..Default::default()
+    }
+}
+
+async fn must<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = router::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what} failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A cluster of three nodes with regions split at `keys`.
+async fn cluster_split_at(keys: &[&str]) -> Arc<RouterCluster> {
+    let cluster = RouterCluster::new(3).await;
+    cluster.leader().await;
+    for key in keys {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = cluster.split(key.as_bytes()).await {
+            assert!(Instant::now() < deadline, "split at {key}: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cluster
+}
+
+fn kv_map(resp: &RangeResponse) -> HashMap<String, (String, i64)> {
+    resp.kvs
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                (
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                    kv.mod_revision,
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_over_regions_commit_at_one_revision() {
+    let cluster = cluster_split_at(&["m"]).await;
+    let router = cluster.router(1).unwrap();
+    let req = txn(vec![put_op("a", "1"), put_op("z", "1")]);
+    let resp = must("txn", || router.write(&req)).await;
+    let WriteResponse::Txn(t) = resp else {
+        panic!("{resp:?}")
+    };
+    let rev = t.header.unwrap().revision;
+    for id in 1..=3 {
+        let r = cluster.router(id).unwrap();
+        let all = RangeRequest {
+            key: b"a".to_vec(),
+            range_end: vec![0],
+            ..Default::default()
+        };
+        let both = must("range", || r.range(&all)).await;
+        let kvs = kv_map(&both);
+        assert_eq!(kvs["a"], ("1".into(), rev), "node {id}");
+        assert_eq!(kvs["z"], ("1".into(), rev), "node {id}");
+    }
+
+    // A compare over both regions that fails changes nothing and takes no
+    // revision; its Range op reads both regions.
+    let cmp = WriteRequest::Txn(TxnRequest {
+        compare: vec![Compare {
+            key: b"a".to_vec(),
+            range_end: vec![0],
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            target_union: Some(TargetUnion::Value(b"2".to_vec())),
+        }],
+        success: vec![put_op("a", "x")],
+        failure: vec![RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: b"a".to_vec(),
+                range_end: vec![0],
+                ..Default::default()
+            })),
+        }],
+    });
+    let WriteResponse::Txn(t) = must("compare txn", || router.write(&cmp)).await else {
+        panic!()
+    };
+    assert!(!t.succeeded);
+    assert_eq!(
+        t.header.unwrap().revision,
+        rev,
+        "a failed compare took a revision"
+    );
+
+    // DeleteRange over both regions: one revision, both gone.
+    let del = WriteRequest::DeleteRange(DeleteRangeRequest {
+        key: b"a".to_vec(),
+        range_end: vec![0],
+        prev_kv: true,
+    });
+    let WriteResponse::DeleteRange(d) = must("delete", || router.write(&del)).await else {
+        panic!()
+    };
+    assert_eq!(d.deleted, 2);
+    assert_eq!(d.header.unwrap().revision, rev + 1);
+    let all = RangeRequest {
+        key: b"a".to_vec(),
+        range_end: vec![0],
+        ..Default::default()
+    };
+    let left = must("range", || router.range(&all)).await;
+    assert_eq!(left.count, 0);
+    // Nothing stays locked, and single-region writes go on.
+    let put = WriteRequest::Put(PutRequest {
+        key: b"z".to_vec(),
+        value: b"2".to_vec(),
+        ..Default::default()
+    });
+    let WriteResponse::Put(p) = must("put", || router.write(&put)).await else {
+        panic!()
+    };
+    assert_eq!(p.header.unwrap().revision, rev + 2);
+}
+
+/// The leader of the region holding `key`: its node's router and the
+/// header naming the region.
+async fn leader_of(cluster: &RouterCluster, key: &[u8]) -> (Arc<Router>, RequestHeader) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for id in cluster.ids() {
+            let Some(router) = cluster.router(id) else {
+                continue;
+            };
+            for h in router.store().regions() {
+                let s = h.status();
+                let holds = key >= s.region.start_key.as_slice()
+                    && (s.region.end_key.is_empty() || key < s.region.end_key.as_slice());
+                if holds && s.ready_leader {
+                    return (
+                        router.clone(),
+                        RequestHeader {
+                            region_id: s.region.id,
+                            region_epoch: s.region.region_epoch,
+                        },
+                    );
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for {key:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn step(cluster: &RouterCluster, key: &str, step: Step) {
+    let (router, header) = leader_of(cluster, key.as_bytes()).await;
+    router
+        .serve_txn_step(Some(&header), step)
+        .await
+        .unwrap_or_else(|e| panic!("step on {key}: {e}"));
+}
+
+fn lock(txn_id: u64, key: &str) -> Step {
+    Step::Lock(TxnLock {
+        lock: Some(TxnLockRequest {
+            txn_id,
+            primary_key: b"a".to_vec(),
+            spans: vec![KeySpan {
+                start: key.into(),
+                end: Vec::new(),
+                single: true,
+            }],
+        }),
+        reads: Vec::new(),
+    })
+}
+
+fn put_mutation(key: &str, value: &str, sub: u32) -> Mutation {
+    Mutation {
+        op: Op::Put as i32,
+        key: key.into(),
+        sub,
+        version: 2,
+        create_revision: 0,
+        value: value.into(),
+        ..Default::default()
+    }
+}
+
+/// A coordinator that stops after each step of the protocol — primary
+/// locked; both locked; decision written with the secondary pending — and
+/// never comes back: readers of the keys wait, and the lock resolver ends
+/// it all or nothing (rolled back before the decision, committed at the
+/// decided revision after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abandoned_transactions_end_all_or_nothing() {
+    let cluster = cluster_split_at(&["m"]).await;
+    let router = cluster.router(2).unwrap();
+    let seed = txn(vec![put_op("a", "0"), put_op("z", "0")]);
+    must("seed", || router.write(&seed)).await;
+    let both = RangeRequest {
+        key: b"a".to_vec(),
+        range_end: vec![0],
+        ..Default::default()
+    };
+
+    // 1. Only the primary locked.
+    step(&cluster, "a", lock(101, "a")).await;
+    let started = Instant::now();
+    let r = must("read", || router.range(&both)).await;
+    let kvs = kv_map(&r);
+    assert_eq!((kvs["a"].0.as_str(), kvs["z"].0.as_str()), ("0", "0"));
+    println!(
+        "read waited {:?} for a rolled-back primary",
+        started.elapsed()
+    );
+
+    // 2. Both locked, no decision.
+    step(&cluster, "a", lock(102, "a")).await;
+    step(&cluster, "z", lock(102, "z")).await;
+    let r = must("read", || router.range(&both)).await;
+    let kvs = kv_map(&r);
+    assert_eq!((kvs["a"].0.as_str(), kvs["z"].0.as_str()), ("0", "0"));
+
+    // 3. Both locked, decision written, the secondary never told.
+    step(&cluster, "a", lock(103, "a")).await;
+    step(&cluster, "z", lock(103, "z")).await;
+    let pd = cluster.oracle(1);
+    let revision = pd.alloc_revisions(1).await.unwrap();
+    step(
+        &cluster,
+        "a",
+        Step::Commit(TxnCommitRequest {
+            txn_id: 103,
+            revision,
+            mutations: vec![put_mutation("a", "3", 0), put_mutation("z", "3", 1)],
+            primary: true,
+            primary_key: b"a".to_vec(),
+        }),
+    )
+    .await;
+    let r = must("read", || router.range(&both)).await;
+    let kvs = kv_map(&r);
+    assert_eq!(kvs["a"], ("3".into(), revision));
+    assert_eq!(kvs["z"], ("3".into(), revision));
+
+    // The decision's status as the primary tells it.
+    let (primary, header) = leader_of(&cluster, b"a").await;
+    let status = primary
+        .serve_txn_step(
+            Some(&header),
+            Step::Status(TxnStatusRequest {
+                txn_id: 101,
+                primary_key: b"a".to_vec(),
+            }),
+        )
+        .await
+        .unwrap();
+    let Some(txn_step_response::Result::Status(s)) = status else {
+        panic!("{status:?}")
+    };
+    assert_eq!(
+        s.kind,
+        proto::forwardpb::txn_status::Kind::RolledBack as i32
+    );
+
+    // Nothing stays locked: a write of both keys and a compaction go
+    // through.
+    let again = txn(vec![put_op("a", "4"), put_op("z", "4")]);
+    must("txn", || router.write(&again)).await;
+    let current = router.current_revision().await.unwrap();
+    must("compact", || router.compact(current, false)).await;
+}
+
+/// One writer per pair of keys in two regions, writing both keys in one
+/// txn (or deleting both), while readers list all pairs at once — under
+/// partitions, lost and delayed messages, restarts, leader moves and lost
+/// forward replies (coordinators that never hear back). Every read sees
+/// each pair whole (both values equal, at one revision), never a value of
+/// a write that was refused, and never older than a write acknowledged
+/// before the read started; at the end every pair holds its last
+/// acknowledged write or a later unknown one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pairs_over_regions_stay_whole_under_faults() {
+    let seed = history::seed("pairs_over_regions_stay_whole_under_faults");
+    let cluster = cluster_split_at(&["p/m"]).await;
+    cluster.set_lose_reply_percent(3);
+    let nemesis = RaftNemesis::start(
+        cluster.raft().clone(),
+        RaftNemesisConfig {
+            faults: RaftFault::ALL.to_vec(),
+            seed: Some(seed),
+            interval: (Duration::from_millis(800), Duration::from_millis(2000)),
+            hold: (Duration::from_millis(300), Duration::from_millis(1500)),
+            ..RaftNemesisConfig::default()
+        },
+        Instant::now(),
+    );
+    const PAIRS: usize = 4;
+    let run_for = history::duration(Duration::from_secs(15));
+    let stop = Instant::now() + run_for;
+    // Per pair: (seq, outcome) of every write; seq 0 = absent.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Outcome {
+        Ok,
+        Failed,
+        Unknown,
+    }
+    /// One pair's writes in order: (seq, outcome); a delete has the top
+    /// bit set.
+    type WriteLog = Vec<(u64, Outcome)>;
+    let writes: Arc<Mutex<Vec<WriteLog>>> = Arc::new(Mutex::new(vec![Vec::new(); PAIRS]));
+    let mut tasks = Vec::new();
+    for pair in 0..PAIRS {
+        let cluster = cluster.clone();
+        let writes = writes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(pair as u64));
+            let mut seq = 0u64;
+            while Instant::now() < stop {
+                seq += 1;
+                let (a, z) = (format!("p/a{pair}"), format!("p/z{pair}"));
+                let req = if rng.gen_range(0..5) == 0 {
+                    txn(vec![delete_op(&a), delete_op(&z)])
+                } else {
+                    let v = format!("{seq}");
+                    txn(vec![put_op(&a, &v), put_op(&z, &v)])
+                };
+                // A node being restarted has no router for a moment.
+                let via = loop {
+                    if let Some(r) = cluster.router(rng.gen_range(1..=3)) {
+                        break r;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                let res = tokio::time::timeout(Duration::from_secs(8), via.write(&req)).await;
+                let outcome = match res {
+                    Ok(Ok(_)) => Outcome::Ok,
+                    Ok(Err(e)) if e.is_retryable() => Outcome::Failed,
+                    Ok(Err(router::Error::Mvcc(_))) => Outcome::Failed,
+                    _ => Outcome::Unknown,
+                };
+                let deleted = matches!(&req, WriteRequest::Txn(t)
+                    if matches!(t.success[0].request, Some(Request::RequestDeleteRange(_))));
+                let recorded = if deleted { seq | 1 << 63 } else { seq };
+                writes.lock()[pair].push((recorded, outcome));
+            }
+        }));
+    }
+    let reads = Arc::new(Mutex::new(0usize));
+    let failed_reads: Arc<Mutex<Vec<String>>> = Arc::default();
+    for reader in 0..3u64 {
+        let failed_reads = failed_reads.clone();
+        let cluster = cluster.clone();
+        let writes = writes.clone();
+        let reads = reads.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last_rev = 0;
+            while Instant::now() < stop {
+                let floor: Vec<Option<u64>> = writes
+                    .lock()
+                    .iter()
+                    .map(|w| {
+                        w.iter()
+                            .rev()
+                            .find(|(_, o)| *o == Outcome::Ok)
+                            .map(|(s, _)| *s & !(1 << 63))
+                    })
+                    .collect();
+                let Some(via) = cluster.router(reader + 1) else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let resp = match tokio::time::timeout(
+                    Duration::from_secs(8),
+                    via.range(&scan("p/")),
+                )
+                .await
+                {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) => {
+                        failed_reads.lock().push(e.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        failed_reads.lock().push("timed out".into());
+                        continue;
+                    }
+                };
+                let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+                assert!(
+                    rev >= last_rev,
+                    "read revisions went back: {rev} < {last_rev}"
+                );
+                last_rev = rev;
+                let kvs = kv_map(&resp);
+                let written = writes.lock().clone();
+                for pair in 0..PAIRS {
+                    let a = kvs.get(&format!("p/a{pair}"));
+                    let z = kvs.get(&format!("p/z{pair}"));
+                    assert_eq!(a, z, "pair {pair} seen half at revision {rev}");
+                    // The write seen: its seq (a delete shows nothing).
+                    if let Some((v, _)) = a {
+                        let seq: u64 = v.parse().unwrap();
+                        let outcome = written[pair]
+                            .iter()
+                            .find(|(s, _)| *s == seq)
+                            .map(|(_, o)| *o);
+                        assert_ne!(
+                            outcome,
+                            Some(Outcome::Failed),
+                            "pair {pair}: a refused write {seq} is visible"
+                        );
+                        if let Some(floor) = floor[pair] {
+                            assert!(seq >= floor, "pair {pair}: read {seq} after {floor} acked");
+                        }
+                    }
+                }
+                *reads.lock() += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = nemesis.stop().await;
+    println!("{log}");
+    cluster.raft().heal();
+    cluster.set_lose_reply_percent(0);
+    let router = cluster.router(1).unwrap();
+    let everything = scan("p/");
+    let end = must("final read", || router.range(&everything)).await;
+    let kvs = kv_map(&end);
+    let written = writes.lock().clone();
+    let mut committed = 0;
+    for (pair, ws) in written.iter().enumerate() {
+        let a = kvs.get(&format!("p/a{pair}"));
+        let z = kvs.get(&format!("p/z{pair}"));
+        assert_eq!(a, z, "pair {pair} ended half written");
+        committed += ws.iter().filter(|(_, o)| *o == Outcome::Ok).count();
+        let last_ok = ws.iter().rposition(|(_, o)| *o == Outcome::Ok);
+        let seen = a.map(|(v, _)| v.parse::<u64>().unwrap());
+        let seen_pos = match seen {
+            Some(seq) => ws.iter().position(|(s, _)| *s == seq),
+            // Absent: the last delete (or nothing written).
+            None => ws
+                .iter()
+                .rposition(|(s, o)| *s & (1 << 63) != 0 && *o != Outcome::Failed),
+        };
+        if let Some(last_ok) = last_ok {
+            let pos =
+                seen_pos.unwrap_or_else(|| panic!("pair {pair}: final state {seen:?} unknown"));
+            assert!(
+                pos >= last_ok,
+                "pair {pair}: final state older than the last acknowledged write"
+            );
+            assert!(
+                ws[pos + 1..].iter().all(|(_, o)| *o != Outcome::Ok),
+                "pair {pair}: a later acknowledged write is lost"
+            );
+        }
+    }
+    let failed = failed_reads.lock().clone();
+    println!(
+        "{committed} pair writes acknowledged, {} whole reads, {} failed reads (e.g. {:?})",
+        *reads.lock(),
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(committed > 20, "too few pair writes: {committed}");
+}
