@@ -22,7 +22,7 @@ mod store;
 mod view;
 
 pub use store::{CompactStats, KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
-pub use view::{FetchedView, ReadView};
+pub use view::{AtRevision, FetchedView, ReadView};
 
 /// Errors of the MVCC layer. The etcd-visible ones carry etcd's meaning; the
 /// server maps them to etcd's gRPC codes and texts.

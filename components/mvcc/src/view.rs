@@ -41,6 +41,26 @@ impl ReadView for MvccSnapshot<'_> {
     }
 }
 
+/// A view as of revision `at`: its newest state is `inner`'s at `at` (a
+/// read-only request served at a revision some later writes are already
+/// applied above).
+pub struct AtRevision<'a> {
+    pub inner: &'a dyn ReadView,
+    pub at: i64,
+}
+
+impl ReadView for AtRevision<'_> {
+    fn range(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        limit: usize,
+        collect: bool,
+    ) -> Result<RangeResult> {
+        self.inner.range(range, rev.min(self.at), limit, collect)
+    }
+}
+
 /// Live keys fetched for an evaluation, per revision they were read at
 /// (`i64::MAX` = the newest state). It answers only for the ranges and
 /// revisions it was filled for: the caller fetched every range the request

@@ -34,6 +34,7 @@ mod locate;
 mod regions;
 mod replicas;
 pub mod resolve;
+pub mod resolved;
 mod router;
 mod txn;
 

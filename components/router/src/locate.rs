@@ -51,13 +51,22 @@ pub(crate) struct LeaderHint {
 impl Router {
     /// The local replica whose key range covers every range in `spans`:
     /// `NoRegion` if none holds the first key, `CrossRegion` if the one
-    /// that does ends before the spans do.
+    /// that does ends before the spans do, a retryable `EpochNotMatch` if
+    /// the index of replicas is a moment behind a split.
     pub(crate) fn region_for(&self, spans: &[KeyRange]) -> Result<RegionHandle> {
         let first = spans.first().map(|s| s.start.clone()).unwrap_or_default();
         let Some(handle) = self.replicas.find(&self.store, &first) else {
             return Err(Error::NoRegion(first));
         };
         let region = handle.status().region;
+        if !holds_key(&region, &first) {
+            // A split published the replica's new range but not yet the
+            // new layout: a moment later the index names the right one.
+            return Err(Error::Region(raftstore::Error::EpochNotMatch {
+                region_id: region.id,
+                current: region,
+            }));
+        }
         if spans.iter().all(|s| covers(&region, s)) {
             Ok(handle)
         } else {
@@ -195,6 +204,12 @@ impl Router {
             _ => {}
         }
     }
+}
+
+/// Whether `region`'s key range holds `key`.
+pub(crate) fn holds_key(region: &metapb::Region, key: &[u8]) -> bool {
+    key >= region.start_key.as_slice()
+        && (region.end_key.is_empty() || key < region.end_key.as_slice())
 }
 
 /// Whether `region`'s key range holds all of `s`.

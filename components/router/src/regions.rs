@@ -17,10 +17,10 @@
 //!   waits until its writes at or below R are resolved, exactly as a
 //!   single-region read does), and the answers are merged as one read of
 //!   the whole range would answer (`mvcc::exec::merge_ranges`). A
-//!   serializable Range over several regions is served the same way: a
-//!   replica's applied revision says nothing about the other regions, so
-//!   no local revision is common to all of them (the per-region resolved
-//!   revision will make local serializable reads possible).
+//!   serializable Range over several regions is answered by this node's
+//!   replicas alone at the lowest of their resolved revisions (`resolved`)
+//!   when every region has one caught up here, and like a linearizable one
+//!   otherwise.
 //! * Writes over several regions commit through `txn` (two-phase, at one
 //!   revision).
 //! * `compact(R)` applies the compaction in every region (in key order);
@@ -131,6 +131,58 @@ impl Router {
             ..Default::default()
         });
         Ok(resp)
+    }
+
+    /// A serializable Range over several regions from this node's replicas
+    /// alone, at the lowest of their resolved revisions (see `resolved`);
+    /// `None` if some region has no replica here caught up to its resolved
+    /// revision, or the request asks for a newer revision, or a compaction
+    /// passed it — the caller then reads as a linearizable Range does.
+    pub(crate) fn range_pieces_resolved(
+        &self,
+        req: &RangeRequest,
+        pieces: &[KeyRange],
+    ) -> Result<Option<RangeResponse>> {
+        let mut local = Vec::with_capacity(pieces.len());
+        let mut at = i64::MAX;
+        for piece in pieces {
+            let Some(handle) = self.replicas.find(&self.store, &piece.start) else {
+                return Ok(None);
+            };
+            let Some(resolved) = self.resolved_revision(&handle) else {
+                return Ok(None);
+            };
+            at = at.min(resolved);
+            local.push(handle);
+        }
+        if req.revision > at || local.iter().any(|h| h.status().compact_revision > at) {
+            return Ok(None);
+        }
+        let template = exec::piece_request(req);
+        let mut parts = Vec::with_capacity(pieces.len());
+        for (piece, handle) in pieces.iter().zip(&local) {
+            let mut r = template.clone();
+            (r.key, r.range_end) = etcd_bounds(piece);
+            match self.read_local(handle, &r, Some(at)) {
+                // A compaction above `at` moved the read up (see
+                // `read_local`): the pieces would not share a revision.
+                Ok(part) if part.header.as_ref().map(|h| h.revision) != Some(at) => {
+                    return Ok(None)
+                }
+                Ok(part) => parts.push(part),
+                // Split since the pieces were taken: the linearizable path
+                // takes them again.
+                Err(Error::Region(raftstore::Error::EpochNotMatch { .. })) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+
+        let mut resp = exec::merge_ranges(req, parts);
+        resp.header = Some(ResponseHeader {
+            revision: at,
+            ..Default::default()
+        });
+        Ok(Some(resp))
     }
 
     /// Runs `op` on the pieces of `span` (in key order) until it does not

@@ -11,7 +11,9 @@
 //! [`Error::OutcomeUnknown`] is never retried: the write may have applied.
 //!
 //! * `range`: serializable reads are served by the local replica at its
-//!   applied revision when there is one; linearizable reads on the leader
+//!   applied revision when there is one (over several regions: at the
+//!   lowest resolved revision of the local replicas, see `resolved`, when
+//!   every region has one caught up here); linearizable reads on the leader
 //!   (`RegionLeader::linearizable_revision`) or on a follower with the
 //!   leader's read index (see [`Router::range`]); without a local replica
 //!   the read is forwarded.
@@ -43,7 +45,7 @@ use raftstore::{RegionHandle, Store};
 use tracing::debug;
 
 use crate::cache::RegionCache;
-use crate::forward::{Forward, Target};
+use crate::forward::{Forward, ReadIndex, Target};
 use crate::leader::txn::wait_unlocked;
 use crate::leader::{check_spans, RegionLeader, READ_TIMEOUT};
 use crate::locate::{is_serializable_txn, write_spans, LeaderHint, Location};
@@ -66,6 +68,9 @@ pub struct Router {
     /// Decisions of transactions over several regions to forget (see
     /// `txn`).
     pub(crate) txn_cleanup: crate::txn::Cleanup,
+    /// Resolved revisions of the regions with a replica here (see
+    /// `resolved`).
+    pub(crate) resolved: crate::resolved::ResolvedRevisions,
 }
 
 impl Router {
@@ -82,6 +87,7 @@ impl Router {
             cache: RegionCache::default(),
             replicas: LocalReplicas::default(),
             txn_cleanup: Default::default(),
+            resolved: Default::default(),
         }
     }
 
@@ -140,6 +146,11 @@ impl Router {
         let span = &span;
         self.with_pieces(span, |pieces| async move {
             if pieces.len() > 1 {
+                if req.serializable {
+                    if let Some(resp) = self.range_pieces_resolved(req, &pieces)? {
+                        return Ok(resp);
+                    }
+                }
                 self.range_pieces(req, pieces).await
             } else {
                 self.range_in_region(req, span).await
@@ -221,7 +232,7 @@ impl Router {
     /// checked here, after its barrier, knows that a split moving the keys
     /// away (and so any write of them through the new region) came after
     /// its revision R.
-    fn read_local(
+    pub(crate) fn read_local(
         &self,
         handle: &RegionHandle,
         req: &RangeRequest,
@@ -231,7 +242,12 @@ impl Router {
         check_spans(&handle.status().region, std::slice::from_ref(&span))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
-        let current = current.unwrap_or(state.applied_revision.max(1));
+        // Never below the compaction revision: versions below it may be
+        // gone, and every write at or below it applied before the
+        // compaction did (it waited for them, and for transaction locks).
+        let current = current
+            .unwrap_or(state.applied_revision.max(1))
+            .max(state.compact_revision);
         let bounds = ReadBounds {
             current,
             compacted: state.compact_revision,
@@ -248,11 +264,11 @@ impl Router {
     /// A linearizable revision for a read of this follower replica: the
     /// leader's (R, A), then a wait until this replica has applied A.
     async fn follower_revision(&self, handle: &RegionHandle, target: &Target) -> Result<i64> {
-        let (revision, index) = self
+        let ri = self
             .forwarded(target, self.forwarder.read_index(target))
             .await?;
-        match tokio::time::timeout(READ_TIMEOUT, handle.wait_applied(index)).await {
-            Ok(Ok(())) => Ok(revision),
+        match tokio::time::timeout(READ_TIMEOUT, handle.wait_applied(ri.applied_index)).await {
+            Ok(Ok(())) => Ok(ri.revision),
             // Removed or shutting down: look for the region elsewhere.
             Ok(Err(raftstore::Error::Stopped(id))) => {
                 Err(Error::Region(raftstore::Error::RegionNotFound(id)))
@@ -294,7 +310,7 @@ impl Router {
     }
 
     /// A serializable read-only txn on this replica at `current`, a
-    /// revision it has applied.
+    /// revision it has applied (or its compaction revision, if above).
     fn read_only_txn_local(
         &self,
         handle: &RegionHandle,
@@ -304,11 +320,20 @@ impl Router {
         check_spans(&handle.status().region, &write_spans(req))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
+        // As in `read_local`: never below the compaction revision.
+        let current = current.max(state.compact_revision);
         let bounds = ReadBounds {
             current,
             compacted: state.compact_revision,
         };
-        let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
+        // Writes above `current` may be applied already (a transaction
+        // over several regions commits below the applied revision, and
+        // writes went on while this read waited for its locks).
+        let at = mvcc::AtRevision {
+            inner: &view,
+            at: current,
+        };
+        let eval = exec::evaluate(&at, req, bounds, &|_| false)?;
         if !eval.mutations.is_empty() {
             return Err(Error::Internal("read-only txn produced changes".into()));
         }
@@ -546,11 +571,10 @@ impl Router {
     /// Leader side of a follower's read index: a linearizable revision R
     /// and this replica's applied index A once every write at or below R
     /// is applied here (so A covers them all).
-    pub async fn serve_read_index(&self, header: Option<&RequestHeader>) -> Result<(i64, u64)> {
+    pub async fn serve_read_index(&self, header: Option<&RequestHeader>) -> Result<ReadIndex> {
         let handle = self.forwarded_leader(header)?;
         let leader = self.region_leader(handle.region_id());
-        let (revision, _) = leader.linearizable_revision(&handle).await?;
-        Ok((revision, handle.status().applied_index))
+        leader.read_index(&handle).await
     }
 
     /// The oracle's current revision (for response headers of requests that

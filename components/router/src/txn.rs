@@ -72,7 +72,7 @@ use tracing::{debug, info, warn};
 
 use crate::leader::txn::LOCK_TTL;
 use crate::leader::{READ_TIMEOUT, WRITE_TIMEOUT};
-use crate::locate::Location;
+use crate::locate::{holds_key, Location};
 use crate::router::retrying;
 use crate::{Error, Result, Router, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 
@@ -454,10 +454,7 @@ fn single(key: &[u8]) -> KeyRange {
 fn in_region(mutations: &[Mutation], region: &metapb::Region) -> Vec<Mutation> {
     mutations
         .iter()
-        .filter(|m| {
-            m.key.as_slice() >= region.start_key.as_slice()
-                && (region.end_key.is_empty() || m.key.as_slice() < region.end_key.as_slice())
-        })
+        .filter(|m| holds_key(region, &m.key))
         .cloned()
         .collect()
 }

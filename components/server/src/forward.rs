@@ -138,10 +138,11 @@ impl RegionForward for ForwardService {
     ) -> Result<Response<ReadIndexResponse>, Status> {
         let req = req.into_inner();
         let resp = match self.router.serve_read_index(req.header.as_ref()).await {
-            Ok((revision, applied_index)) => ReadIndexResponse {
+            Ok(ri) => ReadIndexResponse {
                 error: None,
-                revision,
-                applied_index,
+                revision: ri.revision,
+                applied_index: ri.applied_index,
+                resolved_revision: ri.resolved,
             },
             Err(e) => ReadIndexResponse {
                 error: wire_error(&e),

@@ -57,6 +57,8 @@ pub struct RunningNode {
     split_checks: JoinHandle<()>,
     /// Resolves abandoned locks of transactions over several regions.
     lock_resolver: JoinHandle<()>,
+    /// Keeps the regions' resolved revisions fresh.
+    resolved_tracker: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -193,6 +195,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     ));
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     let lock_resolver = ctx.router.start_lock_resolver();
+    let resolved_tracker = ctx.router.start_resolved_tracker();
     Ok(RunningNode {
         ctx,
         store,
@@ -205,6 +208,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         split_checks,
         removal,
         lock_resolver,
+        resolved_tracker,
     })
 }
 
@@ -459,6 +463,7 @@ impl RunningNode {
         let _ = self.split_checks.await;
         self.removal.abort();
         self.lock_resolver.abort();
+        self.resolved_tracker.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

@@ -53,6 +53,7 @@ impl Nodes {
         ));
         self.net.register(id, &router);
         router.start_lock_resolver();
+        router.start_resolved_tracker();
         self.routers.write().insert(id, router);
     }
 }

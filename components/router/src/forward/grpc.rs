@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
 use super::wire::error_from_wire;
-use super::{Forward, Target};
+use super::{Forward, ReadIndex, Target};
 use crate::resolve::Resolver;
 use crate::{Error, Result, RETRY_DEADLINE};
 
@@ -204,7 +204,7 @@ impl Forward for GrpcForwarder {
 
     /// The leader's linearizable revision and an applied index covering
     /// every write at or below it.
-    async fn read_index(&self, target: &Target) -> Result<(i64, u64)> {
+    async fn read_index(&self, target: &Target) -> Result<ReadIndex> {
         let msg = forwardpb::ReadIndexRequest {
             header: Some(target.header()),
         };
@@ -216,7 +216,11 @@ impl Forward for GrpcForwarder {
         if let Some(e) = resp.error {
             return Err(error_from_wire(e));
         }
-        Ok((resp.revision, resp.applied_index))
+        Ok(ReadIndex {
+            revision: resp.revision,
+            applied_index: resp.applied_index,
+            resolved: resp.resolved_revision,
+        })
     }
 }
 

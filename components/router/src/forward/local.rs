@@ -14,7 +14,7 @@ use parking_lot::RwLock;
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 
-use super::{Forward, Target};
+use super::{Forward, ReadIndex, Target};
 use crate::{Error, Result, Router};
 
 /// What happens to one forwarded request.
@@ -148,7 +148,7 @@ impl Forward for LocalForwarder {
         router.serve_txn_step(Some(&header), step).await
     }
 
-    async fn read_index(&self, target: &Target) -> Result<(i64, u64)> {
+    async fn read_index(&self, target: &Target) -> Result<ReadIndex> {
         let (router, delivery) = self.net.route(self.from, target.node_id)?;
         let res = router.serve_read_index(Some(&target.header())).await;
         match delivery {

@@ -49,6 +49,19 @@ impl Target {
     }
 }
 
+/// A region leader's answer to a read index (see
+/// `RegionLeader::read_index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadIndex {
+    /// A linearizable revision R.
+    pub revision: i64,
+    /// The leader's applied index, covering every write at or below R.
+    pub applied_index: u64,
+    /// No write at or below it can appear in the region after
+    /// `applied_index`: R, or less while transaction locks are held.
+    pub resolved: i64,
+}
+
 /// Sends requests to the node of a region's leader (see the contract).
 #[async_trait::async_trait]
 pub trait Forward: Send + Sync {
@@ -63,9 +76,9 @@ pub trait Forward: Send + Sync {
     /// there (and, with `physical`, cleaned up).
     async fn compact(&self, target: &Target, revision: i64, physical: bool) -> Result<(i64, u64)>;
 
-    /// The leader's linearizable revision R and an applied index covering
-    /// every write at or below R.
-    async fn read_index(&self, target: &Target) -> Result<(i64, u64)>;
+    /// The leader's linearizable revision R, an applied index covering
+    /// every write at or below R, and the region's resolved revision.
+    async fn read_index(&self, target: &Target) -> Result<ReadIndex>;
 
     /// Runs one step of a transaction over several regions on the
     /// leader's node (`RegionLeader::txn_step`).

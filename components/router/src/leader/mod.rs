@@ -76,6 +76,7 @@ use proto::raft_cmdpb::{
 use raftstore::{Applied, RegionHandle};
 use tokio::sync::oneshot;
 
+use crate::forward::ReadIndex;
 use crate::locate::covers;
 use crate::{Error, Result};
 use inflight::Inflight;
@@ -192,6 +193,26 @@ impl RegionLeader {
             .await
             .map_err(|_| Error::timed_out("wait for in-flight writes"))?;
         Ok((revision, term))
+    }
+
+    /// A linearizable revision R, this replica's applied index A once
+    /// every write at or below R is applied here, and the region's resolved
+    /// revision: R, or the lowest base revision of the transaction locks
+    /// held (a locked transaction commits above its lock's base, and a
+    /// lock taken after R was fixed commits above R).
+    pub async fn read_index(&self, handle: &RegionHandle) -> Result<ReadIndex> {
+        let (revision, _) = self.linearizable_revision(handle).await?;
+        let resolved = handle
+            .locks()
+            .all()
+            .iter()
+            .map(|l| l.record.base_revision)
+            .fold(revision, i64::min);
+        Ok(ReadIndex {
+            revision,
+            applied_index: handle.status().applied_index,
+            resolved,
+        })
     }
 
     /// The oracle's current revision, waiting at most [`READ_TIMEOUT`].

@@ -33,7 +33,7 @@ use raftstore::txn::span_range;
 use raftstore::{Applied, RegionHandle};
 
 use super::latches::LatchSet;
-use super::{check_spans, not_leader, RegionLeader, READ_TIMEOUT};
+use super::{check_spans, not_leader, RegionLeader, READ_TIMEOUT, WRITE_TIMEOUT};
 use crate::{Error, Result};
 
 /// How long a reader or writer waits for a lock on its keys before
@@ -123,7 +123,14 @@ impl RegionLeader {
             .lock
             .ok_or_else(|| Error::Internal("lock step without a lock".into()))?;
         let spans: Vec<KeyRange> = req.spans.iter().map(span_range).collect();
-        let _latches = self.latches.acquire(LatchSet::of(&spans)).await;
+        let _latches =
+            tokio::time::timeout(WRITE_TIMEOUT, self.latches.acquire(LatchSet::of(&spans)))
+                .await
+                .map_err(|_| {
+                    Error::Region(raftstore::Error::StaleCommand(
+                        "lock: the keys' writes did not finish in time".into(),
+                    ))
+                })?;
         let status = handle.status();
         if !status.ready_leader {
             return Err(not_leader(handle));
