@@ -373,7 +373,11 @@ impl Router {
         let (current, local, index) = retrying(move || async move {
             match self.locate(spans).await? {
                 Location::Leader(handle, leader) => {
-                    let (current, index) = leader.compact(&handle, revision).await?;
+                    let region = handle.status().region;
+                    check_spans(&region, spans)?;
+                    let (current, index) = leader
+                        .compact(&handle, revision, region.region_epoch)
+                        .await?;
                     Ok((current, Some(handle), index))
                 }
                 Location::Follower(handle, target) => {
@@ -550,7 +554,9 @@ impl Router {
     ) -> Result<(i64, u64)> {
         let handle = self.forwarded_leader(header)?;
         let leader = self.region_leader(handle.region_id());
-        let (current, index) = leader.compact(&handle, revision).await?;
+        // The epoch the sender located the region by (checked above).
+        let epoch = header.and_then(|h| h.region_epoch);
+        let (current, index) = leader.compact(&handle, revision, epoch).await?;
         if physical {
             handle.wait_physically_compacted(revision).await?;
         }

@@ -163,3 +163,51 @@ async fn a_forwarded_write_whose_reply_is_lost_is_not_retried() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A compaction whose leader waits for the oracle while the region splits:
+/// proposed with the region's new epoch it would compact only the left
+/// part, while the router counts the whole old range as done — the new
+/// region would keep its history below the compaction revision, and a
+/// historical read there would not answer "compacted". Proposed with the
+/// epoch the router located the region by, it is refused and the router
+/// compacts both regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_during_a_compaction_leaves_no_region_behind() {
+    let cluster = RouterCluster::new(1).await;
+    cluster.leader().await;
+    let router = cluster.router(1).unwrap();
+    for key in ["a", "b", "m", "x"] {
+        must_write(&router, put(key, "1")).await;
+        must_write(&router, put(key, "2")).await;
+    }
+    let revision = router.current_revision().await.unwrap();
+    cluster
+        .oracle(1)
+        .set_fault(OracleFault::Stall(Duration::from_millis(1500)));
+    let compaction = tokio::spawn({
+        let router = router.clone();
+        async move { router.compact(revision, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.split(b"m").await.expect("split");
+    cluster.oracle(1).set_fault(OracleFault::None);
+    compaction.await.unwrap().expect("compaction");
+    for handle in router.store().regions() {
+        let status = handle.status();
+        assert_eq!(
+            status.compact_revision,
+            revision,
+            "region {:?}..{:?} not compacted",
+            String::from_utf8_lossy(&status.region.start_key),
+            String::from_utf8_lossy(&status.region.end_key)
+        );
+    }
+    let old = RangeRequest {
+        revision: revision - 1,
+        ..get("x")
+    };
+    assert!(matches!(
+        router.range(&old).await,
+        Err(router::Error::Mvcc(mvcc::Error::Compacted))
+    ));
+}

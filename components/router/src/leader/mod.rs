@@ -46,9 +46,11 @@
 //!   barrier confirmed; each wait (oracle, barrier, in-flight writes) is
 //!   bounded by [`READ_TIMEOUT`], after which it fails "outcome unknown"
 //!   (etcd's "request timed out").
-//! * `compact(handle, revision)`: checks `revision` against the compaction
-//!   revision and a linearizable R, proposes it, and returns R and the
-//!   applied index once the compaction is applied here.
+//! * `compact(handle, revision, epoch)`: checks `revision` against the
+//!   compaction revision and a linearizable R, proposes it with `epoch`
+//!   (the region as the caller located it: apply refuses it if a split
+//!   moved keys away meanwhile), and returns R and the applied index once
+//!   the compaction is applied here.
 //! * `split(handle, req)`: a barrier for the region's writes — it takes the
 //!   region's whole latch, so every write evaluated before has its outcome
 //!   and none is evaluated meanwhile — then proposes the split in the
@@ -224,7 +226,12 @@ impl RegionLeader {
     }
 
     /// Proposes compaction at `revision` (see the contract).
-    pub async fn compact(&self, handle: &RegionHandle, revision: i64) -> Result<(i64, u64)> {
+    pub async fn compact(
+        &self,
+        handle: &RegionHandle,
+        revision: i64,
+        epoch: Option<metapb::RegionEpoch>,
+    ) -> Result<(i64, u64)> {
         // Apply refuses a compaction while transactions hold locks.
         txn::wait_unlocked(handle, &[everything()], 0).await?;
         let (current, term) = self.linearizable_revision(handle).await?;
@@ -235,11 +242,14 @@ impl RegionLeader {
         if revision > current {
             return Err(mvcc::Error::FutureRev.into());
         }
-        let region = handle.status().region;
+        // Proposed with the epoch the caller located the region by: the
+        // caller compacts the keys it thinks the region holds, and a split
+        // meanwhile (moving some of them to a region the caller will not
+        // compact) makes apply refuse it, so the caller looks again.
         let cmd = RaftCmdRequest {
             header: Some(RaftRequestHeader {
-                region_id: region.id,
-                region_epoch: region.region_epoch,
+                region_id: handle.region_id(),
+                region_epoch: epoch,
                 term,
             }),
             cmd: Some(Cmd::Compact(CompactRequest { revision })),
