@@ -152,6 +152,11 @@ pub struct RegionHeartbeat {
     pub approximate_keys: u64,
 }
 
+/// PD's answer to one heartbeat of a batch
+/// ([`PdClient::region_heartbeats`]): the step for the region, if any, or
+/// why this heartbeat was rejected.
+pub type HeartbeatOutcome = Result<Option<RegionOperator>>;
+
 /// The next membership or leadership step PD wants a region's leader to
 /// take. It was decided against the epoch of the heartbeat that returned it;
 /// the leader drops it if its region has changed since.
@@ -237,6 +242,24 @@ pub trait PdClient: Send + Sync {
     /// leader that is not one of the region's peers.
     /// `Err(NotBootstrapped)` before bootstrap.
     async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>>;
+
+    /// Reports many regions at once, as a node does for all the regions it
+    /// leads whose heartbeat is due: one call, and the meta changes of the
+    /// whole batch cost PD one raft proposal. Returns one outcome per
+    /// heartbeat, in order, each what [`Self::region_heartbeat`] would
+    /// return for it alone (`Ok(None)` for a stale one,
+    /// `Err(InvalidArgument)` for a malformed one, which does not affect
+    /// the others); scheduling sees the heartbeats in order, so a step
+    /// handed to an earlier region counts in the loads a later one's
+    /// decision sees. The regions must not repeat (a repeated region is
+    /// processed as often as it appears, its operator decided on the last
+    /// report's meta). An empty batch answers `Ok(vec![])` without asking
+    /// PD.
+    /// `Err` for the call as a whole (then nothing is known about any of
+    /// them: some meta may have been recorded): `NotBootstrapped` before
+    /// bootstrap, `NotLeader` / `Unavailable` / `Closed` as for any call,
+    /// `Other` if a remote PD answered a different number of outcomes.
+    async fn region_heartbeats(&self, hbs: Vec<RegionHeartbeat>) -> Result<Vec<HeartbeatOutcome>>;
 
     /// Revision oracle: hands out `count` (>=1, else `Err(InvalidArgument)`)
     /// consecutive revisions and returns the first. Every value is greater

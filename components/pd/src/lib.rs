@@ -35,6 +35,9 @@
 //! most one step for the region's leader — replica placement, then leader
 //! and region balance ([`schedule`]) — decided from per-node load counters
 //! kept up to date as regions change ([`load`]), not by walking regions.
+//! Nodes send their regions' heartbeats in batches
+//! ([`PdClient::region_heartbeats`]): one RPC per node and round, and one
+//! raft proposal for the meta changes of the whole batch.
 //!
 //! Besides the nodes' contract, PD takes requests from operators' tools
 //! (`metastore-ctl`): a split of the region containing a key, handed to the
@@ -76,10 +79,11 @@ pub mod storage;
 pub mod transport;
 
 pub use crate::client::{
-    PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result, INITIAL_REVISION,
+    HeartbeatOutcome, PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+    INITIAL_REVISION,
 };
 pub use crate::local::LocalPdClient;
 pub use crate::operators::{PendingOperator, SchedulerInfo, SchedulingStatus};
 pub use crate::oracle_batch::OracleBatchStats;
-pub use crate::pd_core::{PdConfig, PdCore};
+pub use crate::pd_core::{HeartbeatStats, PdConfig, PdCore};
 pub use crate::rpc_client::{RpcPdClient, RpcPdClientConfig};

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use proto::metapb;
 
-use crate::client::{PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::client::{
+    HeartbeatOutcome, PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+};
 use crate::pd_core::PdCore;
 
 /// Calls the embedded core directly: no batching is needed because the
@@ -74,6 +76,13 @@ impl PdClient for LocalPdClient {
 
     async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
         self.core.handle_region_heartbeat(hb).await
+    }
+
+    async fn region_heartbeats(&self, hbs: Vec<RegionHeartbeat>) -> Result<Vec<HeartbeatOutcome>> {
+        if hbs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.core.handle_region_heartbeats(hbs).await
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {

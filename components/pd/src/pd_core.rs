@@ -3,7 +3,7 @@
 //! serves.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +12,11 @@ use parking_lot::{Mutex, RwLock};
 use proto::pd_raftpb::{self, command::Cmd};
 use proto::{metapb, pdpb};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::client::{
+    HeartbeatOutcome, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+};
 use crate::load::NodeInfo;
 use crate::operators::{PendingOperator, SchedulingStatus};
 use crate::raft_node::{RaftConfig, RaftMsg, RaftNode, RaftStatus, RaftStore, Shared, Transport};
@@ -101,6 +103,86 @@ pub struct PdCore {
     scheduler: Scheduler,
     /// Splits asked for by operators, handed out with heartbeat responses.
     splits: SplitRequests,
+    heartbeat_stats: HeartbeatCounters,
+}
+
+/// Region heartbeats a PD member handled and the raft proposals it made,
+/// cumulative since it opened ([`PdCore::heartbeat_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatStats {
+    /// Calls handled past validation and the leadership check: one per
+    /// `RegionHeartbeats` RPC (or `RegionHeartbeat`, a batch of one).
+    pub batches: u64,
+    /// Heartbeats in those calls.
+    pub heartbeats: u64,
+    /// Calls that proposed meta changes (one raft entry each).
+    pub meta_proposals: u64,
+    /// Every raft proposal of this member, heartbeats' or not.
+    pub proposals: u64,
+}
+
+/// The counters behind [`HeartbeatStats`], and a debug log of their rates
+/// every [`HEARTBEAT_STATS_LOG`].
+struct HeartbeatCounters {
+    batches: AtomicU64,
+    heartbeats: AtomicU64,
+    meta_proposals: AtomicU64,
+    proposals: AtomicU64,
+    /// When the rates were last logged, and the counters then.
+    logged: Mutex<(Instant, HeartbeatStats)>,
+}
+
+const HEARTBEAT_STATS_LOG: Duration = Duration::from_secs(10);
+
+impl HeartbeatCounters {
+    fn new() -> Self {
+        HeartbeatCounters {
+            batches: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            meta_proposals: AtomicU64::new(0),
+            proposals: AtomicU64::new(0),
+            logged: Mutex::new((Instant::now(), HeartbeatStats::default())),
+        }
+    }
+
+    fn snapshot(&self) -> HeartbeatStats {
+        HeartbeatStats {
+            batches: self.batches.load(Ordering::Relaxed),
+            heartbeats: self.heartbeats.load(Ordering::Relaxed),
+            meta_proposals: self.meta_proposals.load(Ordering::Relaxed),
+            proposals: self.proposals.load(Ordering::Relaxed),
+        }
+    }
+
+    fn batch(&self, heartbeats: usize, proposes: bool) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.heartbeats
+            .fetch_add(heartbeats as u64, Ordering::Relaxed);
+        if proposes {
+            self.meta_proposals.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut logged = self.logged.lock();
+        let elapsed = logged.0.elapsed();
+        if elapsed < HEARTBEAT_STATS_LOG {
+            return;
+        }
+        let now = self.snapshot();
+        let before = logged.1;
+        *logged = (Instant::now(), now);
+        drop(logged);
+        let secs = elapsed.as_secs_f64();
+        let rate = |n: u64| (n as f64 / secs * 10.0).round() / 10.0;
+        let batches = now.batches - before.batches;
+        let heartbeats = now.heartbeats - before.heartbeats;
+        debug!(
+            batches_per_sec = rate(batches),
+            heartbeats_per_sec = rate(heartbeats),
+            heartbeats_per_batch =
+                (heartbeats as f64 / batches.max(1) as f64 * 10.0).round() / 10.0,
+            meta_proposals_per_sec = rate(now.meta_proposals - before.meta_proposals),
+            "region heartbeats"
+        );
+    }
 }
 
 impl std::fmt::Debug for PdCore {
@@ -336,6 +418,7 @@ impl PdCore {
                 closed: false,
             }),
             splits: SplitRequests::new(config.schedule.split_timeout),
+            heartbeat_stats: HeartbeatCounters::new(),
             scheduler: Scheduler::new(config.schedule),
         }))
     }
@@ -538,6 +621,9 @@ impl PdCore {
 
     /// Replicates `cmd` and waits until this member applied it.
     async fn propose(&self, cmd: Cmd) -> Result<bool> {
+        self.heartbeat_stats
+            .proposals
+            .fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.raft_tx
             .send(RaftMsg::Propose { cmd, tx })
@@ -766,15 +852,66 @@ impl PdCore {
     /// [`crate::client::PdClient::region_heartbeat`]): the replica
     /// placement step if one is due, otherwise a split requested with
     /// [`Self::split_region`]. Both run on the serving leader only, since
-    /// this answers NotLeader elsewhere.
+    /// this answers NotLeader elsewhere. A batch of one
+    /// ([`Self::handle_region_heartbeats`]).
     pub async fn handle_region_heartbeat(
         &self,
         hb: RegionHeartbeat,
     ) -> Result<Option<RegionOperator>> {
-        if !self.record_heartbeat(&hb).await? {
-            return Ok(None);
+        self.handle_region_heartbeats(vec![hb])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(None))
+    }
+
+    /// Handles a batch of heartbeats in one pass (see
+    /// [`crate::client::PdClient::region_heartbeats`]): validates each, looks
+    /// at the state once for all of them, proposes the meta changes of the
+    /// whole batch as one raft entry (`UpdateRegion` for a single change,
+    /// `UpdateRegions` for more; none when nothing changed), records every
+    /// leader and size under one lock, then schedules region by region in
+    /// order. Work per heartbeat is as for a single one (map and tree
+    /// look-ups, O(peers) counter updates, O(nodes) scheduling); nothing
+    /// walks the regions.
+    ///
+    /// Outcomes, one per heartbeat in order: `Ok(None)` for a stale
+    /// heartbeat (ignored) or one with nothing to do, `Err(InvalidArgument)`
+    /// for a malformed one. Once scheduling fails for one region (this
+    /// member lost leadership, PD's storage failed) that error is the
+    /// outcome of it and of every later one; their meta is recorded
+    /// nonetheless. `Err` of the whole call: `Closed`, `NotLeader`,
+    /// `NotBootstrapped`, or the meta proposal failing (`Unavailable`,
+    /// `Storage`); then no leader or size of the batch was recorded.
+    pub async fn handle_region_heartbeats(
+        &self,
+        hbs: Vec<RegionHeartbeat>,
+    ) -> Result<Vec<HeartbeatOutcome>> {
+        let recorded = self.record_heartbeats(&hbs).await?;
+        let mut out = Vec::with_capacity(hbs.len());
+        let mut failed: Option<PdError> = None;
+        for (hb, recorded) in hbs.iter().zip(recorded) {
+            let outcome = match (recorded, &failed) {
+                (Err(e), _) => Err(e),
+                (Ok(false), _) => Ok(None),
+                (Ok(true), Some(e)) => Err(e.clone()),
+                (Ok(true), None) => {
+                    let outcome = self.next_step(hb).await;
+                    if let Err(e) = &outcome {
+                        failed = Some(e.clone());
+                    }
+                    outcome
+                }
+            };
+            out.push(outcome);
         }
-        let placement = self.scheduler.schedule(self, &hb).await?;
+        Ok(out)
+    }
+
+    /// The step for a region whose heartbeat was recorded: replica
+    /// placement or balance first, else a requested split.
+    async fn next_step(&self, hb: &RegionHeartbeat) -> Result<Option<RegionOperator>> {
+        let placement = self.scheduler.schedule(self, hb).await?;
         // Asked even when placement goes first, so that a settled or
         // expired request is dropped.
         let split = self.splits.on_heartbeat(&hb.region);
@@ -789,64 +926,92 @@ impl PdCore {
         region: metapb::Region,
         leader: metapb::Peer,
     ) -> Result<bool> {
-        self.record_heartbeat(&RegionHeartbeat {
+        let hb = RegionHeartbeat {
             region,
             leader,
             ..Default::default()
-        })
-        .await
+        };
+        self.record_heartbeats(std::slice::from_ref(&hb))
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(false))
     }
 
-    /// Records a region's meta (through raft, only when it changed), and
-    /// its leader and approximate size and keys (in memory on this
-    /// leader); `Ok(false)` if the heartbeat was stale and ignored.
-    async fn record_heartbeat(&self, hb: &RegionHeartbeat) -> Result<bool> {
-        let (region, leader) = (&hb.region, hb.leader);
+    /// What the heartbeats have said so far (on this member, cumulative).
+    pub fn heartbeat_stats(&self) -> HeartbeatStats {
+        self.heartbeat_stats.snapshot()
+    }
+
+    /// Records the regions' meta (through raft, one proposal for all those
+    /// that changed), and their leaders and approximate sizes and keys (in
+    /// memory on this leader). Per heartbeat: `Ok(true)` recorded,
+    /// `Ok(false)` stale and ignored, `Err(InvalidArgument)` malformed.
+    /// When none is well-formed, PD's state is not looked at (so a single
+    /// malformed heartbeat reports that, whatever the leadership).
+    async fn record_heartbeats(&self, hbs: &[RegionHeartbeat]) -> Result<Vec<Result<bool>>> {
         self.check_open()?;
-        validate_region(region)?;
-        if !region
-            .peers
+        let mut out: Vec<Result<bool>> = hbs
             .iter()
-            .any(|p| p.id == leader.id && p.node_id == leader.node_id)
-        {
-            return Err(PdError::InvalidArgument(format!(
-                "leader peer {} is not a peer of region {}",
-                leader.id, region.id
-            )));
+            .map(|hb| validate_heartbeat(hb).map(|()| true))
+            .collect();
+        if !out.iter().any(|r| r.is_ok()) {
+            return Ok(out);
         }
-        let effect = self
+        // One look at the state for the whole batch.
+        let changed: Vec<usize> = self
             .read(|c| {
                 check_bootstrapped(c)?;
-                Ok(c.heartbeat_effect(region))
+                let mut changed = Vec::new();
+                for (i, (hb, r)) in hbs.iter().zip(out.iter_mut()).enumerate() {
+                    if r.is_err() {
+                        continue;
+                    }
+                    match c.heartbeat_effect(&hb.region) {
+                        HeartbeatEffect::Stale => *r = Ok(false),
+                        HeartbeatEffect::Unchanged => {}
+                        HeartbeatEffect::Changed(_) => changed.push(i),
+                    }
+                }
+                Ok(changed)
             })
             .await?;
-        match effect {
-            HeartbeatEffect::Stale => return Ok(false),
-            HeartbeatEffect::Unchanged => {}
-            HeartbeatEffect::Changed(_) => {
-                let changed = self
-                    .propose(Cmd::UpdateRegion(pd_raftpb::UpdateRegion {
-                        region: Some(region.clone()),
-                    }))
-                    .await?;
-                if !changed {
-                    // Stale by the time it applied: a newer report won.
-                    let c = self.shared.state.read();
-                    if let HeartbeatEffect::Stale = c.heartbeat_effect(region) {
-                        return Ok(false);
-                    }
+        self.heartbeat_stats.batch(hbs.len(), !changed.is_empty());
+        if !changed.is_empty() {
+            let cmd = match changed.as_slice() {
+                [i] => Cmd::UpdateRegion(pd_raftpb::UpdateRegion {
+                    region: Some(hbs[*i].region.clone()),
+                }),
+                _ => Cmd::UpdateRegions(pd_raftpb::UpdateRegions {
+                    regions: changed.iter().map(|i| hbs[*i].region.clone()).collect(),
+                }),
+            };
+            self.propose(cmd).await?;
+            // Applied in order, each on what the ones before left: one may
+            // have gone stale by then (a newer report of it, or of a region
+            // overlapping it, won).
+            let c = self.shared.state.read();
+            for i in changed {
+                if let HeartbeatEffect::Stale = c.heartbeat_effect(&hbs[i].region) {
+                    out[i] = Ok(false);
                 }
             }
         }
-        self.shared.state.write().report(
-            region,
-            Reported {
-                leader: Some(leader),
-                approximate_size: hb.approximate_size,
-                approximate_keys: hb.approximate_keys,
-            },
-        );
-        Ok(true)
+        let mut c = self.shared.state.write();
+        for (hb, r) in hbs.iter().zip(&out) {
+            if matches!(r, Ok(true)) {
+                // Dropped if PD's meta of the region is another by now.
+                c.report(
+                    &hb.region,
+                    Reported {
+                        leader: Some(hb.leader),
+                        approximate_size: hb.approximate_size,
+                        approximate_keys: hb.approximate_keys,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Records a request to split the region containing `key` at `key`,
@@ -908,6 +1073,24 @@ fn check_bootstrapped(c: &ClusterState) -> Result<()> {
     }
 }
 
+/// A heartbeat's region is well-formed and its leader one of its peers.
+fn validate_heartbeat(hb: &RegionHeartbeat) -> Result<()> {
+    validate_region(&hb.region)?;
+    let leader = hb.leader;
+    if !hb
+        .region
+        .peers
+        .iter()
+        .any(|p| p.id == leader.id && p.node_id == leader.node_id)
+    {
+        return Err(PdError::InvalidArgument(format!(
+            "leader peer {} is not a peer of region {}",
+            leader.id, hb.region.id
+        )));
+    }
+    Ok(())
+}
+
 fn validate_region(region: &metapb::Region) -> Result<()> {
     if region.id == 0 {
         return Err(PdError::InvalidArgument("region id 0".into()));
@@ -952,6 +1135,8 @@ impl ClusterView for PdCore {
 
 #[cfg(test)]
 mod balance_tests;
+#[cfg(test)]
+mod batch_tests;
 #[cfg(test)]
 mod split_tests;
 #[cfg(test)]

@@ -13,7 +13,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::client::{PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use crate::client::{
+    HeartbeatOutcome, PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
+};
 use crate::operators::{PendingOperator, SchedulingStatus};
 use crate::oracle_batch::{OracleBatchStats, OracleBatcher, OracleRpc};
 
@@ -136,6 +138,7 @@ has_header!(
     pdpb::GetRegionResponse,
     pdpb::ScanRegionsResponse,
     pdpb::RegionHeartbeatResponse,
+    pdpb::RegionHeartbeatsResponse,
     pdpb::AllocRevisionsResponse,
     pdpb::CurrentRevisionResponse,
     pdpb::SplitRegionResponse,
@@ -477,6 +480,19 @@ impl RpcPdClient {
     }
 }
 
+/// A heartbeat's wire form, without header.
+fn heartbeat_to_proto(hb: &RegionHeartbeat) -> pdpb::RegionHeartbeatRequest {
+    pdpb::RegionHeartbeatRequest {
+        header: None,
+        region: Some(hb.region.clone()),
+        leader: Some(hb.leader),
+        pending_peers: hb.pending_peers.clone(),
+        down_peers: hb.down_peers.clone(),
+        approximate_size: hb.approximate_size,
+        approximate_keys: hb.approximate_keys,
+    }
+}
+
 /// The region of a GetRegion response, if any.
 fn found_region(resp: pdpb::GetRegionResponse) -> Option<RegionWithLeader> {
     RegionWithLeader::from_proto(pdpb::RegionWithLeader {
@@ -648,20 +664,47 @@ impl PdClient for RpcPdClient {
         let resp = self
             .inner
             .call(|mut c, header| {
-                let req = pdpb::RegionHeartbeatRequest {
-                    header,
-                    region: Some(hb.region.clone()),
-                    leader: Some(hb.leader),
-                    pending_peers: hb.pending_peers.clone(),
-                    down_peers: hb.down_peers.clone(),
-                    approximate_size: hb.approximate_size,
-                    approximate_keys: hb.approximate_keys,
-                };
+                let mut req = heartbeat_to_proto(&hb);
+                req.header = header;
                 async move { c.region_heartbeat(req).await }
             })
             .await?;
         self.inner.check(resp.header.as_ref())?;
         Ok(crate::client::operator_from_proto(&resp))
+    }
+
+    async fn region_heartbeats(&self, hbs: Vec<RegionHeartbeat>) -> Result<Vec<HeartbeatOutcome>> {
+        if hbs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let heartbeats: Vec<pdpb::RegionHeartbeatRequest> =
+            hbs.iter().map(heartbeat_to_proto).collect();
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::RegionHeartbeatsRequest {
+                    header,
+                    heartbeats: heartbeats.clone(),
+                };
+                async move { c.region_heartbeats(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        if resp.responses.len() != hbs.len() {
+            return Err(PdError::Other(format!(
+                "PD answered {} of {} heartbeats",
+                resp.responses.len(),
+                hbs.len()
+            )));
+        }
+        Ok(resp
+            .responses
+            .iter()
+            .map(|r| {
+                self.inner.check(r.header.as_ref())?;
+                Ok(crate::client::operator_from_proto(r))
+            })
+            .collect())
     }
 
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {

@@ -9,12 +9,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use proto::metapb;
 use proto::pdpb::{self, pd_server};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::client::{PdError, RegionHeartbeat, RegionWithLeader};
+use crate::client::{PdError, RegionHeartbeat, RegionOperator, RegionWithLeader};
 use crate::operators::PendingOperator;
 use crate::pd_core::PdCore;
 
@@ -42,6 +43,36 @@ fn region_response(
         approximate_size: found.approximate_size,
         approximate_keys: found.approximate_keys,
     }
+}
+
+/// A heartbeat request as the core takes it; `Err(InvalidArgument)` when
+/// it lacks its region or leader.
+fn heartbeat_from_proto(req: pdpb::RegionHeartbeatRequest) -> Result<RegionHeartbeat, PdError> {
+    let region = req
+        .region
+        .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
+    let leader = req
+        .leader
+        .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
+    Ok(RegionHeartbeat {
+        region,
+        leader,
+        pending_peers: req.pending_peers,
+        down_peers: req.down_peers,
+        approximate_size: req.approximate_size,
+        approximate_keys: req.approximate_keys,
+    })
+}
+
+/// Fills in the step decided for `region` (at its epoch).
+fn set_operator(
+    resp: &mut pdpb::RegionHeartbeatResponse,
+    region: &metapb::Region,
+    op: &RegionOperator,
+) {
+    resp.region_id = region.id;
+    resp.region_epoch = region.region_epoch;
+    crate::client::operator_to_proto(op, resp);
 }
 
 impl PdService {
@@ -254,40 +285,74 @@ impl pd_server::Pd for PdService {
         req: Request<pdpb::RegionHeartbeatRequest>,
     ) -> Result<Response<pdpb::RegionHeartbeatResponse>, Status> {
         let req = req.into_inner();
+        let header = req.header;
         let (header, v) = self
-            .run(req.header, async {
-                let region = req
-                    .region
-                    .ok_or_else(|| PdError::InvalidArgument("heartbeat without region".into()))?;
-                let leader = req
-                    .leader
-                    .ok_or_else(|| PdError::InvalidArgument("heartbeat without leader".into()))?;
-                let epoch = region.region_epoch;
-                let region_id = region.id;
-                let op = self
-                    .core
-                    .handle_region_heartbeat(RegionHeartbeat {
-                        region,
-                        leader,
-                        pending_peers: req.pending_peers,
-                        down_peers: req.down_peers,
-                        approximate_size: req.approximate_size,
-                        approximate_keys: req.approximate_keys,
-                    })
-                    .await?;
-                Ok((region_id, epoch, op))
+            .run(header, async {
+                let hb = heartbeat_from_proto(req)?;
+                let op = self.core.handle_region_heartbeat(hb.clone()).await?;
+                Ok((hb.region, op))
             })
             .await?;
         let mut resp = pdpb::RegionHeartbeatResponse {
             header,
             ..Default::default()
         };
-        if let Some((region_id, epoch, Some(op))) = v {
-            resp.region_id = region_id;
-            resp.region_epoch = epoch;
-            crate::client::operator_to_proto(&op, &mut resp);
+        if let Some((region, Some(op))) = v {
+            set_operator(&mut resp, &region, &op);
         }
         Ok(Response::new(resp))
+    }
+
+    async fn region_heartbeats(
+        &self,
+        req: Request<pdpb::RegionHeartbeatsRequest>,
+    ) -> Result<Response<pdpb::RegionHeartbeatsResponse>, Status> {
+        let req = req.into_inner();
+        // Malformed ones are answered without troubling the core.
+        let parsed: Vec<Result<RegionHeartbeat, PdError>> = req
+            .heartbeats
+            .into_iter()
+            .map(heartbeat_from_proto)
+            .collect();
+        let well_formed: Vec<RegionHeartbeat> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .cloned()
+            .collect();
+        let (header, v) = self
+            .run(req.header, self.core.handle_region_heartbeats(well_formed))
+            .await?;
+        let Some(outcomes) = v else {
+            return Ok(Response::new(pdpb::RegionHeartbeatsResponse {
+                header,
+                responses: Vec::new(),
+            }));
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut responses = Vec::with_capacity(parsed.len());
+        for p in parsed {
+            let mut resp = pdpb::RegionHeartbeatResponse::default();
+            let outcome = match p {
+                Err(e) => Err(e),
+                Ok(hb) => match outcomes.next() {
+                    Some(o) => o.map(|op| op.map(|op| (hb.region, op))),
+                    None => Err(PdError::Other("no outcome for this heartbeat".into())),
+                },
+            };
+            match outcome {
+                Ok(None) => {}
+                Ok(Some((region, op))) => set_operator(&mut resp, &region, &op),
+                Err(e) => resp.header = self.header(Some(e.to_proto())),
+            }
+            if resp.header.is_none() {
+                resp.header = self.header(None);
+            }
+            responses.push(resp);
+        }
+        Ok(Response::new(pdpb::RegionHeartbeatsResponse {
+            header,
+            responses,
+        }))
     }
 
     async fn alloc_revisions(

@@ -281,6 +281,30 @@ impl ClusterState {
         }
     }
 
+    /// Stores `region` if it is news (see [`Self::heartbeat_effect`]),
+    /// dropping the regions it makes obsolete; `false` if it changed
+    /// nothing (stale or unchanged by now).
+    fn update_region(&mut self, region: metapb::Region, batch: &mut Batch) -> bool {
+        let HeartbeatEffect::Changed(overlaps) = self.heartbeat_effect(&region) else {
+            return false;
+        };
+        for id in &overlaps {
+            batch.delete_region(*id);
+            if self.remove_region(*id).is_some() {
+                info!(region_id = *id, by = region.id, "obsolete region removed");
+            }
+        }
+        batch.put_region(&region);
+        // What the leader reported stays until its next heartbeat.
+        let reported = self
+            .remove_region(region.id)
+            .map(|e| e.reported)
+            .unwrap_or_default();
+        debug!(region_id = region.id, epoch = ?epoch(&region), "region meta updated");
+        self.insert_region(region, reported);
+        true
+    }
+
     /// Applies one committed command. Every member runs this on the same
     /// state in the same order, so it must depend on nothing but `self` and
     /// `cmd`; the checks the proposer made are repeated because the state
@@ -354,24 +378,17 @@ impl ClusterState {
                 if !self.bootstrapped {
                     return Err(PdError::NotBootstrapped);
                 }
-                let HeartbeatEffect::Changed(overlaps) = self.heartbeat_effect(&region) else {
-                    return Ok(false);
-                };
-                for id in &overlaps {
-                    batch.delete_region(*id);
-                    if self.remove_region(*id).is_some() {
-                        info!(region_id = *id, by = region.id, "obsolete region removed");
-                    }
+                Ok(self.update_region(region, batch))
+            }
+            Cmd::UpdateRegions(u) => {
+                if !self.bootstrapped {
+                    return Err(PdError::NotBootstrapped);
                 }
-                batch.put_region(&region);
-                // What the leader reported stays until its next heartbeat.
-                let reported = self
-                    .remove_region(region.id)
-                    .map(|e| e.reported)
-                    .unwrap_or_default();
-                debug!(region_id = region.id, epoch = ?epoch(&region), "region meta updated");
-                self.insert_region(region, reported);
-                Ok(true)
+                // Each on the state the ones before it left; `|` so that
+                // every one is applied.
+                Ok(u.regions
+                    .into_iter()
+                    .fold(false, |changed, r| self.update_region(r, batch) | changed))
             }
             Cmd::IdHighWater(h) => {
                 let v = if h.exact {

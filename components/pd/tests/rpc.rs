@@ -467,6 +467,118 @@ async fn split_requests_and_scheduling_over_grpc() {
     server.stop().await;
 }
 
+/// Batched heartbeats over gRPC: outcomes in order, per-heartbeat errors
+/// in their place, one proposal for the batch's meta changes, and errors
+/// of the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_heartbeats_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = PdConfig::new(dir.path());
+    cfg.schedule.max_replicas = 1;
+    let core = PdCore::open(cfg).unwrap();
+    let server = start(core.clone()).await;
+    let pd = RpcPdClient::connect(&[server.url()], config())
+        .await
+        .unwrap();
+    let p1 = peer(3, 1);
+    let whole = region(2, b"", b"", 1, vec![p1]);
+    assert_eq!(
+        pd.region_heartbeats(vec![hb(whole.clone(), p1)]).await,
+        Err(PdError::NotBootstrapped)
+    );
+    assert_eq!(pd.region_heartbeats(Vec::new()).await, Ok(Vec::new()));
+    pd.bootstrap(node(1), whole.clone()).await.unwrap();
+    pd.split_region(b"k").await.unwrap();
+
+    let outcomes = pd
+        .region_heartbeats(vec![hb(whole.clone(), peer(77, 77)), hb(whole.clone(), p1)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 2);
+    assert!(matches!(outcomes[0], Err(PdError::InvalidArgument(_))));
+    assert_eq!(
+        outcomes[1],
+        Ok(Some(RegionOperator::Split { key: b"k".to_vec() }))
+    );
+
+    // The split's two sides in one batch: one raft proposal.
+    let left = region(2, b"", b"k", 2, vec![p1]);
+    let right = region(4, b"k", b"", 2, vec![peer(5, 1)]);
+    let mut right_hb = hb(right.clone(), peer(5, 1));
+    right_hb.approximate_size = 4096;
+    let before = core.heartbeat_stats();
+    let outcomes = pd
+        .region_heartbeats(vec![hb(left.clone(), p1), right_hb])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![Ok(None), Ok(None)]);
+    let after = core.heartbeat_stats();
+    assert_eq!(
+        (
+            after.batches - before.batches,
+            after.heartbeats - before.heartbeats,
+            after.proposals - before.proposals
+        ),
+        (1, 2, 1)
+    );
+    let all = pd.scan_regions(b"", b"", 0).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|r| (r.region.clone(), r.approximate_size))
+            .collect::<Vec<_>>(),
+        vec![(left.clone(), 0), (right.clone(), 4096)]
+    );
+
+    // On the wire: a heartbeat without a region is answered in its place,
+    // the others as usual.
+    let mut raw = proto::pdpb::pd_client::PdClient::connect(server.url())
+        .await
+        .unwrap();
+    let resp = raw
+        .region_heartbeats(proto::pdpb::RegionHeartbeatsRequest {
+            header: None,
+            heartbeats: vec![
+                proto::pdpb::RegionHeartbeatRequest {
+                    region: Some(left.clone()),
+                    leader: Some(p1),
+                    ..Default::default()
+                },
+                proto::pdpb::RegionHeartbeatRequest::default(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.header.unwrap().error.is_none());
+    let errors: Vec<Option<i32>> = resp
+        .responses
+        .iter()
+        .map(|r| r.header.as_ref().unwrap().error.as_ref().map(|e| e.r#type))
+        .collect();
+    assert_eq!(
+        errors,
+        [None, Some(proto::pdpb::ErrorType::InvalidArgument as i32)]
+    );
+    // A batch for another cluster is refused as a whole.
+    let resp = raw
+        .region_heartbeats(proto::pdpb::RegionHeartbeatsRequest {
+            header: Some(proto::pdpb::RequestHeader {
+                cluster_id: core.cluster_id() + 1,
+            }),
+            heartbeats: vec![proto::pdpb::RegionHeartbeatRequest::default()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.header.unwrap().error.map(|e| e.r#type),
+        Some(proto::pdpb::ErrorType::ClusterIdMismatch as i32)
+    );
+    assert!(resp.responses.is_empty());
+
+    server.stop().await;
+}
+
 fn hb(region: metapb::Region, leader: metapb::Peer) -> pd::RegionHeartbeat {
     pd::RegionHeartbeat {
         region,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pd::{PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
+use pd::{HeartbeatOutcome, PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
 use proto::metapb;
 use rand::Rng;
 
@@ -88,6 +88,9 @@ impl PdClient for FaultyPd {
     }
     async fn region_heartbeat(&self, hb: RegionHeartbeat) -> Result<Option<RegionOperator>> {
         self.inner.region_heartbeat(hb).await
+    }
+    async fn region_heartbeats(&self, hbs: Vec<RegionHeartbeat>) -> Result<Vec<HeartbeatOutcome>> {
+        self.inner.region_heartbeats(hbs).await
     }
     async fn alloc_revisions(&self, count: u32) -> Result<i64> {
         self.oracle_delay().await;
