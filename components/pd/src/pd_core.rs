@@ -122,7 +122,7 @@ pub struct HeartbeatStats {
 }
 
 /// The counters behind [`HeartbeatStats`], and a debug log of their rates
-/// every [`HEARTBEAT_STATS_LOG`].
+/// and totals at most every [`HEARTBEAT_STATS_LOG`] (with a heartbeat).
 struct HeartbeatCounters {
     batches: AtomicU64,
     heartbeats: AtomicU64,
@@ -180,7 +180,10 @@ impl HeartbeatCounters {
             heartbeats_per_batch =
                 (heartbeats as f64 / batches.max(1) as f64 * 10.0).round() / 10.0,
             meta_proposals_per_sec = rate(now.meta_proposals - before.meta_proposals),
-            "region heartbeats"
+            batches = now.batches,
+            heartbeats = now.heartbeats,
+            meta_proposals = now.meta_proposals,
+            "region heartbeats (rates over the last interval, totals since start)"
         );
     }
 }
