@@ -134,14 +134,17 @@ async fn pairs_stay_whole_when_nodes_are_killed() {
                         TxnOp::put(z.as_str(), v.as_str(), None),
                     ])
                 };
-                let outcome = match c.txn(txn).await {
-                    Ok(_) => Outcome::Ok,
+                // Recorded before it is sent: a reader may see it while in
+                // flight.
+                let recorded = if delete { seq | 1 << 63 } else { seq };
+                writes.lock()[pair].push((recorded, Outcome::Unknown));
+                if c.txn(txn).await.is_ok() {
                     // A failed call may have applied or not: the client
                     // cannot tell a refusal from a lost answer.
-                    Err(_) => Outcome::Unknown,
-                };
-                let recorded = if delete { seq | 1 << 63 } else { seq };
-                writes.lock()[pair].push((recorded, outcome));
+                    if let Some(last) = writes.lock()[pair].last_mut() {
+                        last.1 = Outcome::Ok;
+                    }
+                }
             }
         }));
     }

@@ -19,6 +19,7 @@
 //! pointing at the node that failed.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mvcc::exec::WriteRequest;
 use mvcc::KeyRange;
@@ -46,6 +47,19 @@ pub(crate) enum Location {
 pub(crate) struct LeaderHint {
     refused_by: u64,
     leader_node: u64,
+    at: Instant,
+}
+
+/// How long a leader hint is followed. A hint can be wrong for good: a node
+/// that refused during an election may name the old leader, which, if it
+/// is down or paused, never answers the errors that would drop the hint —
+/// while this node's own raft state already knows the new leader.
+const HINT_TTL: Duration = Duration::from_secs(2);
+
+impl LeaderHint {
+    fn is_fresh(&self) -> bool {
+        self.at.elapsed() < HINT_TTL
+    }
 }
 
 impl Router {
@@ -91,7 +105,9 @@ impl Router {
             .then(|| node_of(&status.region, status.leader_peer_id))
             .flatten();
         if let Some(hint) = self.hints.get(&region_id).map(|h| *h) {
-            if Some(hint.leader_node) == own_node {
+            if !hint.is_fresh() {
+                self.hints.remove(&region_id);
+            } else if Some(hint.leader_node) == own_node {
                 // A hint naming this node: its own raft state knows better
                 // (followed, it would leave no node to forward to, and no
                 // forward would ever correct it).
@@ -136,6 +152,7 @@ impl Router {
         let Some(node_id) = self
             .hints
             .get(&region.id)
+            .filter(|h| h.is_fresh())
             .map(|h| h.leader_node)
             .or(leader_node)
         else {
@@ -194,6 +211,7 @@ impl Router {
                     LeaderHint {
                         refused_by: target.node_id,
                         leader_node: leader.node_id,
+                        at: Instant::now(),
                     },
                 );
             }
