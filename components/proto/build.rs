@@ -27,9 +27,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     collect_protos(&proto_root, &mut protos)?;
     protos.sort();
 
-    println!("cargo:rerun-if-changed={}", proto_root.display());
+    // Relative to the package root, so cargo checks the files of the
+    // checkout being built: with absolute paths, a target dir shared by two
+    // checkouts (a worktree, CI's fresh clone) keeps watching the files of
+    // whichever checkout ran this script last and reuses its generated
+    // code.
+    println!("cargo:rerun-if-changed=../../proto");
     for proto in &protos {
-        println!("cargo:rerun-if-changed={}", proto.display());
+        if let Ok(rel) = proto.strip_prefix(&proto_root) {
+            println!("cargo:rerun-if-changed=../../proto/{}", rel.display());
+        }
     }
 
     // Use the vendored protoc so the build does not depend on the host.
