@@ -46,6 +46,17 @@
 //!   newer than the split, or a removed replica's tombstone, which stays);
 //!   the outcome names the new region if its state was staged, for the
 //!   replica to start;
+//! * the merge commands do what the `merge` module says. While the region
+//!   is frozen for a merge (`merging`), every command but a rollback of
+//!   that merge, a reject, a commit (refused) and a transaction `forget`
+//!   fails with `Merging`, and so does a membership change. A commit (or a
+//!   reject) answers the merge's decision: `Ok` for committed,
+//!   `MergeRefused` for refused — which still stages the refusal's record
+//!   if it is new. A commit that takes a source over first waits, through
+//!   [`ApplyContext::wait_source`], until this node's replica of the source
+//!   has applied its log up to the prepare; if that wait gives up (the
+//!   node is stopping) the run ends there, `aborted`, and nothing of it may
+//!   be written;
 //! * an undecodable command or one without a body fails with `Corrupted`;
 //! * a membership change is checked and turned into the new region meta by
 //!   the `membership` module; the meta is staged as the region state
@@ -73,13 +84,19 @@ use engine::{cf, KvEngine, WriteBatch};
 use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest, SplitRequest};
-use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState, TxnLockRecord};
+use proto::raft_cmdpb::{
+    raft_cmd_request::Cmd, CommitMergeRequest, PrepareMergeRequest, RaftCmdRequest,
+    RejectMergeRequest, SplitRequest,
+};
+use proto::raft_serverpb::{
+    MergeRecord, MergeState, PeerState, RaftApplyState, RegionLocalState, TxnLockRecord,
+};
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType};
 use tracing::info;
 
 use crate::keys;
 use crate::membership;
+use crate::merge::{self, Decided};
 use crate::split;
 use crate::storage::{INIT_INDEX, INIT_TERM};
 use crate::txn::{self, TxnApply};
@@ -123,6 +140,23 @@ pub(crate) struct ApplyOutcome {
     pub splits: Vec<metapb::Region>,
     /// The region's transaction locks after the run, if it changed them.
     pub locks: Option<Vec<TxnLockRecord>>,
+    /// The region's merge state after the run, if it changed (a prepare,
+    /// a rollback).
+    pub merge_state: Option<Option<MergeState>>,
+    /// Source regions this region took over in the run: their replicas
+    /// here are to stop (their state is staged `Tombstone`).
+    pub merged_sources: Vec<u64>,
+    /// The run gave up waiting for a merge's source (the node is
+    /// stopping): the batch and the outcome must be thrown away.
+    pub aborted: bool,
+}
+
+/// A source region's revisions once its replica here has applied the
+/// prepare of its merge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SourceState {
+    pub applied_revision: i64,
+    pub compact_revision: i64,
 }
 
 /// Region `region`'s replica `peer_id`, at `apply_state`, on `kv`.
@@ -134,6 +168,12 @@ pub(crate) struct ApplyContext<'a> {
     pub apply_state: &'a RaftApplyState,
     /// The region's transaction locks before the run.
     pub locks: &'a [TxnLockRecord],
+    /// The region's merge state before the run (frozen as a source).
+    pub merging: Option<&'a MergeState>,
+    /// Blocks until this node's replica of source region `source.id` has
+    /// applied its log up to the prepare at (`index`, `term`), and returns
+    /// its revisions then; `Err` only when the node is stopping.
+    pub wait_source: &'a dyn Fn(&metapb::Region, u64, u64) -> Result<SourceState>,
 }
 
 /// Stages the committed `entries` into one write batch (ending with the new
@@ -152,6 +192,10 @@ pub(crate) fn apply_entries(
         old_region: ctx.region,
         locks: ctx.locks.to_vec(),
         locks_changed: false,
+        merging: ctx.merging.cloned(),
+        merging_changed: false,
+        merge_records: Vec::new(),
+        wait_source: ctx.wait_source,
         wb: WriteBatch::default(),
         outcome: ApplyOutcome {
             results: Vec::with_capacity(entries.len()),
@@ -162,6 +206,9 @@ pub(crate) fn apply_entries(
             removed: false,
             splits: Vec::new(),
             locks: None,
+            merge_state: None,
+            merged_sources: Vec::new(),
+            aborted: false,
         },
     };
     for e in entries {
@@ -169,6 +216,9 @@ pub(crate) fn apply_entries(
         let result = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => Ok(()),
             EntryType::EntryNormal => run.apply_command(e),
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 if run.merging.is_some() => {
+                Err(Error::Merging(ctx.region.id))
+            }
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                 let res = run.apply_conf_change(e, &mut raft_apply_conf_change);
                 if let Err(err) = &res {
@@ -181,6 +231,9 @@ pub(crate) fn apply_entries(
                 res
             }
         };
+        if run.outcome.aborted {
+            break;
+        }
         run.outcome.apply_state.applied_index = e.index;
         run.outcome.apply_state.applied_term = e.term;
         run.outcome.results.push(EntryResult {
@@ -201,10 +254,15 @@ pub(crate) fn apply_entries(
         mut outcome,
         locks,
         locks_changed,
+        merging,
+        merging_changed,
         ..
     } = run;
     if locks_changed {
         outcome.locks = Some(locks);
+    }
+    if merging_changed {
+        outcome.merge_state = Some(merging);
     }
     kv.put_to(
         &mut wb,
@@ -249,6 +307,17 @@ pub(crate) fn check_term(cmd: &RaftCmdRequest, term: u64) -> Result<()> {
     Ok(())
 }
 
+/// The commands a region frozen for a merge still applies: the rollback
+/// of its merge, merge decisions it owns the key of (a commit into a
+/// frozen region is refused and recorded so), and forgetting transaction
+/// decisions.
+pub(crate) fn allowed_while_merging(cmd: &RaftCmdRequest) -> bool {
+    matches!(
+        cmd.cmd,
+        Some(Cmd::RollbackMerge(_) | Cmd::RejectMerge(_) | Cmd::CommitMerge(_) | Cmd::TxnForget(_))
+    )
+}
+
 /// The state of one run of [`apply_entries`].
 struct Run<'a> {
     kv: &'a KvEngine,
@@ -259,6 +328,13 @@ struct Run<'a> {
     /// The region's transaction locks as of the entry being applied.
     locks: Vec<TxnLockRecord>,
     locks_changed: bool,
+    /// The region's merge state as of the entry being applied.
+    merging: Option<MergeState>,
+    merging_changed: bool,
+    /// Merge records staged by the run (key, record), newest last: later
+    /// entries of the run must see them.
+    merge_records: Vec<(Vec<u8>, MergeRecord)>,
+    wait_source: &'a dyn Fn(&metapb::Region, u64, u64) -> Result<SourceState>,
     wb: WriteBatch,
     outcome: ApplyOutcome,
 }
@@ -273,6 +349,9 @@ impl Run<'_> {
         let cmd = RaftCmdRequest::decode(e.data.as_ref())?;
         check_epoch(self.region(), &cmd)?;
         check_term(&cmd, e.term)?;
+        if self.merging.is_some() && !allowed_while_merging(&cmd) {
+            return Err(Error::Merging(self.region().id));
+        }
         let region = self.outcome.region.as_ref().unwrap_or(self.old_region);
         let state = &mut self.outcome.apply_state;
         match cmd.cmd {
@@ -324,6 +403,19 @@ impl Run<'_> {
             Some(Cmd::TxnCommit(req)) => self.apply_txn(|t| t.commit(&req)),
             Some(Cmd::TxnRollback(req)) => self.apply_txn(|t| t.rollback(&req)),
             Some(Cmd::TxnForget(req)) => self.apply_txn(|t| t.forget(&req)),
+            Some(Cmd::PrepareMerge(req)) => self.apply_prepare_merge(&req, e),
+            Some(Cmd::CommitMerge(req)) => self.apply_commit_merge(&req),
+            Some(Cmd::RejectMerge(req)) => self.apply_reject_merge(&req),
+            Some(Cmd::RollbackMerge(req)) => {
+                let region =
+                    merge::rollback(self.region(), self.merging.as_ref(), req.prepare_index)?;
+                self.merging = None;
+                self.merging_changed = true;
+                self.stage_region_state(&region, PeerState::Normal);
+                info!(region_id = region.id, "merge rolled back");
+                self.outcome.region = Some(region);
+                Ok(())
+            }
             None => Err(Error::Corrupted("raft command without a body".into())),
         }
     }
@@ -396,10 +488,174 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Freezes the region for a merge (see the `merge` module).
+    fn apply_prepare_merge(&mut self, req: &PrepareMergeRequest, e: &Entry) -> Result<()> {
+        let (region, state) = merge::prepare(
+            self.region(),
+            self.merging.as_ref(),
+            !self.locks.is_empty(),
+            (e.index, e.term),
+            req,
+        )?;
+        info!(
+            region_id = region.id,
+            target = state.target.as_ref().map_or(0, |t| t.id),
+            index = e.index,
+            "merge prepared: region frozen"
+        );
+        self.merging = Some(state);
+        self.merging_changed = true;
+        self.stage_region_state(&region, PeerState::Merging);
+        self.outcome.region = Some(region);
+        Ok(())
+    }
+
+    /// The merge record of `source_id`, whose range ended at `end_key`, as
+    /// of the entry being applied.
+    fn merge_record(
+        &self,
+        end_key: &[u8],
+        source_id: u64,
+    ) -> Result<(Vec<u8>, Option<MergeRecord>)> {
+        let key = keys::merge_record_key(end_key, source_id);
+        if let Some((_, r)) = self.merge_records.iter().rev().find(|(k, _)| *k == key) {
+            return Ok((key, Some(*r)));
+        }
+        let stored = self
+            .kv
+            .get(cf::META, &key)?
+            .map(|raw| MergeRecord::decode(raw.as_slice()))
+            .transpose()?;
+        Ok((key, stored))
+    }
+
+    fn stage_merge_record(&mut self, key: Vec<u8>, record: MergeRecord) {
+        self.kv
+            .put_to(&mut self.wb, cf::META, &key, &record.encode_to_vec());
+        self.merge_records.push((key, record));
+    }
+
+    /// `StaleCommand` unless the region owns `key` (a merge step went to
+    /// the region that owns the source's end key, as the sender saw it).
+    fn check_owns(&self, key: &[u8]) -> Result<()> {
+        if key.is_empty() || !split::contains(self.region(), key) {
+            return Err(Error::StaleCommand(format!(
+                "key {:?} is not in region {}",
+                String::from_utf8_lossy(key),
+                self.region().id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decides a merge's commit (see the `merge` module).
+    fn apply_commit_merge(&mut self, req: &CommitMergeRequest) -> Result<()> {
+        let source = req.source.clone().unwrap_or_default();
+        self.check_owns(&source.end_key)?;
+        let (key, record) = self.merge_record(&source.end_key, source.id)?;
+        let refused = MergeRecord {
+            source_id: source.id,
+            prepare_index: req.prepare_index,
+            committed: false,
+            target_id: 0,
+        };
+        let merged =
+            match merge::commit(self.region(), self.merging.is_some(), record.as_ref(), req) {
+                Decided::AlreadyCommitted => return Ok(()),
+                Decided::Refused => {
+                    if record.is_none() {
+                        info!(
+                            source_id = source.id,
+                            region_id = self.region().id,
+                            "merge refused"
+                        );
+                        self.stage_merge_record(key, refused);
+                    }
+                    return Err(Error::MergeRefused(format!(
+                        "region {} does not take region {} over",
+                        self.region().id,
+                        source.id
+                    )));
+                }
+                Decided::Committed(merged) => merged,
+            };
+        let source_state = match (self.wait_source)(&source, req.prepare_index, req.prepare_term) {
+            Ok(s) => s,
+            Err(e) => {
+                self.outcome.aborted = true;
+                return Err(e);
+            }
+        };
+        let state = &mut self.outcome.apply_state;
+        state.applied_revision = state.applied_revision.max(source_state.applied_revision);
+        if source_state.compact_revision != state.compact_revision {
+            // One side's history is not compacted as far as the other's.
+            let compact = state.compact_revision.max(source_state.compact_revision);
+            state.compact_revision = compact;
+            state.pending_compact_revision = compact;
+            self.outcome.compaction = Some(compact);
+        }
+        self.stage_merge_record(
+            key,
+            MergeRecord {
+                committed: true,
+                target_id: merged.id,
+                ..refused
+            },
+        );
+        self.stage_region_state(&source, PeerState::Tombstone);
+        self.stage_region_state(&merged, PeerState::Normal);
+        info!(
+            region_id = merged.id,
+            source_id = source.id,
+            start_key = ?String::from_utf8_lossy(&merged.start_key),
+            version = merged.region_epoch.unwrap_or_default().version,
+            "merge committed: region took its left neighbour over"
+        );
+        self.outcome.merged_sources.push(source.id);
+        self.outcome.region = Some(merged);
+        Ok(())
+    }
+
+    /// Settles a merge as refused unless it was committed (see the `merge`
+    /// module).
+    fn apply_reject_merge(&mut self, req: &RejectMergeRequest) -> Result<()> {
+        self.check_owns(&req.source_end_key)?;
+        let (key, record) = self.merge_record(&req.source_end_key, req.source_id)?;
+        if merge::reject(record.as_ref(), req.prepare_index) {
+            return Ok(());
+        }
+        if record.is_none() {
+            info!(
+                source_id = req.source_id,
+                region_id = self.region().id,
+                "merge rejected"
+            );
+            self.stage_merge_record(
+                key,
+                MergeRecord {
+                    source_id: req.source_id,
+                    prepare_index: req.prepare_index,
+                    committed: false,
+                    target_id: 0,
+                },
+            );
+        }
+        Err(Error::MergeRefused(format!(
+            "the merge of region {} is rejected",
+            req.source_id
+        )))
+    }
+
     fn stage_region_state(&mut self, region: &metapb::Region, state: PeerState) {
         let record = RegionLocalState {
             region: Some(region.clone()),
             state: state as i32,
+            merge_state: if state == PeerState::Merging {
+                self.merging.clone()
+            } else {
+                None
+            },
         };
         self.kv.put_to(
             &mut self.wb,
@@ -570,6 +826,8 @@ mod tests {
             region,
             apply_state: &state,
             locks: &[],
+            merging: None,
+            wait_source: &|_, _, _| panic!("no merge in this test"),
         };
         let (wb, outcome) = apply_entries(ctx, entries, raft);
         env.kv.write(wb).unwrap();

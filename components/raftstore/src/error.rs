@@ -36,6 +36,15 @@ pub enum Error {
     /// The command did not apply and will not (see above).
     #[error("stale command: {0}")]
     StaleCommand(String),
+    /// The region is frozen for a merge: it takes no write and answers no
+    /// linearizable read until the merge is decided (then its range is
+    /// another region's, or it is unfrozen).
+    #[error("region {0} is being merged")]
+    Merging(u64),
+    /// A merge step's answer: the merge is refused, for good (see
+    /// `merge`).
+    #[error("merge refused: {0}")]
+    MergeRefused(String),
     /// The replica stopped before it took the request.
     #[error("region {0} is shutting down")]
     Stopped(u64),
@@ -61,6 +70,7 @@ impl Error {
             Error::NotLeader { .. }
                 | Error::EpochNotMatch { .. }
                 | Error::StaleCommand(_)
+                | Error::Merging(_)
                 | Error::RegionNotFound(_)
                 | Error::Stopped(_)
         )

@@ -90,9 +90,7 @@ pub fn txn_record_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn txn_record_bound(key: &[u8]) -> Vec<u8> {
-    let mut k = TXN_RECORD_PREFIX.to_vec();
-    k.extend_from_slice(&mvcc::codec::encode_bytes(key));
-    k
+    keyed_bound(TXN_RECORD_PREFIX, key)
 }
 
 /// The primary key of a decision record key.
@@ -100,4 +98,39 @@ pub fn decode_txn_record_key(key: &[u8]) -> Option<Vec<u8>> {
     let rest = key.strip_prefix(TXN_RECORD_PREFIX)?;
     let (primary, used) = mvcc::codec::decode_bytes(rest).ok()?;
     (rest.len() == used + 8).then_some(primary)
+}
+
+const MERGE_RECORD_PREFIX: &[u8] = b"m/";
+
+/// The decision about merging region `source_id`, whose range ended at
+/// `end_key` (see `merge`): keyed by the memcomparable end key, so the
+/// region owning that key holds it, across splits and merges.
+pub fn merge_record_key(end_key: &[u8], source_id: u64) -> Vec<u8> {
+    let mut k = keyed_bound(MERGE_RECORD_PREFIX, end_key);
+    k.extend_from_slice(&source_id.to_be_bytes());
+    k
+}
+
+/// Bounds of the merge records of the end keys in `[start, end)` (empty
+/// `end`: unbounded).
+pub fn merge_record_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let upper = if end.is_empty() {
+        b"m0".to_vec()
+    } else {
+        keyed_bound(MERGE_RECORD_PREFIX, end)
+    };
+    (keyed_bound(MERGE_RECORD_PREFIX, start), upper)
+}
+
+/// The end key of a merge record key.
+pub fn decode_merge_record_key(key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.strip_prefix(MERGE_RECORD_PREFIX)?;
+    let (end_key, used) = mvcc::codec::decode_bytes(rest).ok()?;
+    (rest.len() == used + 8).then_some(end_key)
+}
+
+fn keyed_bound(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&mvcc::codec::encode_bytes(key));
+    k
 }

@@ -18,8 +18,8 @@
 //! `compaction` (physical MVCC clean-up), `proposals` (pending proposals
 //! and what each answer claims: did not apply, or outcome unknown),
 //! `read_queue` (readers waiting for an index), `status` (what a replica
-//! publishes) and `txn` (transaction locks and decisions, for writes over
-//! several regions).
+//! publishes), `txn` (transaction locks and decisions, for writes over
+//! several regions) and `merge` (what the merge commands make of regions).
 
 mod apply;
 mod compaction;
@@ -27,6 +27,7 @@ mod error;
 mod keys;
 mod log_gc;
 mod membership;
+mod merge;
 mod message;
 mod msg;
 pub mod peer;

@@ -68,6 +68,22 @@ pub enum PeerMsg {
     /// The physical clean-up of compaction `revision` finished (sent by
     /// the compaction thread; see the `compaction` module).
     CompactionDone { revision: i64 },
+    /// A merge target on this node waits for this replica (the merge's
+    /// source) to apply its log up to the prepare at `index` of `term`: the
+    /// target's commit proves those entries committed, so if this
+    /// replica's log holds an entry of `term` at `index` it may commit up
+    /// to there on its own (its leader may be gone: the other replicas of
+    /// the source stop as their nodes apply the merge).
+    CatchUpMerge { index: u64, term: u64 },
+    /// Stop for good, as the region is gone from this node: merged into
+    /// another region here, or made stale by a newer region's snapshot.
+    /// With `tombstone`, the replica writes its region state `Tombstone`
+    /// first (otherwise the caller staged it). `cb` is answered once the
+    /// replica has stopped and dropped its raft log.
+    Destroy {
+        tombstone: bool,
+        cb: Option<Callback>,
+    },
     /// A raft message from a peer on another node.
     Raft(RaftMessage),
     /// Ends the loop; everyone waiting is answered `Stopped`.

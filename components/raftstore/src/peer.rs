@@ -35,7 +35,13 @@
 //!   waiting with `Stopped`, drops its raft log and unregisters itself.
 //!   Its MVCC data stays in RocksDB for now.
 //! * A region snapshot overlapping another initialized replica on this
-//!   node is dropped when it arrives (the store checks).
+//!   node is dropped when it arrives, unless every such replica is of a
+//!   region merged away (the store checks, and destroys those first).
+//! * While the region is frozen for a merge (`merging`), proposals other
+//!   than the merge's own steps, membership changes and read barriers are
+//!   refused with `Merging`. Applying a merge's commit here waits for this
+//!   node's replica of the source (see `apply` and the store's
+//!   `wait_merge_source`); the source's replica then stops for good.
 //! * A sole voter campaigns at once when it starts, instead of waiting an
 //!   election timeout, and so does a region split off a leader here; a compaction left pending by a previous run is
 //!   started again.
@@ -44,18 +50,21 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
+use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
 use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{RaftApplyState, RaftMessage, TxnLockRecord};
+use proto::raft_serverpb::{
+    MergeState, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnLockRecord,
+};
 use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
+use crate::keys;
 use crate::log_gc;
 use crate::membership;
 use crate::message::{self, SnapshotCheck};
@@ -106,6 +115,13 @@ pub struct Peer {
     last_heard: LastHeard,
     /// The region's transaction locks (published in `shared.locks`).
     locks: Vec<TxnLockRecord>,
+    /// Set while the region is frozen as a merge's source.
+    merging: Option<MergeState>,
+    /// The loop is to end without writing more (the node is stopping
+    /// while an apply run waited for a merge's source).
+    aborted: bool,
+    /// Answered once a `Destroy` is done.
+    destroy_cb: Option<Callback>,
 }
 
 impl Peer {
@@ -123,8 +139,10 @@ impl Peer {
         log_gc_threshold: u64,
         host: Weak<StoreCore>,
         campaign: bool,
+        merging: Option<MergeState>,
     ) -> Peer {
         let locks = shared.locks.all().into_iter().map(|l| l.record).collect();
+        shared.status.lock().merging = merging.clone();
         Peer {
             mvcc: MvccStore::new(kv.clone()),
             region,
@@ -146,6 +164,9 @@ impl Peer {
             campaign,
             last_heard: LastHeard::default(),
             locks,
+            merging,
+            aborted: false,
+            destroy_cb: None,
         }
     }
 
@@ -195,13 +216,16 @@ impl Peer {
                 error!(region_id, "storage failure, stopping the process: {e}");
                 std::process::abort();
             }
-            if self.destroyed {
+            if self.destroyed || self.aborted {
                 break;
             }
         }
         self.fail_all(|| Error::Stopped(region_id));
         if self.destroyed {
             self.destroy();
+        }
+        if let Some(cb) = self.destroy_cb.take() {
+            let _ = cb.send(Ok(()));
         }
         info!(region_id, "region replica stopped");
     }
@@ -249,10 +273,69 @@ impl Peer {
                 &self.shared.physically_compacted,
                 revision,
             ),
+            PeerMsg::CatchUpMerge { index, term } => self.catch_up_merge(index, term),
+            PeerMsg::Destroy { tombstone, cb } => {
+                if tombstone {
+                    if let Err(e) = self.write_tombstone() {
+                        error!(
+                            region_id = self.region.id,
+                            "cannot tombstone the replica: {e}"
+                        );
+                        if let Some(cb) = cb {
+                            let _ = cb.send(Err(e));
+                        }
+                        return true;
+                    }
+                }
+                self.destroyed = true;
+                self.destroy_cb = cb;
+                return false;
+            }
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
             PeerMsg::Stop => return false,
         }
         true
+    }
+
+    /// Commits the log up to a merge's prepare on the target's word (see
+    /// `PeerMsg::CatchUpMerge`), if this replica holds that entry.
+    fn catch_up_merge(&mut self, index: u64, term: u64) {
+        let log = &mut self.raw.raft.raft_log;
+        if self.apply_state.applied_index >= index || log.committed >= index {
+            return;
+        }
+        if log.last_index() < index || log.term(index).ok() != Some(term) {
+            debug!(
+                region_id = self.region.id,
+                index, term, "merge catch-up: the prepare is not in this replica's log yet"
+            );
+            return;
+        }
+        info!(
+            region_id = self.region.id,
+            index, "merge catch-up: committing up to the prepare"
+        );
+        log.commit_to(index);
+    }
+
+    /// Marks this replica's region state `Tombstone` (synced), keeping its
+    /// meta.
+    fn write_tombstone(&self) -> Result<()> {
+        let state = RegionLocalState {
+            region: Some(self.region.clone()),
+            state: PeerState::Tombstone as i32,
+            merge_state: None,
+        };
+        let mut wb = WriteBatch::default();
+        self.kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::region_state_key(self.region.id),
+            &state.encode_to_vec(),
+        );
+        self.kv.write(wb)?;
+        self.kv.sync_wal()?;
+        Ok(())
     }
 
     fn is_ready_leader(&self) -> bool {
@@ -275,6 +358,10 @@ impl Peer {
             cb(Err(e));
             return;
         }
+        if self.merging.is_some() && !apply::allowed_while_merging(&cmd) {
+            cb(Err(Error::Merging(self.region.id)));
+            return;
+        }
         self.propose_entry(cb, false, |raw| {
             raw.propose(Vec::new(), cmd.encode_to_vec())
         });
@@ -283,6 +370,10 @@ impl Peer {
     fn change_peers(&mut self, changes: Vec<(ConfChangeType, metapb::Peer)>, cb: ProposeCallback) {
         if !self.is_ready_leader() {
             cb(Err(self.not_leader()));
+            return;
+        }
+        if self.merging.is_some() {
+            cb(Err(Error::Merging(self.region.id)));
             return;
         }
         let pending = self.raw.raft.has_pending_conf();
@@ -377,16 +468,18 @@ impl Peer {
         match message::check_snapshot(region_id, self.peer_id, from, &m) {
             SnapshotCheck::NotSnapshot => {}
             SnapshotCheck::Valid(index, term, snap) => {
-                let overlapping = self
-                    .host
-                    .upgrade()
-                    .and_then(|h| h.overlapping(&snap.region));
-                if let Some(other) = overlapping {
-                    debug!(
-                        region_id,
-                        from, other, "region snapshot overlapping another replica here dropped"
-                    );
-                    return;
+                if let Some(host) = self.host.upgrade() {
+                    if let Some(other) = host.overlapping(&snap.region) {
+                        if !host.make_room_for(&snap) {
+                            debug!(
+                                region_id,
+                                from,
+                                other,
+                                "region snapshot overlapping another replica here dropped"
+                            );
+                            return;
+                        }
+                    }
                 }
                 self.incoming_snapshot = Some((index, term, *snap));
             }
@@ -404,6 +497,11 @@ impl Peer {
     fn read_index(&mut self, cb: ReadCallback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
+            return;
+        }
+        if self.merging.is_some() {
+            // The target may own the range and write to it any moment.
+            let _ = cb.send(Err(Error::Merging(self.region.id)));
             return;
         }
         let ctx = self.reads.push_read(cb, self.raw.raft.term);
@@ -480,6 +578,8 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        self.merging = installed.merging.clone();
+        self.shared.status.lock().merging = installed.merging;
         self.shared.locks.replace(&installed.locks);
         self.locks = installed.locks;
         // The snapshot replaced the log: whether it holds our proposals
@@ -541,6 +641,12 @@ impl Peer {
             return Ok(());
         }
         let raw = &mut self.raw;
+        let host = self.host.clone();
+        let region_id = self.region.id;
+        let wait_source = move |source: &metapb::Region, index: u64, term: u64| {
+            let host = host.upgrade().ok_or(Error::Stopped(region_id))?;
+            host.wait_merge_source(source, index, term)
+        };
         let ctx = ApplyContext {
             kv: &self.kv,
             mvcc: &self.mvcc,
@@ -548,8 +654,17 @@ impl Peer {
             region: &self.region,
             apply_state: &self.apply_state,
             locks: &self.locks,
+            merging: self.merging.as_ref(),
+            wait_source: &wait_source,
         };
         let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
+        if outcome.aborted {
+            // Nothing of the run is written; it is applied again at the
+            // next start.
+            info!(region_id, "stopping while a merge waited for its source");
+            self.aborted = true;
+            return Ok(());
+        }
         self.kv.write(wb)?;
         let ApplyOutcome {
             results,
@@ -560,13 +675,22 @@ impl Peer {
             removed,
             splits,
             locks,
+            merge_state,
+            merged_sources,
+            aborted: _,
         } = outcome;
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
         }
+        if let Some(merging) = merge_state {
+            self.merging = merging;
+        }
         if !splits.is_empty() {
             self.start_split_regions(splits)?;
+        }
+        if !merged_sources.is_empty() {
+            self.finish_merges(&merged_sources)?;
         }
         if let Some(cs) = conf_state {
             self.raw.mut_store().set_conf_state(cs.clone());
@@ -584,6 +708,8 @@ impl Peer {
             // Visible before anyone hears of the writes, so a caller's next
             // serializable read sees at least its own write.
             let mut status = self.shared.status.lock();
+            status.region = self.region.clone();
+            status.merging = self.merging.clone();
             status.applied_index = self.apply_state.applied_index;
             status.applied_revision = self.apply_state.applied_revision;
             status.compact_revision = self.apply_state.compact_revision;
@@ -623,6 +749,23 @@ impl Peer {
         for region in splits {
             host.start_split_region(region, campaign)?;
         }
+        Ok(())
+    }
+
+    /// Stops this node's replicas of the regions this one just took over:
+    /// the merge is made durable first (their `Tombstone` state is in the
+    /// batch just written, and their raft logs go next), and this
+    /// replica's grown range is published before they unregister.
+    fn finish_merges(&mut self, sources: &[u64]) -> Result<()> {
+        self.kv.sync_wal()?;
+        self.shared.status.lock().region = self.region.clone();
+        let Some(host) = self.host.upgrade() else {
+            return Ok(());
+        };
+        for source in sources {
+            host.destroy_replica(*source, false);
+        }
+        host.layout_changed();
         Ok(())
     }
 
@@ -666,6 +809,17 @@ impl Peer {
         status.compact_revision = self.apply_state.compact_revision;
         (status.pending_peers, status.down_peers) =
             self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
+        status.min_matched = if leader {
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(_, pr)| pr.matched)
+                .min()
+                .unwrap_or(0)
+        } else {
+            0
+        };
     }
 
     /// Answers everyone waiting as the replica stops: readers `err`,

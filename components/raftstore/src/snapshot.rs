@@ -4,14 +4,18 @@
 //! Encoding of `Snapshot.data` (all integers big-endian):
 //!
 //! ```text
-//! magic    b"MSRS" | version u8 = 3
+//! magic    b"MSRS" | version u8 = 4 (3 is still read: it has no tags
+//!          5 and 6)
 //! region_id u64 | applied_revision i64 | compact_revision i64
 //! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
 //! records: tag u8 (1 = MVCC CF, 2 = revision CF, 3 = transaction lock,
-//!          4 = transaction decision) | key_len u32 | key | value_len u32
-//!          | value
+//!          4 = transaction decision, 5 = merge decision, 6 = the region's
+//!          merge state) | key_len u32 | key | value_len u32 | value
 //!          (a lock: key = transaction id u64, value = `TxnLockRecord`; a
-//!          decision: key = its primary key, value = `TxnCommitRecord`)
+//!          decision: key = its primary key, value = `TxnCommitRecord`; a
+//!          merge decision: key = the merged source's end key, value =
+//!          `MergeRecord`; the merge state: empty key, value `MergeState`,
+//!          present only while the region is frozen for a merge)
 //! end:     tag u8 = 0, then nothing
 //! ```
 //!
@@ -45,7 +49,8 @@ use mvcc::codec;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_serverpb::{
-    PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord, TxnLockRecord,
+    MergeRecord, MergeState, PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord,
+    TxnLockRecord,
 };
 use raft::eraftpb::{HardState, Snapshot};
 use tracing::info;
@@ -56,12 +61,16 @@ use crate::txn;
 use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"MSRS";
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
+/// The oldest version still decoded.
+const MIN_VERSION: u8 = 3;
 const TAG_END: u8 = 0;
 const TAG_MVCC: u8 = 1;
 const TAG_REVISION: u8 = 2;
 const TAG_LOCK: u8 = 3;
 const TAG_TXN_RECORD: u8 = 4;
+const TAG_MERGE_RECORD: u8 = 5;
+const TAG_MERGE_STATE: u8 = 6;
 
 /// The decoded content of a region snapshot.
 #[derive(Debug, Default, PartialEq)]
@@ -75,6 +84,10 @@ pub struct RegionSnapshot {
     pub locks: Vec<TxnLockRecord>,
     /// (primary key, decision) of the transactions this region decided.
     pub txn_records: Vec<(Vec<u8>, TxnCommitRecord)>,
+    /// (source end key, decision) of the merges decided in this range.
+    pub merge_records: Vec<(Vec<u8>, MergeRecord)>,
+    /// Set while the region is frozen as a merge's source.
+    pub merging: Option<MergeState>,
 }
 
 fn in_range(region: &metapb::Region, user_key: &[u8]) -> bool {
@@ -109,10 +122,11 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
             )))
         }
     };
-    let region = match snap.get(cf::META, &keys::region_state_key(region_id))? {
-        Some(raw) => RegionLocalState::decode(raw.as_slice())?
-            .region
-            .unwrap_or_default(),
+    let (region, merging) = match snap.get(cf::META, &keys::region_state_key(region_id))? {
+        Some(raw) => {
+            let state = RegionLocalState::decode(raw.as_slice())?;
+            (state.region.unwrap_or_default(), state.merge_state)
+        }
         None => {
             return Err(Error::Corrupted(format!(
                 "region {region_id} without region state"
@@ -143,6 +157,20 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
     }
     for (primary, record) in txn::snapshot_records(&snap, region)? {
         put_record(&mut out, TAG_TXN_RECORD, &primary, &record.encode_to_vec())?;
+    }
+    let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
+    let mut it = snap.iter(cf::META, &lower, &upper);
+    it.seek(&lower);
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if let Some(end_key) = keys::decode_merge_record_key(k) {
+            put_record(&mut out, TAG_MERGE_RECORD, &end_key, v)?;
+        }
+        it.next();
+    }
+    it.status().map_err(engine::Error::from)?;
+    drop(it);
+    if let Some(m) = &merging {
+        put_record(&mut out, TAG_MERGE_STATE, &[], &m.encode_to_vec())?;
     }
     out.push(TAG_END);
     Ok((apply_state, out))
@@ -220,7 +248,7 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     if r.take(MAGIC.len())? != MAGIC {
         return Err(bad("bad magic"));
     }
-    if r.u8()? != VERSION {
+    if !(MIN_VERSION..=VERSION).contains(&r.u8()?) {
         return Err(bad("unknown version"));
     }
     if r.u64()? != region_id {
@@ -244,6 +272,7 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     let region = &snap.region;
     let (mut mvcc, mut revision) = (Vec::new(), Vec::new());
     let (mut locks, mut txn_records) = (Vec::new(), Vec::new());
+    let (mut merge_records, mut merging) = (Vec::new(), None);
     loop {
         match r.u8()? {
             TAG_END => break,
@@ -285,6 +314,18 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
                 }
                 txn_records.push((k, record));
             }
+            TAG_MERGE_RECORD => {
+                let (k, v) = (r.bytes()?, r.bytes()?);
+                let record = MergeRecord::decode(v.as_slice()).map_err(|_| bad("merge record"))?;
+                if !in_range(region, &k) {
+                    return Err(bad("merge record outside the region"));
+                }
+                merge_records.push((k, record));
+            }
+            TAG_MERGE_STATE => {
+                let (_, v) = (r.bytes()?, r.bytes()?);
+                merging = Some(MergeState::decode(v.as_slice()).map_err(|_| bad("merge state"))?);
+            }
             _ => return Err(bad("unknown record tag")),
         }
     }
@@ -295,6 +336,8 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     snap.revision = revision;
     snap.locks = locks;
     snap.txn_records = txn_records;
+    snap.merge_records = merge_records;
+    snap.merging = merging;
     Ok(snap)
 }
 
@@ -356,6 +399,16 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
             &record.encode_to_vec(),
         );
     }
+    let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
+    kv.delete_range_to(wb, cf::META, &lower, &upper);
+    for (end_key, record) in &snap.merge_records {
+        kv.put_to(
+            wb,
+            cf::META,
+            &keys::merge_record_key(end_key, record.source_id),
+            &record.encode_to_vec(),
+        );
+    }
     Ok(())
 }
 
@@ -364,6 +417,7 @@ pub(crate) struct Installed {
     pub apply_state: RaftApplyState,
     pub region: metapb::Region,
     pub locks: Vec<TxnLockRecord>,
+    pub merging: Option<MergeState>,
 }
 
 /// Replaces region `region_id`'s data, region meta, apply state and raft
@@ -393,7 +447,12 @@ pub(crate) fn install(
     stage_apply(kv, &mut wb, &data)?;
     let region_state = RegionLocalState {
         region: Some(data.region.clone()),
-        state: PeerState::Normal as i32,
+        state: if data.merging.is_some() {
+            PeerState::Merging
+        } else {
+            PeerState::Normal
+        } as i32,
+        merge_state: data.merging.clone(),
     };
     kv.put_to(
         &mut wb,
@@ -445,6 +504,7 @@ pub(crate) fn install(
         apply_state,
         region: data.region,
         locks: data.locks,
+        merging: data.merging,
     })
 }
 

@@ -44,6 +44,11 @@ pub struct PeerStatus {
     pub pending_peers: Vec<u64>,
     /// On the leader: peers it has not heard from for [`PEER_DOWN_AFTER`].
     pub down_peers: Vec<u64>,
+    /// On the leader: the lowest index every replica (learners too) has
+    /// in its log; 0 elsewhere.
+    pub min_matched: u64,
+    /// Set while the region is frozen as a merge's source.
+    pub merging: Option<proto::raft_serverpb::MergeState>,
 }
 
 /// A peer further behind the commit index than this is reported pending

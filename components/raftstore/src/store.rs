@@ -45,19 +45,24 @@
 //! asks the leader for a snapshot; `regions` leaves such replicas out until
 //! the snapshot gave them a range, `region` finds them. A region snapshot
 //! whose range overlaps another initialized replica here is dropped (the
-//! leader sends it again later): two replicas must never own one key. A
+//! leader sends it again later): two replicas must never own one key —
+//! unless every overlapping replica is of a region merged away, which the
+//! snapshot shows (`make_room_for`); those are destroyed first. A
 //! split applied by a replica here starts the new region's replica on
-//! this node (see the `split` module and `start_split_region`).
+//! this node (see the `split` module and `start_split_region`); a merge
+//! applied here stops the source's replica (`wait_merge_source`,
+//! `destroy_replica`).
 //!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
 //! [`Store::on_raft_message`].
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
@@ -67,7 +72,7 @@ use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::{
-    self, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnCommitRecord,
+    self, MergeState, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnCommitRecord,
 };
 use raft::eraftpb::{ConfChangeType, ConfState, HardState, MessageType};
 use raft::RawNode;
@@ -276,6 +281,8 @@ pub struct StoreCore {
     threads: Mutex<Vec<JoinHandle<()>>>,
     transport: Arc<dyn Transport>,
     options: StoreOptions,
+    /// Set by `shutdown`: waits for a merge's source give up.
+    stopping: AtomicBool,
 }
 
 impl Store {
@@ -311,6 +318,7 @@ impl Store {
             threads: Mutex::new(Vec::new()),
             transport,
             options,
+            stopping: AtomicBool::new(false),
         });
         let (lower, upper) = keys::region_state_bounds();
         let mut states = Vec::new();
@@ -325,9 +333,9 @@ impl Store {
         it.status().map_err(engine::Error::from)?;
         drop(it);
         for state in states {
-            if state.state() == PeerState::Normal {
+            if matches!(state.state(), PeerState::Normal | PeerState::Merging) {
                 let region = state.region.unwrap_or_default();
-                store.start_peer(region, false)?;
+                store.start_peer(region, false, state.merge_state)?;
             }
         }
         Ok(Store { core: store })
@@ -470,6 +478,7 @@ impl StoreCore {
         let state = RegionLocalState {
             region: Some(region.clone()),
             state: PeerState::Normal as i32,
+            merge_state: None,
         };
         let mut ident_bytes = ident.cluster_id.to_be_bytes().to_vec();
         ident_bytes.extend_from_slice(&ident.node_id.to_be_bytes());
@@ -492,7 +501,7 @@ impl StoreCore {
             .delete_from(&mut wb, cf::META, keys::PREPARED_BOOTSTRAP_KEY);
         self.kv.write(wb)?;
         self.kv.sync_wal()?;
-        self.start_peer(region, false)
+        self.start_peer(region, false, None)
     }
 
     /// Starts this node's replica of `region`, which a replica here has
@@ -524,7 +533,7 @@ impl StoreCore {
         batch.put_hard_state(region.id, &hs)?;
         batch.put_conf_state(region.id, &conf_state_from_region(&region))?;
         self.log.write(&mut batch, true)?;
-        self.start_peer(region, campaign)
+        self.start_peer(region, campaign, None)
     }
 
     /// The id of another initialized replica here whose range overlaps
@@ -539,6 +548,111 @@ impl StoreCore {
             (status.applied_index > 0 && split::overlaps(&status.region, region))
                 .then_some(*r.key())
         })
+    }
+
+    /// Blocks until this node's replica of merge source `source` has
+    /// applied its log up to the prepare at (`index`, `term`), telling it
+    /// the prepare is committed (see `PeerMsg::CatchUpMerge`), and returns
+    /// its revisions then. Waits as long as it takes (the replica may not
+    /// have started yet, at start-up, or may still be receiving the
+    /// entries); `Err(Stopped)` once the store stops.
+    pub(crate) fn wait_merge_source(
+        &self,
+        source: &metapb::Region,
+        index: u64,
+        term: u64,
+    ) -> Result<crate::apply::SourceState> {
+        let started = Instant::now();
+        let mut last_nudge: Option<Instant> = None;
+        let mut last_warning = Instant::now();
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(Error::Stopped(source.id));
+            }
+            if let Some(h) = self.region(source.id) {
+                let status = h.status();
+                if status.applied_index >= index {
+                    return Ok(crate::apply::SourceState {
+                        applied_revision: status.applied_revision,
+                        compact_revision: status.compact_revision,
+                    });
+                }
+                if last_nudge.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+                    let _ = h.mailbox.send(PeerMsg::CatchUpMerge { index, term });
+                    last_nudge = Some(Instant::now());
+                }
+            }
+            if last_warning.elapsed() >= Duration::from_secs(5) {
+                warn!(
+                    source_id = source.id,
+                    index,
+                    waited = ?started.elapsed(),
+                    "merge waits for this node's replica of its source"
+                );
+                last_warning = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops this node's replica of `region_id` for good (see
+    /// `PeerMsg::Destroy`) and waits until it has. `false` if it could not
+    /// tombstone itself.
+    pub(crate) fn destroy_replica(&self, region_id: u64, tombstone: bool) -> bool {
+        let Some(h) = self.region(region_id) else {
+            return true;
+        };
+        let (cb, rx) = oneshot::channel();
+        if h.mailbox
+            .send(PeerMsg::Destroy {
+                tombstone,
+                cb: Some(cb),
+            })
+            .is_err()
+        {
+            return !tombstone;
+        }
+        info!(
+            region_id,
+            "destroying the replica: its region is gone from this node"
+        );
+        matches!(rx.blocking_recv(), Ok(Ok(())))
+    }
+
+    /// Makes room for installing a snapshot of `snap.region` here: every
+    /// initialized replica here whose range overlaps it must be a region
+    /// that no longer exists — merged away, as the snapshot shows by
+    /// covering its whole range with a newer epoch version or by carrying
+    /// the record of its committed merge. Those are destroyed (tombstoned);
+    /// `false` (nothing destroyed) if any other overlaps, which must hand
+    /// its keys over first (a split not applied here yet).
+    pub(crate) fn make_room_for(&self, snap: &crate::snapshot::RegionSnapshot) -> bool {
+        let new = &snap.region;
+        let version = new.region_epoch.unwrap_or_default().version;
+        let mut stale = Vec::new();
+        for r in self.regions.iter() {
+            if *r.key() == new.id {
+                continue;
+            }
+            let status = r.shared.status.lock();
+            if status.applied_index == 0 || !split::overlaps(&status.region, new) {
+                continue;
+            }
+            let old = &status.region;
+            let covered = new.start_key <= old.start_key
+                && (new.end_key.is_empty()
+                    || (!old.end_key.is_empty() && old.end_key <= new.end_key));
+            let older = old.region_epoch.unwrap_or_default().version < version;
+            let merged = snap
+                .merge_records
+                .iter()
+                .any(|(_, m)| m.source_id == old.id && m.committed);
+            if !(merged || (covered && older)) {
+                return false;
+            }
+            stale.push(old.id);
+        }
+        stale.into_iter().all(|id| self.destroy_replica(id, true))
     }
 
     /// Forgets replica `shared` of `region_id`, removed from its region.
@@ -561,7 +675,12 @@ impl StoreCore {
         self.layout.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn start_peer(&self, region: metapb::Region, campaign: bool) -> Result<()> {
+    fn start_peer(
+        &self,
+        region: metapb::Region,
+        campaign: bool,
+        merging: Option<MergeState>,
+    ) -> Result<()> {
         let ident = self
             .node_ident()?
             .ok_or_else(|| Error::Corrupted("region state without node identity".into()))?;
@@ -592,6 +711,7 @@ impl StoreCore {
             hard_state,
             conf_state,
             campaign,
+            merging,
         )
     }
 
@@ -637,9 +757,11 @@ impl StoreCore {
             hard_state,
             ConfState::default(),
             false,
+            None,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn_peer(
         &self,
         region: metapb::Region,
@@ -648,6 +770,7 @@ impl StoreCore {
         hard_state: HardState,
         conf_state: ConfState,
         campaign: bool,
+        merging: Option<MergeState>,
     ) -> Result<()> {
         let storage = PeerStorage::new(
             region.clone(),
@@ -703,6 +826,7 @@ impl StoreCore {
             self.options.log_gc_threshold,
             self.me.clone(),
             campaign,
+            merging,
         );
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
@@ -872,6 +996,7 @@ impl StoreCore {
     /// Stops every replica and waits for their threads; pending callers get
     /// `Stopped`.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
         for r in self.regions.iter() {
             let _ = r.mailbox.send(PeerMsg::Stop);
         }

@@ -9,7 +9,8 @@
 //!   served by a follower through the leader's read index), and retry what
 //!   certainly did not apply until [`RETRY_DEADLINE`]; requests over
 //!   several regions and region split (`regions`); writes over several
-//!   regions by two-phase commit (`txn`);
+//!   regions by two-phase commit (`txn`); region merge, driven by the
+//!   source region's leader (`merge`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -31,6 +32,7 @@ pub mod error;
 pub mod forward;
 pub mod leader;
 mod locate;
+pub mod merge;
 mod regions;
 mod replicas;
 pub mod resolve;

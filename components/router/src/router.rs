@@ -71,6 +71,8 @@ pub struct Router {
     /// Resolved revisions of the regions with a replica here (see
     /// `resolved`).
     pub(crate) resolved: crate::resolved::ResolvedRevisions,
+    /// What the merge driver here has seen (see `merge`).
+    pub(crate) merges: crate::merge::MergeDriverState,
 }
 
 impl Router {
@@ -88,6 +90,7 @@ impl Router {
             replicas: LocalReplicas::default(),
             txn_cleanup: Default::default(),
             resolved: Default::default(),
+            merges: Default::default(),
         }
     }
 

@@ -316,7 +316,7 @@ impl Router {
     }
 
     /// Runs one step on the leader of the region holding `spans`.
-    async fn step(
+    pub(crate) async fn step(
         &self,
         spans: &[KeyRange],
         step: Step,

@@ -59,6 +59,8 @@ pub struct RunningNode {
     lock_resolver: JoinHandle<()>,
     /// Keeps the regions' resolved revisions fresh.
     resolved_tracker: JoinHandle<()>,
+    /// Drives the merges of the regions led here (see `router::merge`).
+    merge_driver: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -196,6 +198,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     let lock_resolver = ctx.router.start_lock_resolver();
     let resolved_tracker = ctx.router.start_resolved_tracker();
+    let merge_driver = ctx.router.start_merge_driver();
     Ok(RunningNode {
         ctx,
         store,
@@ -209,6 +212,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         removal,
         lock_resolver,
         resolved_tracker,
+        merge_driver,
     })
 }
 
@@ -464,6 +468,7 @@ impl RunningNode {
         self.removal.abort();
         self.lock_resolver.abort();
         self.resolved_tracker.abort();
+        self.merge_driver.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

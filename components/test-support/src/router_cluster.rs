@@ -54,6 +54,7 @@ impl Nodes {
         self.net.register(id, &router);
         router.start_lock_resolver();
         router.start_resolved_tracker();
+        router.start_merge_driver();
         self.routers.write().insert(id, router);
     }
 }
@@ -198,6 +199,44 @@ impl RouterCluster {
             }
         }
         Err("no ready leader holds the key".into())
+    }
+
+    /// Asks the leader of the region starting at `start` to merge it into
+    /// its right neighbour (`Router::merge_region`; the router's merge
+    /// driver finishes or rolls it back in the background); says why not
+    /// if it could not.
+    pub async fn merge(&self, start: &[u8]) -> Result<(), String> {
+        for id in self.raft.running() {
+            let Some(router) = self.router(id) else {
+                continue;
+            };
+            let regions: Vec<_> = router
+                .store()
+                .regions()
+                .into_iter()
+                .map(|h| (h.region_id(), h.status()))
+                .collect();
+            let Some((source_id, source)) = regions
+                .iter()
+                .find(|(_, s)| s.ready_leader && s.region.start_key == start)
+            else {
+                continue;
+            };
+            if source.region.end_key.is_empty() {
+                return Err("the last region has no right neighbour".into());
+            }
+            let Some((_, target)) = regions
+                .iter()
+                .find(|(_, s)| s.region.start_key == source.region.end_key)
+            else {
+                return Err("the right neighbour has no replica here".into());
+            };
+            return router
+                .merge_region(*source_id, target.region.clone())
+                .await
+                .map_err(|e| e.to_string());
+        }
+        Err("no ready leader of a region starting there".into())
     }
 
     /// Hands leadership of every region led elsewhere to node `to`.

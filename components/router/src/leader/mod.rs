@@ -59,9 +59,11 @@
 //!   is routed again. Not applied: not the ready leader, the epoch or term
 //!   moved, the latch not free within [`WRITE_TIMEOUT`]; outcome unknown:
 //!   no answer within [`WRITE_TIMEOUT`].
+//! * the merge steps are in [`merge`].
 
 pub mod inflight;
 pub mod latches;
+mod merge;
 pub mod sequencer;
 pub mod txn;
 
@@ -264,14 +266,7 @@ impl RegionLeader {
 impl RegionLeader {
     /// Splits the region as `req` says (see the contract).
     pub async fn split(&self, handle: &RegionHandle, req: SplitRequest) -> Result<metapb::Region> {
-        let _latches =
-            tokio::time::timeout(WRITE_TIMEOUT, self.latches.acquire(LatchSet::Everything))
-                .await
-                .map_err(|_| {
-                    Error::Region(raftstore::Error::StaleCommand(
-                        "split: the region's writes did not finish in time".into(),
-                    ))
-                })?;
+        let _latches = self.whole_latch("split").await?;
         // Apply refuses a split while transactions hold locks.
         txn::wait_unlocked(handle, &[everything()], 0).await?;
         self.propose_in_term(handle, Cmd::Split(req), "split")

@@ -111,6 +111,12 @@ impl RegionLeader {
             Step::Status(s) => Ok(Some(txn_step_response::Result::Status(
                 self.txn_status(handle, &s).await?,
             ))),
+            Step::CommitMerge(c) => Ok(Some(txn_step_response::Result::Merge(
+                self.merge_step(handle, Cmd::CommitMerge(c)).await?,
+            ))),
+            Step::RejectMerge(r) => Ok(Some(txn_step_response::Result::Merge(
+                self.merge_step(handle, Cmd::RejectMerge(r)).await?,
+            ))),
         }
     }
 
