@@ -106,11 +106,6 @@ fn stores_regions_and_scheduler_of_a_dev_node() {
     assert!(scheduler["operators"]["count"].is_u64(), "{scheduler}");
 
     assert_fails(
-        &metastore_ctl(&ep, &["region", "merge", "1", "2"]),
-        2,
-        "metastore-ctl: region merge is not supported yet",
-    );
-    assert_fails(
         &metastore_ctl(&ep, &["region", "split", ""]),
         2,
         "split key must not be empty",
@@ -201,6 +196,70 @@ fn region_split_on_request() {
     assert_eq!(keys, ["k008", "k009", "k010", "k011"], "{}", stdout(&out));
     // A key that is already a boundary cannot split again.
     assert_fails(&metastore_ctl(&ep, &["region", "split", "k010"]), 2, "k010");
+}
+
+/// `region merge` refusals against a real PD: unknown ids (exit 1, like
+/// anything not found), the same id twice and regions that are not
+/// adjacent (exit 2, invalid arguments). The merge itself is left to the
+/// nodes' tests.
+#[test]
+fn region_merge_refusals() {
+    let node = Node::start_dev();
+    let ep = node.endpoint();
+    let id = |r: &Value| r["id"].as_u64().expect("region id");
+    let whole = id(&regions_with_leader(&ep)["regions"][0]);
+    assert_fails(
+        &metastore_ctl(&ep, &["region", "merge", &whole.to_string(), "999999"]),
+        1,
+        "metastore-ctl: region not found: region 999999 not found",
+    );
+    assert_fails(
+        &metastore_ctl(
+            &ep,
+            &["region", "merge", &whole.to_string(), &whole.to_string()],
+        ),
+        2,
+        &format!("cannot merge region {whole} into itself"),
+    );
+
+    // Three regions: a [, k010), b [k010, k020), c [k020, ).
+    json(&ep, &["region", "split", "k010", "-w", "json"]);
+    let split = json(&ep, &["region", "split", "k020", "-w", "json"]);
+    let (b, c) = (id(&split["regions"][0]), id(&split["regions"][1]));
+    let a = id(&json(&ep, &["region", "show", "k000", "-w", "json"])["regions"][0]);
+    assert_fails(
+        &metastore_ctl(&ep, &["region", "merge", &a.to_string(), &c.to_string()]),
+        2,
+        &format!("regions {a} and {c} are not adjacent"),
+    );
+    assert_fails(
+        &metastore_ctl(&ep, &["region", "merge", &c.to_string(), &a.to_string()]),
+        2,
+        &format!("regions {c} and {a} are not adjacent"),
+    );
+    // Adjacent ones, given right first: accepted, left into right.
+    let asked = json(
+        &ep,
+        &[
+            "region",
+            "merge",
+            &c.to_string(),
+            &b.to_string(),
+            "-w",
+            "json",
+        ],
+    );
+    assert_eq!((id(&asked["regions"][0]), id(&asked["regions"][1])), (b, c));
+    assert_eq!(
+        (&asked["source_id"], &asked["target_id"]),
+        (&b.into(), &c.into())
+    );
+    assert!(
+        asked["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("carries it out")),
+        "{asked}"
+    );
 }
 
 #[test]

@@ -71,7 +71,10 @@ pub enum RegionCommand {
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         timeout: Duration,
     },
-    /// Merges two adjacent regions (not supported yet).
+    /// Asks PD to merge two adjacent regions whose replicas are on the same
+    /// nodes: the left one (the source) into the right one (the target),
+    /// whichever order the ids come in. The source region's leader carries
+    /// it out when PD hands it over; this does not wait for it.
     Merge { first: u64, second: u64 },
 }
 
@@ -134,6 +137,15 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(Cli::try_parse_from(["metastore-ctl", "region", "merge", "1"]).is_err());
+        assert!(Cli::try_parse_from(["metastore-ctl", "region", "merge", "1", "x"]).is_err());
+        let cli = Cli::try_parse_from(["metastore-ctl", "region", "merge", "7", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Region(RegionCommand::Merge {
+                first: 7,
+                second: 2
+            })
+        ));
         assert!(Cli::try_parse_from(["metastore-ctl", "-w", "yaml", "scheduler"]).is_err());
     }
 

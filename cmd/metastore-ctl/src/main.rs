@@ -1,12 +1,13 @@
 //! `metastore-ctl`: the operator's tool. It talks to the placement driver
 //! (PD) over gRPC and shows the cluster as PD sees it — nodes, regions,
-//! scheduling — and asks PD for region splits.
+//! scheduling — and asks PD for region splits and merges.
 //!
 //! ```text
 //! metastore-ctl store list
 //! metastore-ctl region list -w json
 //! metastore-ctl region show foo
 //! metastore-ctl region split foo --timeout 30s
+//! metastore-ctl region merge 2 7
 //! metastore-ctl scheduler
 //! ```
 //!
@@ -96,25 +97,24 @@ async fn run(cli: Cli) -> Result<String> {
         Command::Region(RegionCommand::Show { key } | RegionCommand::Split { key, .. }) => {
             keys::parse(key).map_err(CtlError::Usage)?
         }
-        Command::Region(RegionCommand::Merge { .. }) => {
-            return region::merge().and_then(|r| region::render(&r, &out))
-        }
         _ => Vec::new(),
     };
     let pd = connect(&cli.pd_endpoints).await?;
     match cli.command {
         Command::Store(StoreCommand::List) => store::list(&pd, &out).await,
-        Command::Region(cmd) => {
-            let regions = match cmd {
-                RegionCommand::List => region::list(&pd).await?,
-                RegionCommand::Show { .. } => vec![region::show(&pd, &key, &out).await?],
-                RegionCommand::Split { timeout, .. } => {
-                    region::split(&pd, &key, timeout, &out).await?
-                }
-                RegionCommand::Merge { .. } => region::merge()?,
-            };
-            region::render(&regions, &out)
-        }
+        Command::Region(cmd) => match cmd {
+            RegionCommand::List => region::render(&region::list(&pd).await?, &out),
+            RegionCommand::Show { .. } => {
+                region::render(&[region::show(&pd, &key, &out).await?], &out)
+            }
+            RegionCommand::Split { timeout, .. } => {
+                region::render(&region::split(&pd, &key, timeout, &out).await?, &out)
+            }
+            RegionCommand::Merge { first, second } => {
+                let (source, target) = region::merge(&pd, first, second).await?;
+                region::render_merge(&source, &target, &out)
+            }
+        },
         Command::Scheduler => scheduler::status(&pd, &out).await,
     }
 }

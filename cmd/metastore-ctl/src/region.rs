@@ -1,6 +1,6 @@
-//! `region list|show|split|merge`: regions as PD knows them, and a split
-//! asked of PD (which hands it to the region's leader with a heartbeat
-//! response).
+//! `region list|show|split|merge`: regions as PD knows them, and a split or
+//! a merge asked of PD (which hands it to the region's leader, the source
+//! region's for a merge, with a heartbeat response).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,17 @@ const SPLIT_POLL: Duration = Duration::from_millis(200);
 
 #[derive(Serialize, Debug, PartialEq)]
 pub struct RegionsJson {
+    pub count: usize,
+    pub regions: Vec<RegionJson>,
+}
+
+/// What `region merge -w json` prints: the request and both regions,
+/// source first.
+#[derive(Serialize, Debug, PartialEq)]
+pub struct MergeJson {
+    pub source_id: u64,
+    pub target_id: u64,
+    pub message: String,
     pub count: usize,
     pub regions: Vec<RegionJson>,
 }
@@ -197,8 +208,46 @@ async fn split_result(
     Ok(left.map(|left| vec![left, right]))
 }
 
-pub fn merge() -> Result<Vec<RegionWithLeader>> {
-    Err(CtlError::Usage("region merge is not supported yet".into()))
+/// Asks PD to merge regions `first` and `second`, which must be adjacent
+/// and on the same nodes; returns them as PD ordered them, (source, target):
+/// the left one merges into the right one.
+pub async fn merge(
+    pd: &dyn PdClient,
+    first: u64,
+    second: u64,
+) -> Result<(RegionWithLeader, RegionWithLeader)> {
+    Ok(pd.merge_regions(first, second).await?)
+}
+
+/// The sentence saying what was asked of whom.
+fn merge_message(source: &RegionWithLeader, target: &RegionWithLeader) -> String {
+    format!(
+        "merge requested: region {} (source) into region {} (target); the source region's \
+         leader carries it out when PD hands it the request with a heartbeat answer (see \
+         `metastore-ctl scheduler`)",
+        source.region.id, target.region.id
+    )
+}
+
+/// A requested merge: the message, then both regions (source first) as a
+/// table, or one JSON object [`MergeJson`].
+pub fn render_merge(
+    source: &RegionWithLeader,
+    target: &RegionWithLeader,
+    out: &Output,
+) -> Result<String> {
+    let message = merge_message(source, target);
+    if out.is_json() {
+        return json(&MergeJson {
+            source_id: source.region.id,
+            target_id: target.region.id,
+            message,
+            count: 2,
+            regions: vec![region_json(source, out), region_json(target, out)],
+        });
+    }
+    let table = render(&[source.clone(), target.clone()], out)?;
+    Ok(format!("{message}\n\n{table}"))
 }
 
 #[cfg(test)]
@@ -376,10 +425,76 @@ mod tests {
         assert_eq!(e.exit_code(), 2, "{e}");
     }
 
-    #[test]
-    fn merge_is_refused_as_unsupported() {
-        let e = merge().unwrap_err();
-        assert_eq!(e.exit_code(), 2);
-        assert_eq!(e.to_string(), "region merge is not supported yet");
+    /// Regions 2 [, k) and 9 [k, ) on node 1, as after a split at k.
+    async fn split_at_k(pd: &pd::LocalPdClient, whole: &metapb::Region) {
+        let left = region(2, (b"", b"k"), (1, 2), whole.peers.clone());
+        let right = region(
+            9,
+            (b"k", b""),
+            (1, 2),
+            vec![peer(10, 1, metapb::PeerRole::Voter)],
+        );
+        pd.region_heartbeat(hb(&right)).await.unwrap();
+        pd.region_heartbeat(hb(&left)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn merge_is_recorded_left_into_right_and_rendered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pd, whole) = local_pd(dir.path()).await;
+        split_at_k(&pd, &whole).await;
+        // Given right first: PD swaps them.
+        let (source, target) = merge(&pd, 9, 2).await.unwrap();
+        assert_eq!((source.region.id, target.region.id), (2, 9));
+
+        let text = render_merge(&source, &target, &Output::new(Format::Table, false)).unwrap();
+        assert!(
+            text.starts_with(
+                "merge requested: region 2 (source) into region 9 (target); the source \
+                 region's leader carries it out"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\n\nID  START_KEY"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(
+            &render_merge(&source, &target, &Output::new(Format::Json, false)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (&v["source_id"], &v["target_id"], &v["count"]),
+            (&2.into(), &9.into(), &2.into())
+        );
+        assert_eq!(v["regions"][0]["end_key"], "k");
+        assert_eq!(v["regions"][1]["start_key"], "k");
+        assert!(v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("merge requested")));
+    }
+
+    #[tokio::test]
+    async fn merge_errors_have_their_exit_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pd, whole) = local_pd(dir.path()).await;
+        let e = merge(&pd, 2, 2).await.unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        let e = merge(&pd, 2, 99).await.unwrap_err();
+        assert_eq!(e.exit_code(), 1, "{e}");
+        assert!(e.to_string().contains("region 99 not found"), "{e}");
+        split_at_k(&pd, &whole).await;
+        // Region 11 [x, ) is newer than 9 [k, ) and replaces it: a hole
+        // [k, x) between 2 and 11.
+        let far = region(
+            11,
+            (b"x", b""),
+            (1, 3),
+            vec![peer(12, 1, metapb::PeerRole::Voter)],
+        );
+        pd.region_heartbeat(hb(&far)).await.unwrap();
+        let e = merge(&pd, 2, 11).await.unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: regions 2 and 11 are not adjacent"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `scheduler`: which schedulers PD runs and what they do, their settings,
 //! and the operators PD is handing out to region leaders (requested splits
-//! and the replica placement steps being repeated until applied).
+//! and merges, and the scheduling steps being repeated until applied).
 
 use std::time::Duration;
 
@@ -30,6 +30,11 @@ struct SettingsJson {
     max_node_down_time_ms: u128,
     operator_timeout_ms: u128,
     split_timeout_ms: u128,
+    merge_timeout_ms: u128,
+    max_merge_region_keys: u64,
+    max_merge_region_size: u64,
+    split_merge_interval_ms: u128,
+    merge_limit: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -55,6 +60,9 @@ fn describe(op: &RegionOperator, out: &Output) -> (&'static str, String) {
         RegionOperator::RemovePeer(p) => ("remove-peer", "remove", p),
         RegionOperator::TransferLeader(p) => ("transfer-leader", "transfer leadership to", p),
         RegionOperator::Split { key } => return ("split", format!("split at {:?}", out.key(key))),
+        RegionOperator::Merge { target } => {
+            return ("merge", format!("merge into region {}", target.id));
+        }
     };
     (kind, format!("{step} peer {} on node {}", p.id, p.node_id))
 }
@@ -96,6 +104,11 @@ fn render(
                 max_node_down_time_ms: status.max_node_down_time.as_millis(),
                 operator_timeout_ms: status.operator_timeout.as_millis(),
                 split_timeout_ms: status.split_timeout.as_millis(),
+                merge_timeout_ms: status.merge_timeout.as_millis(),
+                max_merge_region_keys: status.max_merge_region_keys,
+                max_merge_region_size: status.max_merge_region_size,
+                split_merge_interval_ms: status.split_merge_interval.as_millis(),
+                merge_limit: status.merge_limit,
             },
             operators: OperatorsJson {
                 count: operators.len(),
@@ -140,6 +153,31 @@ fn render(
             "split-timeout",
             human(status.split_timeout),
             "how long a requested split is handed out before PD forgets it",
+        ),
+        (
+            "merge-timeout",
+            human(status.merge_timeout),
+            "how long a requested merge is handed out before PD forgets it",
+        ),
+        (
+            "max-merge-region-keys",
+            status.max_merge_region_keys.to_string(),
+            "regions merge automatically only with at most this many keys (0: off)",
+        ),
+        (
+            "max-merge-region-size",
+            status.max_merge_region_size.to_string(),
+            "... and at most this many bytes, each and together (0: off)",
+        ),
+        (
+            "split-merge-interval",
+            human(status.split_merge_interval),
+            "... and neither split nor merged for this long",
+        ),
+        (
+            "merge-limit",
+            status.merge_limit.to_string(),
+            "automatic merges in flight at most",
         ),
     ] {
         settings.push(vec![name.to_owned(), value, meaning.to_owned()]);
@@ -193,6 +231,17 @@ mod tests {
                 op: RegionOperator::AddLearner(peer),
                 age: Duration::from_millis(20),
             },
+            PendingOperator {
+                region_id: 6,
+                source: pd::operators::SOURCE_MERGE_REQUEST.to_owned(),
+                op: RegionOperator::Merge {
+                    target: metapb::Region {
+                        id: 8,
+                        ..Default::default()
+                    },
+                },
+                age: Duration::from_millis(100),
+            },
         ];
         (status, ops)
     }
@@ -206,7 +255,9 @@ mod tests {
         assert_eq!(v["schedulers"][0]["name"], "replica-placement");
         assert_eq!(v["settings"]["max_replicas"], 3);
         assert_eq!(v["settings"]["split_timeout_ms"], 60_000);
-        assert_eq!(v["operators"]["count"], 2);
+        assert_eq!(v["settings"]["max_merge_region_keys"], 200_000);
+        assert_eq!(v["settings"]["split_merge_interval_ms"], 600_000);
+        assert_eq!(v["operators"]["count"], 3);
         assert_eq!(
             v["operators"]["operators"][0],
             serde_json::json!({
@@ -218,6 +269,13 @@ mod tests {
             v["operators"]["operators"][1]["description"],
             "add learner peer 12 on node 3"
         );
+        assert_eq!(
+            v["operators"]["operators"][2],
+            serde_json::json!({
+                "region_id": 6, "source": "merge-request", "kind": "merge",
+                "description": "merge into region 8", "age_ms": 100
+            })
+        );
     }
 
     #[test]
@@ -227,10 +285,14 @@ mod tests {
         let text = render(&status, &ops, &out).unwrap();
         assert!(text.starts_with("SCHEDULER          WHAT IT DOES\nreplica-placement  keeps"));
         assert!(
-            text.contains("\nmax-replicas        3      voters per region"),
+            text.contains("\nmax-replicas           3         voters per region"),
             "{text}"
         );
-        assert!(text.contains("\nsplit-timeout       60s"), "{text}");
+        assert!(text.contains("\nsplit-timeout          60s"), "{text}");
+        assert!(
+            text.contains("\nmax-merge-region-size  20971520  ... and at most"),
+            "{text}"
+        );
         assert!(
             text.contains("\n2       split-request      split at \"0x666f6f\"            1.5s\n"),
             "{text}"

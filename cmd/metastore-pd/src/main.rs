@@ -45,6 +45,23 @@ struct Cli {
     /// on other nodes, in seconds.
     #[arg(long, default_value_t = 1800)]
     max_node_down_time: u64,
+    /// The merge checker merges a region into its right neighbour only if
+    /// each has at most this many keys, and so have both together
+    /// (approximate, from the heartbeats); 0 turns the merge checker off.
+    #[arg(long, default_value_t = 200_000)]
+    max_merge_region_keys: u64,
+    /// Likewise for their size, in MiB; 0 turns the merge checker off.
+    #[arg(long, default_value_t = 20)]
+    max_merge_region_size: u64,
+    /// How long neither region may have been split or merged before the
+    /// merge checker merges them, in seconds (counted from when this PD
+    /// leader first saw their current version).
+    #[arg(long, default_value_t = 600)]
+    split_merge_interval: u64,
+    /// Merges the merge checker keeps in flight at most, cluster-wide; 0
+    /// turns it off.
+    #[arg(long, default_value_t = 4)]
+    merge_limit: usize,
 }
 
 /// A URL we can listen on: http only, explicit host and port, no path.
@@ -169,6 +186,17 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         schedule: pd::schedule::ScheduleConfig {
             max_replicas: cli.max_replicas as usize,
             max_node_down_time: std::time::Duration::from_secs(cli.max_node_down_time),
+            max_merge_region_keys: cli.max_merge_region_keys,
+            max_merge_region_size: cli.max_merge_region_size.checked_mul(1 << 20).ok_or_else(
+                || {
+                    format!(
+                        "--max-merge-region-size: {} MiB is too large",
+                        cli.max_merge_region_size
+                    )
+                },
+            )?,
+            split_merge_interval: std::time::Duration::from_secs(cli.split_merge_interval),
+            merge_limit: cli.merge_limit,
             ..Default::default()
         },
     })

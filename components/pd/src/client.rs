@@ -175,6 +175,15 @@ pub enum RegionOperator {
     Split {
         key: Vec<u8>,
     },
+    /// Merge this region (the source) into `target`, its right neighbour
+    /// (`source.end_key == target.start_key`) with replicas on the same
+    /// nodes; `target` is PD's latest meta of it, which the node may find
+    /// outdated (then it refuses, and PD decides again later). Requested by
+    /// an operator ([`PdClient::merge_regions`]) or decided by the merge
+    /// checker ([`crate::schedule`]).
+    Merge {
+        target: metapb::Region,
+    },
 }
 
 #[async_trait::async_trait]
@@ -285,6 +294,30 @@ pub trait PdClient: Send + Sync {
     /// region (nothing to split), `Err(RegionNotFound)` when no region
     /// covers it, `Err(NotBootstrapped)` before bootstrap.
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader>;
+
+    /// Asks PD to merge two adjacent regions: the left one (the source)
+    /// into its right neighbour (the target). The ids may come in either
+    /// order: when `target_id` names the LEFT neighbour of `source_id`
+    /// (`target.end_key == source.start_key`) the two are swapped, so the
+    /// answer is always `(source, target)` with `source.end_key ==
+    /// target.start_key`. PD hands [`RegionOperator::Merge`] (with its
+    /// latest meta of the target) to the source region's leader with later
+    /// heartbeat responses (replica placement steps go first), until the
+    /// source region is gone from PD's map or its range changed, the target
+    /// is no longer its right neighbour, or the request is
+    /// [`crate::schedule::ScheduleConfig::merge_timeout`] old. The request
+    /// lives in memory on the PD leader (lost when leadership moves); a
+    /// second request for the same source replaces the first.
+    /// `Err(RegionNotFound)` for an unknown id, `Err(InvalidArgument)` for
+    /// the same id twice, regions that are not adjacent, or regions whose
+    /// replicas are not on the same set of nodes (roles are not checked
+    /// here: the source's leader refuses while a learner is present),
+    /// `Err(NotBootstrapped)` before bootstrap.
+    async fn merge_regions(
+        &self,
+        source_id: u64,
+        target_id: u64,
+    ) -> Result<(RegionWithLeader, RegionWithLeader)>;
 }
 
 /// An operator's wire fields, shared by heartbeat responses and
@@ -294,6 +327,7 @@ pub(crate) struct OperatorFields {
     pub change_peer: Option<pdpb::ChangePeer>,
     pub transfer_leader: Option<pdpb::TransferLeader>,
     pub split_region: Option<pdpb::SplitRegion>,
+    pub merge_region: Option<pdpb::MergeRegion>,
 }
 
 impl OperatorFields {
@@ -320,6 +354,12 @@ impl OperatorFields {
                 }),
                 ..Default::default()
             },
+            RegionOperator::Merge { target } => OperatorFields {
+                merge_region: Some(pdpb::MergeRegion {
+                    target: Some(target.clone()),
+                }),
+                ..Default::default()
+            },
         }
     }
 
@@ -338,6 +378,9 @@ impl OperatorFields {
                 T::RemovePeer => Some(RegionOperator::RemovePeer(peer)),
             };
         }
+        if let Some(m) = self.merge_region {
+            return m.target.map(|target| RegionOperator::Merge { target });
+        }
         let key = self.split_region?.split_key;
         // An empty key cannot lie strictly inside a region.
         (!key.is_empty()).then_some(RegionOperator::Split { key })
@@ -350,6 +393,7 @@ pub(crate) fn operator_to_proto(op: &RegionOperator, resp: &mut pdpb::RegionHear
     resp.change_peer = f.change_peer;
     resp.transfer_leader = f.transfer_leader;
     resp.split_region = f.split_region;
+    resp.merge_region = f.merge_region;
 }
 
 /// The operator of a heartbeat response; `None` if it has none or one this
@@ -359,6 +403,7 @@ pub(crate) fn operator_from_proto(resp: &pdpb::RegionHeartbeatResponse) -> Optio
         change_peer: resp.change_peer,
         transfer_leader: resp.transfer_leader,
         split_region: resp.split_region.clone(),
+        merge_region: resp.merge_region.clone(),
     }
     .into_operator()
 }

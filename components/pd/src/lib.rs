@@ -33,7 +33,8 @@
 //!
 //! PD schedules on its leader: each region heartbeat is answered with at
 //! most one step for the region's leader — replica placement, then leader
-//! and region balance ([`schedule`]) — decided from per-node load counters
+//! and region balance, then operators' requests, then the merge checker
+//! ([`schedule`]) — decided from per-node load counters
 //! kept up to date as regions change ([`load`]), not by walking regions.
 //! Nodes send their regions' heartbeats in batches
 //! ([`PdClient::region_heartbeats`]): one RPC per node and round, and one
@@ -42,7 +43,9 @@
 //! Besides the nodes' contract, PD takes requests from operators' tools
 //! (`metastore-ctl`): a split of the region containing a key, handed to the
 //! region's leader with a heartbeat response ([`PdClient::split_region`]),
-//! and what its scheduling is doing ([`operators`]).
+//! a merge of two adjacent regions handed to the left one's leader
+//! ([`PdClient::merge_regions`]), and what its scheduling is doing
+//! ([`operators`]).
 //!
 //! Nodes use PD through the [`PdClient`] trait: [`LocalPdClient`] when a
 //! single-member PD is embedded in the same process, [`RpcPdClient`] over
@@ -66,6 +69,7 @@
 pub mod client;
 pub mod load;
 pub mod local;
+mod merge;
 pub mod operators;
 mod oracle_batch;
 pub mod pd_core;

@@ -96,4 +96,12 @@ impl PdClient for LocalPdClient {
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
         self.core.split_region(key).await
     }
+
+    async fn merge_regions(
+        &self,
+        source_id: u64,
+        target_id: u64,
+    ) -> Result<(RegionWithLeader, RegionWithLeader)> {
+        self.core.merge_regions(source_id, target_id).await
+    }
 }

@@ -21,6 +21,12 @@ pub const SOURCE_REGION_BALANCE: &str = schedule::REGION_BALANCE;
 /// [`PendingOperator::source`] of a split asked for with
 /// [`crate::PdClient::split_region`].
 pub const SOURCE_SPLIT_REQUEST: &str = "split-request";
+/// [`PendingOperator::source`] of a merge asked for with
+/// [`crate::PdClient::merge_regions`].
+pub const SOURCE_MERGE_REQUEST: &str = "merge-request";
+/// [`PendingOperator::source`] of a merge decided by the merge checker
+/// ([`crate::schedule`]).
+pub const SOURCE_MERGE_CHECKER: &str = schedule::MERGE_CHECKER;
 
 /// An operator PD hands to a region's leader with each heartbeat response
 /// until the region applied it or it expired.
@@ -28,8 +34,9 @@ pub const SOURCE_SPLIT_REQUEST: &str = "split-request";
 pub struct PendingOperator {
     pub region_id: u64,
     /// What issued it: [`SOURCE_PLACEMENT`], [`SOURCE_LEADER_BALANCE`],
-    /// [`SOURCE_REGION_BALANCE`] or [`SOURCE_SPLIT_REQUEST`] (a newer PD
-    /// may name others).
+    /// [`SOURCE_REGION_BALANCE`], [`SOURCE_SPLIT_REQUEST`],
+    /// [`SOURCE_MERGE_REQUEST`] or [`SOURCE_MERGE_CHECKER`] (a newer PD may
+    /// name others).
     pub source: String,
     pub op: RegionOperator,
     /// Since it was issued or requested.
@@ -46,6 +53,7 @@ impl PendingOperator {
             transfer_leader: f.transfer_leader,
             split_region: f.split_region,
             age_ms: millis(self.age),
+            merge_region: f.merge_region,
         }
     }
 
@@ -55,6 +63,7 @@ impl PendingOperator {
             change_peer: o.change_peer,
             transfer_leader: o.transfer_leader,
             split_region: o.split_region,
+            merge_region: o.merge_region,
         }
         .into_operator()?;
         Some(PendingOperator {
@@ -86,6 +95,16 @@ pub struct SchedulingStatus {
     pub operator_timeout: Duration,
     /// How long a requested split waits to be carried out.
     pub split_timeout: Duration,
+    /// How long a requested merge waits to be carried out.
+    pub merge_timeout: Duration,
+    /// The merge checker's size limits (each region and both together; 0
+    /// turns it off).
+    pub max_merge_region_keys: u64,
+    pub max_merge_region_size: u64,
+    /// How long both regions' versions must have stayed put.
+    pub split_merge_interval: Duration,
+    /// Merges the merge checker keeps in flight at most.
+    pub merge_limit: u64,
 }
 
 impl SchedulingStatus {
@@ -103,6 +122,11 @@ impl SchedulingStatus {
             max_node_down_time: config.max_node_down_time,
             operator_timeout: config.operator_timeout,
             split_timeout: config.split_timeout,
+            merge_timeout: config.merge_timeout,
+            max_merge_region_keys: config.max_merge_region_keys,
+            max_merge_region_size: config.max_merge_region_size,
+            split_merge_interval: config.split_merge_interval,
+            merge_limit: config.merge_limit as u64,
         }
     }
 
@@ -122,6 +146,11 @@ impl SchedulingStatus {
             max_node_down_time_ms: millis(self.max_node_down_time),
             operator_timeout_ms: millis(self.operator_timeout),
             split_timeout_ms: millis(self.split_timeout),
+            merge_timeout_ms: millis(self.merge_timeout),
+            max_merge_region_keys: self.max_merge_region_keys,
+            max_merge_region_size: self.max_merge_region_size,
+            split_merge_interval_ms: millis(self.split_merge_interval),
+            merge_limit: self.merge_limit,
         }
     }
 
@@ -139,6 +168,11 @@ impl SchedulingStatus {
             max_node_down_time: Duration::from_millis(r.max_node_down_time_ms),
             operator_timeout: Duration::from_millis(r.operator_timeout_ms),
             split_timeout: Duration::from_millis(r.split_timeout_ms),
+            merge_timeout: Duration::from_millis(r.merge_timeout_ms),
+            max_merge_region_keys: r.max_merge_region_keys,
+            max_merge_region_size: r.max_merge_region_size,
+            split_merge_interval: Duration::from_millis(r.split_merge_interval_ms),
+            merge_limit: r.merge_limit,
         }
     }
 }
@@ -167,6 +201,14 @@ mod tests {
             RegionOperator::Split {
                 key: b"k\x00".to_vec(),
             },
+            RegionOperator::Merge {
+                target: metapb::Region {
+                    id: 9,
+                    start_key: b"m".to_vec(),
+                    peers: vec![peer],
+                    ..Default::default()
+                },
+            },
         ] {
             let p = PendingOperator {
                 region_id: 5,
@@ -187,9 +229,21 @@ mod tests {
         let names: Vec<&str> = s.schedulers.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
-            ["replica-placement", "leader-balance", "region-balance"]
+            [
+                "replica-placement",
+                "leader-balance",
+                "region-balance",
+                "merge-checker"
+            ]
         );
         assert!(s.schedulers[1].description.contains("at most 4 in flight"));
+        assert!(s.schedulers[3].description.contains("at most 4 in flight"));
+        assert_eq!(s.max_merge_region_size, 20 << 20);
+        let off = SchedulingStatus::of(&ScheduleConfig {
+            max_merge_region_keys: 0,
+            ..Default::default()
+        });
+        assert!(off.schedulers[3].description.contains("disabled"));
         assert_eq!(SchedulingStatus::from_proto(s.to_proto(None)), s);
     }
 }

@@ -18,6 +18,7 @@ use crate::client::{
     HeartbeatOutcome, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
 };
 use crate::load::NodeInfo;
+use crate::merge::{order_for_merge, right_neighbour, MergeRequests};
 use crate::operators::{PendingOperator, SchedulingStatus};
 use crate::raft_node::{RaftConfig, RaftMsg, RaftNode, RaftStatus, RaftStore, Shared, Transport};
 use crate::schedule::{ClusterView, ScheduleConfig, Scheduler};
@@ -103,6 +104,8 @@ pub struct PdCore {
     scheduler: Scheduler,
     /// Splits asked for by operators, handed out with heartbeat responses.
     splits: SplitRequests,
+    /// Merges asked for by operators, handed out likewise.
+    merges: MergeRequests,
     heartbeat_stats: HeartbeatCounters,
 }
 
@@ -421,6 +424,7 @@ impl PdCore {
                 closed: false,
             }),
             splits: SplitRequests::new(config.schedule.split_timeout),
+            merges: MergeRequests::new(config.schedule.merge_timeout),
             heartbeat_stats: HeartbeatCounters::new(),
             scheduler: Scheduler::new(config.schedule),
         }))
@@ -912,13 +916,21 @@ impl PdCore {
     }
 
     /// The step for a region whose heartbeat was recorded: replica
-    /// placement or balance first, else a requested split.
+    /// placement or balance first, else a requested split, else a
+    /// requested merge (this region the source), else the merge checker's.
     async fn next_step(&self, hb: &RegionHeartbeat) -> Result<Option<RegionOperator>> {
         let placement = self.scheduler.schedule(self, hb).await?;
         // Asked even when placement goes first, so that a settled or
         // expired request is dropped.
         let split = self.splits.on_heartbeat(&hb.region);
-        Ok(placement.or(split))
+        let merge = self.merges.on_heartbeat(&hb.region, || {
+            right_neighbour(&self.shared.state.read(), &hb.region).map(|r| r.region)
+        });
+        if let Some(op) = placement.or(split).or(merge) {
+            return Ok(Some(op));
+        }
+        let requested = |id: u64| self.splits.contains(id) || self.merges.involves(id);
+        self.scheduler.check_merge(self, hb, &requested).await
     }
 
     /// Records a region's meta (through raft, only when it changed) and its
@@ -1044,11 +1056,50 @@ impl PdCore {
         Ok(found)
     }
 
-    /// The operators being handed out: requested splits, then the replica
-    /// placement steps being repeated; each by region id.
+    /// Records a request to merge two adjacent regions, the left one into
+    /// the right one, handed out by [`Self::handle_region_heartbeat`] to
+    /// the left one's leader (see
+    /// [`crate::client::PdClient::merge_regions`]); returns both, source
+    /// first.
+    pub async fn merge_regions(
+        &self,
+        source_id: u64,
+        target_id: u64,
+    ) -> Result<(RegionWithLeader, RegionWithLeader)> {
+        self.check_open()?;
+        let (source, target) = self
+            .read(|c| {
+                check_bootstrapped(c)?;
+                let found = |id: u64| {
+                    c.entry_with_leader(id)
+                        .ok_or_else(|| PdError::RegionNotFound(format!("region {id} not found")))
+                };
+                Ok((found(source_id)?, found(target_id)?))
+            })
+            .await?;
+        if source_id == target_id {
+            return Err(PdError::InvalidArgument(format!(
+                "cannot merge region {source_id} into itself"
+            )));
+        }
+        let (source, target) = order_for_merge(source, target)?;
+        if source.region.id != source_id {
+            info!(
+                source_id = source.region.id,
+                target_id = target.region.id,
+                "merge asked the other way round: the left region merges into the right one"
+            );
+        }
+        self.merges.request(&source.region, target.region.id);
+        Ok((source, target))
+    }
+
+    /// The operators being handed out: requested splits and merges, then
+    /// the scheduling steps being repeated; each by region id.
     pub async fn operators(&self) -> Result<Vec<PendingOperator>> {
         self.wait_serving().await?;
         let mut ops = self.splits.pending();
+        ops.extend(self.merges.pending(&self.shared.state.read()));
         ops.extend(self.scheduler.issued());
         Ok(ops)
     }
@@ -1134,12 +1185,22 @@ impl ClusterView for PdCore {
         node.state = state as i32;
         self.put_node(node).await
     }
+
+    async fn right_neighbour(&self, region: &metapb::Region) -> Result<Option<RegionWithLeader>> {
+        self.read(|c| {
+            check_bootstrapped(c)?;
+            Ok(right_neighbour(c, region))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
 mod balance_tests;
 #[cfg(test)]
 mod batch_tests;
+#[cfg(test)]
+mod merge_tests;
 #[cfg(test)]
 mod split_tests;
 #[cfg(test)]

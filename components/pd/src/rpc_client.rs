@@ -142,6 +142,7 @@ has_header!(
     pdpb::AllocRevisionsResponse,
     pdpb::CurrentRevisionResponse,
     pdpb::SplitRegionResponse,
+    pdpb::MergeRegionsResponse,
     pdpb::GetOperatorsResponse,
     pdpb::GetSchedulersResponse,
 );
@@ -730,5 +731,29 @@ impl PdClient for RpcPdClient {
         resp.region
             .and_then(RegionWithLeader::from_proto)
             .ok_or_else(|| PdError::Other("split answered without the region".into()))
+    }
+
+    async fn merge_regions(
+        &self,
+        source_id: u64,
+        target_id: u64,
+    ) -> Result<(RegionWithLeader, RegionWithLeader)> {
+        let resp = self
+            .inner
+            .call(|mut c, header| {
+                let req = pdpb::MergeRegionsRequest {
+                    header,
+                    source_id,
+                    target_id,
+                };
+                async move { c.merge_regions(req).await }
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        let region = |r: Option<pdpb::RegionWithLeader>| {
+            r.and_then(RegionWithLeader::from_proto)
+                .ok_or_else(|| PdError::Other("merge answered without both regions".into()))
+        };
+        Ok((region(resp.source)?, region(resp.target)?))
     }
 }

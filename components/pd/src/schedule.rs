@@ -1,6 +1,8 @@
 //! Region scheduling: each region heartbeat is answered with at most one
-//! step ([`RegionOperator`]) for the region's leader, decided by three
-//! schedulers in order of precedence:
+//! step ([`RegionOperator`]) for the region's leader, decided by four
+//! schedulers in order of precedence (operators' requested splits and
+//! merges come between the third and the fourth, see
+//! [`crate::PdCore::handle_region_heartbeats`]):
 //!
 //! 1. **replica placement** (`schedule::placement`): keeps every region at
 //!    `max_replicas` healthy voters on distinct up nodes (adds, promotes
@@ -8,7 +10,10 @@
 //! 2. **leader balance** (`schedule::balance`): moves leadership off nodes leading
 //!    more regions than others;
 //! 3. **region balance** (`schedule::balance`): moves a replica from a node holding
-//!    more replicas than others onto one holding fewer.
+//!    more replicas than others onto one holding fewer;
+//! 4. **merge checker** (`schedule::merge`, [`Scheduler::check_merge`]):
+//!    merges a small, settled region into its small right neighbour on the
+//!    same nodes, at most [`ScheduleConfig::merge_limit`] in flight.
 //!
 //! The balance schedulers run only for a region that placement leaves
 //! alone and that is stable (no learner, no pending or down peer, no step
@@ -27,6 +32,7 @@
 //! and O(moves in flight) for the balance bookkeeping.
 
 mod balance;
+mod merge;
 mod placement;
 
 use std::collections::HashMap;
@@ -35,11 +41,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use proto::metapb::{self, NodeState, PeerRole};
 
-use crate::client::{RegionHeartbeat, RegionOperator, Result};
+use crate::client::{RegionHeartbeat, RegionOperator, RegionWithLeader, Result};
 use crate::load::NodeInfo;
 use crate::operators::PendingOperator;
 
 use balance::Moves;
+use merge::MergeChecker;
 use placement::Step;
 
 /// The replica placement scheduler's name, as operators' tools show it.
@@ -53,6 +60,8 @@ pub const SCHEDULER_DESCRIPTION: &str = "keeps every region at max-replicas vote
 pub const LEADER_BALANCE: &str = "leader-balance";
 /// The region (replica) balance scheduler's name.
 pub const REGION_BALANCE: &str = "region-balance";
+/// The merge checker's name.
+pub const MERGE_CHECKER: &str = "merge-checker";
 
 /// Every scheduler PD runs with `config`, as (name, what it does).
 pub fn schedulers(config: &ScheduleConfig) -> Vec<(&'static str, String)> {
@@ -82,7 +91,27 @@ pub fn schedulers(config: &ScheduleConfig) -> Vec<(&'static str, String)> {
                 limit(config.region_balance_limit)
             ),
         ),
+        (MERGE_CHECKER, merge_description(config)),
     ]
+}
+
+fn merge_description(config: &ScheduleConfig) -> String {
+    if config.max_merge_region_keys == 0 || config.max_merge_region_size == 0 {
+        return "disabled (max-merge-region-keys or max-merge-region-size 0)".to_owned();
+    }
+    if config.merge_limit == 0 {
+        return "disabled (limit 0)".to_owned();
+    }
+    format!(
+        "merges a region into its right neighbour when both have at most {} keys and {} \
+         bytes (each and together), a known leader, only voters, none pending or down, \
+         replicas on the same nodes, no operator or move under way, and neither was split \
+         or merged for {}s (as seen by this PD leader); at most {} in flight",
+        config.max_merge_region_keys,
+        config.max_merge_region_size,
+        config.split_merge_interval.as_secs(),
+        config.merge_limit
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +135,25 @@ pub struct ScheduleConfig {
     /// up, promotion, removal of the source replica) before it no longer
     /// counts as in flight.
     pub balance_move_timeout: Duration,
+    /// How long a merge asked for with [`crate::PdClient::merge_regions`]
+    /// is handed out before PD forgets it; also how long a merge the merge
+    /// checker started counts as in flight unless seen done earlier.
+    pub merge_timeout: Duration,
+    /// The merge checker merges a region into its right neighbour only if
+    /// each has at most this many keys (approximate, from heartbeats) and
+    /// so have both together. 0 turns the merge checker off.
+    pub max_merge_region_keys: u64,
+    /// Likewise for bytes (approximate size). 0 turns the merge checker
+    /// off.
+    pub max_merge_region_size: u64,
+    /// How long neither region's epoch version may have changed (no split
+    /// or merge) before the merge checker merges them. PD's clock of a
+    /// region starts when it first sees the region's current version, so
+    /// it restarts with a new PD leader.
+    pub split_merge_interval: Duration,
+    /// Merges the merge checker keeps in flight at most, cluster-wide (0
+    /// turns it off).
+    pub merge_limit: usize,
 }
 
 impl Default for ScheduleConfig {
@@ -118,6 +166,11 @@ impl Default for ScheduleConfig {
             leader_balance_limit: 4,
             region_balance_limit: 4,
             balance_move_timeout: Duration::from_secs(10 * 60),
+            merge_timeout: Duration::from_secs(60),
+            max_merge_region_keys: 200_000,
+            max_merge_region_size: 20 << 20,
+            split_merge_interval: Duration::from_secs(10 * 60),
+            merge_limit: 4,
         }
     }
 }
@@ -141,6 +194,10 @@ pub trait ClusterView: Send + Sync {
     async fn nodes(&self) -> Result<Vec<NodeInfo>>;
     async fn alloc_id(&self) -> Result<u64>;
     async fn set_node_state(&self, node_id: u64, state: NodeState) -> Result<()>;
+    /// The region starting at `region`'s end key, with its leader and
+    /// sizes, if PD knows one (`None` for a region reaching the end of the
+    /// keyspace). One look-up in the region tree.
+    async fn right_neighbour(&self, region: &metapb::Region) -> Result<Option<RegionWithLeader>>;
 }
 
 /// What one decision looks at: the heartbeat and the nodes with their
@@ -225,12 +282,14 @@ pub struct Scheduler {
     /// (continuously). Keyed by region so a heartbeat touches only its own.
     down_since: Mutex<HashMap<u64, Vec<(u64, Instant)>>>,
     moves: Moves,
+    merges: MergeChecker,
 }
 
 impl Scheduler {
     pub fn new(config: ScheduleConfig) -> Scheduler {
         Scheduler {
             moves: Moves::new(&config),
+            merges: MergeChecker::new(&config),
             config,
             issued: Mutex::new(HashMap::new()),
             down_since: Mutex::new(HashMap::new()),
@@ -267,6 +326,7 @@ impl Scheduler {
     ) -> Result<Option<RegionOperator>> {
         let region = &hb.region;
         let epoch = region.region_epoch.unwrap_or_default();
+        self.merges.observe(hb);
         {
             let mut issued = self.issued.lock();
             if let Some(i) = issued.get(&region.id) {
@@ -338,6 +398,54 @@ impl Scheduler {
         Ok(Some(op))
     }
 
+    /// The merge checker's step for the heartbeating region (see
+    /// `schedule::merge`), to be asked after [`Self::schedule`] found
+    /// nothing and no operator's request is to be handed out. `requested`
+    /// tells whether a region has an operator's request (split or merge)
+    /// pending; a region with one, with a step being repeated or a balance
+    /// move or merge in flight is left alone, as source and as target. The
+    /// merge is repeated like any step ([`ScheduleConfig::operator_timeout`])
+    /// and counts against [`ScheduleConfig::merge_limit`] until done or
+    /// [`ScheduleConfig::merge_timeout`] old. `Err` only when looking up the
+    /// neighbour fails (this member lost leadership).
+    pub async fn check_merge(
+        &self,
+        view: &dyn ClusterView,
+        hb: &RegionHeartbeat,
+        requested: &(dyn Fn(u64) -> bool + Sync),
+    ) -> Result<Option<RegionOperator>> {
+        if !self.merges.enabled() || hb.region.end_key.is_empty() {
+            return Ok(None);
+        }
+        let target = view.right_neighbour(&hb.region).await?;
+        let busy = |id: u64| {
+            requested(id)
+                || self.moves.contains(id)
+                || self
+                    .issued
+                    .lock()
+                    .get(&id)
+                    .is_some_and(|i| i.at.elapsed() < self.config.operator_timeout)
+        };
+        let Some(op) = self.merges.decide(hb, target, &busy) else {
+            return Ok(None);
+        };
+        let mut issued = self.issued.lock();
+        // A merged source never heartbeats again: its entry would stay.
+        issued.retain(|_, i| i.at.elapsed() < self.config.operator_timeout);
+        issued.insert(
+            hb.region.id,
+            Issued {
+                epoch: hb.region.region_epoch.unwrap_or_default(),
+                leader: hb.leader.id,
+                op: op.clone(),
+                source: MERGE_CHECKER,
+                at: Instant::now(),
+            },
+        );
+        Ok(Some(op))
+    }
+
     /// Updates how long each reported peer of this region has been down;
     /// returns the ids of peers down for longer than allowed.
     fn track_down(&self, hb: &RegionHeartbeat) -> Vec<u64> {
@@ -387,6 +495,8 @@ impl Scheduler {
 
 #[cfg(test)]
 mod balance_tests;
+#[cfg(test)]
+mod merge_tests;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]

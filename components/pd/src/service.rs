@@ -395,6 +395,28 @@ impl pd_server::Pd for PdService {
         }))
     }
 
+    async fn merge_regions(
+        &self,
+        req: Request<pdpb::MergeRegionsRequest>,
+    ) -> Result<Response<pdpb::MergeRegionsResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self
+            .run(
+                req.header,
+                self.core.merge_regions(req.source_id, req.target_id),
+            )
+            .await?;
+        let (source, target) = match v {
+            Some((s, t)) => (Some(s.to_proto()), Some(t.to_proto())),
+            None => (None, None),
+        };
+        Ok(Response::new(pdpb::MergeRegionsResponse {
+            header,
+            source,
+            target,
+        }))
+    }
+
     async fn get_operators(
         &self,
         req: Request<pdpb::GetOperatorsRequest>,

@@ -76,6 +76,14 @@ impl SplitRequests {
         None
     }
 
+    /// Whether region `region_id` has a request not expired yet.
+    pub fn contains(&self, region_id: u64) -> bool {
+        self.pending
+            .lock()
+            .get(&region_id)
+            .is_some_and(|r| r.at.elapsed() < self.timeout)
+    }
+
     /// The requests not expired yet, by region id.
     pub fn pending(&self) -> Vec<PendingOperator> {
         let mut pending = self.pending.lock();
@@ -131,6 +139,7 @@ mod tests {
         s.request(1, b"n".to_vec());
         assert_eq!(s.on_heartbeat(&region(1, b"", b"")), split(b"n"));
         assert_eq!(s.pending().len(), 1);
+        assert!(s.contains(1) && !s.contains(2));
         // The split happened: region 1 now ends at the key.
         assert_eq!(s.on_heartbeat(&region(1, b"", b"n")), None);
         assert!(s.pending().is_empty());
@@ -142,6 +151,7 @@ mod tests {
         s.request(1, b"m".to_vec());
         assert_eq!(s.on_heartbeat(&region(1, b"", b"")), None);
         s.request(2, b"m".to_vec());
+        assert!(!s.contains(2));
         assert!(s.pending().is_empty());
     }
 }

@@ -411,9 +411,10 @@ async fn refuses_an_endpoint_of_another_cluster() {
     b.await.unwrap().unwrap();
 }
 
-/// Split requests, their errors and the scheduling status, over gRPC.
+/// Split and merge requests, their errors and the scheduling status, over
+/// gRPC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn split_requests_and_scheduling_over_grpc() {
+async fn split_and_merge_requests_and_scheduling_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = PdConfig::new(dir.path());
     cfg.schedule.max_replicas = 1;
@@ -455,14 +456,52 @@ async fn split_requests_and_scheduling_over_grpc() {
         Err(PdError::InvalidArgument(_))
     ));
 
+    // Merges: asked right first, ordered left into right; handed to the
+    // left one's leader with PD's meta of the right one.
+    let left = region(2, b"", b"k", 2, vec![p1]);
+    pd.region_heartbeat(hb(left.clone(), p1)).await.unwrap();
+    assert_eq!(
+        pd.merge_regions(2, 99).await,
+        Err(PdError::RegionNotFound("region 99 not found".into()))
+    );
+    assert!(matches!(
+        pd.merge_regions(4, 4).await,
+        Err(PdError::InvalidArgument(_))
+    ));
+    let (source, target) = pd.merge_regions(4, 2).await.unwrap();
+    assert_eq!((source.region.id, target.region.id), (2, 4));
+    assert_eq!(source.leader, Some(p1));
+    let ops = pd.get_operators().await.unwrap();
+    assert_eq!(
+        ops.iter()
+            .map(|o| (o.region_id, o.source.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, pd::operators::SOURCE_MERGE_REQUEST)]
+    );
+    assert_eq!(
+        pd.region_heartbeat(hb(left, p1)).await.unwrap(),
+        Some(RegionOperator::Merge {
+            target: target.region
+        })
+    );
+
     let status = pd.get_schedulers().await.unwrap();
     assert_eq!(status.max_replicas, 1);
     let names: Vec<&str> = status.schedulers.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["replica-placement", "leader-balance", "region-balance"]
+        [
+            "replica-placement",
+            "leader-balance",
+            "region-balance",
+            "merge-checker"
+        ]
     );
     assert_eq!(status.split_timeout, Duration::from_secs(60));
+    assert_eq!(status.merge_timeout, Duration::from_secs(60));
+    assert_eq!(status.max_merge_region_keys, 200_000);
+    assert_eq!(status.split_merge_interval, Duration::from_secs(600));
+    assert_eq!(status.merge_limit, 4);
 
     server.stop().await;
 }

@@ -331,6 +331,14 @@ async fn execute(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }
+        RegionOperator::Merge { target } => {
+            info!(
+                source_id = handle.region_id(),
+                target_id = target.id,
+                "merge operator received"
+            );
+            return Ok(());
+        }
     };
     done.map_err(|e| e.to_string())
 }
@@ -486,6 +494,13 @@ mod tests {
         }
         async fn split_region(&self, key: &[u8]) -> PdResult<RegionWithLeader> {
             self.inner.split_region(key).await
+        }
+        async fn merge_regions(
+            &self,
+            source_id: u64,
+            target_id: u64,
+        ) -> PdResult<(RegionWithLeader, RegionWithLeader)> {
+            self.inner.merge_regions(source_id, target_id).await
         }
     }
 

@@ -103,4 +103,11 @@ impl PdClient for FaultyPd {
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
         self.inner.split_region(key).await
     }
+    async fn merge_regions(
+        &self,
+        source_id: u64,
+        target_id: u64,
+    ) -> Result<(RegionWithLeader, RegionWithLeader)> {
+        self.inner.merge_regions(source_id, target_id).await
+    }
 }

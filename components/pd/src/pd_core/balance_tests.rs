@@ -100,7 +100,12 @@ async fn leaders_even_out_through_heartbeats_and_counts_survive_a_reopen() {
         .collect();
     assert_eq!(
         names,
-        ["replica-placement", "leader-balance", "region-balance"]
+        [
+            "replica-placement",
+            "leader-balance",
+            "region-balance",
+            "merge-checker"
+        ]
     );
 
     // Leaders and sizes live on the PD leader only; replicas are counted

@@ -236,6 +236,11 @@ impl Moves {
         Some(start)
     }
 
+    /// Whether region `region_id` has a balance move in flight.
+    pub fn contains(&self, region_id: u64) -> bool {
+        self.moves.lock().contains_key(&region_id)
+    }
+
     /// Forgets a move whose first step could not be issued.
     pub fn cancel(&self, region_id: u64) {
         self.moves.lock().remove(&region_id);

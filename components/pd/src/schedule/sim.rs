@@ -260,7 +260,9 @@ impl Sim {
                 self.leaders.lock().insert(r.id, p.id);
                 return;
             }
-            RegionOperator::Split { .. } => panic!("unexpected {op:?}"),
+            RegionOperator::Split { .. } | RegionOperator::Merge { .. } => {
+                panic!("unexpected {op:?}")
+            }
         }
         bump(&mut r);
         let voters = r
@@ -327,5 +329,12 @@ impl ClusterView for Sim {
     async fn set_node_state(&self, node_id: u64, state: NodeState) -> Result<()> {
         Sim::set_node_state(self, node_id, state);
         Ok(())
+    }
+
+    async fn right_neighbour(
+        &self,
+        region: &metapb::Region,
+    ) -> Result<Option<crate::client::RegionWithLeader>> {
+        Ok(crate::merge::right_neighbour(&self.state.lock(), region))
     }
 }

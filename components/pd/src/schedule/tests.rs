@@ -44,6 +44,14 @@ impl ClusterView for View {
         self.tombstoned.lock().push(node_id);
         Ok(())
     }
+    async fn right_neighbour(&self, region: &metapb::Region) -> Result<Option<RegionWithLeader>> {
+        Ok(self
+            .regions
+            .iter()
+            .find(|r| !region.end_key.is_empty() && r.start_key == region.end_key)
+            .cloned()
+            .map(RegionWithLeader::new))
+    }
 }
 
 fn node(id: u64, state: NodeState) -> metapb::Node {
