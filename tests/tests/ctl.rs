@@ -198,12 +198,13 @@ fn region_split_on_request() {
     assert_fails(&metastore_ctl(&ep, &["region", "split", "k010"]), 2, "k010");
 }
 
-/// `region merge` refusals against a real PD: unknown ids (exit 1, like
-/// anything not found), the same id twice and regions that are not
-/// adjacent (exit 2, invalid arguments). The merge itself is left to the
-/// nodes' tests.
+/// `region merge` against a real PD and node: refusals for unknown ids
+/// (exit 1, like anything not found), the same id twice and regions that
+/// are not adjacent (exit 2, invalid arguments); then an accepted merge,
+/// which the node carries out: the region list shows the two regions as
+/// one, and etcdctl sees every key before and after.
 #[test]
-fn region_merge_refusals() {
+fn region_merge_refusals_and_a_merge() {
     let node = Node::start_dev();
     let ep = node.endpoint();
     let id = |r: &Value| r["id"].as_u64().expect("region id");
@@ -222,6 +223,10 @@ fn region_merge_refusals() {
         &format!("cannot merge region {whole} into itself"),
     );
 
+    for k in ["k005", "k015", "k025"] {
+        let out = etcdctl(&ep, &["put", k, "v"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
     // Three regions: a [, k010), b [k010, k020), c [k020, ).
     json(&ep, &["region", "split", "k010", "-w", "json"]);
     let split = json(&ep, &["region", "split", "k020", "-w", "json"]);
@@ -260,6 +265,29 @@ fn region_merge_refusals() {
             .is_some_and(|m| m.contains("carries it out")),
         "{asked}"
     );
+    // The node merges b into c: c takes [k010, ).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = json(&ep, &["region", "list", "-w", "json"]);
+        let regions = list["regions"].as_array().cloned().unwrap_or_default();
+        let ranges: Vec<(u64, String)> = regions
+            .iter()
+            .map(|r| (id(r), r["start_key"].as_str().unwrap_or("?").to_owned()))
+            .collect();
+        if ranges == [(a, String::new()), (c, "k010".to_owned())] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not merged: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = etcdctl(&ep, &["get", "k", "k999", "--keys-only"]);
+    let keys: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(keys, ["k005", "k015", "k025"], "{}", stderr(&out));
+    let out = etcdctl(&ep, &["put", "k012", "after"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

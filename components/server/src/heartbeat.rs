@@ -2,8 +2,8 @@
 //! lagging or silent peers and last measured size (`split_check`) to the
 //! placement driver, and carries out the step PD answers with (add a
 //! learner, promote it, remove a peer, hand leadership over — how PD keeps
-//! each region at `max-replicas` — or split at a key an operator asked
-//! for).
+//! each region at `max-replicas` — split at a key an operator asked for,
+//! or merge the region into its right neighbour: `router::merge`).
 //!
 //! A heartbeat is due at once when a region gains a new leader term here,
 //! when its membership or lagging peers change, and otherwise every
@@ -332,12 +332,20 @@ async fn execute(
                 .map_err(|e| e.to_string())
         }
         RegionOperator::Merge { target } => {
+            if handle.status().merging.is_some() {
+                // Prepared already; the router's merge driver carries it
+                // out (PD repeats the step until the region is gone).
+                return Ok(());
+            }
             info!(
                 source_id = handle.region_id(),
                 target_id = target.id,
-                "merge operator received"
+                "merging the region into its right neighbour"
             );
-            return Ok(());
+            return router
+                .merge_region(handle.region_id(), target.clone())
+                .await
+                .map_err(|e| e.to_string());
         }
     };
     done.map_err(|e| e.to_string())
