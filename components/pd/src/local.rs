@@ -96,4 +96,12 @@ impl PdClient for LocalPdClient {
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
         self.core.split_region(key).await
     }
+
+    async fn compact(&self, revision: i64) -> Result<crate::CompactOutcome> {
+        self.core.compact(revision).await
+    }
+
+    async fn compaction_revision(&self) -> Result<i64> {
+        self.core.compaction_revision().await
+    }
 }

@@ -1136,10 +1136,14 @@ impl ClusterView for PdCore {
     }
 }
 
+mod compaction;
+
 #[cfg(test)]
 mod balance_tests;
 #[cfg(test)]
 mod batch_tests;
+#[cfg(test)]
+mod compaction_tests;
 #[cfg(test)]
 mod split_tests;
 #[cfg(test)]

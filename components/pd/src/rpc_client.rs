@@ -144,6 +144,8 @@ has_header!(
     pdpb::SplitRegionResponse,
     pdpb::GetOperatorsResponse,
     pdpb::GetSchedulersResponse,
+    pdpb::CompactResponse,
+    pdpb::GetCompactionRevisionResponse,
 );
 
 fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
@@ -730,5 +732,29 @@ impl PdClient for RpcPdClient {
         resp.region
             .and_then(RegionWithLeader::from_proto)
             .ok_or_else(|| PdError::Other("split answered without the region".into()))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<crate::CompactOutcome> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.compact(pdpb::CompactRequest { header, revision }).await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        crate::CompactOutcome::from_proto(&resp)
+            .ok_or_else(|| PdError::Other(format!("unknown compaction status {}", resp.status)))
+    }
+
+    async fn compaction_revision(&self) -> Result<i64> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_compaction_revision(pdpb::GetCompactionRevisionRequest { header })
+                    .await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.compaction_revision)
     }
 }
