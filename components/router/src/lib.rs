@@ -8,7 +8,9 @@
 //!   forward it to the leader's node otherwise (linearizable reads are
 //!   served by a follower through the leader's read index), and retry what
 //!   certainly did not apply until [`RETRY_DEADLINE`]; requests over
-//!   several regions and region split (`regions`); writes over several
+//!   several regions and region split (`regions`); etcd's Compact across
+//!   regions and regions catching up with PD's compaction revision
+//!   (`compaction`); writes over several
 //!   regions by two-phase commit (`txn`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
@@ -27,6 +29,7 @@
 //! (retried), outcome unknown (never retried), node failures.
 
 mod cache;
+pub mod compaction;
 pub mod error;
 pub mod forward;
 pub mod leader;

@@ -487,6 +487,12 @@ mod tests {
         async fn split_region(&self, key: &[u8]) -> PdResult<RegionWithLeader> {
             self.inner.split_region(key).await
         }
+        async fn compact(&self, revision: i64) -> PdResult<pd::CompactOutcome> {
+            self.inner.compact(revision).await
+        }
+        async fn compaction_revision(&self) -> PdResult<i64> {
+            self.inner.compaction_revision().await
+        }
     }
 
     fn node(id: u64) -> metapb::Node {

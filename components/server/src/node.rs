@@ -59,6 +59,7 @@ pub struct RunningNode {
     lock_resolver: JoinHandle<()>,
     /// Keeps the regions' resolved revisions fresh.
     resolved_tracker: JoinHandle<()>,
+    compaction_catch_up: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -196,6 +197,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     let lock_resolver = ctx.router.start_lock_resolver();
     let resolved_tracker = ctx.router.start_resolved_tracker();
+    let compaction_catch_up = ctx.router.start_compaction_catch_up();
     Ok(RunningNode {
         ctx,
         store,
@@ -209,6 +211,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         removal,
         lock_resolver,
         resolved_tracker,
+        compaction_catch_up,
     })
 }
 
@@ -464,6 +467,7 @@ impl RunningNode {
         self.removal.abort();
         self.lock_resolver.abort();
         self.resolved_tracker.abort();
+        self.compaction_catch_up.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

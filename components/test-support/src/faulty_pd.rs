@@ -103,4 +103,10 @@ impl PdClient for FaultyPd {
     async fn split_region(&self, key: &[u8]) -> Result<RegionWithLeader> {
         self.inner.split_region(key).await
     }
+    async fn compact(&self, revision: i64) -> Result<pd::CompactOutcome> {
+        self.inner.compact(revision).await
+    }
+    async fn compaction_revision(&self) -> Result<i64> {
+        self.inner.compaction_revision().await
+    }
 }

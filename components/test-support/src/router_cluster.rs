@@ -54,6 +54,7 @@ impl Nodes {
         self.net.register(id, &router);
         router.start_lock_resolver();
         router.start_resolved_tracker();
+        router.start_compaction_catch_up();
         self.routers.write().insert(id, router);
     }
 }
