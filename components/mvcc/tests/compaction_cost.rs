@@ -36,23 +36,42 @@ fn region_bounds(i: usize, regions: usize) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
-/// The old compaction's deleting walk (without the deletes: counting what
-/// it would delete costs the same reads).
+/// The old compaction: a walk of the node's whole revision CF up to
+/// `rev`, deleting the region's versions a read at `rev` cannot see, then
+/// RocksDB compactions of the whole MVCC CF and of the revision CF up to
+/// `rev`.
 fn before_compact(store: &MvccStore, rev: i64, lower: &[u8], upper: &[u8]) -> usize {
     let view = store.snapshot();
     let start = codec::revision_key(1, 0);
     let end = codec::revision_key(rev + 1, 0);
     let mut it = view.kv().iter(cf::REVISION, &start, &end);
     it.seek(start);
+    let mut batch = WriteBatch::default();
     let mut doomed = 0;
     while let (Some(k), Some(user_key)) = (it.key(), it.value()) {
         if user_key >= lower && (upper.is_empty() || user_key < upper) {
             let (version_rev, _) = codec::decode_revision_key(k).unwrap();
             if !before_visible(&view, user_key, version_rev, rev) {
+                let engine = store.engine();
+                engine.delete_from(
+                    &mut batch,
+                    cf::MVCC,
+                    &codec::mvcc_key(user_key, version_rev),
+                );
+                engine.delete_from(&mut batch, cf::REVISION, k);
                 doomed += 1;
             }
         }
         it.next();
+    }
+    store.engine().write(batch).unwrap();
+    drop(it);
+    drop(view);
+    if doomed > 0 {
+        store.engine().compact_range(cf::MVCC, None, None);
+        store
+            .engine()
+            .compact_range(cf::REVISION, Some(&start), Some(&end));
     }
     doomed
 }
@@ -123,23 +142,8 @@ fn events_by_key_walk(store: &MvccStore, lower: &[u8], upper: &[u8], from: i64, 
     found.len()
 }
 
-fn per_region(regions: usize, mut f: impl FnMut(&[u8], &[u8])) -> Duration {
-    let started = Instant::now();
-    for i in 0..regions {
-        let (start, end) = region_bounds(i, regions);
-        f(&start, &end);
-    }
-    started.elapsed()
-}
-
-#[test]
-#[ignore]
-fn compaction_and_hash_cost_with_many_regions() {
-    let regions = env("COST_REGIONS", 64);
-    let keys = env("COST_KEYS", 200);
-    let versions = env("COST_VERSIONS", 10);
-    let dir = tempfile::tempdir().unwrap();
-    let store = MvccStore::new(KvEngine::open(&dir.path().join("kv")).unwrap());
+/// Writes the history (see the test) and returns the last revision.
+fn fill(store: &MvccStore, regions: usize, keys: usize, versions: usize) -> i64 {
     // Every revision writes one key of every region: the node's revision
     // order interleaves all regions, as writes spread over regions do.
     let mut rev = 1;
@@ -167,11 +171,39 @@ fn compaction_and_hash_cost_with_many_regions() {
     }
     store.engine().compact_range(cf::MVCC, None, None);
     store.engine().compact_range(cf::REVISION, None, None);
+    rev
+}
+
+fn per_region(regions: usize, mut f: impl FnMut(&[u8], &[u8])) -> Duration {
+    let started = Instant::now();
+    for i in 0..regions {
+        let (start, end) = region_bounds(i, regions);
+        f(&start, &end);
+    }
+    started.elapsed()
+}
+
+#[test]
+#[ignore]
+fn compaction_and_hash_cost_with_many_regions() {
+    let regions = env("COST_REGIONS", 64);
+    let keys = env("COST_KEYS", 200);
+    let versions = env("COST_VERSIONS", 10);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let stores: Vec<MvccStore> = dirs
+        .iter()
+        .map(|d| MvccStore::new(KvEngine::open(&d.path().join("kv")).unwrap()))
+        .collect();
+    let mut rev = 1;
+    for store in &stores {
+        rev = fill(store, regions, keys, versions);
+    }
+    let (old, store) = (&stores[0], &stores[1]);
     let total = regions * keys * versions;
     println!("{regions} regions x {keys} keys x {versions} versions = {total} versions");
     let compact_at = rev - keys as i64; // the last round of versions stays
     let hash_before = per_region(regions, |s, e| {
-        before_hash(&store, rev, compact_at, s, e);
+        before_hash(old, rev, compact_at, s, e);
     });
     let hash_after = per_region(regions, |s, e| {
         store.snapshot().hash(rev, compact_at, s, e).unwrap();
@@ -181,17 +213,34 @@ fn compaction_and_hash_cost_with_many_regions() {
         hash_before, hash_after
     );
     let compact_before = per_region(regions, |s, e| {
-        before_compact(&store, compact_at, s, e);
+        before_compact(old, compact_at, s, e);
     });
-    println!("compaction walk of every region, before (reads only): {compact_before:?}");
     let compact_after = per_region(regions, |s, e| {
         store.compact(compact_at, s, e).unwrap();
     });
-    println!("compaction of every region, after (reads and deletes): {compact_after:?}");
-    let again = per_region(regions, |s, e| {
-        store.compact(compact_at + keys as i64 / 2, s, e).unwrap();
+    println!("compaction of every region: before {compact_before:?}, after {compact_after:?}");
+    let next = compact_at + keys as i64 / 2;
+    let again_before = per_region(regions, |s, e| {
+        before_compact(old, next, s, e);
     });
-    println!("incremental compaction of every region after that: {again:?}");
+    let again_after = per_region(regions, |s, e| {
+        store.compact(next, s, e).unwrap();
+    });
+    println!(
+        "next compaction (half the keys changed since) of every region: before {again_before:?}, after {again_after:?}"
+    );
+    // Both removed the same versions.
+    let count = |s: &MvccStore| {
+        let mut n = 0;
+        s.snapshot()
+            .versions(b"", b"", |_, _, _| {
+                n += 1;
+                Ok::<_, mvcc::Error>(())
+            })
+            .unwrap();
+        n
+    };
+    assert_eq!(count(old), count(store));
 
     // Change listing of one region over the newest 1% of revisions: the
     // revision CF window (what events() does) against a walk of the
