@@ -259,7 +259,7 @@ fn compaction_and_hash_cost_with_many_regions() {
         .len();
     let by_index = t.elapsed();
     let t = Instant::now();
-    let m = events_by_key_walk(&store, &start, &end, from, rev);
+    let m = events_by_key_walk(store, &start, &end, from, rev);
     let by_keys = t.elapsed();
     assert_eq!(n, m);
     println!(
@@ -273,7 +273,7 @@ fn compaction_and_hash_cost_with_many_regions() {
         .len();
     let by_index = t.elapsed();
     let t = Instant::now();
-    let m = events_by_key_walk(&store, &start, &end, 1, rev);
+    let m = events_by_key_walk(store, &start, &end, 1, rev);
     let by_keys = t.elapsed();
     assert_eq!(n, m);
     println!(

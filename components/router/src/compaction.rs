@@ -140,9 +140,9 @@ impl Router {
                     return;
                 };
                 // Bounded, so a node being shut down is not held up by it.
-                match tokio::time::timeout(RETRY_DEADLINE, router.catch_up_compaction()).await {
-                    Ok(Err(e)) => debug!("compaction catch-up: {e}"),
-                    Ok(Ok(_)) | Err(_) => {}
+                let round = tokio::time::timeout(RETRY_DEADLINE, router.catch_up_compaction());
+                if let Ok(Err(e)) = round.await {
+                    debug!("compaction catch-up: {e}");
                 }
             }
         })
