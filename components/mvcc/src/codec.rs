@@ -6,10 +6,23 @@
 //!   first: a seek to `encode_bytes(k) ++ be64(!r)` lands on the newest
 //!   version of `k` at or below revision `r`.
 //! * Revision CF key: `be64(revision) ++ be32(sub)` → user key. One entry per
-//!   change, in commit order, for watch replay, compaction and hashing.
-//! * Version record (MVCC CF value): `kind u8 | create i64 | version i64 |
-//!   lease i64 | value bytes`, big-endian; a tombstone has kind 1 and no
-//!   other fields.
+//!   change, in commit order: the order by revision that change listing
+//!   (watch replay) needs. Compaction, hashing and region snapshots do not
+//!   read it; they walk a key range of the MVCC CF and find a version's
+//!   entry here from the sub-revision in its record.
+//! * Version record (MVCC CF value), big-endian:
+//!   - kind 2, a put: `2 u8 | sub u32 | create i64 | version i64 | lease i64
+//!     | value bytes`;
+//!   - kind 3, a tombstone (a delete): `3 u8 | sub u32`.
+//!
+//!   `sub` is the change's sub-revision, so the version's revision CF key
+//!   `be64(revision) ++ be32(sub)` is known from the MVCC CF alone. Records
+//!   written before sub-revisions were stored (kind 0, a put: `0 | create |
+//!   version | lease | value`; kind 1, a tombstone: `1`) are still read;
+//!   their sub-revision is unknown ([`record_sub`] answers `None`) and is
+//!   found in the revision CF under `be64(revision)` (the entry whose value
+//!   is the key; a revision has few changes). Nothing rewrites them: they
+//!   go away with compaction or stay readable.
 
 use crate::{Error, Result};
 
@@ -129,46 +142,119 @@ pub enum Version {
     Tombstone,
 }
 
-const KIND_PUT: u8 = 0;
-const KIND_TOMBSTONE: u8 = 1;
+/// Record kinds written before sub-revisions were stored.
+const KIND_PUT_LEGACY: u8 = 0;
+const KIND_TOMBSTONE_LEGACY: u8 = 1;
+const KIND_PUT: u8 = 2;
+const KIND_TOMBSTONE: u8 = 3;
+
+/// Whether the version record `data` is a tombstone (either format),
+/// without decoding it.
+pub fn is_tombstone(data: &[u8]) -> bool {
+    matches!(data.first(), Some(&KIND_TOMBSTONE | &KIND_TOMBSTONE_LEGACY))
+}
+
+/// The sub-revision stored in the version record `data`: `None` for a
+/// record of the old format (see the module docs), which has none.
+pub fn record_sub(data: &[u8]) -> Result<Option<u32>> {
+    match data.first() {
+        Some(&KIND_PUT_LEGACY | &KIND_TOMBSTONE_LEGACY) => Ok(None),
+        Some(&KIND_PUT | &KIND_TOMBSTONE) => data
+            .get(1..5)
+            .and_then(|b| b.try_into().ok())
+            .map(|b: [u8; 4]| Some(u32::from_be_bytes(b)))
+            .ok_or_else(|| Error::Corrupted("version record without sub-revision".into())),
+        _ => Err(Error::Corrupted("version record kind".into())),
+    }
+}
+
+/// What a version record says apart from its sub-revision, in a form the
+/// same for both formats: whether it is a tombstone, and the bytes after
+/// the kind and sub-revision (a put's create revision, version, lease and
+/// value; nothing for a tombstone).
+pub fn record_content(data: &[u8]) -> Result<(bool, &[u8])> {
+    let fields = match record_sub(data)? {
+        None => &data[1..],
+        Some(_) => &data[5..],
+    };
+    Ok((is_tombstone(data), fields))
+}
 
 impl Version {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The record of this version, changed at sub-revision `sub` of its
+    /// revision.
+    pub fn encode(&self, sub: u32) -> Vec<u8> {
         match self {
-            Version::Put {
-                create_revision,
-                version,
-                lease,
-                value,
-            } => {
-                let mut out = Vec::with_capacity(25 + value.len());
+            Version::Put { value, .. } => {
+                let mut out = Vec::with_capacity(29 + value.len());
                 out.push(KIND_PUT);
-                out.extend_from_slice(&create_revision.to_be_bytes());
-                out.extend_from_slice(&version.to_be_bytes());
-                out.extend_from_slice(&lease.to_be_bytes());
-                out.extend_from_slice(value);
+                out.extend_from_slice(&sub.to_be_bytes());
+                self.put_fields(&mut out);
                 out
             }
-            Version::Tombstone => vec![KIND_TOMBSTONE],
+            Version::Tombstone => {
+                let mut out = vec![KIND_TOMBSTONE];
+                out.extend_from_slice(&sub.to_be_bytes());
+                out
+            }
         }
     }
 
-    pub fn decode(data: &[u8]) -> Result<Version> {
-        match data.first() {
-            Some(&KIND_TOMBSTONE) => Ok(Version::Tombstone),
-            Some(&KIND_PUT) if data.len() >= 25 => {
-                let int = |at: usize| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&data[at..at + 8]);
-                    i64::from_be_bytes(b)
-                };
-                Ok(Version::Put {
-                    create_revision: int(1),
-                    version: int(9),
-                    lease: int(17),
-                    value: data[25..].to_vec(),
-                })
+    /// The record in the format before sub-revisions were stored: what
+    /// older versions wrote (tests of reading it), and a canonical form of
+    /// a version's content alone (hashing: two replicas holding the same
+    /// version in different formats hash it alike).
+    pub fn encode_legacy(&self) -> Vec<u8> {
+        match self {
+            Version::Put { value, .. } => {
+                let mut out = Vec::with_capacity(25 + value.len());
+                out.push(KIND_PUT_LEGACY);
+                self.put_fields(&mut out);
+                out
             }
+            Version::Tombstone => vec![KIND_TOMBSTONE_LEGACY],
+        }
+    }
+
+    fn put_fields(&self, out: &mut Vec<u8>) {
+        if let Version::Put {
+            create_revision,
+            version,
+            lease,
+            value,
+        } = self
+        {
+            out.extend_from_slice(&create_revision.to_be_bytes());
+            out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&lease.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+    }
+
+    /// Decodes a record of either format (the sub-revision is
+    /// [`record_sub`]'s business).
+    pub fn decode(data: &[u8]) -> Result<Version> {
+        let put = |fields: &[u8]| {
+            if fields.len() < 24 {
+                return Err(Error::Corrupted("version record".into()));
+            }
+            let int = |at: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&fields[at..at + 8]);
+                i64::from_be_bytes(b)
+            };
+            Ok(Version::Put {
+                create_revision: int(0),
+                version: int(8),
+                lease: int(16),
+                value: fields[24..].to_vec(),
+            })
+        };
+        match data.first() {
+            Some(&KIND_TOMBSTONE_LEGACY) if data.len() == 1 => Ok(Version::Tombstone),
+            Some(&KIND_TOMBSTONE) if data.len() == 5 => Ok(Version::Tombstone),
+            Some(&KIND_PUT_LEGACY) => put(&data[1..]),
+            Some(&KIND_PUT) if data.len() >= 5 => put(&data[5..]),
             _ => Err(Error::Corrupted("version record".into())),
         }
     }
@@ -229,13 +315,41 @@ mod tests {
             lease: 7,
             value: b"val".to_vec(),
         };
-        assert_eq!(Version::decode(&v.encode()).unwrap(), v);
-        assert_eq!(
-            Version::decode(&Version::Tombstone.encode()).unwrap(),
-            Version::Tombstone
-        );
+        assert_eq!(Version::decode(&v.encode(4)).unwrap(), v);
+        assert_eq!(record_sub(&v.encode(4)).unwrap(), Some(4));
+        assert!(!is_tombstone(&v.encode(4)));
+        let t = Version::Tombstone.encode(u32::MAX);
+        assert_eq!(Version::decode(&t).unwrap(), Version::Tombstone);
+        assert_eq!(record_sub(&t).unwrap(), Some(u32::MAX));
+        assert!(is_tombstone(&t));
         assert!(Version::decode(&[0, 1]).is_err());
+        assert!(Version::decode(&[2, 0, 0, 0, 1, 9]).is_err());
+        assert!(Version::decode(&[3, 0, 0]).is_err());
+        assert!(record_sub(&[3, 0, 0]).is_err());
         assert!(Version::decode(&[]).is_err());
+        assert!(Version::decode(&[7]).is_err());
+    }
+
+    #[test]
+    fn old_format_records_still_decode() {
+        let v = Version::Put {
+            create_revision: 3,
+            version: 2,
+            lease: 7,
+            value: b"val".to_vec(),
+        };
+        // The exact bytes older versions wrote.
+        let mut old = vec![0u8];
+        for n in [3i64, 2, 7] {
+            old.extend_from_slice(&n.to_be_bytes());
+        }
+        old.extend_from_slice(b"val");
+        assert_eq!(v.encode_legacy(), old);
+        assert_eq!(Version::decode(&old).unwrap(), v);
+        assert_eq!(record_sub(&old).unwrap(), None);
+        assert_eq!(Version::decode(&[1]).unwrap(), Version::Tombstone);
+        assert_eq!(record_sub(&[1]).unwrap(), None);
+        assert!(is_tombstone(&[1]));
     }
 
     #[test]

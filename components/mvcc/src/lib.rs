@@ -3,7 +3,8 @@
 //! * [`codec`]: key and version encodings of the MVCC and revision column
 //!   families.
 //! * [`MvccStore`] (`store.rs`, the layer's contract): reads at any revision,
-//!   change listing for watch replay, physical compaction, stable hashing.
+//!   change listing for watch replay; physical compaction and stable
+//!   hashing of a key range (`compact.rs`).
 //! * [`check`]: etcd's request validation (empty keys, txn limits, put/delete
 //!   overlaps), in etcd's order.
 //! * [`ReadView`] (`view.rs`): what evaluation reads — a node's snapshot, or
@@ -17,11 +18,13 @@
 
 pub mod check;
 pub mod codec;
+mod compact;
 pub mod exec;
 mod store;
 mod view;
 
-pub use store::{CompactStats, KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
+pub use compact::CompactStats;
+pub use store::{KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
 pub use view::{AtRevision, FetchedView, ReadView};
 
 /// Errors of the MVCC layer. The etcd-visible ones carry etcd's meaning; the

@@ -100,19 +100,10 @@ pub struct SizeStats {
     pub keys: u64,
 }
 
-/// Counts of a physical compaction.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct CompactStats {
-    pub versions_removed: usize,
-    pub versions_kept: usize,
-}
-
 #[derive(Clone)]
 pub struct MvccStore {
     engine: KvEngine,
 }
-
-const COMPACT_BATCH: usize = 1024;
 
 impl MvccStore {
     pub fn new(engine: KvEngine) -> MvccStore {
@@ -153,7 +144,7 @@ impl MvccStore {
                 batch,
                 cf::MVCC,
                 &codec::mvcc_key(&m.key, rev),
-                &version.encode(),
+                &version.encode(m.sub),
             );
             self.engine.put_to(
                 batch,
@@ -163,80 +154,12 @@ impl MvccStore {
             );
         }
     }
-
-    /// Physically removes, for keys in `[lower, upper)` (`upper` empty =
-    /// unbounded), every version that no read at or above `rev` can see:
-    /// versions superseded at or before `rev`, and tombstones at or before
-    /// `rev` with everything older. Reads at `rev` itself still work.
-    /// Versions are removed oldest first, so a crash half way never makes an
-    /// older version visible again.
-    pub fn compact(&self, rev: i64, lower: &[u8], upper: &[u8]) -> Result<CompactStats> {
-        let start = codec::revision_key(1, 0);
-        let end = codec::revision_key(rev.saturating_add(1), 0);
-        let stats = self.delete_compacted(rev, lower, upper, &start, &end)?;
-        // After the read view is gone: RocksDB keeps what a live snapshot
-        // can see, deleted or not.
-        if stats.versions_removed > 0 {
-            self.engine.compact_range(cf::MVCC, None, None);
-            self.engine
-                .compact_range(cf::REVISION, Some(&start), Some(&end));
-        }
-        Ok(stats)
-    }
-
-    /// The deleting part of [`MvccStore::compact`], over the revision
-    /// index in `[start, end)`.
-    fn delete_compacted(
-        &self,
-        rev: i64,
-        lower: &[u8],
-        upper: &[u8],
-        start: &[u8],
-        end: &[u8],
-    ) -> Result<CompactStats> {
-        let mut stats = CompactStats::default();
-        // What is deleted here is invisible to every read at or above `rev`,
-        // so reading a snapshot taken now is as good as the live data.
-        let view = self.snapshot();
-        let mut it = view.kv.iter(cf::REVISION, start, end);
-        it.seek(start);
-        let mut batch = WriteBatch::default();
-        let mut staged = 0;
-        while it.valid() {
-            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
-                break;
-            };
-            if user_key >= lower && (upper.is_empty() || user_key < upper) {
-                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
-                if view.visible_after_compaction(user_key, version_rev, rev)? {
-                    stats.versions_kept += 1;
-                } else {
-                    self.engine.delete_from(
-                        &mut batch,
-                        cf::MVCC,
-                        &codec::mvcc_key(user_key, version_rev),
-                    );
-                    self.engine.delete_from(&mut batch, cf::REVISION, raw_key);
-                    stats.versions_removed += 1;
-                    staged += 1;
-                    if staged >= COMPACT_BATCH {
-                        self.engine.write(std::mem::take(&mut batch))?;
-                        staged = 0;
-                    }
-                }
-            }
-            it.next();
-        }
-        it.status()?;
-        self.engine.write(batch)?;
-        Ok(stats)
-    }
 }
 
 /// A consistent read view of an [`MvccStore`]: every read through it sees
 /// the store as of the moment [`MvccStore::snapshot`] was called.
 pub struct MvccSnapshot<'a> {
-    kv: KvSnapshot<'a>,
+    pub(crate) kv: KvSnapshot<'a>,
 }
 
 impl MvccSnapshot<'_> {
@@ -282,7 +205,7 @@ impl MvccSnapshot<'_> {
                 continue;
             }
             let raw_value = it.value().unwrap_or_default();
-            if raw_value.first() != Some(&1) {
+            if !codec::is_tombstone(raw_value) {
                 out.count += 1;
                 if collect && (limit == 0 || out.kvs.len() < limit) {
                     let version = Version::decode(raw_value)?;
@@ -437,68 +360,9 @@ impl MvccSnapshot<'_> {
         }
         Ok(())
     }
-
-    /// Whether the version of `key` at `version_rev` (<= `compact_rev`)
-    /// survives a compaction at `compact_rev`: only the newest version at or
-    /// below it does, and only if it is not a tombstone.
-    fn visible_after_compaction(
-        &self,
-        key: &[u8],
-        version_rev: i64,
-        compact_rev: i64,
-    ) -> Result<bool> {
-        let lower = codec::mvcc_lower_bound(key);
-        let upper = codec::mvcc_key_end(key);
-        let mut it = self.kv.iter(cf::MVCC, &lower, &upper);
-        it.seek(codec::mvcc_key(key, compact_rev));
-        if !it.valid() {
-            it.status()?;
-            return Ok(false);
-        }
-        let newest_rev = match it.key() {
-            Some(raw) => codec::decode_mvcc_key(raw)?.1,
-            None => return Ok(false),
-        };
-        Ok(newest_rev == version_rev && it.value().and_then(|v| v.first()) != Some(&1))
-    }
-
-    /// CRC32 of the history of keys in `[lower, upper)` up to `rev`, as a
-    /// compaction at `compact_rev` leaves it. Independent of how far the
-    /// physical clean-up of that compaction has got, so equal on every
-    /// replica that applied the same log prefix.
-    pub fn hash(&self, rev: i64, compact_rev: i64, lower: &[u8], upper: &[u8]) -> Result<u32> {
-        let mut hasher = crc32fast::Hasher::new();
-        let start = codec::revision_key(1, 0);
-        let end = codec::revision_key(rev.saturating_add(1), 0);
-        let mut it = self.kv.iter(cf::REVISION, &start, &end);
-        it.seek(start);
-        while it.valid() {
-            let (Some(raw_key), Some(user_key)) = (it.key(), it.value()) else {
-                break;
-            };
-            if user_key >= lower && (upper.is_empty() || user_key < upper) {
-                let (version_rev, _) = codec::decode_revision_key(raw_key)?;
-                if version_rev > compact_rev
-                    || self.visible_after_compaction(user_key, version_rev, compact_rev)?
-                {
-                    let value = self
-                        .kv
-                        .get(cf::MVCC, &codec::mvcc_key(user_key, version_rev))?
-                        .unwrap_or_default();
-                    hasher.update(raw_key);
-                    hasher.update(&(user_key.len() as u32).to_be_bytes());
-                    hasher.update(user_key);
-                    hasher.update(&value);
-                }
-            }
-            it.next();
-        }
-        it.status()?;
-        Ok(hasher.finalize())
-    }
 }
 
-fn key_value(key: Vec<u8>, mod_revision: i64, version: Version) -> Option<KeyValue> {
+pub(crate) fn key_value(key: Vec<u8>, mod_revision: i64, version: Version) -> Option<KeyValue> {
     match version {
         Version::Put {
             create_revision,

@@ -318,6 +318,71 @@ pub trait PdClient: Send + Sync {
         source_id: u64,
         target_id: u64,
     ) -> Result<(RegionWithLeader, RegionWithLeader)>;
+
+    /// Records `revision` as the cluster's compaction revision (etcd's
+    /// Compact, before the router applies it to every region): durable and
+    /// replicated once `Recorded` is answered, and only ever raised, also
+    /// across PD restarts and leader changes. A revision at or below the
+    /// recorded one answers `Compacted`, one above the oracle's current
+    /// revision `Future`; neither changes anything. Both checks and the
+    /// record are made on the serving leader, one compaction at a time; a
+    /// retry of a call whose answer was lost answers `Compacted`. Works
+    /// before bootstrap.
+    async fn compact(&self, revision: i64) -> Result<CompactOutcome>;
+
+    /// The cluster's compaction revision (0 before the first compaction),
+    /// as a linearizable read: at least every revision a `compact` that
+    /// answered `Recorded` before this call started recorded. Regions
+    /// compare theirs with it to catch up.
+    async fn compaction_revision(&self) -> Result<i64>;
+}
+
+/// What [`PdClient::compact`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactOutcome {
+    pub status: CompactStatus,
+    /// The cluster's compaction revision after the call.
+    pub compaction_revision: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompactStatus {
+    /// The revision asked for is now the cluster's compaction revision.
+    Recorded,
+    /// It is at or below the cluster's compaction revision: nothing changed
+    /// (etcd's "required revision has been compacted").
+    Compacted,
+    /// It is above the oracle's current revision: nothing changed (etcd's
+    /// "required revision is a future revision").
+    Future,
+}
+
+impl CompactOutcome {
+    pub fn to_proto(self, header: Option<pdpb::ResponseHeader>) -> pdpb::CompactResponse {
+        let status = match self.status {
+            CompactStatus::Recorded => pdpb::CompactStatus::Recorded,
+            CompactStatus::Compacted => pdpb::CompactStatus::Compacted,
+            CompactStatus::Future => pdpb::CompactStatus::Future,
+        };
+        pdpb::CompactResponse {
+            header,
+            status: status as i32,
+            compaction_revision: self.compaction_revision,
+        }
+    }
+
+    /// `None` for a status this version does not know.
+    pub fn from_proto(resp: &pdpb::CompactResponse) -> Option<CompactOutcome> {
+        let status = match pdpb::CompactStatus::try_from(resp.status).ok()? {
+            pdpb::CompactStatus::Recorded => CompactStatus::Recorded,
+            pdpb::CompactStatus::Compacted => CompactStatus::Compacted,
+            pdpb::CompactStatus::Future => CompactStatus::Future,
+        };
+        Some(CompactOutcome {
+            status,
+            compaction_revision: resp.compaction_revision,
+        })
+    }
 }
 
 /// An operator's wire fields, shared by heartbeat responses and

@@ -83,8 +83,8 @@ pub mod storage;
 pub mod transport;
 
 pub use crate::client::{
-    HeartbeatOutcome, PdClient, PdError, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
-    INITIAL_REVISION,
+    CompactOutcome, CompactStatus, HeartbeatOutcome, PdClient, PdError, RegionHeartbeat,
+    RegionOperator, RegionWithLeader, Result, INITIAL_REVISION,
 };
 pub use crate::local::LocalPdClient;
 pub use crate::operators::{PendingOperator, SchedulerInfo, SchedulingStatus};

@@ -104,4 +104,12 @@ impl PdClient for LocalPdClient {
     ) -> Result<(RegionWithLeader, RegionWithLeader)> {
         self.core.merge_regions(source_id, target_id).await
     }
+
+    async fn compact(&self, revision: i64) -> Result<crate::CompactOutcome> {
+        self.core.compact(revision).await
+    }
+
+    async fn compaction_revision(&self) -> Result<i64> {
+        self.core.compaction_revision().await
+    }
 }

@@ -1195,10 +1195,14 @@ impl ClusterView for PdCore {
     }
 }
 
+mod compaction;
+
 #[cfg(test)]
 mod balance_tests;
 #[cfg(test)]
 mod batch_tests;
+#[cfg(test)]
+mod compaction_tests;
 #[cfg(test)]
 mod merge_tests;
 #[cfg(test)]

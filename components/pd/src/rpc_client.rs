@@ -145,6 +145,8 @@ has_header!(
     pdpb::MergeRegionsResponse,
     pdpb::GetOperatorsResponse,
     pdpb::GetSchedulersResponse,
+    pdpb::CompactResponse,
+    pdpb::GetCompactionRevisionResponse,
 );
 
 fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
@@ -755,5 +757,29 @@ impl PdClient for RpcPdClient {
                 .ok_or_else(|| PdError::Other("merge answered without both regions".into()))
         };
         Ok((region(resp.source)?, region(resp.target)?))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<crate::CompactOutcome> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.compact(pdpb::CompactRequest { header, revision }).await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        crate::CompactOutcome::from_proto(&resp)
+            .ok_or_else(|| PdError::Other(format!("unknown compaction status {}", resp.status)))
+    }
+
+    async fn compaction_revision(&self) -> Result<i64> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.get_compaction_revision(pdpb::GetCompactionRevisionRequest { header })
+                    .await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.compaction_revision)
     }
 }

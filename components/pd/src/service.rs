@@ -433,6 +433,37 @@ impl pd_server::Pd for PdService {
         }))
     }
 
+    async fn compact(
+        &self,
+        req: Request<pdpb::CompactRequest>,
+    ) -> Result<Response<pdpb::CompactResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self
+            .run(req.header, self.core.compact(req.revision))
+            .await?;
+        Ok(Response::new(match v {
+            Some(outcome) => outcome.to_proto(header),
+            None => pdpb::CompactResponse {
+                header,
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn get_compaction_revision(
+        &self,
+        req: Request<pdpb::GetCompactionRevisionRequest>,
+    ) -> Result<Response<pdpb::GetCompactionRevisionResponse>, Status> {
+        let req = req.into_inner();
+        let (header, v) = self
+            .run(req.header, self.core.compaction_revision())
+            .await?;
+        Ok(Response::new(pdpb::GetCompactionRevisionResponse {
+            header,
+            compaction_revision: v.unwrap_or(0),
+        }))
+    }
+
     async fn get_schedulers(
         &self,
         req: Request<pdpb::GetSchedulersRequest>,

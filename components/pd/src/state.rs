@@ -53,6 +53,9 @@ pub(crate) struct ClusterState {
     pub id_high_water: u64,
     /// Committed: no revision above it was handed out by any leader.
     pub revision_high_water: i64,
+    /// The cluster's compaction revision: every region is to compact at
+    /// least this far (0: never compacted). Only ever raised.
+    pub compaction_revision: i64,
 }
 
 /// What a region heartbeat would change.
@@ -80,10 +83,17 @@ impl ClusterState {
                 )))
             }
         };
+        if p.compaction_revision < 0 || p.compaction_revision > revision_high_water {
+            return Err(PdError::Storage(format!(
+                "corrupted compaction revision {}",
+                p.compaction_revision
+            )));
+        }
         let mut c = ClusterState {
             bootstrapped: p.bootstrapped,
             id_high_water: p.id_high_water,
             revision_high_water,
+            compaction_revision: p.compaction_revision,
             ..Default::default()
         };
         for n in p.nodes {
@@ -107,6 +117,7 @@ impl ClusterState {
             bootstrapped: s.bootstrapped,
             id_high_water: s.id_high_water,
             revision_high_water: Some(s.revision_high_water),
+            compaction_revision: s.compaction_revision,
             nodes: s.nodes,
             regions: s.regions,
         })
@@ -409,6 +420,17 @@ impl ClusterState {
                 };
                 self.revision_high_water = v;
                 batch.put_revision_high_water(v);
+                Ok(true)
+            }
+            Cmd::CompactionRevision(rev) => {
+                // The proposer checked it against the oracle; raising only
+                // keeps a late or repeated entry from undoing a later one.
+                if rev <= self.compaction_revision {
+                    return Ok(false);
+                }
+                self.compaction_revision = rev;
+                batch.put_compaction_revision(rev);
+                info!(revision = rev, "cluster compaction revision raised");
                 Ok(true)
             }
         }

@@ -23,6 +23,7 @@ const MEMBERS_KEY: &[u8] = b"meta/members";
 const BOOTSTRAPPED_KEY: &[u8] = b"meta/bootstrapped";
 const ID_HIGH_WATER_KEY: &[u8] = b"meta/id_high_water";
 const REVISION_HIGH_WATER_KEY: &[u8] = b"meta/revision_high_water";
+const COMPACTION_REVISION_KEY: &[u8] = b"meta/compaction_revision";
 const NODE_PREFIX: &[u8] = b"node/";
 const NODE_END: &[u8] = b"node0";
 const REGION_PREFIX: &[u8] = b"region/";
@@ -44,6 +45,8 @@ pub struct PersistedState {
     pub id_high_water: u64,
     /// No revision above this was ever handed out (`None` on a fresh store).
     pub revision_high_water: Option<i64>,
+    /// The cluster's compaction revision (0: never compacted).
+    pub compaction_revision: i64,
     pub nodes: Vec<metapb::Node>,
     pub regions: Vec<metapb::Region>,
 }
@@ -197,6 +200,11 @@ impl Batch {
             .put(REVISION_HIGH_WATER_KEY, (v as u64).to_be_bytes());
     }
 
+    pub fn put_compaction_revision(&mut self, v: i64) {
+        self.wb
+            .put(COMPACTION_REVISION_KEY, (v as u64).to_be_bytes());
+    }
+
     /// Replaces the whole state machine (a raft snapshot being installed).
     pub fn replace_state(&mut self, s: &pd_raftpb::StateSnapshot) {
         self.wb.delete_range(NODE_PREFIX, NODE_END);
@@ -214,6 +222,7 @@ impl Batch {
         }
         self.put_id_high_water(s.id_high_water);
         self.put_revision_high_water(s.revision_high_water);
+        self.put_compaction_revision(s.compaction_revision);
     }
 }
 
@@ -334,6 +343,9 @@ impl Storage {
             bootstrapped: self.get(BOOTSTRAPPED_KEY)?.is_some(),
             id_high_water: self.get_u64(ID_HIGH_WATER_KEY)?.unwrap_or(0),
             revision_high_water,
+            compaction_revision: self
+                .get_u64(COMPACTION_REVISION_KEY)?
+                .map_or(0, |v| v as i64),
             nodes: self.scan_prefix(NODE_PREFIX)?,
             regions: self.scan_prefix(REGION_PREFIX)?,
         })
@@ -434,6 +446,7 @@ impl Storage {
             revision_high_water: u(REVISION_HIGH_WATER_KEY)?
                 .map(|v| v as i64)
                 .unwrap_or(crate::client::INITIAL_REVISION),
+            compaction_revision: u(COMPACTION_REVISION_KEY)?.map_or(0, |v| v as i64),
         };
         let applied = match get(APPLY_KEY)? {
             Some(v) => decode_pair(APPLY_KEY, &v)?,

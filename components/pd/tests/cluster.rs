@@ -654,3 +654,43 @@ async fn restarted_follower_does_not_vote_inside_the_lease() {
     let mut ops = std::mem::take(&mut *ops.lock());
     check_real_time_order(&mut ops);
 }
+
+/// The cluster's compaction revision is replicated state: it survives the
+/// leader's crash, a new leader answers it and checks against it, and a
+/// member that was down (catching up from a raft snapshot, the log being
+/// collected every 20 entries) has it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_revision_survives_leader_changes() {
+    let mut c = Cluster::start(50).await;
+    c.leader().await;
+    let pd = RpcPdClient::connect(&c.urls(), client_config())
+        .await
+        .unwrap();
+    pd.alloc_revisions(100).await.unwrap();
+    let out = pd.compact(40).await.unwrap();
+    assert_eq!(out.status, pd::CompactStatus::Recorded);
+    let l = c.leader().await;
+    c.crash(l).await;
+    let l2 = c.leader().await;
+    assert_ne!(l, l2);
+    assert_eq!(pd.compaction_revision().await.unwrap(), 40);
+    assert_eq!(
+        pd.compact(30).await.unwrap().status,
+        pd::CompactStatus::Compacted
+    );
+    // Entries enough for the log to be collected while `l` is down.
+    for _ in 0..60 {
+        pd.alloc_id().await.unwrap();
+    }
+    assert_eq!(
+        pd.compact(90).await.unwrap(),
+        pd::CompactOutcome {
+            status: pd::CompactStatus::Recorded,
+            compaction_revision: 90
+        }
+    );
+    c.restart(l).await;
+    make_leader(&c, l).await;
+    assert_eq!(pd.compaction_revision().await.unwrap(), 90);
+    assert_eq!(c.core(l).compaction_revision().await.unwrap(), 90);
+}

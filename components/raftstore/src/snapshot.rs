@@ -4,13 +4,16 @@
 //! Encoding of `Snapshot.data` (all integers big-endian):
 //!
 //! ```text
-//! magic    b"MSRS" | version u8 = 4 (3 is still read: it has no tags
-//!          5 and 6)
+//! magic    b"MSRS" | version u8 = 4
 //! region_id u64 | applied_revision i64 | compact_revision i64
 //! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
 //! records: tag u8 (1 = MVCC CF, 2 = revision CF, 3 = transaction lock,
 //!          4 = transaction decision, 5 = merge decision, 6 = the region's
 //!          merge state) | key_len u32 | key | value_len u32 | value
+//!          (an MVCC record: its MVCC CF key and version record, which
+//!          holds the sub-revision, so the version's revision CF entry is
+//!          derived from it and version 4 sends no revision CF records;
+//!          version 3, still read, sent them and has no tags 5 and 6)
 //!          (a lock: key = transaction id u64, value = `TxnLockRecord`; a
 //!          decision: key = its primary key, value = `TxnCommitRecord`; a
 //!          merge decision: key = the merged source's end key, value =
@@ -40,12 +43,17 @@
 //! then raft-rs's storage is told. A crash before the RocksDB write leaves
 //! the old state and the leader sends the snapshot again; a crash between
 //! the two leaves the new apply state with the old log, which start-up
-//! reconciles (`Store::reconcile_log`). Until splits exist the snapshot's
-//! range is the replica's own (or the first one a replica created on demand
-//! gets).
+//! reconciles (`Store::reconcile_log`).
+//!
+//! Work is bounded by the region's key range: generating walks the range's
+//! MVCC CF keys (records of the old format, without a sub-revision, go out
+//! re-encoded with the sub-revision looked up under their revision), and
+//! installing finds the revision CF entries to replace from the replica's
+//! own versions in the range and the snapshot's records, never by a scan
+//! of the node's revision CF.
 
-use engine::{cf, KvEngine, KvSnapshot, RaftLogBatch, RaftLogEngine, WriteBatch};
-use mvcc::codec;
+use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
+use mvcc::{codec, MvccStore};
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_serverpb::{
@@ -62,8 +70,8 @@ use crate::{Error, Result};
 
 const MAGIC: &[u8] = b"MSRS";
 const VERSION: u8 = 4;
-/// The oldest version still decoded.
-const MIN_VERSION: u8 = 3;
+/// Older snapshots still installed: they carry revision CF records.
+const VERSION_WITH_REVISION_RECORDS: u8 = 3;
 const TAG_END: u8 = 0;
 const TAG_MVCC: u8 = 1;
 const TAG_REVISION: u8 = 2;
@@ -80,6 +88,8 @@ pub struct RegionSnapshot {
     pub applied_revision: i64,
     pub compact_revision: i64,
     pub mvcc: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Revision CF records of a version 3 snapshot (version 4 derives them
+    /// from `mvcc`).
     pub revision: Vec<(Vec<u8>, Vec<u8>)>,
     pub locks: Vec<TxnLockRecord>,
     /// (primary key, decision) of the transactions this region decided.
@@ -113,7 +123,9 @@ fn put_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) -> Result<()
 /// snapshot, so the data and meta are exactly the state at the returned
 /// apply state's applied index (apply writes all three in one batch).
 pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8>)> {
-    let snap = kv.snapshot();
+    let store = MvccStore::new(kv.clone());
+    let view = store.snapshot();
+    let snap = view.kv();
     let apply_state = match snap.get(cf::META, &keys::apply_state_key(region_id))? {
         Some(raw) => RaftApplyState::decode(raw.as_slice())?,
         None => {
@@ -141,13 +153,10 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
     out.extend_from_slice(&apply_state.applied_revision.to_be_bytes());
     out.extend_from_slice(&apply_state.compact_revision.to_be_bytes());
     put_bytes(&mut out, &region.encode_to_vec())?;
-    scan(&snap, cf::MVCC, region, |k, v| {
+    view.versions(&region.start_key, &region.end_key, |k, v, _| {
         put_record(&mut out, TAG_MVCC, k, v)
     })?;
-    scan(&snap, cf::REVISION, region, |k, v| {
-        put_record(&mut out, TAG_REVISION, k, v)
-    })?;
-    for lock in txn::snapshot_locks(&snap, region_id)? {
+    for lock in txn::snapshot_locks(snap, region_id)? {
         put_record(
             &mut out,
             TAG_LOCK,
@@ -155,7 +164,7 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
             &lock.encode_to_vec(),
         )?;
     }
-    for (primary, record) in txn::snapshot_records(&snap, region)? {
+    for (primary, record) in txn::snapshot_records(snap, region)? {
         put_record(&mut out, TAG_TXN_RECORD, &primary, &record.encode_to_vec())?;
     }
     let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
@@ -174,35 +183,6 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
     }
     out.push(TAG_END);
     Ok((apply_state, out))
-}
-
-/// Calls `f` on every entry of `region` in `cf` (MVCC or revision CF).
-fn scan(
-    snap: &KvSnapshot<'_>,
-    cf_name: &str,
-    region: &metapb::Region,
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
-) -> Result<()> {
-    let (lower, upper) = if cf_name == cf::MVCC {
-        (
-            codec::mvcc_lower_bound(&region.start_key),
-            codec::mvcc_upper_bound(&region.end_key),
-        )
-    } else {
-        // Revision CF keys are revisions: the region's entries are found
-        // by their value (the user key), over the whole CF.
-        (Vec::new(), Vec::new())
-    };
-    let mut it = snap.iter(cf_name, &lower, &upper);
-    it.seek(&lower);
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if cf_name == cf::MVCC || in_range(region, v) {
-            f(k, v)?;
-        }
-        it.next();
-    }
-    it.status().map_err(engine::Error::from)?;
-    Ok(())
 }
 
 struct Reader<'a> {
@@ -248,7 +228,8 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     if r.take(MAGIC.len())? != MAGIC {
         return Err(bad("bad magic"));
     }
-    if !(MIN_VERSION..=VERSION).contains(&r.u8()?) {
+    let version = r.u8()?;
+    if version != VERSION && version != VERSION_WITH_REVISION_RECORDS {
         return Err(bad("unknown version"));
     }
     if r.u64()? != region_id {
@@ -280,12 +261,13 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
                 let (k, v) = (r.bytes()?, r.bytes()?);
                 let (user_key, _) = codec::decode_mvcc_key(&k).map_err(|_| bad("mvcc key"))?;
                 codec::Version::decode(&v).map_err(|_| bad("mvcc value"))?;
+                codec::record_sub(&v).map_err(|_| bad("mvcc value"))?;
                 if !in_range(region, &user_key) {
                     return Err(bad("mvcc key outside the region"));
                 }
                 mvcc.push((k, v));
             }
-            TAG_REVISION => {
+            TAG_REVISION if version == VERSION_WITH_REVISION_RECORDS => {
                 let (k, v) = (r.bytes()?, r.bytes()?);
                 codec::decode_revision_key(&k).map_err(|_| bad("revision key"))?;
                 if !in_range(region, &v) {
@@ -362,19 +344,23 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
     } else {
         kv.delete_range_to(wb, cf::MVCC, &lower, &upper);
     }
-    // The revision CF is ordered by revision, not key: finding the region's
-    // entries costs a scan of the node's whole revision index.
-    let mut it = kv.iter(cf::REVISION, &[], &[]);
-    it.seek_to_first();
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if in_range(region, v) {
-            kv.delete_from(wb, cf::REVISION, k);
-        }
-        it.next();
-    }
-    it.status().map_err(engine::Error::from)?;
+    // The revision CF entries of the versions the replica holds in the
+    // range, found from their records: bounded by the range.
+    let store = MvccStore::new(kv.clone());
+    store
+        .snapshot()
+        .versions(&region.start_key, &region.end_key, |_, _, revision_key| {
+            if let Some(revision_key) = revision_key {
+                kv.delete_from(wb, cf::REVISION, revision_key);
+            }
+            Ok::<_, Error>(())
+        })?;
     for (k, v) in &snap.mvcc {
         kv.put_to(wb, cf::MVCC, k, v);
+        if let Some(sub) = codec::record_sub(v)? {
+            let (user_key, rev) = codec::decode_mvcc_key(k)?;
+            kv.put_to(wb, cf::REVISION, &codec::revision_key(rev, sub), &user_key);
+        }
     }
     for (k, v) in &snap.revision {
         kv.put_to(wb, cf::REVISION, k, v);
@@ -509,132 +495,4 @@ pub(crate) fn install(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn region() -> metapb::Region {
-        metapb::Region {
-            id: 7,
-            start_key: b"b".to_vec(),
-            end_key: b"d".to_vec(),
-            region_epoch: Some(metapb::RegionEpoch {
-                conf_ver: 2,
-                version: 1,
-            }),
-            peers: vec![metapb::Peer {
-                id: 1,
-                node_id: 1,
-                role: 0,
-            }],
-        }
-    }
-
-    fn encoded_with(region: &metapb::Region, records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        out.push(VERSION);
-        out.extend_from_slice(&7u64.to_be_bytes());
-        out.extend_from_slice(&3i64.to_be_bytes());
-        out.extend_from_slice(&1i64.to_be_bytes());
-        put_bytes(&mut out, &region.encode_to_vec()).unwrap();
-        for (tag, k, v) in records {
-            put_record(&mut out, *tag, k, v).unwrap();
-        }
-        out.push(TAG_END);
-        out
-    }
-
-    fn encoded(records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-        encoded_with(&region(), records)
-    }
-
-    #[test]
-    fn decodes_valid_and_rejects_malformed() {
-        let put = codec::Version::Tombstone.encode();
-        let good = encoded(&[
-            (TAG_MVCC, codec::mvcc_key(b"c", 3), put.clone()),
-            (
-                TAG_REVISION,
-                codec::revision_key(3, 0).to_vec(),
-                b"c".to_vec(),
-            ),
-        ]);
-        let snap = decode(7, &good).unwrap();
-        assert_eq!(snap.region, region());
-        assert_eq!(snap.applied_revision, 3);
-        assert_eq!(snap.compact_revision, 1);
-        assert_eq!(snap.mvcc.len(), 1);
-        assert_eq!(snap.revision.len(), 1);
-
-        for n in 0..good.len() {
-            assert!(decode(7, &good[..n]).is_err(), "prefix {n}");
-        }
-        let mut trailing = good.clone();
-        trailing.push(0);
-        assert!(decode(7, &trailing).is_err());
-        assert!(decode(8, &good).is_err());
-        let mut other = region();
-        other.id = 8;
-        assert!(decode(7, &encoded_with(&other, &[])).is_err());
-        let mut no_peers = region();
-        no_peers.peers.clear();
-        assert!(decode(7, &encoded_with(&no_peers, &[])).is_err());
-        let outside = encoded(&[(TAG_MVCC, codec::mvcc_key(b"e", 3), put.clone())]);
-        assert!(decode(7, &outside).is_err());
-        let outside = encoded(&[(
-            TAG_REVISION,
-            codec::revision_key(3, 0).to_vec(),
-            b"a".to_vec(),
-        )]);
-        assert!(decode(7, &outside).is_err());
-        // Transaction locks and decisions travel with the region's data,
-        // and only those of the region's keys.
-        let lock = |key: &[u8]| TxnLockRecord {
-            txn_id: 5,
-            primary_key: key.to_vec(),
-            spans: vec![txn::range_span(&mvcc::KeyRange {
-                start: key.to_vec(),
-                end: None,
-            })],
-            base_revision: 2,
-        };
-        let record = TxnCommitRecord {
-            txn_id: 5,
-            revision: 3,
-            mutations: Vec::new(),
-        };
-        let with_txn = encoded(&[
-            (
-                TAG_LOCK,
-                5u64.to_be_bytes().to_vec(),
-                lock(b"c").encode_to_vec(),
-            ),
-            (TAG_TXN_RECORD, b"c".to_vec(), record.encode_to_vec()),
-        ]);
-        let snap = decode(7, &with_txn).unwrap();
-        assert_eq!(snap.locks, vec![lock(b"c")]);
-        assert_eq!(snap.txn_records, vec![(b"c".to_vec(), record.clone())]);
-        let outside = encoded(&[(
-            TAG_LOCK,
-            5u64.to_be_bytes().to_vec(),
-            lock(b"e").encode_to_vec(),
-        )]);
-        assert!(decode(7, &outside).is_err());
-        let outside = encoded(&[(TAG_TXN_RECORD, b"a".to_vec(), record.encode_to_vec())]);
-        assert!(decode(7, &outside).is_err());
-        let bad_key = encoded(&[(TAG_MVCC, b"xx".to_vec(), put)]);
-        assert!(decode(7, &bad_key).is_err());
-        let mut huge_len = MAGIC.to_vec();
-        huge_len.push(VERSION);
-        huge_len.extend_from_slice(&7u64.to_be_bytes());
-        huge_len.extend_from_slice(&[0; 16]);
-        put_bytes(&mut huge_len, &region().encode_to_vec()).unwrap();
-        huge_len.extend_from_slice(&[TAG_MVCC, 0xFF, 0xFF, 0xFF, 0xFF]);
-        assert!(decode(7, &huge_len).is_err());
-        let mut huge_meta = MAGIC.to_vec();
-        huge_meta.push(VERSION);
-        huge_meta.extend_from_slice(&7u64.to_be_bytes());
-        huge_meta.extend_from_slice(&[0; 16]);
-        huge_meta.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
-        assert!(decode(7, &huge_meta).is_err());
-    }
-}
+mod tests;

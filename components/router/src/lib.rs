@@ -8,9 +8,11 @@
 //!   forward it to the leader's node otherwise (linearizable reads are
 //!   served by a follower through the leader's read index), and retry what
 //!   certainly did not apply until [`RETRY_DEADLINE`]; requests over
-//!   several regions and region split (`regions`); writes over several
-//!   regions by two-phase commit (`txn`); region merge, driven by the
-//!   source region's leader (`merge`);
+//!   several regions and region split (`regions`); etcd's Compact across
+//!   regions and regions catching up with PD's compaction revision
+//!   (`compaction`); writes over several regions by two-phase commit
+//!   (`txn`); region merge, driven by the source region's leader
+//!   (`merge`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -28,6 +30,7 @@
 //! (retried), outcome unknown (never retried), node failures.
 
 mod cache;
+pub mod compaction;
 pub mod error;
 pub mod forward;
 pub mod leader;

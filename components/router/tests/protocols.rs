@@ -211,3 +211,130 @@ async fn a_split_during_a_compaction_leaves_no_region_behind() {
         Err(router::Error::Mvcc(mvcc::Error::Compacted))
     ));
 }
+
+/// Every replica's compaction revision of the region holding `key`, on
+/// every node.
+fn compaction_revisions(cluster: &RouterCluster, key: &[u8]) -> Vec<i64> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| cluster.router(id))
+        .flat_map(|r| r.store().regions())
+        .map(|h| h.status())
+        .filter(|s| {
+            key >= s.region.start_key.as_slice()
+                && (s.region.end_key.is_empty() || key < s.region.end_key.as_slice())
+        })
+        .map(|s| s.compact_revision)
+        .collect()
+}
+
+/// Whether a read of `key` below `revision` answers "compacted" through
+/// every node.
+async fn compacted_everywhere(cluster: &RouterCluster, key: &str, revision: i64) -> bool {
+    for id in cluster.ids() {
+        let router = cluster.router(id).unwrap();
+        let old = RangeRequest {
+            revision: revision - 1,
+            ..get(key)
+        };
+        match router.range(&old).await {
+            Err(router::Error::Mvcc(mvcc::Error::Compacted)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Moves the leadership of the region holding `key` to node `to`.
+async fn lead_region_from(cluster: &RouterCluster, key: &[u8], to: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for id in cluster.ids() {
+            let router = cluster.router(id).unwrap();
+            for h in router.store().regions() {
+                let s = h.status();
+                let holds = key >= s.region.start_key.as_slice()
+                    && (s.region.end_key.is_empty() || key < s.region.end_key.as_slice());
+                if !holds || !s.ready_leader {
+                    continue;
+                }
+                if id == to {
+                    return;
+                }
+                let peer = s.region.peers.iter().find(|p| p.node_id == to).unwrap();
+                let _ = h.transfer_leader(peer.id).await;
+            }
+        }
+        assert!(Instant::now() < deadline, "node {to} never took the lead");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Compact(R) whose last region's leader cannot serve it (its oracle
+/// hangs): the call fails, R is recorded in PD, the first region refuses
+/// reads below R. Once the leader serves again, the region catches up by
+/// itself, and a read below R answers "compacted" in every region through
+/// every node. A Compact at or below R then answers "compacted" too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_that_missed_a_compaction_catches_up() {
+    let cluster = RouterCluster::new(3).await;
+    let first = cluster.leader().await;
+    let router = cluster.router(first).unwrap();
+    for key in ["a", "x"] {
+        must_write(&router, put(key, "1")).await;
+        must_write(&router, put(key, "2")).await;
+    }
+    cluster.split(b"m").await.expect("split");
+    let other = cluster.ids().into_iter().find(|&i| i != first).unwrap();
+    lead_region_from(&cluster, b"a", first).await;
+    lead_region_from(&cluster, b"x", other).await;
+    let revision = router.current_revision().await.unwrap();
+    must_write(&router, put("a", "3")).await;
+    must_write(&router, put("x", "3")).await;
+
+    cluster
+        .oracle(other)
+        .set_fault(OracleFault::Stall(Duration::from_secs(8)));
+    let res = router.compact(revision, false).await;
+    assert!(res.is_err(), "{res:?}");
+    assert!(compaction_revisions(&cluster, b"x")
+        .iter()
+        .all(|&c| c < revision));
+    let old_a = RangeRequest {
+        revision: revision - 1,
+        ..get("a")
+    };
+    assert!(matches!(
+        router.range(&old_a).await,
+        Err(router::Error::Mvcc(mvcc::Error::Compacted))
+    ));
+
+    cluster.oracle(other).set_fault(OracleFault::None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !compaction_revisions(&cluster, b"x")
+        .iter()
+        .all(|&c| c == revision)
+    {
+        assert!(Instant::now() < deadline, "region x.. never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for key in ["a", "x"] {
+        assert!(compacted_everywhere(&cluster, key, revision).await, "{key}");
+        // Reads at R still work.
+        let at = RangeRequest {
+            revision,
+            ..get(key)
+        };
+        let resp = router.range(&at).await.unwrap();
+        assert_eq!(value(&resp), Some(&b"2"[..]));
+    }
+    assert!(matches!(
+        router.compact(revision, false).await,
+        Err(router::Error::Mvcc(mvcc::Error::Compacted))
+    ));
+    assert!(matches!(
+        router.compact(revision + 1_000_000, false).await,
+        Err(router::Error::Mvcc(mvcc::Error::FutureRev))
+    ));
+}

@@ -510,6 +510,12 @@ mod tests {
         ) -> PdResult<(RegionWithLeader, RegionWithLeader)> {
             self.inner.merge_regions(source_id, target_id).await
         }
+        async fn compact(&self, revision: i64) -> PdResult<pd::CompactOutcome> {
+            self.inner.compact(revision).await
+        }
+        async fn compaction_revision(&self) -> PdResult<i64> {
+            self.inner.compaction_revision().await
+        }
     }
 
     fn node(id: u64) -> metapb::Node {

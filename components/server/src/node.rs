@@ -61,6 +61,7 @@ pub struct RunningNode {
     resolved_tracker: JoinHandle<()>,
     /// Drives the merges of the regions led here (see `router::merge`).
     merge_driver: JoinHandle<()>,
+    compaction_catch_up: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -199,6 +200,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     let lock_resolver = ctx.router.start_lock_resolver();
     let resolved_tracker = ctx.router.start_resolved_tracker();
     let merge_driver = ctx.router.start_merge_driver();
+    let compaction_catch_up = ctx.router.start_compaction_catch_up();
     Ok(RunningNode {
         ctx,
         store,
@@ -213,6 +215,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         lock_resolver,
         resolved_tracker,
         merge_driver,
+        compaction_catch_up,
     })
 }
 
@@ -469,6 +472,7 @@ impl RunningNode {
         self.lock_resolver.abort();
         self.resolved_tracker.abort();
         self.merge_driver.abort();
+        self.compaction_catch_up.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

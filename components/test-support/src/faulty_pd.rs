@@ -110,4 +110,10 @@ impl PdClient for FaultyPd {
     ) -> Result<(RegionWithLeader, RegionWithLeader)> {
         self.inner.merge_regions(source_id, target_id).await
     }
+    async fn compact(&self, revision: i64) -> Result<pd::CompactOutcome> {
+        self.inner.compact(revision).await
+    }
+    async fn compaction_revision(&self) -> Result<i64> {
+        self.inner.compaction_revision().await
+    }
 }

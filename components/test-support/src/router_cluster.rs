@@ -55,6 +55,7 @@ impl Nodes {
         router.start_lock_resolver();
         router.start_resolved_tracker();
         router.start_merge_driver();
+        router.start_compaction_catch_up();
         self.routers.write().insert(id, router);
     }
 }

@@ -1,0 +1,258 @@
+use super::*;
+
+fn region() -> metapb::Region {
+    metapb::Region {
+        id: 7,
+        start_key: b"b".to_vec(),
+        end_key: b"d".to_vec(),
+        region_epoch: Some(metapb::RegionEpoch {
+            conf_ver: 2,
+            version: 1,
+        }),
+        peers: vec![metapb::Peer {
+            id: 1,
+            node_id: 1,
+            role: 0,
+        }],
+    }
+}
+
+fn encoded_with(region: &metapb::Region, records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    encoded_as(VERSION, region, records)
+}
+
+fn encoded_as(version: u8, region: &metapb::Region, records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(version);
+    out.extend_from_slice(&7u64.to_be_bytes());
+    out.extend_from_slice(&3i64.to_be_bytes());
+    out.extend_from_slice(&1i64.to_be_bytes());
+    put_bytes(&mut out, &region.encode_to_vec()).unwrap();
+    for (tag, k, v) in records {
+        put_record(&mut out, *tag, k, v).unwrap();
+    }
+    out.push(TAG_END);
+    out
+}
+
+fn encoded(records: &[(u8, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    encoded_with(&region(), records)
+}
+
+#[test]
+fn decodes_valid_and_rejects_malformed() {
+    let put = codec::Version::Tombstone.encode(0);
+    let revision_record = (
+        TAG_REVISION,
+        codec::revision_key(3, 0).to_vec(),
+        b"c".to_vec(),
+    );
+    let good = encoded(&[(TAG_MVCC, codec::mvcc_key(b"c", 3), put.clone())]);
+    let snap = decode(7, &good).unwrap();
+    assert_eq!(snap.region, region());
+    assert_eq!(snap.applied_revision, 3);
+    assert_eq!(snap.compact_revision, 1);
+    assert_eq!(snap.mvcc.len(), 1);
+    assert!(snap.revision.is_empty());
+    // Version 3 (records of the old format, revision CF records) is
+    // still read; version 4 has no revision CF records.
+    let v3 = encoded_as(
+        VERSION_WITH_REVISION_RECORDS,
+        &region(),
+        &[
+            (
+                TAG_MVCC,
+                codec::mvcc_key(b"c", 3),
+                codec::Version::Tombstone.encode_legacy(),
+            ),
+            revision_record.clone(),
+        ],
+    );
+    let snap = decode(7, &v3).unwrap();
+    assert_eq!((snap.mvcc.len(), snap.revision.len()), (1, 1));
+    assert!(decode(7, &encoded(&[revision_record])).is_err());
+
+    for n in 0..good.len() {
+        assert!(decode(7, &good[..n]).is_err(), "prefix {n}");
+    }
+    let mut trailing = good.clone();
+    trailing.push(0);
+    assert!(decode(7, &trailing).is_err());
+    assert!(decode(8, &good).is_err());
+    let mut other = region();
+    other.id = 8;
+    assert!(decode(7, &encoded_with(&other, &[])).is_err());
+    let mut no_peers = region();
+    no_peers.peers.clear();
+    assert!(decode(7, &encoded_with(&no_peers, &[])).is_err());
+    let outside = encoded(&[(TAG_MVCC, codec::mvcc_key(b"e", 3), put.clone())]);
+    assert!(decode(7, &outside).is_err());
+    let outside = encoded_as(
+        VERSION_WITH_REVISION_RECORDS,
+        &region(),
+        &[(
+            TAG_REVISION,
+            codec::revision_key(3, 0).to_vec(),
+            b"a".to_vec(),
+        )],
+    );
+    assert!(decode(7, &outside).is_err());
+    // Transaction locks and decisions travel with the region's data,
+    // and only those of the region's keys.
+    let lock = |key: &[u8]| TxnLockRecord {
+        txn_id: 5,
+        primary_key: key.to_vec(),
+        spans: vec![txn::range_span(&mvcc::KeyRange {
+            start: key.to_vec(),
+            end: None,
+        })],
+        base_revision: 2,
+    };
+    let record = TxnCommitRecord {
+        txn_id: 5,
+        revision: 3,
+        mutations: Vec::new(),
+    };
+    let with_txn = encoded(&[
+        (
+            TAG_LOCK,
+            5u64.to_be_bytes().to_vec(),
+            lock(b"c").encode_to_vec(),
+        ),
+        (TAG_TXN_RECORD, b"c".to_vec(), record.encode_to_vec()),
+    ]);
+    let snap = decode(7, &with_txn).unwrap();
+    assert_eq!(snap.locks, vec![lock(b"c")]);
+    assert_eq!(snap.txn_records, vec![(b"c".to_vec(), record.clone())]);
+    let outside = encoded(&[(
+        TAG_LOCK,
+        5u64.to_be_bytes().to_vec(),
+        lock(b"e").encode_to_vec(),
+    )]);
+    assert!(decode(7, &outside).is_err());
+    let outside = encoded(&[(TAG_TXN_RECORD, b"a".to_vec(), record.encode_to_vec())]);
+    assert!(decode(7, &outside).is_err());
+    let bad_key = encoded(&[(TAG_MVCC, b"xx".to_vec(), put)]);
+    assert!(decode(7, &bad_key).is_err());
+    let mut huge_len = MAGIC.to_vec();
+    huge_len.push(VERSION);
+    huge_len.extend_from_slice(&7u64.to_be_bytes());
+    huge_len.extend_from_slice(&[0; 16]);
+    put_bytes(&mut huge_len, &region().encode_to_vec()).unwrap();
+    huge_len.extend_from_slice(&[TAG_MVCC, 0xFF, 0xFF, 0xFF, 0xFF]);
+    assert!(decode(7, &huge_len).is_err());
+    let mut huge_meta = MAGIC.to_vec();
+    huge_meta.push(VERSION);
+    huge_meta.extend_from_slice(&7u64.to_be_bytes());
+    huge_meta.extend_from_slice(&[0; 16]);
+    huge_meta.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    assert!(decode(7, &huge_meta).is_err());
+}
+
+/// Every (revision, sub, key) of the revision CF.
+fn revision_index(kv: &KvEngine) -> Vec<(i64, u32, Vec<u8>)> {
+    let mut it = kv.iter(cf::REVISION, &[], &[]);
+    it.seek_to_first();
+    let mut out = Vec::new();
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        let (rev, sub) = codec::decode_revision_key(k).unwrap();
+        out.push((rev, sub, v.to_vec()));
+        it.next();
+    }
+    out
+}
+
+/// Writes `key`'s version at `rev`, sub-revision `sub`, in the old
+/// record format or the new one, with its revision CF entry.
+fn write_version(kv: &KvEngine, key: &[u8], rev: i64, sub: u32, legacy: bool) {
+    let version = codec::Version::Put {
+        create_revision: rev,
+        version: 1,
+        lease: 0,
+        value: b"v".to_vec(),
+    };
+    let record = if legacy {
+        version.encode_legacy()
+    } else {
+        version.encode(sub)
+    };
+    let mut wb = WriteBatch::default();
+    kv.put_to(&mut wb, cf::MVCC, &codec::mvcc_key(key, rev), &record);
+    kv.put_to(&mut wb, cf::REVISION, &codec::revision_key(rev, sub), key);
+    kv.write(wb).unwrap();
+}
+
+/// A snapshot carries the region's versions only, in the new format
+/// (old records re-encoded), and installing it replaces exactly the
+/// region's revision CF entries, found from the records: other
+/// regions' entries stay.
+#[test]
+fn snapshots_are_bounded_by_the_region_and_keep_the_revision_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = KvEngine::open(&dir.path().join("leader")).unwrap();
+    // Region b..d: c@3 (old format, sub 1), c@5 (new, sub 0); outside
+    // it a@3 (sub 0), d@4 (sub 0).
+    write_version(&leader, b"a", 3, 0, true);
+    write_version(&leader, b"c", 3, 1, true);
+    write_version(&leader, b"c", 5, 0, false);
+    write_version(&leader, b"d", 4, 0, false);
+    let mut wb = WriteBatch::default();
+    let region_state = RegionLocalState {
+        region: Some(region()),
+        ..Default::default()
+    };
+    let apply_state = RaftApplyState {
+        applied_revision: 5,
+        ..Default::default()
+    };
+    leader.put_to(
+        &mut wb,
+        cf::META,
+        &keys::region_state_key(7),
+        &region_state.encode_to_vec(),
+    );
+    leader.put_to(
+        &mut wb,
+        cf::META,
+        &keys::apply_state_key(7),
+        &apply_state.encode_to_vec(),
+    );
+    leader.write(wb).unwrap();
+    let (_, data) = generate(&leader, 7).unwrap();
+    let snap = decode(7, &data).unwrap();
+    assert!(snap.revision.is_empty());
+    let carried: Vec<_> = snap
+        .mvcc
+        .iter()
+        .map(|(k, v)| {
+            let (key, rev) = codec::decode_mvcc_key(k).unwrap();
+            (key, rev, codec::record_sub(v).unwrap())
+        })
+        .collect();
+    assert_eq!(
+        carried,
+        vec![(b"c".to_vec(), 5, Some(0)), (b"c".to_vec(), 3, Some(1))]
+    );
+
+    // The follower holds other versions of the region (one of the old
+    // format) and other regions' data.
+    let follower = KvEngine::open(&dir.path().join("follower")).unwrap();
+    write_version(&follower, b"a", 3, 0, true);
+    write_version(&follower, b"b", 2, 0, true);
+    write_version(&follower, b"c", 3, 1, false);
+    write_version(&follower, b"c", 4, 1, false);
+    write_version(&follower, b"d", 4, 0, false);
+    let mut wb = WriteBatch::default();
+    stage_apply(&follower, &mut wb, &snap).unwrap();
+    follower.write(wb).unwrap();
+    assert_eq!(
+        revision_index(&follower),
+        vec![
+            (3, 0, b"a".to_vec()),
+            (3, 1, b"c".to_vec()),
+            (4, 0, b"d".to_vec()),
+            (5, 0, b"c".to_vec()),
+        ]
+    );
+    assert_eq!(revision_index(&leader), revision_index(&follower));
+}
