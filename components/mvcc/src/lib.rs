@@ -4,6 +4,8 @@
 //!   families.
 //! * [`MvccStore`] (`store.rs`, the layer's contract): reads at any revision,
 //!   change listing for watch replay, physical compaction, stable hashing.
+//! * `index.rs`: the key index (the MVCC CF's keys without values) that
+//!   counts are answered from, and the walk every range read uses.
 //! * [`check`]: etcd's request validation (empty keys, txn limits, put/delete
 //!   overlaps), in etcd's order.
 //! * [`ReadView`] (`view.rs`): what evaluation reads — a node's snapshot, or
@@ -18,6 +20,7 @@
 pub mod check;
 pub mod codec;
 pub mod exec;
+mod index;
 mod store;
 mod view;
 

@@ -41,7 +41,7 @@
 //! gets).
 
 use engine::{cf, KvEngine, KvSnapshot, RaftLogBatch, RaftLogEngine, WriteBatch};
-use mvcc::codec;
+use mvcc::{codec, MvccStore};
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_serverpb::{
@@ -298,27 +298,17 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     Ok(snap)
 }
 
-/// Stages into `wb` the replacement of the MVCC and revision data in the
-/// snapshot region's range by `snap`'s. The range is the snapshot's, not the
-/// replica's: a replica created on demand has no range yet. Deletes come
-/// first in the batch, so puts of the same keys win.
+/// Stages into `wb` the replacement of the MVCC data (versions, their key
+/// index, revision index) in the snapshot region's range by `snap`'s. The
+/// range is the snapshot's, not the replica's: a replica created on demand
+/// has no range yet. Deletes come first in the batch, so puts of the same
+/// keys win.
 pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) -> Result<()> {
     let region = &snap.region;
-    let lower = codec::mvcc_lower_bound(&region.start_key);
-    let upper = codec::mvcc_upper_bound(&region.end_key);
-    if upper.is_empty() {
-        // No key sorts above every encoded key, so bound the range by the
-        // last key present.
-        let mut it = kv.iter(cf::MVCC, &lower, &upper);
-        it.seek_to_last();
-        if let Some(last) = it.key() {
-            kv.delete_range_to(wb, cf::MVCC, &lower, last);
-            kv.delete_from(wb, cf::MVCC, last);
-        }
-        it.status().map_err(engine::Error::from)?;
-    } else {
-        kv.delete_range_to(wb, cf::MVCC, &lower, &upper);
-    }
+    let mvcc = MvccStore::new(kv.clone());
+    // The MVCC CF with its key index (rebuilt from the versions, not
+    // shipped).
+    mvcc.stage_clear(wb, &region.start_key, &region.end_key)?;
     // The revision CF is ordered by revision, not key: finding the region's
     // entries costs a scan of the node's whole revision index.
     let mut it = kv.iter(cf::REVISION, &[], &[]);
@@ -331,7 +321,7 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
     }
     it.status().map_err(engine::Error::from)?;
     for (k, v) in &snap.mvcc {
-        kv.put_to(wb, cf::MVCC, k, v);
+        mvcc.stage_version_record(wb, k, v);
     }
     for (k, v) in &snap.revision {
         kv.put_to(wb, cf::REVISION, k, v);
@@ -576,5 +566,62 @@ mod tests {
         huge_meta.extend_from_slice(&[0; 16]);
         huge_meta.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
         assert!(decode(7, &huge_meta).is_err());
+    }
+
+    /// A store with `keys` put at revisions 2, 3, ... and then `deleted`
+    /// deleted.
+    fn store_with(dir: &std::path::Path, keys: &[&str], deleted: &[&str]) -> MvccStore {
+        use proto::raft_cmdpb::{mutation::Op, Mutation};
+        let store = MvccStore::new(KvEngine::open(dir).unwrap());
+        let changes = keys
+            .iter()
+            .map(|k| (k, Op::Put))
+            .chain(deleted.iter().map(|k| (k, Op::Delete)));
+        for (rev, (key, op)) in (2..).zip(changes) {
+            let mut wb = WriteBatch::default();
+            let m = Mutation {
+                op: op as i32,
+                key: key.as_bytes().to_vec(),
+                version: 1,
+                value: b"v".to_vec(),
+                ..Default::default()
+            };
+            store.stage_changes(&mut wb, rev, &[m]);
+            store.engine().write(wb).unwrap();
+        }
+        store
+    }
+
+    #[test]
+    fn installing_rebuilds_the_key_index_of_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let leader = store_with(&dir.path().join("a"), &["b1", "b2", "c1", "c2"], &["c1"]);
+        let follower = store_with(
+            &dir.path().join("b"),
+            &["a1", "b1", "b9", "c5", "d1"],
+            &["b1"],
+        );
+        let mut snap = RegionSnapshot {
+            region: region(),
+            ..Default::default()
+        };
+        let view = leader.engine().snapshot();
+        scan(&view, cf::MVCC, &snap.region, |k, v| {
+            snap.mvcc.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let mut wb = WriteBatch::default();
+        stage_apply(follower.engine(), &mut wb, &snap).unwrap();
+        follower.engine().write(wb).unwrap();
+        let view = follower.snapshot();
+        view.check_key_index().unwrap();
+        let count = |start: &[u8], end: &[u8]| {
+            let range = mvcc::KeyRange::from_etcd(start, end);
+            view.range(&range, i64::MAX, 0, false).unwrap().count
+        };
+        // b1, b2, c2 from the leader; a1 and d1 outside the region kept.
+        assert_eq!(count(b"b", b"d"), 3);
+        assert_eq!(count(b"a", b"\0"), 5);
     }
 }
