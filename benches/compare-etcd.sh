@@ -9,8 +9,15 @@
 # is the median over the rounds.
 #
 # Usage: benches/compare-etcd.sh [--quick] [--rounds N] [--replicas 1|3]
+#                                [--count [--count-keys N]]
 #                                [--no-build] [--out FILE] [--keep]
 #   --quick      smaller totals and one round (under a minute once built)
+#   --count      the counting workloads instead: preload N keys (default
+#                200000, 256-byte values) under /registry/pods/ into both
+#                systems, then count_only over them, a first page of 500
+#                with its count, and whole paged lists (pages of 500 at the
+#                first page's revision, each counting the rest), as
+#                Kubernetes lists
 #   --rounds N   A/B rounds per workload (default 3, quick 1)
 #   --replicas N members per system (default 1; 3 = a 3-member etcd vs
 #                3 metastore-pd members + 3 nodes with 3 replicas)
@@ -30,11 +37,15 @@ REPLICAS=1
 BUILD=1
 OUT=""
 KEEP=0
+COUNT=0
+COUNT_KEYS=200000
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --rounds) ROUNDS="$2"; shift ;;
         --replicas) REPLICAS="$2"; shift ;;
+        --count) COUNT=1 ;;
+        --count-keys) COUNT_KEYS="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT="$2"; shift ;;
         --keep) KEEP=1 ;;
@@ -218,6 +229,23 @@ if [[ $REPLICAS -gt 1 ]]; then
     log "ms: every node has a replica"
 fi
 
+if [[ $COUNT == 1 ]]; then
+    # The same keys in both systems (metastore-bench writes etcd's key
+    # format after the prefix), one revision per key.
+    for sys in etcd ms; do
+        if [[ $sys == etcd ]]; then eps="$ETCD_EPS"; else eps="$MS_EPS"; fi
+        log "$sys: preloading $COUNT_KEYS keys under /registry/pods/"
+        "$BENCH" --endpoints "$eps" --conns=10 --clients=100 --output json put \
+            --key-prefix /registry/pods/ --key-size=8 --val-size=256 --sequential-keys \
+            --key-space-size="$COUNT_KEYS" --total="$COUNT_KEYS" >"$WORK/preload.$sys.json" 2>/dev/null
+        python3 - "$WORK/preload.$sys.json" >&2 <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"[compare]   {r['succeeded']} puts, {r['requests_per_sec']:.0f}/s, {r['errors']} errors")
+EOF
+    done
+fi
+
 # --- workloads -----------------------------------------------------------------
 # name|global flags|subcommand and its flags. The first row is etcd's documented
 # write row (op-guide/performance.md: 8-byte keys, 256-byte values, 100 conns,
@@ -235,6 +263,16 @@ WORKLOADS=(
     "range linearizable 1 client|--conns=1 --clients=1|range compare-bench-key --consistency=l --total=$R1"
     "txn-put 1000 clients|--conns=100 --clients=1000|txn-put --key-size=8 --val-size=256 --txn-ops=1 --key-space-size=100000 --total=$T"
 )
+
+if [[ $COUNT == 1 ]]; then
+    if [[ $QUICK == 1 ]]; then C=10 L=1; else C=50 L=2; fi
+    PODS="/registry/pods/ /registry/pods0"
+    WORKLOADS=(
+        "count_only $COUNT_KEYS keys, 1 client|--conns=1 --clients=1|range $PODS --count-only --total=$C"
+        "first page of 500 with count, 1 client|--conns=1 --clients=1|range $PODS --limit=500 --total=$C"
+        "paged list of $COUNT_KEYS keys (limit 500), 1 client|--conns=1 --clients=1|list /registry/pods/ --limit=500 --total=$L"
+    )
+fi
 
 RESULTS="$WORK/results"
 mkdir -p "$RESULTS"

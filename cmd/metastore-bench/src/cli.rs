@@ -82,6 +82,30 @@ pub enum Command {
     /// Benchmark the revision oracle: AllocRevisions on the placement
     /// driver's leader (--endpoints are PD client URLs)
     Oracle(OracleArgs),
+    /// Benchmark paged lists as Kubernetes' API server makes them: pages of
+    /// --limit keys over PREFIX, each next page from the last key + "\0" at
+    /// the first page's revision; one request is one whole list, and every
+    /// page's `count` is checked against the keys still to come
+    List(ListArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ListArgs {
+    /// Key prefix to list (every key starting with it)
+    pub prefix: String,
+    /// Keys per page (0: one page with every key)
+    #[arg(long, default_value_t = 500)]
+    pub limit: i64,
+    /// Total number of whole lists
+    #[arg(long, default_value_t = 10)]
+    pub total: u64,
+    /// Maximum lists per second (0 is no limit)
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Linearizable (l) or Serializable (s) first page; continuation pages
+    /// read at the first page's revision
+    #[arg(long, value_enum, default_value_t = Consistency::L)]
+    pub consistency: Consistency,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -114,6 +138,10 @@ pub struct PutArgs {
     /// Use sequential keys
     #[arg(long)]
     pub sequential_keys: bool,
+    /// Prefix put before every key (so that a range or a list can select
+    /// exactly the keys written)
+    #[arg(long, default_value = "")]
+    pub key_prefix: String,
 }
 
 #[derive(Args, Debug, Clone)]

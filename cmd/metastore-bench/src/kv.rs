@@ -39,8 +39,10 @@ impl Worker for PutWorker {
         } else {
             self.rng.gen_range(0..self.args.key_space_size)
         };
+        let mut key = self.args.key_prefix.as_bytes().to_vec();
+        key.extend(keys::key(n, self.args.key_size));
         let req = PutRequest {
-            key: keys::key(n, self.args.key_size),
+            key,
             value: self.value.as_ref().clone(),
             ..Default::default()
         };

@@ -7,6 +7,7 @@ mod histogram;
 mod keys;
 mod kv;
 mod lease;
+mod list;
 mod oracle;
 mod progress;
 mod rate;
@@ -72,7 +73,7 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
             }
         }
         Command::Watch(a) => watch::check(a)?,
-        Command::Range(_) | Command::LeaseKeepalive(_) | Command::Oracle(_) => {}
+        Command::Range(_) | Command::LeaseKeepalive(_) | Command::Oracle(_) | Command::List(_) => {}
     }
     if g.clients < g.conns {
         eprintln!(
@@ -134,6 +135,26 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
                 command: "range",
                 main: Section {
                     name: "range",
+                    stats: &out.classes[0],
+                    elapsed: out.elapsed,
+                },
+                parts: vec![],
+                extra,
+            };
+            (text, js) = (r.to_text(), r.to_json());
+        }
+        Command::List(a) => {
+            consistency_note(a.consistency);
+            let workers = (0..clients)
+                .map(|i| list::ListWorker::new(ch(i), a))
+                .collect();
+            let out =
+                runner::run(workers, a.total, 1, RateLimiter::new(a.rate), Some("list")).await;
+            extra.insert("limit".into(), json!(a.limit));
+            let r = Report {
+                command: "list",
+                main: Section {
+                    name: "list",
                     stats: &out.classes[0],
                     elapsed: out.elapsed,
                 },

@@ -19,7 +19,10 @@ pub mod cf {
     pub const REVISION: &str = "revision";
     /// Per-region and node-wide metadata (region state, apply state, ...).
     pub const META: &str = "meta";
-    pub const ALL: [&str; 3] = [MVCC, REVISION, META];
+    /// Key index: every key of the MVCC CF → the kind of its version (put
+    /// or tombstone), no value; counting reads it instead of the versions.
+    pub const MVCC_KEYS: &str = "mvcc_keys";
+    pub const ALL: [&str; 4] = [MVCC, REVISION, META, MVCC_KEYS];
 }
 
 /// The node's RocksDB instance. Cheap to clone.

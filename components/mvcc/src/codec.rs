@@ -23,6 +23,9 @@
 //!   found in the revision CF under `be64(revision)` (the entry whose value
 //!   is the key; a revision has few changes). Nothing rewrites them: they
 //!   go away with compaction or stay readable.
+//! * Key index CF (`mvcc_keys`): the MVCC CF's keys, each → one byte, 0 if
+//!   the version stored under it is a put, 1 if a tombstone. Counting walks
+//!   it instead of the version records (see `index.rs`).
 
 use crate::{Error, Result};
 
@@ -110,6 +113,40 @@ pub fn mvcc_upper_bound(end: &[u8]) -> Vec<u8> {
 /// stored, so its slot sorts after all real versions).
 pub fn mvcc_key_end(user_key: &[u8]) -> Vec<u8> {
     mvcc_key(user_key, 0)
+}
+
+/// Splits an MVCC CF key into the encoded user key and the revision,
+/// without decoding the user key.
+pub fn split_mvcc_key(key: &[u8]) -> Result<(&[u8], i64)> {
+    let at = key
+        .len()
+        .checked_sub(8)
+        .ok_or_else(|| Error::Corrupted("mvcc key without revision".into()))?;
+    let (user_key, rev) = key.split_at(at);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(rev);
+    Ok((user_key, (u64::MAX - u64::from_be_bytes(b)) as i64))
+}
+
+const INDEX_PUT: u8 = 0;
+const INDEX_TOMBSTONE: u8 = 1;
+
+/// The key index value of a version: its kind.
+pub fn key_index_value(tombstone: bool) -> [u8; 1] {
+    [if tombstone {
+        INDEX_TOMBSTONE
+    } else {
+        INDEX_PUT
+    }]
+}
+
+/// Whether a key index value says tombstone.
+pub fn key_index_is_tombstone(value: &[u8]) -> Result<bool> {
+    match value {
+        [INDEX_PUT] => Ok(false),
+        [INDEX_TOMBSTONE] => Ok(true),
+        _ => Err(Error::Corrupted("key index value".into())),
+    }
 }
 
 pub fn revision_key(revision: i64, sub: u32) -> [u8; 12] {
@@ -305,6 +342,36 @@ mod tests {
         assert!(k4 < mvcc_key_end(b"k"));
         assert!(mvcc_key_end(b"k") < next);
         assert_eq!(decode_mvcc_key(&k4).unwrap(), (b"k".to_vec(), 4));
+    }
+
+    #[test]
+    fn split_mvcc_key_keeps_the_encoded_key() {
+        let key = mvcc_key(b"abcdefghi", 42);
+        let (encoded, rev) = split_mvcc_key(&key).unwrap();
+        assert_eq!((encoded, rev), (encode_bytes(b"abcdefghi").as_slice(), 42));
+        assert!(split_mvcc_key(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn key_index_values_and_record_kinds() {
+        let put = Version::Put {
+            create_revision: 1,
+            version: 1,
+            lease: 0,
+            value: vec![1],
+        };
+        assert!(!is_tombstone(&put.encode(3)));
+        assert!(!is_tombstone(&put.encode_legacy()));
+        assert!(is_tombstone(&Version::Tombstone.encode(3)));
+        assert!(is_tombstone(&Version::Tombstone.encode_legacy()));
+        for tombstone in [false, true] {
+            assert_eq!(
+                key_index_is_tombstone(&key_index_value(tombstone)).unwrap(),
+                tombstone
+            );
+        }
+        assert!(key_index_is_tombstone(&[]).is_err());
+        assert!(key_index_is_tombstone(&[2]).is_err());
     }
 
     #[test]

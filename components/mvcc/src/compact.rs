@@ -70,6 +70,7 @@ impl MvccStore {
         if stats.versions_removed > 0 {
             let up = (!up.is_empty()).then_some(up.as_slice());
             self.engine().compact_range(cf::MVCC, Some(&lo), up);
+            self.engine().compact_range(cf::MVCC_KEYS, Some(&lo), up);
         }
         Ok(stats)
     }
@@ -142,7 +143,7 @@ impl MvccStore {
     }
 
     /// Stages the deletion of `key`'s version at `version_rev` (record
-    /// `raw`) and of its revision CF entry.
+    /// `raw`), its key index entry and its revision CF entry.
     fn stage_delete(
         &self,
         view: &MvccSnapshot<'_>,
@@ -152,7 +153,9 @@ impl MvccStore {
         raw: &[u8],
     ) -> Result<()> {
         let engine = self.engine();
-        engine.delete_from(batch, cf::MVCC, &codec::mvcc_key(key, version_rev));
+        let mvcc_key = codec::mvcc_key(key, version_rev);
+        engine.delete_from(batch, cf::MVCC, &mvcc_key);
+        engine.delete_from(batch, cf::MVCC_KEYS, &mvcc_key);
         let sub = match codec::record_sub(raw)? {
             Some(sub) => Some(sub),
             None => view.legacy_sub(key, version_rev)?,

@@ -5,6 +5,8 @@
 //! * [`MvccStore`] (`store.rs`, the layer's contract): reads at any revision,
 //!   change listing for watch replay; physical compaction and stable
 //!   hashing of a key range (`compact.rs`).
+//! * `index.rs`: the key index (the MVCC CF's keys without values) that
+//!   counts are answered from, and the walk every range read uses.
 //! * [`check`]: etcd's request validation (empty keys, txn limits, put/delete
 //!   overlaps), in etcd's order.
 //! * [`ReadView`] (`view.rs`): what evaluation reads — a node's snapshot, or
@@ -20,6 +22,7 @@ pub mod check;
 pub mod codec;
 mod compact;
 pub mod exec;
+mod index;
 mod store;
 mod view;
 

@@ -22,6 +22,7 @@ use proto::mvccpb::{event::EventType, Event, KeyValue};
 use proto::raft_cmdpb::{mutation::Op, Mutation};
 
 use crate::codec::{self, Version};
+use crate::index::NewestAt;
 use crate::Result;
 
 /// A key range in etcd's terms.
@@ -122,8 +123,9 @@ impl MvccStore {
         }
     }
 
-    /// Stages the changes of one revision into `batch`. `create_revision` 0
-    /// in a put means the key is created by `rev`. The caller guarantees one
+    /// Stages the changes of one revision into `batch` (the versions, their
+    /// key index entries and the revision index). `create_revision` 0 in a
+    /// put means the key is created by `rev`. The caller guarantees one
     /// change per key per revision and distinct `sub`s.
     pub fn stage_changes(&self, batch: &mut WriteBatch, rev: i64, mutations: &[Mutation]) {
         for m in mutations {
@@ -140,12 +142,15 @@ impl MvccStore {
                 },
                 Op::Delete => Version::Tombstone,
             };
+            let key = codec::mvcc_key(&m.key, rev);
             self.engine.put_to(
                 batch,
-                cf::MVCC,
-                &codec::mvcc_key(&m.key, rev),
-                &version.encode(m.sub),
+                cf::MVCC_KEYS,
+                &key,
+                &codec::key_index_value(version.is_tombstone()),
             );
+            self.engine
+                .put_to(batch, cf::MVCC, &key, &version.encode(m.sub));
             self.engine.put_to(
                 batch,
                 cf::REVISION,
@@ -180,8 +185,17 @@ impl MvccSnapshot<'_> {
     }
 
     /// Live keys of `range` as of `rev`, in key order. Collects at most
-    /// `limit` of them (0 = all) and only when `collect` (count-only reads
-    /// skip decoding values); `count` always covers the whole range.
+    /// `limit` of them (0 = all) and only when `collect`; `count` always
+    /// covers the whole range.
+    ///
+    /// Only the collected keys' version records are read: the other keys
+    /// are counted on the key index (see `index.rs`), whose cost per
+    /// version does not depend on the value's size. So `count_only` and
+    /// the count of a limited range (every page of a paged list) cost one
+    /// walk over the range's index entries, and a revision below the
+    /// newest is answered like the newest. Edge cases: an empty range
+    /// counts 0; a single-key range never reads the index; `rev` below 1
+    /// finds nothing.
     pub fn range(
         &self,
         range: &KeyRange,
@@ -195,28 +209,32 @@ impl MvccSnapshot<'_> {
         }
         let lower = codec::mvcc_lower_bound(&range.start);
         let upper = codec::mvcc_upper_bound(&range.upper());
-        let mut it = self.kv.iter(cf::MVCC, &lower, &upper);
-        it.seek(codec::mvcc_key(&range.start, rev));
-        while it.valid() {
-            let Some(raw_key) = it.key() else { break };
-            let (user_key, version_rev) = codec::decode_mvcc_key(raw_key)?;
-            if version_rev > rev {
-                it.seek(codec::mvcc_key(&user_key, rev));
-                continue;
-            }
-            let raw_value = it.value().unwrap_or_default();
-            if !codec::is_tombstone(raw_value) {
+        let mut count_from = codec::mvcc_key(&range.start, rev.max(0));
+        if collect {
+            let it = self.kv.iter(cf::MVCC, &lower, &upper);
+            let mut versions = NewestAt::new(it, rev, &count_from);
+            while limit == 0 || out.kvs.len() < limit {
+                if !versions.advance()? {
+                    // The whole range is read.
+                    return Ok(out);
+                }
+                let record = versions.value();
+                if codec::is_tombstone(record) {
+                    continue;
+                }
                 out.count += 1;
-                if collect && (limit == 0 || out.kvs.len() < limit) {
-                    let version = Version::decode(raw_value)?;
-                    if let Some(kv) = key_value(user_key.clone(), version_rev, version) {
-                        out.kvs.push(kv);
-                    }
+                let (user_key, _) = codec::decode_bytes(versions.key())?;
+                if let Some(kv) = key_value(user_key, versions.revision(), Version::decode(record)?)
+                {
+                    out.kvs.push(kv);
                 }
             }
-            it.seek(codec::mvcc_key_end(&user_key));
+            if range.end.is_none() {
+                return Ok(out);
+            }
+            count_from = versions.past_key();
         }
-        it.status()?;
+        out.count += self.count_on_index(&lower, &upper, &count_from, rev)?;
         Ok(out)
     }
 

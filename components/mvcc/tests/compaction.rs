@@ -207,8 +207,10 @@ fn old_format_records_are_read_listed_compacted_and_hashed_alike() {
     for db in [&mut old, &mut new] {
         interleaved(db);
     }
-    // A node upgraded mid-history: later writes in the new format.
+    // A node upgraded mid-history: it builds the key index when it starts,
+    // and later writes are in the new format.
     old.legacy = false;
+    assert!(old.store.build_key_index().unwrap());
     old.put("m1", "after-upgrade");
     new.put("m1", "after-upgrade");
     let rev = new.rev;

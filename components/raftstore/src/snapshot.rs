@@ -323,32 +323,20 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
     Ok(snap)
 }
 
-/// Stages into `wb` the replacement of the MVCC and revision data in the
-/// snapshot region's range by `snap`'s. The range is the snapshot's, not the
-/// replica's: a replica created on demand has no range yet. Deletes come
-/// first in the batch, so puts of the same keys win.
+/// Stages into `wb` the replacement of the MVCC data (versions, their key
+/// index, revision index) in the snapshot region's range by `snap`'s. The
+/// range is the snapshot's, not the replica's: a replica created on demand
+/// has no range yet. Deletes come first in the batch, so puts of the same
+/// keys win.
 pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) -> Result<()> {
     let region = &snap.region;
-    let lower = codec::mvcc_lower_bound(&region.start_key);
-    let upper = codec::mvcc_upper_bound(&region.end_key);
-    if upper.is_empty() {
-        // No key sorts above every encoded key, so bound the range by the
-        // last key present.
-        let mut it = kv.iter(cf::MVCC, &lower, &upper);
-        it.seek_to_last();
-        if let Some(last) = it.key() {
-            kv.delete_range_to(wb, cf::MVCC, &lower, last);
-            kv.delete_from(wb, cf::MVCC, last);
-        }
-        it.status().map_err(engine::Error::from)?;
-    } else {
-        kv.delete_range_to(wb, cf::MVCC, &lower, &upper);
-    }
+    let mvcc = MvccStore::new(kv.clone());
+    // The MVCC CF with its key index (rebuilt from the versions, not
+    // shipped).
+    mvcc.stage_clear(wb, &region.start_key, &region.end_key)?;
     // The revision CF entries of the versions the replica holds in the
     // range, found from their records: bounded by the range.
-    let store = MvccStore::new(kv.clone());
-    store
-        .snapshot()
+    mvcc.snapshot()
         .versions(&region.start_key, &region.end_key, |_, _, revision_key| {
             if let Some(revision_key) = revision_key {
                 kv.delete_from(wb, cf::REVISION, revision_key);
@@ -356,7 +344,7 @@ pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) ->
             Ok::<_, Error>(())
         })?;
     for (k, v) in &snap.mvcc {
-        kv.put_to(wb, cf::MVCC, k, v);
+        mvcc.stage_version_record(wb, k, v);
         if let Some(sub) = codec::record_sub(v)? {
             let (user_key, rev) = codec::decode_mvcc_key(k)?;
             kv.put_to(wb, cf::REVISION, &codec::revision_key(rev, sub), &user_key);

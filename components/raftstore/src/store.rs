@@ -306,6 +306,8 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store> {
         let kv = KvEngine::open(&data_dir.join("kv"))?;
+        // A store written before the MVCC key index existed gets it now.
+        MvccStore::new(kv.clone()).build_key_index()?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),

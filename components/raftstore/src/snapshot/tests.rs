@@ -256,3 +256,76 @@ fn snapshots_are_bounded_by_the_region_and_keep_the_revision_index() {
     );
     assert_eq!(revision_index(&leader), revision_index(&follower));
 }
+
+/// A store with `keys` put at revisions 2, 3, ... and then `deleted`
+/// deleted.
+fn store_with(dir: &std::path::Path, keys: &[&str], deleted: &[&str]) -> MvccStore {
+    use proto::raft_cmdpb::{mutation::Op, Mutation};
+    let store = MvccStore::new(KvEngine::open(dir).unwrap());
+    let changes = keys
+        .iter()
+        .map(|k| (k, Op::Put))
+        .chain(deleted.iter().map(|k| (k, Op::Delete)));
+    for (rev, (key, op)) in (2..).zip(changes) {
+        let mut wb = WriteBatch::default();
+        let m = Mutation {
+            op: op as i32,
+            key: key.as_bytes().to_vec(),
+            version: 1,
+            value: b"v".to_vec(),
+            ..Default::default()
+        };
+        store.stage_changes(&mut wb, rev, &[m]);
+        store.engine().write(wb).unwrap();
+    }
+    store
+}
+
+/// Installing replaces the key index of the region's range with one
+/// rebuilt from the snapshot's versions, so counts stay right.
+#[test]
+fn installing_rebuilds_the_key_index_of_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = store_with(&dir.path().join("a"), &["b1", "b2", "c1", "c2"], &["c1"]);
+    let mut wb = WriteBatch::default();
+    let region_state = RegionLocalState {
+        region: Some(region()),
+        ..Default::default()
+    };
+    leader.engine().put_to(
+        &mut wb,
+        cf::META,
+        &keys::region_state_key(7),
+        &region_state.encode_to_vec(),
+    );
+    let apply_state = RaftApplyState {
+        applied_revision: 6,
+        ..Default::default()
+    };
+    leader.engine().put_to(
+        &mut wb,
+        cf::META,
+        &keys::apply_state_key(7),
+        &apply_state.encode_to_vec(),
+    );
+    leader.engine().write(wb).unwrap();
+    let (_, data) = generate(leader.engine(), 7).unwrap();
+    let snap = decode(7, &data).unwrap();
+    let follower = store_with(
+        &dir.path().join("b"),
+        &["a1", "b1", "b9", "c5", "d1"],
+        &["b1"],
+    );
+    let mut wb = WriteBatch::default();
+    stage_apply(follower.engine(), &mut wb, &snap).unwrap();
+    follower.engine().write(wb).unwrap();
+    let view = follower.snapshot();
+    view.check_key_index().unwrap();
+    let count = |start: &[u8], end: &[u8]| {
+        let range = mvcc::KeyRange::from_etcd(start, end);
+        view.range(&range, i64::MAX, 0, false).unwrap().count
+    };
+    // b1, b2, c2 from the leader; a1 and d1 outside the region kept.
+    assert_eq!(count(b"b", b"d"), 3);
+    assert_eq!(count(b"a", b"\0"), 5);
+}
