@@ -681,6 +681,11 @@ impl Run<'_> {
             PeerState::Normal
         };
         self.stage_region_state(&region, state);
+        if applied.removed {
+            // The replica deletes its data as it stops (see `peer`).
+            self.kv
+                .put_to(&mut self.wb, cf::META, &keys::cleanup_key(region.id), &[]);
+        }
         info!(
             region_id = region.id,
             index = e.index,

@@ -59,6 +59,8 @@ pub enum Error {
     Raft(#[from] raft::Error),
     #[error("corrupted state: {0}")]
     Corrupted(String),
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Error {

@@ -3,6 +3,7 @@
 const REGION_PREFIX: &[u8] = b"r/";
 const STATE_SUFFIX: u8 = b's';
 const APPLY_SUFFIX: u8 = b'a';
+const CLEANUP_SUFFIX: u8 = b'c';
 
 /// Node identity (cluster id and node id), written once at bootstrap.
 pub const NODE_IDENT_KEY: &[u8] = b"node_ident";
@@ -17,6 +18,13 @@ pub fn region_state_key(region_id: u64) -> Vec<u8> {
 
 pub fn apply_state_key(region_id: u64) -> Vec<u8> {
     region_key(region_id, APPLY_SUFFIX)
+}
+
+/// Set, with the `Tombstone` region state, when a membership change
+/// removes this node's replica: its data is still to be deleted (see
+/// `snapshot::clear_removed`).
+pub fn cleanup_key(region_id: u64) -> Vec<u8> {
+    region_key(region_id, CLEANUP_SUFFIX)
 }
 
 fn region_key(region_id: u64, suffix: u8) -> Vec<u8> {

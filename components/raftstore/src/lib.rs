@@ -14,7 +14,8 @@
 //! its own contract: `msg` (the mailbox protocol), `message` (checking and
 //! addressing raft messages), `apply` (committed entries to a write batch
 //! and an outcome), `membership` (conf changes and the region meta),
-//! `snapshot` (encoding and installing region snapshots), `log_gc`,
+//! `snapshot` (encoding, generating off the replica's thread, carrying as
+//! files and installing region snapshots), `log_gc`,
 //! `compaction` (physical MVCC clean-up), `proposals` (pending proposals
 //! and what each answer claims: did not apply, or outcome unknown),
 //! `read_queue` (readers waiting for an index), `status` (what a replica
@@ -44,8 +45,9 @@ pub mod txn;
 pub use error::{Error, Result};
 pub use msg::{Applied, ProposeCallback};
 pub use peer::PeerStatus;
+pub use snapshot::SnapshotSink;
 pub use store::{NodeIdent, ReadState, RegionHandle, Store, StoreOptions};
-pub use transport::{DropTransport, Transport};
+pub use transport::{DropTransport, SnapshotDone, Transport};
 
 /// The kinds of membership change `RegionHandle::change_peers` takes.
 pub use raft::eraftpb::ConfChangeType;

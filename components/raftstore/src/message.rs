@@ -20,7 +20,10 @@
 //!   so a snapshot's data is decoded and validated before raft sees it; a
 //!   malformed one, or one whose region meta does not include this replica,
 //!   is dropped. A valid one is kept (with its index and term) so that it
-//!   is not decoded again when raft hands it back for installing.
+//!   is not decoded again when raft hands it back for installing. The data
+//!   is read from the snapshot file the transport received before the
+//!   message (see `snapshot::file`): a message whose file is not here is
+//!   dropped too.
 //!
 //! Outgoing ([`envelope`]): a message carries the region id and epoch and
 //! both endpoints with their nodes (the transport routes by
@@ -32,7 +35,7 @@ use proto::raft_serverpb::RaftMessage;
 use raft::eraftpb::{Message, MessageType};
 use tracing::{debug, error, warn};
 
-use crate::snapshot::{self, RegionSnapshot};
+use crate::snapshot::{self, RegionSnapshot, SnapDir};
 
 /// The sender of a message this replica takes.
 pub(crate) struct Sender {
@@ -129,12 +132,13 @@ pub(crate) fn check_snapshot(
     peer_id: u64,
     from: u64,
     m: &Message,
+    dir: &SnapDir,
 ) -> SnapshotCheck {
     if m.get_msg_type() != MessageType::MsgSnapshot {
         return SnapshotCheck::NotSnapshot;
     }
     let meta = m.get_snapshot().get_metadata();
-    match snapshot::decode(region_id, m.get_snapshot().get_data()) {
+    match snapshot::decode_data(region_id, m.get_snapshot(), dir) {
         Ok(snap) if !snap.region.peers.iter().any(|p| p.id == peer_id) => {
             warn!(
                 region_id,
@@ -263,15 +267,30 @@ mod tests {
 
     #[test]
     fn snapshots_are_checked_before_raft_sees_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SnapDir::open(tmp.path()).unwrap();
         assert!(matches!(
-            check_snapshot(7, 1, 2, &raft_msg(2, 1)),
+            check_snapshot(7, 1, 2, &raft_msg(2, 1), &dir),
             SnapshotCheck::NotSnapshot
         ));
         let mut m = raft_msg(2, 1);
         m.set_msg_type(MessageType::MsgSnapshot);
         m.mut_snapshot().set_data(b"not a snapshot".to_vec().into());
         assert!(matches!(
-            check_snapshot(7, 1, 2, &m),
+            check_snapshot(7, 1, 2, &m, &dir),
+            SnapshotCheck::Rejected
+        ));
+        // A descriptor of a file that never arrived.
+        let desc = snapshot::Descriptor {
+            region_id: 7,
+            index: 0,
+            term: 0,
+            size: 3,
+            crc32: 1,
+        };
+        m.mut_snapshot().set_data(desc.encode().into());
+        assert!(matches!(
+            check_snapshot(7, 1, 2, &m, &dir),
             SnapshotCheck::Rejected
         ));
     }

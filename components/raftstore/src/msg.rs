@@ -86,6 +86,10 @@ pub enum PeerMsg {
     },
     /// A raft message from a peer on another node.
     Raft(RaftMessage),
+    /// The transport delivered (`ok`) or failed to deliver the region
+    /// snapshot sent to peer `to`: raft-rs waits for this before it
+    /// sends that peer anything else.
+    SnapshotSent { to: u64, ok: bool },
     /// Ends the loop; everyone waiting is answered `Stopped`.
     Stop,
 }

@@ -76,7 +76,7 @@ use crate::status::LastHeard;
 pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
 use crate::storage::PeerStorage;
 use crate::store::StoreCore;
-use crate::transport::Transport;
+use crate::transport::{SnapshotDone, Transport};
 use crate::{Error, Result};
 
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
@@ -230,13 +230,25 @@ impl Peer {
         info!(region_id, "region replica stopped");
     }
 
-    /// Cleans up after this replica was removed from its region. The
-    /// tombstone region state is already written (with the apply state), so
-    /// the replica is not restarted. Its raft log goes; its MVCC data stays
-    /// in RocksDB for now (a snapshot of a later replica of the region on
-    /// this node overwrites that range).
+    /// Cleans up after this replica left its region. The tombstone region
+    /// state is already written (with the apply state), so the replica is
+    /// not restarted. Its raft log goes. If a membership change removed it
+    /// (its clean-up mark is set), its data goes too, before it is
+    /// unregistered, so no other replica here can own the range yet; a
+    /// replica stopped because its region merged keeps the data, which the
+    /// merge target owns now.
     fn destroy(&mut self) {
         let region_id = self.region.id;
+        match self.kv.get(cf::META, &keys::cleanup_key(region_id)) {
+            Ok(Some(_)) => {
+                if let Err(e) = snapshot::clear_removed(&self.kv, &self.region) {
+                    // The mark stays: start-up tries again.
+                    error!(region_id, "cannot delete a removed replica's data: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => error!(region_id, "cannot read the clean-up mark: {e}"),
+        }
         let mut batch = RaftLogBatch::default();
         batch.clean(region_id);
         if let Err(e) = self.log.write(&mut batch, false) {
@@ -292,6 +304,15 @@ impl Peer {
                 return false;
             }
             PeerMsg::Raft(msg) => self.on_raft_message(msg),
+            PeerMsg::SnapshotSent { to, ok } => {
+                info!(region_id = self.region.id, to, ok, "region snapshot sent");
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
             PeerMsg::Stop => return false,
         }
         true
@@ -465,32 +486,38 @@ impl Peer {
             return;
         };
         self.last_heard.heard(from);
-        match message::check_snapshot(region_id, self.peer_id, from, &m) {
+        let Some(host) = self.host.upgrade() else {
+            return;
+        };
+        match message::check_snapshot(region_id, self.peer_id, from, &m, host.snap_dir()) {
             SnapshotCheck::NotSnapshot => {}
             SnapshotCheck::Valid(index, term, snap) => {
-                if let Some(host) = self.host.upgrade() {
-                    if let Some(other) = host.overlapping(&snap.region) {
-                        if !host.make_room_for(&snap) {
-                            debug!(
-                                region_id,
-                                from,
-                                other,
-                                "region snapshot overlapping another replica here dropped"
-                            );
-                            return;
-                        }
+                if let Some(other) = host.overlapping(&snap.region) {
+                    if !host.make_room_for(&snap) {
+                        debug!(
+                            region_id,
+                            from, other, "region snapshot overlapping another replica here dropped"
+                        );
+                        drop_snapshot_file(Some(*snap));
+                        return;
                     }
                 }
-                self.incoming_snapshot = Some((index, term, *snap));
+                let replaced = self.incoming_snapshot.replace((index, term, *snap));
+                drop_snapshot_file(replaced.map(|(_, _, s)| s));
             }
-            SnapshotCheck::Rejected => return,
+            SnapshotCheck::Rejected => {
+                if let Some(file) = snapshot::received_file(m.get_snapshot(), host.snap_dir()) {
+                    snapshot::remove_file(&file);
+                }
+                return;
+            }
         }
         if let Err(e) = self.raw.step(m) {
             debug!(region_id, from, "raft rejected a message: {e}");
         }
         if self.raw.raft.raft_log.unstable_snapshot().is_none() {
             // Not accepted (stale, or not a snapshot): nothing to keep.
-            self.incoming_snapshot = None;
+            drop_snapshot_file(self.incoming_snapshot.take().map(|(_, _, s)| s));
         }
     }
 
@@ -567,14 +594,15 @@ impl Peer {
     /// `snapshot::install`), then publishes the new state and redoes the
     /// snapshot's compaction.
     fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
+        let host = self.host.upgrade().ok_or(Error::Stopped(self.region.id))?;
         let installed = snapshot::install(
             &self.kv,
             &self.log,
             self.raw.mut_store(),
-            self.region.id,
             snap,
             hs,
             self.incoming_snapshot.take(),
+            host.snap_dir(),
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
@@ -616,17 +644,36 @@ impl Peer {
             .copied();
         for m in msgs {
             let Some(msg) = message::envelope(&self.region, from_peer, &m) else {
+                if m.get_msg_type() == MessageType::MsgSnapshot {
+                    self.raw.report_snapshot(m.to, SnapshotStatus::Failure);
+                }
                 continue;
             };
-            self.transport.send(msg);
-            if m.get_msg_type() == MessageType::MsgSnapshot {
-                // The transport does not confirm delivery. Reporting it
-                // done lets raft probe the follower again: if the snapshot
-                // was lost, the follower's rejection triggers a new one
-                // instead of raft waiting for it forever.
-                info!(region_id, to = m.to, "sent region snapshot");
-                self.raw.report_snapshot(m.to, SnapshotStatus::Finish);
+            if m.get_msg_type() != MessageType::MsgSnapshot {
+                self.transport.send(msg);
+                continue;
             }
+            // The file goes with the message; raft sends the follower
+            // nothing else until it hears how that went.
+            let to = m.to;
+            let sent = self.host.upgrade().and_then(|host| {
+                let desc = snapshot::Descriptor::decode(m.get_snapshot().get_data()).ok()?;
+                Some(host.snap_dir().generated(&desc))
+            });
+            let Some(path) = sent else {
+                error!(region_id, to, "region snapshot without a file; not sent");
+                self.raw.report_snapshot(to, SnapshotStatus::Failure);
+                continue;
+            };
+            info!(region_id, to, path = %path.display(), "sending region snapshot");
+            let host = self.host.clone();
+            let done: SnapshotDone = Box::new(move |ok| {
+                let handle = host.upgrade().and_then(|h| h.region(region_id));
+                if let Some(handle) = handle {
+                    let _ = handle.send(PeerMsg::SnapshotSent { to, ok });
+                }
+            });
+            self.transport.send_snapshot(msg, path, done);
         }
     }
 
@@ -836,5 +883,13 @@ fn not_leader(region: &metapb::Region, leader_id: u64) -> Error {
     Error::NotLeader {
         region_id: region.id,
         leader: region.peers.iter().find(|p| p.id == leader_id).cloned(),
+    }
+}
+
+/// Deletes the file a received snapshot that will not be installed came
+/// in, if it came as one.
+fn drop_snapshot_file(snap: Option<RegionSnapshot>) {
+    if let Some(file) = snap.and_then(|s| s.file) {
+        snapshot::remove_file(&file);
     }
 }

@@ -1,7 +1,12 @@
-//! Region snapshots: the whole state machine of a region as raft snapshot
-//! data, for replicas too far behind to catch up from the leader's log.
+//! Region snapshots: the whole state machine of a region, for replicas too
+//! far behind to catch up from the leader's log. A snapshot is generated
+//! off the replica's thread (`gen`) into a file, which travels and is
+//! validated and installed as a file (`file`, `install`); the raft
+//! snapshot's data is only the file's descriptor. Nodes of an older
+//! version put the encoding below in the raft snapshot's data itself,
+//! which is still installed.
 //!
-//! Encoding of `Snapshot.data` (all integers big-endian):
+//! Encoding of a snapshot file (all integers big-endian):
 //!
 //! ```text
 //! magic    b"MSRS" | version u8 = 4
@@ -52,23 +57,37 @@
 //! own versions in the range and the snapshot's records, never by a scan
 //! of the node's revision CF.
 
-use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use engine::{cf, KvEngine};
 use mvcc::{codec, MvccStore};
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_serverpb::{
-    MergeRecord, MergeState, PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord,
-    TxnLockRecord,
+    MergeRecord, MergeState, RaftApplyState, RegionLocalState, TxnCommitRecord, TxnLockRecord,
 };
-use raft::eraftpb::{HardState, Snapshot};
-use tracing::info;
+use raft::eraftpb::Snapshot;
 
 use crate::keys;
-use crate::storage::PeerStorage;
 use crate::txn;
 use crate::{Error, Result};
 
+mod file;
+mod gen;
+mod install;
+
+pub use file::{Descriptor, SnapDir, SnapshotSink};
+pub(crate) use gen::Generator;
+#[cfg(test)]
+use install::stage_apply;
+pub(crate) use install::{clear_removed, install};
+
 const MAGIC: &[u8] = b"MSRS";
+/// Largest key or value a record may have (etcd's are far smaller): a
+/// length above it is a corrupt snapshot, not an allocation to attempt.
+const MAX_FIELD: u32 = 64 << 20;
 const VERSION: u8 = 4;
 /// Older snapshots still installed: they carry revision CF records.
 const VERSION_WITH_REVISION_RECORDS: u8 = 3;
@@ -98,6 +117,9 @@ pub struct RegionSnapshot {
     pub merge_records: Vec<(Vec<u8>, MergeRecord)>,
     /// Set while the region is frozen as a merge's source.
     pub merging: Option<MergeState>,
+    /// For a snapshot that came as a file (see `file`): the file, whose
+    /// MVCC records installing reads; `mvcc` and `revision` are empty.
+    pub file: Option<PathBuf>,
 }
 
 fn in_range(region: &metapb::Region, user_key: &[u8]) -> bool {
@@ -105,24 +127,39 @@ fn in_range(region: &metapb::Region, user_key: &[u8]) -> bool {
         && (region.end_key.is_empty() || user_key < region.end_key.as_slice())
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) -> Result<()> {
+fn put_bytes(out: &mut impl Write, b: &[u8]) -> Result<()> {
     let len = u32::try_from(b.len())
-        .map_err(|_| Error::Corrupted("snapshot record larger than 4 GiB".into()))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(b);
+        .ok()
+        .filter(|&n| n <= MAX_FIELD)
+        .ok_or_else(|| Error::Corrupted("snapshot record field too large".into()))?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(b)?;
     Ok(())
 }
 
-fn put_record(out: &mut Vec<u8>, tag: u8, key: &[u8], value: &[u8]) -> Result<()> {
-    out.push(tag);
+fn put_record(out: &mut impl Write, tag: u8, key: &[u8], value: &[u8]) -> Result<()> {
+    out.write_all(&[tag])?;
     put_bytes(out, key)?;
     put_bytes(out, value)
 }
 
-/// Reads region `region_id`'s meta, apply state and data from one RocksDB
-/// snapshot, so the data and meta are exactly the state at the returned
-/// apply state's applied index (apply writes all three in one batch).
+/// [`generate_into`] a buffer.
+#[cfg(test)]
 pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8>)> {
+    let mut out = Vec::new();
+    let (apply_state, _) = generate_into(kv, region_id, &mut out)?;
+    Ok((apply_state, out))
+}
+
+/// Writes region `region_id`'s meta, apply state and data, read from one
+/// RocksDB snapshot, to `out`, so the data and meta are exactly the state
+/// at the returned apply state's applied index (apply writes all three in
+/// one batch); returns that apply state and region meta.
+pub fn generate_into(
+    kv: &KvEngine,
+    region_id: u64,
+    out: &mut impl Write,
+) -> Result<(RaftApplyState, metapb::Region)> {
     let store = MvccStore::new(kv.clone());
     let view = store.snapshot();
     let snap = view.kv();
@@ -146,86 +183,161 @@ pub fn generate(kv: &KvEngine, region_id: u64) -> Result<(RaftApplyState, Vec<u8
         }
     };
     let region = &region;
-    let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.extend_from_slice(&region_id.to_be_bytes());
-    out.extend_from_slice(&apply_state.applied_revision.to_be_bytes());
-    out.extend_from_slice(&apply_state.compact_revision.to_be_bytes());
-    put_bytes(&mut out, &region.encode_to_vec())?;
+    out.write_all(MAGIC)?;
+    out.write_all(&[VERSION])?;
+    out.write_all(&region_id.to_be_bytes())?;
+    out.write_all(&apply_state.applied_revision.to_be_bytes())?;
+    out.write_all(&apply_state.compact_revision.to_be_bytes())?;
+    put_bytes(out, &region.encode_to_vec())?;
     view.versions(&region.start_key, &region.end_key, |k, v, _| {
-        put_record(&mut out, TAG_MVCC, k, v)
+        put_record(out, TAG_MVCC, k, v)
     })?;
     for lock in txn::snapshot_locks(snap, region_id)? {
         put_record(
-            &mut out,
+            out,
             TAG_LOCK,
             &lock.txn_id.to_be_bytes(),
             &lock.encode_to_vec(),
         )?;
     }
     for (primary, record) in txn::snapshot_records(snap, region)? {
-        put_record(&mut out, TAG_TXN_RECORD, &primary, &record.encode_to_vec())?;
+        put_record(out, TAG_TXN_RECORD, &primary, &record.encode_to_vec())?;
     }
     let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
     let mut it = snap.iter(cf::META, &lower, &upper);
     it.seek(&lower);
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         if let Some(end_key) = keys::decode_merge_record_key(k) {
-            put_record(&mut out, TAG_MERGE_RECORD, &end_key, v)?;
+            put_record(out, TAG_MERGE_RECORD, &end_key, v)?;
         }
         it.next();
     }
     it.status().map_err(engine::Error::from)?;
     drop(it);
     if let Some(m) = &merging {
-        put_record(&mut out, TAG_MERGE_STATE, &[], &m.encode_to_vec())?;
+        put_record(out, TAG_MERGE_STATE, &[], &m.encode_to_vec())?;
     }
-    out.push(TAG_END);
-    Ok((apply_state, out))
+    out.write_all(&[TAG_END])?;
+    Ok((apply_state, region.clone()))
 }
 
-struct Reader<'a> {
-    data: &'a [u8],
+/// Reads the encoding from a byte source, checking every length.
+struct Reader<R> {
+    src: R,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.data.len() < n {
-            return Err(Error::Corrupted("truncated region snapshot".into()));
-        }
-        let (head, rest) = self.data.split_at(n);
-        self.data = rest;
-        Ok(head)
+impl<R: Read> Reader<R> {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.src.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::Corrupted("truncated region snapshot".into())
+            }
+            _ => Error::Io(e),
+        })
     }
 
     fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
+        let mut b = [0u8; 1];
+        self.fill(&mut b)?;
+        Ok(b[0])
     }
 
     fn u32(&mut self) -> Result<u32> {
         let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
+        self.fill(&mut b)?;
         Ok(u32::from_be_bytes(b))
     }
 
     fn u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
-        b.copy_from_slice(self.take(8)?);
+        self.fill(&mut b)?;
         Ok(u64::from_be_bytes(b))
     }
 
     fn bytes(&mut self) -> Result<Vec<u8>> {
-        let n = self.u32()? as usize;
-        Ok(self.take(n)?.to_vec())
+        let n = self.u32()?;
+        if n > MAX_FIELD {
+            return Err(Error::Corrupted("region snapshot: field too large".into()));
+        }
+        let mut out = vec![0u8; n as usize];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
+
+    /// Whether the source is exhausted.
+    fn at_end(&mut self) -> Result<bool> {
+        let mut b = [0u8; 1];
+        Ok(self.src.read(&mut b)? == 0)
     }
 }
 
+/// Decodes and validates the data of `snap`, a raft snapshot of region
+/// `region_id`: the descriptor of a file received into `dir` (see `file`),
+/// or the region data itself, as nodes of an older version send it.
+pub fn decode_data(region_id: u64, snap: &Snapshot, dir: &SnapDir) -> Result<RegionSnapshot> {
+    let data = snap.get_data();
+    if !Descriptor::is_descriptor(data) {
+        return decode(region_id, data);
+    }
+    let desc = Descriptor::decode(data)?;
+    let meta = snap.get_metadata();
+    if (desc.region_id, desc.index, desc.term) != (region_id, meta.index, meta.term) {
+        return Err(Error::Corrupted(
+            "snapshot descriptor does not match its snapshot".into(),
+        ));
+    }
+    decode_file(region_id, &dir.received(&desc))
+}
+
+/// The file in `dir` a received raft snapshot describes, if its data is
+/// a descriptor.
+pub fn received_file(snap: &Snapshot, dir: &SnapDir) -> Option<PathBuf> {
+    Descriptor::decode(snap.get_data())
+        .ok()
+        .map(|desc| dir.received(&desc))
+}
+
+pub(crate) use file::remove as remove_file;
+
 /// Decodes and validates snapshot data for region `region_id`.
 pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
+    let (mut mvcc, mut revision) = (Vec::new(), Vec::new());
+    let mut snap = decode_from(region_id, data, &mut |tag, k, v| {
+        match tag {
+            TAG_MVCC => mvcc.push((k, v)),
+            _ => revision.push((k, v)),
+        }
+        Ok(())
+    })?;
+    snap.mvcc = mvcc;
+    snap.revision = revision;
+    Ok(snap)
+}
+
+/// Decodes and validates the snapshot file at `path` for region
+/// `region_id`, without keeping its MVCC records: installing reads them
+/// from the file again (`RegionSnapshot::file`).
+pub fn decode_file(region_id: u64, path: &Path) -> Result<RegionSnapshot> {
+    let mut snap = decode_from(region_id, open_file(path)?, &mut |_, _, _| Ok(()))?;
+    snap.file = Some(path.to_owned());
+    Ok(snap)
+}
+
+fn open_file(path: &Path) -> Result<BufReader<File>> {
+    Ok(BufReader::with_capacity(1 << 20, File::open(path)?))
+}
+
+/// A data record's tag, key and value, as decoding meets it.
+type OnData<'a> = dyn FnMut(u8, Vec<u8>, Vec<u8>) -> Result<()> + 'a;
+
+/// Decodes and validates a snapshot read from `src`, handing its data
+/// records (MVCC, and revision records of version 3) to `on_data`.
+fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Result<RegionSnapshot> {
     let bad = |what: &str| Error::Corrupted(format!("region snapshot: {what}"));
-    let mut r = Reader { data };
-    if r.take(MAGIC.len())? != MAGIC {
+    let mut r = Reader { src };
+    let mut magic = [0u8; 4];
+    r.fill(&mut magic)?;
+    if magic[..] != *MAGIC {
         return Err(bad("bad magic"));
     }
     let version = r.u8()?;
@@ -251,7 +363,6 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
         ..Default::default()
     };
     let region = &snap.region;
-    let (mut mvcc, mut revision) = (Vec::new(), Vec::new());
     let (mut locks, mut txn_records) = (Vec::new(), Vec::new());
     let (mut merge_records, mut merging) = (Vec::new(), None);
     loop {
@@ -265,7 +376,7 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
                 if !in_range(region, &user_key) {
                     return Err(bad("mvcc key outside the region"));
                 }
-                mvcc.push((k, v));
+                on_data(TAG_MVCC, k, v)?;
             }
             TAG_REVISION if version == VERSION_WITH_REVISION_RECORDS => {
                 let (k, v) = (r.bytes()?, r.bytes()?);
@@ -273,7 +384,7 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
                 if !in_range(region, &v) {
                     return Err(bad("revision entry outside the region"));
                 }
-                revision.push((k, v));
+                on_data(TAG_REVISION, k, v)?;
             }
             TAG_LOCK => {
                 let (_, v) = (r.bytes()?, r.bytes()?);
@@ -311,175 +422,14 @@ pub fn decode(region_id: u64, data: &[u8]) -> Result<RegionSnapshot> {
             _ => return Err(bad("unknown record tag")),
         }
     }
-    if !r.data.is_empty() {
+    if !r.at_end()? {
         return Err(bad("trailing bytes"));
     }
-    snap.mvcc = mvcc;
-    snap.revision = revision;
     snap.locks = locks;
     snap.txn_records = txn_records;
     snap.merge_records = merge_records;
     snap.merging = merging;
     Ok(snap)
-}
-
-/// Stages into `wb` the replacement of the MVCC data (versions, their key
-/// index, revision index) in the snapshot region's range by `snap`'s. The
-/// range is the snapshot's, not the replica's: a replica created on demand
-/// has no range yet. Deletes come first in the batch, so puts of the same
-/// keys win.
-pub fn stage_apply(kv: &KvEngine, wb: &mut WriteBatch, snap: &RegionSnapshot) -> Result<()> {
-    let region = &snap.region;
-    let mvcc = MvccStore::new(kv.clone());
-    // The MVCC CF with its key index (rebuilt from the versions, not
-    // shipped).
-    mvcc.stage_clear(wb, &region.start_key, &region.end_key)?;
-    // The revision CF entries of the versions the replica holds in the
-    // range, found from their records: bounded by the range.
-    mvcc.snapshot()
-        .versions(&region.start_key, &region.end_key, |_, _, revision_key| {
-            if let Some(revision_key) = revision_key {
-                kv.delete_from(wb, cf::REVISION, revision_key);
-            }
-            Ok::<_, Error>(())
-        })?;
-    for (k, v) in &snap.mvcc {
-        mvcc.stage_version_record(wb, k, v);
-        if let Some(sub) = codec::record_sub(v)? {
-            let (user_key, rev) = codec::decode_mvcc_key(k)?;
-            kv.put_to(wb, cf::REVISION, &codec::revision_key(rev, sub), &user_key);
-        }
-    }
-    for (k, v) in &snap.revision {
-        kv.put_to(wb, cf::REVISION, k, v);
-    }
-    let (lower, upper) = keys::txn_lock_bounds(region.id);
-    kv.delete_range_to(wb, cf::META, &lower, &upper);
-    for lock in &snap.locks {
-        kv.put_to(
-            wb,
-            cf::META,
-            &keys::txn_lock_key(region.id, lock.txn_id),
-            &lock.encode_to_vec(),
-        );
-    }
-    let (lower, upper) = keys::txn_record_bounds(&region.start_key, &region.end_key);
-    kv.delete_range_to(wb, cf::META, &lower, &upper);
-    for (primary, record) in &snap.txn_records {
-        kv.put_to(
-            wb,
-            cf::META,
-            &keys::txn_record_key(primary, record.txn_id),
-            &record.encode_to_vec(),
-        );
-    }
-    let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
-    kv.delete_range_to(wb, cf::META, &lower, &upper);
-    for (end_key, record) in &snap.merge_records {
-        kv.put_to(
-            wb,
-            cf::META,
-            &keys::merge_record_key(end_key, record.source_id),
-            &record.encode_to_vec(),
-        );
-    }
-    Ok(())
-}
-
-/// A region snapshot installed by [`install`]: the replica's new state.
-pub(crate) struct Installed {
-    pub apply_state: RaftApplyState,
-    pub region: metapb::Region,
-    pub locks: Vec<TxnLockRecord>,
-    pub merging: Option<MergeState>,
-}
-
-/// Replaces region `region_id`'s data, region meta, apply state and raft
-/// log by `snap`'s (see the module docs for the order of writes), and
-/// updates raft-rs's `store` to match. `hs` is the hard state to persist
-/// with the new log (its commit already at the snapshot). `decoded` is the
-/// snapshot as decoded when it arrived, with its index and term; it is
-/// used if it is this snapshot, otherwise the data is decoded again.
-pub(crate) fn install(
-    kv: &KvEngine,
-    log: &RaftLogEngine,
-    store: &mut PeerStorage,
-    region_id: u64,
-    snap: &Snapshot,
-    mut hs: HardState,
-    decoded: Option<(u64, u64, RegionSnapshot)>,
-) -> Result<Installed> {
-    let meta = snap.get_metadata();
-    let (index, term) = (meta.index, meta.term);
-    let data = match decoded {
-        Some((i, t, data)) if i == index && t == term => data,
-        _ => decode(region_id, snap.get_data())?,
-    };
-    let mut wb = WriteBatch::default();
-    // Until splits exist, the snapshot's range is the replica's own (or
-    // the first one a replica created on demand gets).
-    stage_apply(kv, &mut wb, &data)?;
-    let region_state = RegionLocalState {
-        region: Some(data.region.clone()),
-        state: if data.merging.is_some() {
-            PeerState::Merging
-        } else {
-            PeerState::Normal
-        } as i32,
-        merge_state: data.merging.clone(),
-    };
-    kv.put_to(
-        &mut wb,
-        cf::META,
-        &keys::region_state_key(region_id),
-        &region_state.encode_to_vec(),
-    );
-    let mut apply_state = RaftApplyState {
-        applied_index: index,
-        applied_term: term,
-        truncated_index: index,
-        truncated_term: term,
-        applied_revision: data.applied_revision,
-        compact_revision: data.compact_revision,
-        pending_compact_revision: 0,
-    };
-    if data.compact_revision > 0 {
-        // The leader's physical clean-up may not be done; redo it here.
-        apply_state.pending_compact_revision = data.compact_revision;
-    }
-    kv.put_to(
-        &mut wb,
-        cf::META,
-        &keys::apply_state_key(region_id),
-        &apply_state.encode_to_vec(),
-    );
-    kv.write_sync(wb)?;
-
-    hs.term = hs.term.max(term);
-    let mut batch = RaftLogBatch::default();
-    batch.clean(region_id);
-    batch.put_hard_state(region_id, &hs)?;
-    batch.put_conf_state(region_id, meta.get_conf_state())?;
-    log.write(&mut batch, true)?;
-
-    store.set_truncated(index, term);
-    store.set_conf_state(meta.get_conf_state().clone());
-    store.set_hard_state(hs);
-    info!(
-        region_id,
-        index,
-        term,
-        mvcc_entries = data.mvcc.len(),
-        revision_entries = data.revision.len(),
-        applied_revision = data.applied_revision,
-        "installed region snapshot"
-    );
-    Ok(Installed {
-        apply_state,
-        region: data.region,
-        locks: data.locks,
-        merging: data.merging,
-    })
 }
 
 #[cfg(test)]

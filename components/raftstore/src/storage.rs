@@ -14,13 +14,12 @@
 //! and `persist_commit`, which keep the in-memory hard state raft-rs reads
 //! in step with raft-engine.
 
-use engine::{KvEngine, RaftLogBatch, RaftLogEngine};
+use engine::{RaftLogBatch, RaftLogEngine};
 use proto::metapb;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use tracing::{error, info};
 
-use crate::snapshot;
+use crate::snapshot::Generator;
 
 /// Index and term a bootstrapped region's log starts at.
 pub const INIT_INDEX: u64 = 5;
@@ -29,8 +28,8 @@ pub const INIT_TERM: u64 = 5;
 pub struct PeerStorage {
     region_id: u64,
     log: RaftLogEngine,
-    /// State machine and region meta, to build region snapshots from.
-    kv: KvEngine,
+    /// Builds region snapshots from the state machine, off this thread.
+    snapshots: Generator,
     hard_state: HardState,
     conf_state: ConfState,
     truncated_index: u64,
@@ -38,10 +37,11 @@ pub struct PeerStorage {
 }
 
 impl PeerStorage {
-    pub fn new(
+    /// `snapshots` generates this region's snapshots.
+    pub(crate) fn new(
         region: metapb::Region,
         log: RaftLogEngine,
-        kv: KvEngine,
+        snapshots: Generator,
         hard_state: HardState,
         conf_state: ConfState,
         truncated_index: u64,
@@ -50,7 +50,7 @@ impl PeerStorage {
         PeerStorage {
             region_id: region.id,
             log,
-            kv,
+            snapshots,
             hard_state,
             conf_state,
             truncated_index,
@@ -105,6 +105,10 @@ impl PeerStorage {
 
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
+    }
+
+    pub fn region_id(&self) -> u64 {
+        self.region_id
     }
 
     pub fn truncated_index(&self) -> u64 {
@@ -179,41 +183,12 @@ impl raft::Storage for PeerStorage {
         Ok(self.last())
     }
 
-    /// Builds the snapshot synchronously on the peer's thread from one
-    /// RocksDB snapshot at the current applied index. Consistent because
-    /// apply runs on the same thread, but the whole region is read and
-    /// encoded in memory while the replica's loop waits: fine for small
-    /// regions, a background generator with a snapshot store is the
-    /// next step for large ones.
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
-        // raft-rs panics on any other error from here; a failed read is
-        // retried at the next attempt to reach the follower.
-        let (apply_state, data) = snapshot::generate(&self.kv, self.region_id).map_err(|e| {
-            error!(
-                region_id = self.region_id,
-                to, "cannot build region snapshot: {e}"
-            );
-            unavailable()
-        })?;
-        if apply_state.applied_index < request_index {
-            return Err(unavailable());
-        }
-        info!(
-            region_id = self.region_id,
-            to,
-            index = apply_state.applied_index,
-            bytes = data.len(),
-            "generated region snapshot"
-        );
-        let mut snap = Snapshot::default();
-        snap.set_data(data.into());
-        let meta = snap.mut_metadata();
-        meta.index = apply_state.applied_index;
-        meta.term = apply_state.applied_term;
-        // The conf state is the one at the applied index too: conf changes
-        // are applied (and this conf state updated) on this same thread.
-        meta.set_conf_state(self.conf_state.clone());
-        Ok(snap)
+    /// A snapshot generated off this thread (see `snapshot::Generator`):
+    /// `SnapshotTemporarilyUnavailable` until one at `request_index` or
+    /// above is ready, and at the log's truncation point or above, so the
+    /// follower can go on from the log after installing it.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        self.snapshots
+            .snapshot(request_index.max(self.truncated_index))
     }
 }

@@ -83,6 +83,7 @@ use crate::keys;
 use crate::membership::conf_state_from_region;
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::peer::{Peer, DEFAULT_LOG_GC_THRESHOLD};
+use crate::snapshot::{Descriptor, Generator, SnapDir, SnapshotSink};
 use crate::split;
 use crate::status::{PeerShared, PeerStatus};
 use crate::storage::{PeerStorage, INIT_INDEX, INIT_TERM};
@@ -218,7 +219,7 @@ impl RegionHandle {
             .map_err(|_| Error::Stopped(self.region_id))
     }
 
-    fn send(&self, msg: PeerMsg) -> Result<()> {
+    pub(crate) fn send(&self, msg: PeerMsg) -> Result<()> {
         self.mailbox
             .send(msg)
             .map_err(|_| Error::Stopped(self.region_id))
@@ -273,6 +274,8 @@ pub struct StoreCore {
     data_dir: std::path::PathBuf,
     kv: KvEngine,
     log: RaftLogEngine,
+    /// Region snapshot files, generated here or received.
+    snap_dir: SnapDir,
     /// Shared with the replicas, which unregister themselves when removed.
     regions: Arc<DashMap<u64, RegionHandle>>,
     /// Serializes creating replicas on demand, so concurrent messages for
@@ -309,12 +312,14 @@ impl Store {
         // A store written before the MVCC key index existed gets it now.
         MvccStore::new(kv.clone()).build_key_index()?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
+        let snap_dir = SnapDir::open(&data_dir.join("snap"))?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),
             layout: AtomicU64::new(0),
             data_dir: data_dir.to_owned(),
             kv,
             log,
+            snap_dir,
             regions: Arc::new(DashMap::new()),
             create_lock: Mutex::new(()),
             threads: Mutex::new(Vec::new()),
@@ -334,6 +339,19 @@ impl Store {
         }
         it.status().map_err(engine::Error::from)?;
         drop(it);
+        // Removed replicas whose data was not deleted yet (a crash while
+        // they stopped): before any replica starts, so none owns it.
+        for state in &states {
+            let region = state.region.clone().unwrap_or_default();
+            if state.state() == PeerState::Tombstone
+                && store
+                    .kv
+                    .get(cf::META, &keys::cleanup_key(region.id))?
+                    .is_some()
+            {
+                crate::snapshot::clear_removed(&store.kv, &region)?;
+            }
+        }
         for state in states {
             if matches!(state.state(), PeerState::Normal | PeerState::Merging) {
                 let region = state.region.unwrap_or_default();
@@ -777,7 +795,7 @@ impl StoreCore {
         let storage = PeerStorage::new(
             region.clone(),
             self.log.clone(),
-            self.kv.clone(),
+            Generator::new(region.id, self.kv.clone(), self.snap_dir.clone()),
             hard_state,
             conf_state,
             apply_state.truncated_index,
@@ -878,6 +896,31 @@ impl StoreCore {
                 .compact_to(region_id, apply_state.truncated_index + 1)?;
         }
         Ok(hs)
+    }
+
+    /// Starts receiving the region snapshot file of `msg`, a raft
+    /// `MsgSnapshot` whose data is a file descriptor (see `Transport::
+    /// send_snapshot`). Once the sink is finished, `msg` goes to
+    /// [`StoreCore::on_raft_message`]. Fails if `msg` is not such a
+    /// message or the file cannot be created.
+    pub fn snapshot_sink(&self, msg: &RaftMessage) -> Result<SnapshotSink> {
+        let m = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
+            .map_err(|e| Error::Corrupted(format!("raft message: {e}")))?;
+        if m.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Error::Corrupted("not a snapshot message".into()));
+        }
+        let meta = m.get_snapshot().get_metadata();
+        let desc = Descriptor::decode(m.get_snapshot().get_data())?;
+        if (desc.region_id, desc.index, desc.term) != (msg.region_id, meta.index, meta.term) {
+            return Err(Error::Corrupted(
+                "snapshot descriptor does not match its message".into(),
+            ));
+        }
+        self.snap_dir.sink(desc)
+    }
+
+    pub(crate) fn snap_dir(&self) -> &SnapDir {
+        &self.snap_dir
     }
 
     /// Hands a raft message from another node to the replica it is for.

@@ -174,6 +174,18 @@ async fn promote_learner_then_remove_a_voter() {
     c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(1))])
         .await;
     wait_until("node 1's replica stops", || c.try_handle(1).is_none()).await;
+    // Its data went with it.
+    let everything = mvcc::KeyRange::from_etcd(b"\0", b"\0");
+    let left = c
+        .store(1)
+        .mvcc()
+        .snapshot()
+        .range(&everything, i64::MAX, 0, false);
+    assert_eq!(
+        left.unwrap().count,
+        0,
+        "node 1 kept data of its removed replica"
+    );
     for id in 2..=4 {
         wait_until(&format!("node {id} sees peer 1 removed"), || {
             conf_ver_on(&c, id) == 4 && role_on(&c, id, 1).is_none()

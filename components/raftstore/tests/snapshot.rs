@@ -2,11 +2,13 @@
 //! snapshot: afterwards their data equals the leader's, including keys the
 //! leader deleted meanwhile, and normal replication resumes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest};
+use proto::raft_serverpb::RaftMessage;
 use raftstore::StoreOptions;
-use test_support::raft_cluster::{delete, write, Cluster};
+use test_support::raft_cluster::{delete, write, Cluster, Filter};
 
 const GC_THRESHOLD: u64 = 50;
 
@@ -195,4 +197,79 @@ async fn snapshot_removes_keys_deleted_meanwhile() {
     );
     assert_eq!(c.get(follower, "kept").as_deref(), Some(&b"1"[..]));
     assert_same_hash(&c).await;
+}
+
+/// The snapshot files in node `id`'s snapshot directory.
+fn snapshot_files(c: &Cluster, id: u64) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(c.data_dir(id).join("snap"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Drops the first `n` region snapshots sent to node `to`.
+struct DropSnapshots {
+    to: u64,
+    left: AtomicUsize,
+}
+
+impl Filter for DropSnapshots {
+    fn apply(&self, _: u64, _: u64, _: &mut Vec<Duration>) {}
+
+    fn apply_msg(&self, msg: &RaftMessage, _: u64, to: u64, copies: &mut Vec<Duration>) {
+        let Ok(m) = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&msg.message)
+        else {
+            return;
+        };
+        if to == self.to
+            && m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            copies.clear();
+        }
+    }
+}
+
+/// A snapshot many times the transport's chunk travels as a file, is
+/// installed whole, and leaves no file behind on the follower; one the
+/// transport lost is sent again (raft hears of the loss).
+#[tokio::test]
+async fn large_snapshots_travel_as_files_and_lost_ones_are_resent() {
+    let c = cluster();
+    c.leader().await;
+    let mut rev = 0;
+    let (leader, _) = c.leader().await;
+    let follower = others(&[1, 2, 3], leader)[0];
+    c.wait_same_applied(&[1, 2, 3]).await;
+    c.stop_node(follower);
+    // About 1.2 MiB of values: 19 chunks of the in-process transport.
+    let value = "v".repeat(8 * 1024);
+    for i in 0..150 {
+        c.must_put(&mut rev, &format!("big{i:03}"), &value).await;
+    }
+    c.add_filter(DropSnapshots {
+        to: follower,
+        left: AtomicUsize::new(2),
+    });
+    c.restart_node(follower);
+    wait_revision(&c, follower, rev).await;
+    for i in [0, 77, 149] {
+        assert_eq!(
+            c.get(follower, &format!("big{i:03}")).as_deref(),
+            Some(value.as_bytes())
+        );
+    }
+    assert_same_hash(&c).await;
+    assert_eq!(snapshot_files(&c, follower), Vec::<String>::new());
+    let (leader, _) = c.leader().await;
+    let generated = snapshot_files(&c, leader);
+    assert!(
+        generated.len() <= 1 && generated.iter().all(|f| f.ends_with(".gen")),
+        "the leader keeps its newest generated snapshot only: {generated:?}"
+    );
 }

@@ -19,6 +19,7 @@ mod http;
 pub mod kv;
 pub mod maintenance;
 pub mod node;
+mod raft_snapshot;
 pub mod raft_transport;
 mod split_check;
 pub mod units;

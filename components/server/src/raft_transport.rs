@@ -8,8 +8,10 @@
 //! drops what is queued (raft retransmits), backs off, re-resolves the
 //! node's address and reconnects. [`RaftTransportService`] is the receiving
 //! side: it hands every message of every batch to [`Store::on_raft_message`].
+//! Region snapshots travel apart, one stream each (`raft_snapshot`).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,12 +19,14 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use proto::raft_serverpb::raft_transport_client::RaftTransportClient;
 use proto::raft_serverpb::raft_transport_server::{RaftTransport, RaftTransportServer};
-use proto::raft_serverpb::{Done, RaftMessage, RaftMessageBatch};
-use raftstore::{Store, Transport};
+use proto::raft_serverpb::{Done, RaftMessage, RaftMessageBatch, SnapshotChunk};
+use raftstore::{SnapshotDone, Store, Transport};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
+
+use crate::raft_snapshot;
 
 /// Largest gRPC message either side accepts: a batch is cut at
 /// [`TransportConfig::max_batch_bytes`], but one message alone may exceed it.
@@ -97,6 +101,7 @@ pub struct GrpcTransport {
     resolver: Arc<dyn Resolver>,
     config: TransportConfig,
     queues: Mutex<HashMap<u64, Arc<NodeQueue>>>,
+    snapshots: Arc<raft_snapshot::SendOptions>,
 }
 
 impl GrpcTransport {
@@ -111,11 +116,16 @@ impl GrpcTransport {
         resolver: Arc<dyn Resolver>,
         config: TransportConfig,
     ) -> GrpcTransport {
+        let snapshots = Arc::new(raft_snapshot::SendOptions {
+            connect_timeout: config.connect_timeout,
+            permits: Arc::new(Semaphore::new(raft_snapshot::MAX_CONCURRENT_SENDS)),
+        });
         GrpcTransport {
             runtime,
             resolver,
             config,
             queues: Mutex::new(HashMap::new()),
+            snapshots,
         }
     }
 
@@ -170,6 +180,27 @@ impl Transport for GrpcTransport {
                 debug!(to_node = to, "raft sender stopped; message dropped");
             }
         }
+    }
+
+    fn send_snapshot(&self, msg: RaftMessage, path: PathBuf, done: SnapshotDone) {
+        let Some(to) = msg.to_peer.map(|p| p.node_id) else {
+            done(false);
+            return;
+        };
+        let resolver = self.resolver.clone();
+        let options = self.snapshots.clone();
+        self.runtime.spawn(async move {
+            let region_id = msg.region_id;
+            let sent = raft_snapshot::send(resolver.as_ref(), to, msg, path, &options).await;
+            if let Err(e) = &sent {
+                warn!(
+                    region_id,
+                    to_node = to,
+                    "region snapshot not delivered: {e}"
+                );
+            }
+            done(sent.is_ok());
+        });
     }
 }
 
@@ -398,5 +429,14 @@ impl RaftTransport for RaftTransportService {
             }
         }
         Ok(tonic::Response::new(Done {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: tonic::Request<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<tonic::Response<Done>, tonic::Status> {
+        raft_snapshot::receive(&self.store, request.into_inner())
+            .await
+            .map(tonic::Response::new)
     }
 }

@@ -1,7 +1,9 @@
 //! Three stores in one process joined only by the gRPC raft transport:
 //! writes replicate, a follower whose server goes away catches up once it
-//! is back (reconnect with backoff), messages to one node travel in
-//! batches, and `send` never blocks even when its peer is unreachable.
+//! is back (reconnect with backoff), one further behind than the leader's
+//! log gets a region snapshot of several chunks as a file, messages to one
+//! node travel in batches, and `send` never blocks even when its peer is
+//! unreachable.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::RaftMessage;
-use raftstore::{NodeIdent, RegionHandle, Store, Transport};
+use raftstore::{NodeIdent, RegionHandle, Store, StoreOptions, Transport};
 use server::raft_transport::{GrpcTransport, RaftTransportService, StaticResolver};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -56,7 +58,7 @@ struct Node {
     server: Option<Server>,
     batches: Arc<AtomicU64>,
     messages: Arc<AtomicU64>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 fn serve(store: Arc<Store>, listener: TcpListener, counters: &AtomicCounters) -> Server {
@@ -86,6 +88,10 @@ struct Cluster {
 
 impl Cluster {
     async fn new() -> Cluster {
+        Cluster::with_options(StoreOptions::default()).await
+    }
+
+    async fn with_options(options: StoreOptions) -> Cluster {
         let mut listeners = HashMap::new();
         let mut urls = HashMap::new();
         for id in 1..=3u64 {
@@ -101,7 +107,8 @@ impl Cluster {
                 tokio::runtime::Handle::current(),
                 resolver.clone(),
             ));
-            let store = Arc::new(Store::open_with_transport(dir.path(), transport).unwrap());
+            let store =
+                Arc::new(Store::open_with_options(dir.path(), transport, options.clone()).unwrap());
             let listener = listeners.remove(&id).unwrap();
             let addr = listener.local_addr().unwrap();
             let counters: AtomicCounters = Default::default();
@@ -114,7 +121,7 @@ impl Cluster {
                     server: Some(server),
                     batches: counters.0,
                     messages: counters.1,
-                    _dir: dir,
+                    dir,
                 },
             );
         }
@@ -314,6 +321,42 @@ async fn follower_catches_up_after_its_server_returns() {
             c.get(follower, &format!("b{i}")).as_deref(),
             Some(format!("v{i}").as_bytes())
         );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_log_gets_a_snapshot_of_many_chunks() {
+    let mut c = Cluster::with_options(StoreOptions {
+        log_gc_threshold: 20,
+    })
+    .await;
+    let mut rev = 0;
+    c.must_put(&mut rev, "first", "x").await;
+    let (leader, _) = c.leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    c.must_get_on(&[1, 2, 3], "first", "x").await;
+    c.stop_server(follower).await;
+    // About 2.5 MiB: three chunks of the stream, and far past the log GC.
+    let value = "s".repeat(64 * 1024);
+    for i in 0..40 {
+        c.must_put(&mut rev, &format!("k{i:02}"), &value).await;
+    }
+    assert!(c.handle(leader).status().truncated_index > 20);
+    c.start_server(follower).await;
+    c.must_get_on(&[follower], "k39", &value).await;
+    for i in 0..40 {
+        assert_eq!(
+            c.get(follower, &format!("k{i:02}")).as_deref(),
+            Some(value.as_bytes())
+        );
+    }
+    // Installed files are deleted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let snap_dir = c.nodes[&follower].dir.path().join("snap");
+    while std::fs::read_dir(&snap_dir).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "snapshot files left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.shutdown().await;
 }

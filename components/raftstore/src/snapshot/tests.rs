@@ -1,4 +1,5 @@
 use super::*;
+use engine::WriteBatch;
 
 fn region() -> metapb::Region {
     metapb::Region {
