@@ -26,10 +26,7 @@ fn err(endpoint: &str, args: &[&str]) -> String {
 fn txn(endpoint: &str, script: &str) -> String {
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .arg(format!(
-            "--endpoints={}",
-            endpoint.trim_start_matches("http://")
-        ))
+        .arg(format!("--endpoints={endpoint}"))
         .args(["txn"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -659,11 +659,10 @@ impl Etcd {
 
 /// Runs Debian's `etcdctl` (v3 API) against `endpoint`.
 ///
-/// The endpoint is passed without its `http://`: etcdctl 3.4's endpoint
-/// commands then send it as the HTTP/2 `:authority`, which Go's gRPC server
-/// tolerates but Rust's h2 rejects as malformed (see README, known gaps).
+/// The endpoint is passed as given, scheme included: etcdctl 3.4 then sends
+/// `http://host:port` as the HTTP/2 `:authority` of its Maintenance calls,
+/// which the server must accept as etcd does (third_party/h2/PATCH.md).
 pub fn etcdctl(endpoint: &str, args: &[&str]) -> Output {
-    let endpoint = endpoint.strip_prefix("http://").unwrap_or(endpoint);
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
