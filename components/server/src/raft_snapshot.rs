@@ -165,22 +165,25 @@ pub async fn receive(
                 "a snapshot stream carries one raft message",
             ));
         }
-        sink = tokio::task::spawn_blocking(move || sink.write(&chunk.data).map(|()| sink))
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .map_err(|e| {
-                warn!(region_id, "region snapshot refused: {e}");
-                tonic::Status::invalid_argument(e.to_string())
-            })?;
+        sink = blocking(region_id, move || sink.write(&chunk.data).map(|()| sink)).await?;
     }
-    let path = tokio::task::spawn_blocking(move || sink.finish())
+    let path = blocking(region_id, move || sink.finish()).await?;
+    debug!(region_id, path = %path.display(), "region snapshot received");
+    store.on_raft_message(msg);
+    Ok(Done {})
+}
+
+/// Runs a file operation of the sink off the runtime; its failure refuses
+/// the snapshot.
+async fn blocking<T: Send + 'static>(
+    region_id: u64,
+    f: impl FnOnce() -> raftstore::Result<T> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?
         .map_err(|e| {
             warn!(region_id, "region snapshot refused: {e}");
             tonic::Status::invalid_argument(e.to_string())
-        })?;
-    debug!(region_id, path = %path.display(), "region snapshot received");
-    store.on_raft_message(msg);
-    Ok(Done {})
+        })
 }

@@ -14,7 +14,7 @@
 //!
 //! Files live in the node's `snap/` directory ([`SnapDir`]):
 //! `<region>_<term>_<index>.gen` generated here, `.recv` received here
-//! (`.tmp` while arriving). A snapshot is identified by region, applied
+//! (`.<n>.tmp` while arriving). A snapshot is identified by region, applied
 //! term and index: by raft's log matching property two files with the same
 //! three describe the same state. The directory is emptied when the node
 //! starts (nothing in it is needed across restarts: a leader generates
@@ -28,6 +28,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::warn;
 
@@ -36,6 +37,9 @@ use crate::{Error, Result};
 const DESCRIPTOR_MAGIC: &[u8] = b"MSRF";
 const DESCRIPTOR_VERSION: u8 = 1;
 const DESCRIPTOR_LEN: usize = 4 + 1 + 8 * 4 + 4;
+
+/// Numbers the temporary files of the process, so no two writers share one.
+static TEMP_FILES: AtomicU64 = AtomicU64::new(0);
 
 /// What a raft snapshot message says of the file carrying its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,10 +127,12 @@ impl SnapDir {
         self.path.join(format!("{}.recv", desc.stem()))
     }
 
-    /// A new file for a generator of region `region_id` to write to; it
-    /// becomes [`SnapDir::generated`] through [`SnapDir::publish`].
-    pub(crate) fn generating(&self, region_id: u64, attempt: u64) -> PathBuf {
-        self.path.join(format!("{region_id}_gen{attempt}.tmp"))
+    /// A new file for a generator of region `region_id` to write to (no
+    /// other generator's, even of a replica of the region started anew);
+    /// it becomes [`SnapDir::generated`] through [`SnapDir::publish`].
+    pub(crate) fn generating(&self, region_id: u64) -> PathBuf {
+        let n = TEMP_FILES.fetch_add(1, Ordering::Relaxed);
+        self.path.join(format!("{region_id}_gen.{n}.tmp"))
     }
 
     /// Moves a generated file into place under its descriptor's name.
@@ -136,9 +142,12 @@ impl SnapDir {
         Ok(path)
     }
 
-    /// Starts receiving the file of `desc`.
+    /// Starts receiving the file of `desc`. Two receptions of one
+    /// snapshot at once (a resend while the first was still arriving)
+    /// write to files of their own; either may complete it.
     pub fn sink(&self, desc: Descriptor) -> Result<SnapshotSink> {
-        let tmp = self.path.join(format!("{}.tmp", desc.stem()));
+        let n = TEMP_FILES.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.path.join(format!("{}.{n}.tmp", desc.stem()));
         let file = File::create(&tmp)?;
         Ok(SnapshotSink {
             out: BufWriter::new(file),

@@ -46,8 +46,6 @@ struct GenState {
     running: bool,
     /// The newest snapshot generated, with its file.
     ready: Option<(Snapshot, PathBuf)>,
-    /// Generations started, naming their temporary files.
-    attempts: u64,
     /// The replica stopped: a generation finishing now drops its file.
     closed: bool,
 }
@@ -78,14 +76,12 @@ impl Generator {
             return Err(unavailable());
         }
         state.running = true;
-        state.attempts += 1;
-        let attempt = state.attempts;
         let (region_id, kv, dir) = (self.region_id, self.kv.clone(), self.dir.clone());
         let shared = self.state.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("snap-gen-{region_id}"))
             .spawn(move || {
-                let generated = generate_file(&kv, region_id, &dir, attempt);
+                let generated = generate_file(&kv, region_id, &dir);
                 let mut state = shared.lock();
                 state.running = false;
                 match generated {
@@ -130,13 +126,8 @@ impl Drop for Generator {
 
 /// Writes region `region_id`'s snapshot to a file of `dir` and returns the
 /// raft snapshot describing it, with the file's path.
-fn generate_file(
-    kv: &KvEngine,
-    region_id: u64,
-    dir: &SnapDir,
-    attempt: u64,
-) -> Result<(Snapshot, PathBuf)> {
-    let tmp = dir.generating(region_id, attempt);
+fn generate_file(kv: &KvEngine, region_id: u64, dir: &SnapDir) -> Result<(Snapshot, PathBuf)> {
+    let tmp = dir.generating(region_id);
     let written = (|| {
         let file = File::create(&tmp)?;
         let mut out = Checksummed::new(BufWriter::with_capacity(1 << 20, file));
