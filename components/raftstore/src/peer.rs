@@ -9,8 +9,11 @@
 //! returns an outcome this loop makes the replica's), membership changes
 //! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
 //! physical compaction (`compaction`), readers waiting for an index
-//! (`read_queue`), pending/down peers (`status`) and what a split makes of
-//! the region (`split`; the store starts the new region).
+//! (`read_queue`), pending/down peers (`status`), what a split makes of
+//! the region (`split`; the store starts the new region) and the replicas'
+//! consistency check (`consistency`: a ready leader proposes `ComputeHash`
+//! every check interval, each replica hashes its state at that entry off
+//! this thread, the leader proposes `VerifyHash` with its hash).
 //!
 //! Each loop turn drains the mailbox (so concurrent proposals share one
 //! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
@@ -54,7 +57,9 @@ use engine::{cf, KvEngine, RaftLogBatch, RaftLogEngine, WriteBatch};
 use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::RaftCmdRequest;
+use proto::raft_cmdpb::{
+    raft_cmd_request::Cmd, RaftCmdRequest, RaftRequestHeader, VerifyHashRequest,
+};
 use proto::raft_serverpb::{
     MergeState, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnLockRecord,
 };
@@ -64,6 +69,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
+use crate::consistency::{self, ConsistencyState, Inconsistency, Verdict};
 use crate::keys;
 use crate::log_gc;
 use crate::membership;
@@ -122,6 +128,8 @@ pub struct Peer {
     aborted: bool,
     /// Answered once a `Destroy` is done.
     destroy_cb: Option<Callback>,
+    /// The consistency check's state (see `consistency`).
+    consistency: ConsistencyState,
 }
 
 impl Peer {
@@ -140,6 +148,7 @@ impl Peer {
         host: Weak<StoreCore>,
         campaign: bool,
         merging: Option<MergeState>,
+        consistency_check_interval: Duration,
     ) -> Peer {
         let locks = shared.locks.all().into_iter().map(|l| l.record).collect();
         shared.status.lock().merging = merging.clone();
@@ -167,6 +176,7 @@ impl Peer {
             merging,
             aborted: false,
             destroy_cb: None,
+            consistency: ConsistencyState::new(consistency_check_interval),
         }
     }
 
@@ -209,6 +219,7 @@ impl Peer {
             if last_tick.elapsed() >= TICK_INTERVAL {
                 self.raw.tick();
                 last_tick = Instant::now();
+                self.maybe_check_consistency();
             }
             if let Err(e) = self.on_ready() {
                 // The log or the state machine could not be written: going on
@@ -273,6 +284,7 @@ impl Peer {
                 &self.shared.physically_compacted,
                 revision,
             ),
+            PeerMsg::HashComputed { index, hash } => self.on_hash_computed(index, hash),
             PeerMsg::CatchUpMerge { index, term } => self.catch_up_merge(index, term),
             PeerMsg::Destroy { tombstone, cb } => {
                 if tombstone {
@@ -578,6 +590,7 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        self.consistency.reset();
         self.merging = installed.merging.clone();
         self.shared.status.lock().merging = installed.merging;
         self.shared.locks.replace(&installed.locks);
@@ -637,9 +650,21 @@ impl Peer {
     /// published, and only then are the callers answered and a compaction
     /// started. A removed replica's loop ends after this turn.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
+        let mut rest = &entries[..];
+        while !rest.is_empty() {
+            let applied = self.apply_run(rest)?;
+            if applied == 0 || self.destroyed || self.aborted {
+                break;
+            }
+            rest = &rest[applied.min(rest.len())..];
         }
+        Ok(())
+    }
+
+    /// One apply run over a prefix of `entries` (a run ends early after a
+    /// `ComputeHash`, whose hash is started here); returns how many
+    /// entries it applied.
+    fn apply_run(&mut self, entries: &[Entry]) -> Result<usize> {
         let raw = &mut self.raw;
         let host = self.host.clone();
         let region_id = self.region.id;
@@ -657,13 +682,13 @@ impl Peer {
             merging: self.merging.as_ref(),
             wait_source: &wait_source,
         };
-        let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
+        let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
         if outcome.aborted {
             // Nothing of the run is written; it is applied again at the
             // next start.
             info!(region_id, "stopping while a merge waited for its source");
             self.aborted = true;
-            return Ok(());
+            return Ok(0);
         }
         self.kv.write(wb)?;
         let ApplyOutcome {
@@ -678,7 +703,10 @@ impl Peer {
             merge_state,
             merged_sources,
             aborted: _,
+            compute_hash,
+            verify_hash,
         } = outcome;
+        let applied = results.len();
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
@@ -727,7 +755,129 @@ impl Peer {
         if let Some(rev) = compaction {
             self.spawn_compaction(rev);
         }
-        Ok(())
+        if let Some(index) = compute_hash {
+            self.start_hash(index);
+        }
+        for (index, leader_hash) in verify_hash {
+            let verdict = self.consistency.verify(index, leader_hash);
+            self.on_verdict(index, verdict);
+        }
+        Ok(applied)
+    }
+
+    /// A ready leader proposes a consistency check once the interval has
+    /// passed (see `consistency`); its outcome needs no answer.
+    fn maybe_check_consistency(&mut self) {
+        let leading = self.is_ready_leader() && self.merging.is_none() && self.is_initialized();
+        if !self.consistency.due(leading) {
+            return;
+        }
+        let cmd = RaftCmdRequest {
+            header: Some(RaftRequestHeader {
+                region_id: self.region.id,
+                region_epoch: self.region.region_epoch,
+                term: 0,
+            }),
+            cmd: Some(Cmd::ComputeHash(Default::default())),
+        };
+        let region_id = self.region.id;
+        self.propose(
+            cmd,
+            Box::new(move |res| {
+                if let Err(e) = res {
+                    debug!(region_id, "consistency check not started: {e}");
+                }
+            }),
+        );
+    }
+
+    /// Hashes the region's state as of the `ComputeHash` just applied at
+    /// `index`: returns once the hashing thread took its snapshot.
+    fn start_hash(&mut self, index: u64) {
+        let version = self.region.region_epoch.unwrap_or_default().version;
+        self.consistency.start(index, version);
+        let mailbox = self.mailbox.clone();
+        consistency::spawn(self.mvcc.clone(), self.region.clone(), index, move |hash| {
+            let _ = mailbox.send(PeerMsg::HashComputed { index, hash });
+        });
+    }
+
+    /// This replica's hash of `index` is done: a ready leader proposes
+    /// `VerifyHash` with it (under the epoch version it hashed under),
+    /// and a `VerifyHash` that came first is compared now.
+    fn on_hash_computed(&mut self, index: u64, hash: u32) {
+        let (version, verdict) = self.consistency.computed(index, hash);
+        debug!(
+            region_id = self.region.id,
+            index, hash, "consistency hash computed"
+        );
+        self.on_verdict(index, verdict);
+        let Some(version) = version else { return };
+        if !self.is_ready_leader() {
+            return;
+        }
+        let epoch = metapb::RegionEpoch {
+            version,
+            ..self.region.region_epoch.unwrap_or_default()
+        };
+        let cmd = RaftCmdRequest {
+            header: Some(RaftRequestHeader {
+                region_id: self.region.id,
+                region_epoch: Some(epoch),
+                term: 0,
+            }),
+            cmd: Some(Cmd::VerifyHash(VerifyHashRequest { index, hash })),
+        };
+        let region_id = self.region.id;
+        self.propose(
+            cmd,
+            Box::new(move |res| {
+                if let Err(e) = res {
+                    debug!(region_id, index, "consistency check not verified: {e}");
+                }
+            }),
+        );
+    }
+
+    /// Logs a comparison and reports a mismatch to the store.
+    fn on_verdict(&self, index: u64, verdict: Verdict) {
+        let region_id = self.region.id;
+        match verdict {
+            Verdict::None => {}
+            Verdict::Consistent => {
+                debug!(region_id, index, "consistency check passed");
+                if let Some(host) = self.host.upgrade() {
+                    host.note_check_passed();
+                }
+            }
+            Verdict::Mismatch(hash, leader_hash) => {
+                let node_id = self
+                    .region
+                    .peers
+                    .iter()
+                    .find(|p| p.id == self.peer_id)
+                    .map_or(0, |p| p.node_id);
+                error!(
+                    region_id,
+                    index,
+                    node_id,
+                    peer_id = self.peer_id,
+                    hash,
+                    leader_hash,
+                    "consistency check failed: this replica's state differs from the leader's"
+                );
+                if let Some(host) = self.host.upgrade() {
+                    host.report_inconsistency(Inconsistency {
+                        region_id,
+                        node_id,
+                        peer_id: self.peer_id,
+                        index,
+                        hash,
+                        leader_hash,
+                    });
+                }
+            }
+        }
     }
 
     /// Makes the regions split off by the entries just applied live on this

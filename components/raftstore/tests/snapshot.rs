@@ -15,6 +15,7 @@ fn cluster() -> Cluster {
         3,
         StoreOptions {
             log_gc_threshold: GC_THRESHOLD,
+            ..Default::default()
         },
     )
 }

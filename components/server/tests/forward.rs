@@ -573,6 +573,7 @@ async fn forwarded_responses_carry_the_serving_nodes_header() {
         },
         config: server::Config::default(),
         region_sizes: Default::default(),
+        alarms: Default::default(),
     });
     let kv = server::kv::KvService::new(ctx);
     let resp = kv
