@@ -92,9 +92,12 @@ async fn hashkv_agrees_on_every_node_without_every_region_local() {
 
     // Several regions, each with its two replicas: every region lacks a
     // replica on one of the three nodes.
-    let pdc = RpcPdClient::connect(&[pd_endpoint.clone()], RpcPdClientConfig::default())
-        .await
-        .expect("connect to PD");
+    let pdc = RpcPdClient::connect(
+        std::slice::from_ref(&pd_endpoint),
+        RpcPdClientConfig::default(),
+    )
+    .await
+    .expect("connect to PD");
     let deadline = Instant::now() + Duration::from_secs(60);
     let regions = loop {
         let regions = pdc.scan_regions(b"", b"", 0).await.expect("scan");
