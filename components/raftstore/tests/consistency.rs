@@ -1,7 +1,8 @@
 //! The replicas' consistency check (ComputeHash / VerifyHash) on an
 //! in-process 3-node cluster with a short check interval: healthy
 //! replicas pass check after check across writes, a split and a
-//! compaction, and none reports a difference; a version written into one
+//! compaction, and a merge, and none reports a difference; a replica
+//! caught up by a snapshot neither; a version written into one
 //! follower's RocksDB behind raft's back is found by that follower, which
 //! reports it (the others do not).
 
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 use engine::WriteBatch;
 use proto::metapb;
 use proto::raft_cmdpb::{
-    mutation::Op, raft_cmd_request::Cmd, CompactRequest, Mutation, RaftCmdRequest,
-    RaftRequestHeader, SplitRequest,
+    mutation::Op, raft_cmd_request::Cmd, CommitMergeRequest, CompactRequest, Mutation,
+    PrepareMergeRequest, RaftCmdRequest, RaftRequestHeader, SplitRequest,
 };
 use raftstore::{RegionHandle, StoreOptions};
 use test_support::raft_cluster::{Cluster, REGION_ID};
@@ -80,18 +81,7 @@ async fn healthy_replicas_pass_across_writes_split_and_compaction() {
     // Every replica (3 per check) compares once per check.
     wait_for("checks of the one region", || passed(&c) >= 6).await;
 
-    let (_, h) = c.leader().await;
-    let split = SplitRequest {
-        split_key: b"k10".to_vec(),
-        new_region_id: RIGHT,
-        new_peer_ids: vec![101, 102, 103],
-    };
-    h.propose(cmd_for(&h.status().region, Cmd::Split(split)))
-        .await
-        .expect("split");
-    for id in c.nodes() {
-        wait_for("the split everywhere", || c.try_region(id, RIGHT).is_some()).await;
-    }
+    split(&c).await;
     let before = passed(&c);
     let writes = async {
         for i in 0..30 {
@@ -113,6 +103,70 @@ async fn healthy_replicas_pass_across_writes_split_and_compaction() {
     put(&c, RIGHT, &mut rev, "k999").await;
     // Both regions are checked again, after the split and the compaction.
     wait_for("checks of both regions", || passed(&c) >= before + 12).await;
+    assert_no_inconsistency(&c);
+}
+
+/// Splits region 1 at "k10" into [`RIGHT`] and waits for it everywhere.
+async fn split(c: &Cluster) {
+    let (_, h) = c.leader().await;
+    let split = SplitRequest {
+        split_key: b"k10".to_vec(),
+        new_region_id: RIGHT,
+        new_peer_ids: vec![101, 102, 103],
+    };
+    h.propose(cmd_for(&h.status().region, Cmd::Split(split)))
+        .await
+        .expect("split");
+    for id in c.nodes() {
+        wait_for("the split everywhere", || c.try_region(id, RIGHT).is_some()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn healthy_replicas_pass_across_a_merge() {
+    let c = Cluster::with_options(3, options());
+    let mut rev = 1;
+    for i in 0..20 {
+        put(&c, REGION_ID, &mut rev, &format!("k{i:02}")).await;
+    }
+    split(&c).await;
+    put(&c, RIGHT, &mut rev, "k50").await;
+    let (_, source) = c.region_leader(REGION_ID).await;
+    let (_, target) = c.region_leader(RIGHT).await;
+    let prepare = PrepareMergeRequest {
+        target: Some(target.status().region),
+    };
+    let applied = source
+        .propose(cmd_for(&source.status().region, Cmd::PrepareMerge(prepare)))
+        .await
+        .expect("prepare");
+    let frozen = source.status();
+    wait_for("every replica has the prepare", || {
+        source.status().min_matched >= applied.index
+    })
+    .await;
+    let commit = CommitMergeRequest {
+        source: Some(frozen.region.clone()),
+        prepare_index: applied.index,
+        prepare_term: frozen.term,
+    };
+    target
+        .propose(cmd_for(&target.status().region, Cmd::CommitMerge(commit)))
+        .await
+        .expect("commit");
+    for id in c.nodes() {
+        wait_for("the merge everywhere", || {
+            c.try_region(id, REGION_ID).is_none()
+                && c.try_region(id, RIGHT)
+                    .is_some_and(|h| h.status().region.start_key.is_empty())
+        })
+        .await;
+    }
+    let before = passed(&c);
+    for i in 0..10 {
+        put(&c, RIGHT, &mut rev, &format!("k0{i:02}")).await;
+    }
+    wait_for("checks of the merged region", || passed(&c) >= before + 6).await;
     assert_no_inconsistency(&c);
 }
 
