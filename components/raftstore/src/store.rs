@@ -53,6 +53,12 @@
 //! applied here stops the source's replica (`wait_merge_source`,
 //! `destroy_replica`).
 //!
+//! The consistency check (`consistency`): every inconsistency a replica
+//! here finds (its state at a `ComputeHash` index differs from its
+//! leader's) is kept, in order, in `inconsistencies()`, a watch the node
+//! raises etcd's CORRUPT alarm from; `consistency_checks_passed()` counts
+//! the comparisons that agreed.
+//!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
 //! [`Store::on_raft_message`].
