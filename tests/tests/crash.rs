@@ -36,6 +36,13 @@ async fn acknowledged_writes_survive_kill9() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(700 + 300 * round as u64)).await;
+        // On a loaded machine the first writes of a round can take longer:
+        // the kill must land in the middle of the stream, not before it.
+        let before = acked.lock().unwrap().len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap().len() < before + 20 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         node.kill9();
         let mut total = 0;
         for w in writers {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use server::units::{ByteSize, Interval};
+use server::units::{ByteSize, Interval, IntervalOrZero};
 use server::Config;
 
 #[derive(Parser, Debug)]
@@ -50,6 +50,11 @@ struct Args {
     /// How often region leaders measure their regions (default 10s).
     #[arg(long)]
     split_check_interval: Option<Interval>,
+    /// How often region leaders check that their replicas hold the same
+    /// data (default 10m; 0 disables); a difference raises etcd's CORRUPT
+    /// alarm.
+    #[arg(long)]
+    consistency_check_interval: Option<IntervalOrZero>,
     /// TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -92,6 +97,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.split_check_interval {
         cfg.split_check_interval = v;
+    }
+    if let Some(v) = args.consistency_check_interval {
+        cfg.consistency_check_interval = v;
     }
     Ok(cfg)
 }

@@ -45,6 +45,27 @@ pub struct CompactStats {
 
 const COMPACT_BATCH: usize = 1024;
 
+/// The CRC32 of a key range's hash stream (see [`MvccSnapshot::hash`]) and
+/// the stream's length in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeHash {
+    pub crc: u32,
+    pub len: u64,
+}
+
+impl RangeHash {
+    /// The hash of this range's stream followed by `next`'s: for adjacent
+    /// ranges in key order, the hash of their union.
+    pub fn combine(self, next: RangeHash) -> RangeHash {
+        let mut h = crc32fast::Hasher::new_with_initial_len(self.crc, self.len);
+        h.combine(&crc32fast::Hasher::new_with_initial_len(next.crc, next.len));
+        RangeHash {
+            len: h.total_len(),
+            crc: h.finalize(),
+        }
+    }
+}
+
 /// Where a walk over a key's versions is.
 struct KeyWalk {
     key: Vec<u8>,
@@ -175,6 +196,20 @@ impl MvccSnapshot<'_> {
     /// the record format, so equal on every replica that applied the same
     /// log prefix (see the module docs).
     pub fn hash(&self, rev: i64, compact_rev: i64, lower: &[u8], upper: &[u8]) -> Result<u32> {
+        Ok(self.range_hash(rev, compact_rev, lower, upper)?.crc)
+    }
+
+    /// [`MvccSnapshot::hash`] with the length of the hashed stream, so the
+    /// hashes of adjacent ranges combine ([`RangeHash::combine`]) into the
+    /// hash of their union: the whole keyspace's hash is the same however
+    /// it is cut into regions.
+    pub fn range_hash(
+        &self,
+        rev: i64,
+        compact_rev: i64,
+        lower: &[u8],
+        upper: &[u8],
+    ) -> Result<RangeHash> {
         let mut hasher = crc32fast::Hasher::new();
         let lo = codec::mvcc_lower_bound(lower);
         let up = codec::mvcc_upper_bound(upper);
@@ -203,7 +238,11 @@ impl MvccSnapshot<'_> {
             }
         }
         it.status()?;
-        Ok(hasher.finalize())
+        let len = hasher.total_len();
+        Ok(RangeHash {
+            crc: hasher.finalize(),
+            len,
+        })
     }
 
     /// Calls `f(mvcc key, record, revision CF key)` for every version of

@@ -26,7 +26,7 @@ mod index;
 mod store;
 mod view;
 
-pub use compact::CompactStats;
+pub use compact::{CompactStats, RangeHash};
 pub use store::{KeyRange, MvccSnapshot, MvccStore, RangeResult, SizeStats};
 pub use view::{AtRevision, FetchedView, ReadView};
 

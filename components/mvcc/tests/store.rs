@@ -313,6 +313,28 @@ fn hash_depends_on_content_and_revision() {
     );
 }
 
+/// The hashes of adjacent ranges combine into the hash of their union,
+/// wherever the range is cut (a region boundary must not change HashKV).
+#[test]
+fn range_hashes_combine_into_the_whole_range() {
+    let mut db = Db::new();
+    for k in ["a", "b", "c", "m", "n", "z"] {
+        db.put(k, "v");
+    }
+    db.put("b", "w");
+    let view = db.store.snapshot();
+    let whole = view.range_hash(db.rev, 0, b"", b"").unwrap();
+    assert_eq!(whole.crc, view.hash(db.rev, 0, b"", b"").unwrap());
+    for cut in [&b"a"[..], b"b", b"bb", b"m", b"zz"] {
+        let left = view.range_hash(db.rev, 0, b"", cut).unwrap();
+        let right = view.range_hash(db.rev, 0, cut, b"").unwrap();
+        assert_eq!(left.combine(right), whole, "cut at {cut:?}");
+    }
+    let empty = view.range_hash(db.rev, 0, b"x", b"y").unwrap();
+    assert_eq!(empty.combine(whole), whole);
+    assert_eq!(mvcc::RangeHash::default().combine(whole), whole);
+}
+
 #[test]
 fn events_carry_type_sub_order_and_prev_kv() {
     let mut db = Db::new();

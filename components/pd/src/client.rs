@@ -335,6 +335,19 @@ pub trait PdClient: Send + Sync {
     /// answered `Recorded` before this call started recorded. Regions
     /// compare theirs with it to catch up.
     async fn compaction_revision(&self) -> Result<i64>;
+
+    /// etcd's `Maintenance.Alarm` over the cluster's alarm list, kept in
+    /// PD's replicated state: `Get` lists the active alarms of type
+    /// `alarm` (every one for `None`; `member_id` is ignored), `Activate`
+    /// records (`member_id`, `alarm`) and answers it (`None` does
+    /// nothing), `Deactivate` removes it and answers it, or nothing if it
+    /// was not active. A change is durable once answered.
+    async fn alarm(
+        &self,
+        action: pdpb::alarm_request::AlarmAction,
+        member_id: u64,
+        alarm: pdpb::AlarmType,
+    ) -> Result<Vec<pdpb::AlarmMember>>;
 }
 
 /// What [`PdClient::compact`] did.

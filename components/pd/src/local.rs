@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use proto::metapb;
+use proto::{metapb, pdpb};
 
 use crate::client::{
     HeartbeatOutcome, PdClient, RegionHeartbeat, RegionOperator, RegionWithLeader, Result,
@@ -111,5 +111,14 @@ impl PdClient for LocalPdClient {
 
     async fn compaction_revision(&self) -> Result<i64> {
         self.core.compaction_revision().await
+    }
+
+    async fn alarm(
+        &self,
+        action: pdpb::alarm_request::AlarmAction,
+        member_id: u64,
+        alarm: pdpb::AlarmType,
+    ) -> Result<Vec<pdpb::AlarmMember>> {
+        self.core.alarm(action, member_id, alarm).await
     }
 }

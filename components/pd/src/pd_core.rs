@@ -1195,8 +1195,11 @@ impl ClusterView for PdCore {
     }
 }
 
+mod alarm;
 mod compaction;
 
+#[cfg(test)]
+mod alarm_tests;
 #[cfg(test)]
 mod balance_tests;
 #[cfg(test)]

@@ -147,6 +147,7 @@ has_header!(
     pdpb::GetSchedulersResponse,
     pdpb::CompactResponse,
     pdpb::GetCompactionRevisionResponse,
+    pdpb::AlarmResponse,
 );
 
 fn is_not_found(h: Option<&pdpb::ResponseHeader>) -> bool {
@@ -781,5 +782,27 @@ impl PdClient for RpcPdClient {
             .await?;
         self.inner.check(resp.header.as_ref())?;
         Ok(resp.compaction_revision)
+    }
+
+    async fn alarm(
+        &self,
+        action: pdpb::alarm_request::AlarmAction,
+        member_id: u64,
+        alarm: pdpb::AlarmType,
+    ) -> Result<Vec<pdpb::AlarmMember>> {
+        let resp = self
+            .inner
+            .call(|mut c, header| async move {
+                c.alarm(pdpb::AlarmRequest {
+                    header,
+                    action: action as i32,
+                    member_id,
+                    alarm: alarm as i32,
+                })
+                .await
+            })
+            .await?;
+        self.inner.check(resp.header.as_ref())?;
+        Ok(resp.alarms)
     }
 }

@@ -464,6 +464,25 @@ impl pd_server::Pd for PdService {
         }))
     }
 
+    async fn alarm(
+        &self,
+        req: Request<pdpb::AlarmRequest>,
+    ) -> Result<Response<pdpb::AlarmResponse>, Status> {
+        let req = req.into_inner();
+        let action = pdpb::alarm_request::AlarmAction::try_from(req.action).map_err(|_| {
+            Status::invalid_argument(format!("unknown alarm action {}", req.action))
+        })?;
+        let alarm = pdpb::AlarmType::try_from(req.alarm)
+            .map_err(|_| Status::invalid_argument(format!("unknown alarm type {}", req.alarm)))?;
+        let (header, v) = self
+            .run(req.header, self.core.alarm(action, req.member_id, alarm))
+            .await?;
+        Ok(Response::new(pdpb::AlarmResponse {
+            header,
+            alarms: v.unwrap_or_default(),
+        }))
+    }
+
     async fn get_schedulers(
         &self,
         req: Request<pdpb::GetSchedulersRequest>,

@@ -1,11 +1,11 @@
 //! PD's replicated state machine: what every member holds after applying
 //! the same raft log, and the one deterministic `apply` that changes it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use proto::pd_raftpb::command::Cmd;
-use proto::{metapb, pd_raftpb};
+use proto::{metapb, pd_raftpb, pdpb};
 use tracing::{debug, info};
 
 use crate::client::INITIAL_REVISION;
@@ -56,6 +56,8 @@ pub(crate) struct ClusterState {
     /// The cluster's compaction revision: every region is to compact at
     /// least this far (0: never compacted). Only ever raised.
     pub compaction_revision: i64,
+    /// etcd's active alarms: (member id, `pdpb::AlarmType` value).
+    pub alarms: BTreeSet<(u64, i32)>,
 }
 
 /// What a region heartbeat would change.
@@ -94,6 +96,7 @@ impl ClusterState {
             id_high_water: p.id_high_water,
             revision_high_water,
             compaction_revision: p.compaction_revision,
+            alarms: p.alarms.iter().map(|a| (a.member_id, a.alarm)).collect(),
             ..Default::default()
         };
         for n in p.nodes {
@@ -118,9 +121,20 @@ impl ClusterState {
             id_high_water: s.id_high_water,
             revision_high_water: Some(s.revision_high_water),
             compaction_revision: s.compaction_revision,
+            alarms: s.alarms,
             nodes: s.nodes,
             regions: s.regions,
         })
+    }
+
+    /// The active alarms of type `alarm` (all of them for `NONE`), by
+    /// member id.
+    pub fn alarms_of(&self, alarm: pdpb::AlarmType) -> Vec<pdpb::AlarmMember> {
+        self.alarms
+            .iter()
+            .filter(|(_, a)| alarm == pdpb::AlarmType::None || *a == alarm as i32)
+            .map(|&(member_id, alarm)| pdpb::AlarmMember { member_id, alarm })
+            .collect()
     }
 
     pub fn entry_with_leader(&self, id: u64) -> Option<RegionWithLeader> {
@@ -432,6 +446,29 @@ impl ClusterState {
                 batch.put_compaction_revision(rev);
                 info!(revision = rev, "cluster compaction revision raised");
                 Ok(true)
+            }
+            Cmd::Alarm(change) => {
+                let Some(m) = change.member else {
+                    return Err(PdError::InvalidArgument(
+                        "alarm change without alarm".into(),
+                    ));
+                };
+                let key = (m.member_id, m.alarm);
+                let changed = if change.deactivate {
+                    self.alarms.remove(&key)
+                } else {
+                    self.alarms.insert(key)
+                };
+                if changed {
+                    batch.put_alarms(&self.alarms_of(pdpb::AlarmType::None));
+                    info!(
+                        member_id = m.member_id,
+                        alarm = m.alarm,
+                        deactivated = change.deactivate,
+                        "alarm changed"
+                    );
+                }
+                Ok(changed)
             }
         }
     }

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message as _;
-use proto::{metapb, pd_raftpb};
+use proto::{metapb, pd_raftpb, pdpb};
 use raft::eraftpb::{ConfState, Entry, HardState};
 use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 
@@ -24,6 +24,8 @@ const BOOTSTRAPPED_KEY: &[u8] = b"meta/bootstrapped";
 const ID_HIGH_WATER_KEY: &[u8] = b"meta/id_high_water";
 const REVISION_HIGH_WATER_KEY: &[u8] = b"meta/revision_high_water";
 const COMPACTION_REVISION_KEY: &[u8] = b"meta/compaction_revision";
+/// The active alarms, one `pd_raftpb::AlarmList`.
+const ALARMS_KEY: &[u8] = b"meta/alarms";
 const NODE_PREFIX: &[u8] = b"node/";
 const NODE_END: &[u8] = b"node0";
 const REGION_PREFIX: &[u8] = b"region/";
@@ -47,6 +49,8 @@ pub struct PersistedState {
     pub revision_high_water: Option<i64>,
     /// The cluster's compaction revision (0: never compacted).
     pub compaction_revision: i64,
+    /// etcd's active alarms.
+    pub alarms: Vec<pdpb::AlarmMember>,
     pub nodes: Vec<metapb::Node>,
     pub regions: Vec<metapb::Region>,
 }
@@ -75,6 +79,15 @@ impl std::fmt::Debug for Storage {
 
 fn storage_err(what: &str, e: impl std::fmt::Display) -> PdError {
     PdError::Storage(format!("{what}: {e}"))
+}
+
+fn decode_alarms(raw: Option<Vec<u8>>) -> Result<Vec<pdpb::AlarmMember>> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    pd_raftpb::AlarmList::decode(raw.as_slice())
+        .map(|l| l.alarms)
+        .map_err(|e| storage_err("corrupted alarm list", e))
 }
 
 fn node_key(id: u64) -> Vec<u8> {
@@ -205,6 +218,13 @@ impl Batch {
             .put(COMPACTION_REVISION_KEY, (v as u64).to_be_bytes());
     }
 
+    pub fn put_alarms(&mut self, alarms: &[pdpb::AlarmMember]) {
+        let list = pd_raftpb::AlarmList {
+            alarms: alarms.to_vec(),
+        };
+        self.wb.put(ALARMS_KEY, list.encode_to_vec());
+    }
+
     /// Replaces the whole state machine (a raft snapshot being installed).
     pub fn replace_state(&mut self, s: &pd_raftpb::StateSnapshot) {
         self.wb.delete_range(NODE_PREFIX, NODE_END);
@@ -223,6 +243,7 @@ impl Batch {
         self.put_id_high_water(s.id_high_water);
         self.put_revision_high_water(s.revision_high_water);
         self.put_compaction_revision(s.compaction_revision);
+        self.put_alarms(&s.alarms);
     }
 }
 
@@ -346,6 +367,7 @@ impl Storage {
             compaction_revision: self
                 .get_u64(COMPACTION_REVISION_KEY)?
                 .map_or(0, |v| v as i64),
+            alarms: decode_alarms(self.get(ALARMS_KEY)?)?,
             nodes: self.scan_prefix(NODE_PREFIX)?,
             regions: self.scan_prefix(REGION_PREFIX)?,
         })
@@ -447,6 +469,7 @@ impl Storage {
                 .map(|v| v as i64)
                 .unwrap_or(crate::client::INITIAL_REVISION),
             compaction_revision: u(COMPACTION_REVISION_KEY)?.map_or(0, |v| v as i64),
+            alarms: decode_alarms(get(ALARMS_KEY)?)?,
         };
         let applied = match get(APPLY_KEY)? {
             Some(v) => decode_pair(APPLY_KEY, &v)?,

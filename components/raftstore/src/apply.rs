@@ -57,6 +57,12 @@
 //!   has applied its log up to the prepare; if that wait gives up (the
 //!   node is stopping) the run ends there, `aborted`, and nothing of it may
 //!   be written;
+//! * a `ComputeHash` (consistency check) changes nothing but ends the run
+//!   after itself: the outcome names its index (`compute_hash`), and the
+//!   replica hashes its state once the batch is written, before applying
+//!   the rest; a `VerifyHash` changes nothing either and is listed in the
+//!   outcome (`verify_hash`) for the replica to compare (see the
+//!   `consistency` module);
 //! * an undecodable command or one without a body fails with `Corrupted`;
 //! * a membership change is checked and turned into the new region meta by
 //!   the `membership` module; the meta is staged as the region state
@@ -149,6 +155,10 @@ pub(crate) struct ApplyOutcome {
     /// The run gave up waiting for a merge's source (the node is
     /// stopping): the batch and the outcome must be thrown away.
     pub aborted: bool,
+    /// A `ComputeHash` applied at this index, the run's last entry.
+    pub compute_hash: Option<u64>,
+    /// The `VerifyHash`es applied: (`ComputeHash` index, leader's hash).
+    pub verify_hash: Vec<(u64, u32)>,
 }
 
 /// A source region's revisions once its replica here has applied the
@@ -209,6 +219,8 @@ pub(crate) fn apply_entries(
             merge_state: None,
             merged_sources: Vec::new(),
             aborted: false,
+            compute_hash: None,
+            verify_hash: Vec::new(),
         },
     };
     for e in entries {
@@ -245,6 +257,11 @@ pub(crate) fn apply_entries(
         });
         if run.outcome.removed {
             // The entries after this replica's removal are not its own.
+            break;
+        }
+        if run.outcome.compute_hash.is_some() {
+            // The state is hashed as of this entry: the rest is applied
+            // in the next run, after the replica took its snapshot.
             break;
         }
     }
@@ -414,6 +431,14 @@ impl Run<'_> {
                 self.stage_region_state(&region, PeerState::Normal);
                 info!(region_id = region.id, "merge rolled back");
                 self.outcome.region = Some(region);
+                Ok(())
+            }
+            Some(Cmd::ComputeHash(_)) => {
+                self.outcome.compute_hash = Some(e.index);
+                Ok(())
+            }
+            Some(Cmd::VerifyHash(v)) => {
+                self.outcome.verify_hash.push((v.index, v.hash));
                 Ok(())
             }
             None => Err(Error::Corrupted("raft command without a body".into())),
@@ -990,6 +1015,45 @@ mod tests {
         assert_eq!((kv.mod_revision, kv.value), (4, b"v4".to_vec()));
         assert_eq!(out.results[3].revision, 3, "revision after a refused entry");
         assert_eq!(out.results[4].revision, 4, "a write's own revision");
+    }
+
+    /// A `ComputeHash` ends the run after itself (the replica hashes the
+    /// state as of it); `VerifyHash`es are handed over, unless their epoch
+    /// is stale.
+    #[test]
+    fn compute_hash_ends_the_run_and_verify_hash_is_handed_over() {
+        let env = env();
+        let compute = Some(Cmd::ComputeHash(Default::default()));
+        let entries = [
+            cmd(6, 1, 1, put(3)),
+            cmd(7, 1, 1, compute.clone()),
+            cmd(8, 1, 1, put(4)),
+        ];
+        let out = run(&env, &region(), &entries, no_conf_change);
+        assert_eq!(out.compute_hash, Some(7));
+        assert_eq!(out.results.len(), 2);
+        assert_eq!(out.apply_state.applied_index, 7);
+        assert_eq!(out.apply_state.applied_revision, 3);
+        let verify = |version, hash| {
+            Some(Cmd::VerifyHash(proto::raft_cmdpb::VerifyHashRequest {
+                index: 7,
+                hash,
+            }))
+            .map(|c| (version, c))
+        };
+        let entries: Vec<_> = [verify(1, 9), verify(2, 10)]
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, (version, c))| cmd(6 + i as u64, 1, version, Some(c)))
+            .collect();
+        let out = run(&env, &region(), &entries, no_conf_change);
+        assert_eq!(out.compute_hash, None);
+        assert_eq!(out.verify_hash, vec![(7, 9)]);
+        assert!(matches!(
+            out.results[1].result,
+            Err(Error::EpochNotMatch { .. })
+        ));
     }
 
     /// Mutations computed by a leader of another term never apply: a

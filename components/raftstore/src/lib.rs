@@ -16,7 +16,8 @@
 //! and an outcome), `membership` (conf changes and the region meta),
 //! `snapshot` (encoding, generating off the replica's thread, carrying as
 //! files and installing region snapshots), `log_gc`,
-//! `compaction` (physical MVCC clean-up), `proposals` (pending proposals
+//! `compaction` (physical MVCC clean-up), `consistency` (the replicas'
+//! consistency check), `proposals` (pending proposals
 //! and what each answer claims: did not apply, or outcome unknown),
 //! `read_queue` (readers waiting for an index), `status` (what a replica
 //! publishes), `txn` (transaction locks and decisions, for writes over
@@ -24,6 +25,7 @@
 
 mod apply;
 mod compaction;
+mod consistency;
 mod error;
 mod keys;
 mod log_gc;
@@ -42,6 +44,7 @@ mod store;
 pub mod transport;
 pub mod txn;
 
+pub use consistency::{Inconsistency, DEFAULT_CONSISTENCY_CHECK_INTERVAL};
 pub use error::{Error, Result};
 pub use msg::{Applied, ProposeCallback};
 pub use peer::PeerStatus;

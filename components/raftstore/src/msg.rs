@@ -68,6 +68,9 @@ pub enum PeerMsg {
     /// The physical clean-up of compaction `revision` finished (sent by
     /// the compaction thread; see the `compaction` module).
     CompactionDone { revision: i64 },
+    /// This replica's hash of its state at the `ComputeHash` entry `index`
+    /// is done (sent by the hashing thread; see the `consistency` module).
+    HashComputed { index: u64, hash: u32 },
     /// A merge target on this node waits for this replica (the merge's
     /// source) to apply its log up to the prepare at `index` of `term`: the
     /// target's commit proves those entries committed, so if this

@@ -9,8 +9,11 @@
 //! returns an outcome this loop makes the replica's), membership changes
 //! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
 //! physical compaction (`compaction`), readers waiting for an index
-//! (`read_queue`), pending/down peers (`status`) and what a split makes of
-//! the region (`split`; the store starts the new region).
+//! (`read_queue`), pending/down peers (`status`), what a split makes of
+//! the region (`split`; the store starts the new region) and the replicas'
+//! consistency check (`consistency`: a ready leader proposes `ComputeHash`
+//! every check interval, each replica hashes its state at that entry off
+//! this thread, the leader proposes `VerifyHash` with its hash).
 //!
 //! Each loop turn drains the mailbox (so concurrent proposals share one
 //! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
@@ -64,6 +67,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
+use crate::consistency::ConsistencyState;
 use crate::keys;
 use crate::log_gc;
 use crate::membership;
@@ -78,6 +82,8 @@ use crate::storage::PeerStorage;
 use crate::store::StoreCore;
 use crate::transport::{SnapshotDone, Transport};
 use crate::{Error, Result};
+
+mod consistency_check;
 
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Default number of applied raft log entries kept before GC. Replicas that
@@ -122,6 +128,8 @@ pub struct Peer {
     aborted: bool,
     /// Answered once a `Destroy` is done.
     destroy_cb: Option<Callback>,
+    /// The consistency check's state (see `consistency`).
+    consistency: ConsistencyState,
 }
 
 impl Peer {
@@ -140,6 +148,7 @@ impl Peer {
         host: Weak<StoreCore>,
         campaign: bool,
         merging: Option<MergeState>,
+        consistency_check_interval: Duration,
     ) -> Peer {
         let locks = shared.locks.all().into_iter().map(|l| l.record).collect();
         shared.status.lock().merging = merging.clone();
@@ -167,6 +176,7 @@ impl Peer {
             merging,
             aborted: false,
             destroy_cb: None,
+            consistency: ConsistencyState::new(consistency_check_interval),
         }
     }
 
@@ -209,6 +219,7 @@ impl Peer {
             if last_tick.elapsed() >= TICK_INTERVAL {
                 self.raw.tick();
                 last_tick = Instant::now();
+                self.maybe_check_consistency();
             }
             if let Err(e) = self.on_ready() {
                 // The log or the state machine could not be written: going on
@@ -285,6 +296,7 @@ impl Peer {
                 &self.shared.physically_compacted,
                 revision,
             ),
+            PeerMsg::HashComputed { index, hash } => self.on_hash_computed(index, hash),
             PeerMsg::CatchUpMerge { index, term } => self.catch_up_merge(index, term),
             PeerMsg::Destroy { tombstone, cb } => {
                 if tombstone {
@@ -606,6 +618,7 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        self.consistency.reset();
         self.merging = installed.merging.clone();
         self.shared.status.lock().merging = installed.merging;
         self.shared.locks.replace(&installed.locks);
@@ -684,9 +697,21 @@ impl Peer {
     /// published, and only then are the callers answered and a compaction
     /// started. A removed replica's loop ends after this turn.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
+        let mut rest = &entries[..];
+        while !rest.is_empty() {
+            let applied = self.apply_run(rest)?;
+            if applied == 0 || self.destroyed || self.aborted {
+                break;
+            }
+            rest = &rest[applied.min(rest.len())..];
         }
+        Ok(())
+    }
+
+    /// One apply run over a prefix of `entries` (a run ends early after a
+    /// `ComputeHash`, whose hash is started here); returns how many
+    /// entries it applied.
+    fn apply_run(&mut self, entries: &[Entry]) -> Result<usize> {
         let raw = &mut self.raw;
         let host = self.host.clone();
         let region_id = self.region.id;
@@ -704,13 +729,13 @@ impl Peer {
             merging: self.merging.as_ref(),
             wait_source: &wait_source,
         };
-        let (wb, outcome) = apply::apply_entries(ctx, &entries, |cc| raw.apply_conf_change(cc));
+        let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
         if outcome.aborted {
             // Nothing of the run is written; it is applied again at the
             // next start.
             info!(region_id, "stopping while a merge waited for its source");
             self.aborted = true;
-            return Ok(());
+            return Ok(0);
         }
         self.kv.write(wb)?;
         let ApplyOutcome {
@@ -725,7 +750,10 @@ impl Peer {
             merge_state,
             merged_sources,
             aborted: _,
+            compute_hash,
+            verify_hash,
         } = outcome;
+        let applied = results.len();
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
@@ -774,7 +802,14 @@ impl Peer {
         if let Some(rev) = compaction {
             self.spawn_compaction(rev);
         }
-        Ok(())
+        if let Some(index) = compute_hash {
+            self.start_hash(index);
+        }
+        for (index, leader_hash) in verify_hash {
+            let verdict = self.consistency.verify(index, leader_hash);
+            self.on_verdict(index, verdict);
+        }
+        Ok(applied)
     }
 
     /// Makes the regions split off by the entries just applied live on this

@@ -53,6 +53,12 @@
 //! applied here stops the source's replica (`wait_merge_source`,
 //! `destroy_replica`).
 //!
+//! The consistency check (`consistency`): every inconsistency a replica
+//! here finds (its state at a `ComputeHash` index differs from its
+//! leader's) is kept, in order, in `inconsistencies()`, a watch the node
+//! raises etcd's CORRUPT alarm from; `consistency_checks_passed()` counts
+//! the comparisons that agreed.
+//!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
 //! [`Store::on_raft_message`].
@@ -79,6 +85,7 @@ use raft::RawNode;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::consistency::Inconsistency;
 use crate::keys;
 use crate::membership::conf_state_from_region;
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
@@ -240,12 +247,16 @@ pub struct StoreOptions {
     /// Applied raft log entries kept before a replica drops its log prefix.
     /// Replicas further behind than this catch up through a snapshot.
     pub log_gc_threshold: u64,
+    /// How often region leaders start a consistency check of their
+    /// replicas (`consistency`); zero: never.
+    pub consistency_check_interval: Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             log_gc_threshold: DEFAULT_LOG_GC_THRESHOLD,
+            consistency_check_interval: crate::consistency::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
         }
     }
 }
@@ -286,6 +297,10 @@ pub struct StoreCore {
     options: StoreOptions,
     /// Set by `shutdown`: waits for a merge's source give up.
     stopping: AtomicBool,
+    /// Every inconsistency the consistency check found here, oldest first.
+    inconsistencies: watch::Sender<Vec<Inconsistency>>,
+    /// Consistency checks a replica here compared and found equal.
+    checks_passed: AtomicU64,
 }
 
 impl Store {
@@ -326,6 +341,8 @@ impl Store {
             transport,
             options,
             stopping: AtomicBool::new(false),
+            inconsistencies: watch::channel(Vec::new()).0,
+            checks_passed: AtomicU64::new(0),
         });
         let (lower, upper) = keys::region_state_bounds();
         let mut states = Vec::new();
@@ -363,6 +380,26 @@ impl Store {
 }
 
 impl StoreCore {
+    /// Every inconsistency the consistency check of this node's replicas
+    /// has found (each replica reports its own differences from its
+    /// leader), oldest first; watch it for new ones.
+    pub fn inconsistencies(&self) -> watch::Receiver<Vec<Inconsistency>> {
+        self.inconsistencies.subscribe()
+    }
+
+    pub(crate) fn report_inconsistency(&self, found: Inconsistency) {
+        self.inconsistencies.send_modify(|all| all.push(found));
+    }
+
+    /// How many consistency checks replicas here compared and passed.
+    pub fn consistency_checks_passed(&self) -> u64 {
+        self.checks_passed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_check_passed(&self) {
+        self.checks_passed.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn mvcc(&self) -> MvccStore {
         MvccStore::new(self.kv.clone())
     }
@@ -847,6 +884,7 @@ impl StoreCore {
             self.me.clone(),
             campaign,
             merging,
+            self.options.consistency_check_interval,
         );
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))

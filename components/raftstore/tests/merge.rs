@@ -253,6 +253,7 @@ async fn a_node_down_through_the_merge_comes_back_merged() {
         3,
         StoreOptions {
             log_gc_threshold: 5,
+            ..Default::default()
         },
     );
     let mut rev = 1;

@@ -43,6 +43,7 @@ async fn a_proposal_covered_by_a_snapshot_has_an_unknown_outcome() {
         3,
         StoreOptions {
             log_gc_threshold: 16,
+            ..Default::default()
         },
     );
     let (old, h) = c.leader().await;

@@ -17,6 +17,7 @@ fn cluster() -> Cluster {
         3,
         StoreOptions {
             log_gc_threshold: GC_THRESHOLD,
+            ..Default::default()
         },
     )
 }

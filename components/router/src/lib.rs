@@ -12,7 +12,8 @@
 //!   regions and regions catching up with PD's compaction revision
 //!   (`compaction`); writes over several regions by two-phase commit
 //!   (`txn`); region merge, driven by the source region's leader
-//!   (`merge`);
+//!   (`merge`); HashKV of the whole keyspace from every region's replicas
+//!   (`hash`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -33,6 +34,7 @@ mod cache;
 pub mod compaction;
 pub mod error;
 pub mod forward;
+mod hash;
 pub mod leader;
 mod locate;
 pub mod merge;

@@ -1,7 +1,7 @@
 //! [`Router`]: the entry point of a node's storage for etcd KV requests.
 //!
-//! Contract of the public methods (`range`, `write`, `compact`, `hash_kv`,
-//! `current_revision`): every method validates the request with etcd's
+//! Contract of the public methods (`range`, `write`, `compact`, `hash_kv`
+//! (in `hash`), `current_revision`): every method validates the request with etcd's
 //! rules first; etcd-visible request errors come back as [`Error::Mvcc`],
 //! also when the leader's node found them. Retryable errors (the request
 //! certainly had no effect: no leader yet, stale epoch, leader moved,
@@ -55,7 +55,7 @@ use crate::{Error, Result, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 pub struct Router {
     pub(crate) store: Arc<Store>,
     pub(crate) pd: Arc<dyn PdClient>,
-    mvcc: MvccStore,
+    pub(crate) mvcc: MvccStore,
     leaders: DashMap<u64, Arc<RegionLeader>>,
     pub(crate) forwarder: Arc<dyn Forward>,
     /// Region id → newest leader hint, newer than what PD may know (PD
@@ -266,7 +266,11 @@ impl Router {
 
     /// A linearizable revision for a read of this follower replica: the
     /// leader's (R, A), then a wait until this replica has applied A.
-    async fn follower_revision(&self, handle: &RegionHandle, target: &Target) -> Result<i64> {
+    pub(crate) async fn follower_revision(
+        &self,
+        handle: &RegionHandle,
+        target: &Target,
+    ) -> Result<i64> {
         let ri = self
             .forwarded(target, self.forwarder.read_index(target))
             .await?;
@@ -345,77 +349,9 @@ impl Router {
         Ok(response)
     }
 
-    /// Hash of this node's KV history up to `revision` (0 = current) with
-    /// the compaction revision and the revision hashed: one hash per
-    /// region, of this node's replica, combined in key order (a single
-    /// region's hash as it is). On a follower the current revision is the
-    /// leader's linearizable one, so hashes of different nodes at one
-    /// revision are comparable. Every region needs a replica here.
-    pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
-        let everything = KeyRange::from_etcd(b"\0", b"\0");
-        self.with_pieces(&everything, |pieces| async move {
-            let mut hashes = Vec::with_capacity(pieces.len());
-            // The revision hashed is fixed by the first region: later ones
-            // hash at it (their current revision is at least as high).
-            let mut at = revision;
-            for piece in &pieces {
-                let (hash, compacted, rev) = self.hash_region(piece, at).await?;
-                at = rev;
-                hashes.push((hash, compacted));
-            }
-            let compacted = hashes.iter().map(|h| h.1).max().unwrap_or(0);
-            let hash = match hashes[..] {
-                [(one, _)] => one,
-                _ => {
-                    let mut hasher = crc32fast::Hasher::new();
-                    for (h, _) in &hashes {
-                        hasher.update(&h.to_be_bytes());
-                    }
-                    hasher.finalize()
-                }
-            };
-            Ok((hash, compacted, at))
-        })
-        .await
-    }
-
-    /// [`Router::hash_kv`] of this node's replica of the region of `span`.
-    async fn hash_region(&self, span: &KeyRange, revision: i64) -> Result<(u32, i64, i64)> {
-        let spans = std::slice::from_ref(span);
-        // Hashing is of a node's own data: without a replica there is
-        // nothing to hash, whoever leads.
-        self.region_for(spans)?;
-        let (handle, current) = retrying(move || async move {
-            match self.locate(spans).await? {
-                Location::Leader(handle, leader) => {
-                    let (current, _) = leader.linearizable_revision(&handle).await?;
-                    Ok((handle, current))
-                }
-                Location::Follower(handle, target) => {
-                    let current = self.follower_revision(&handle, &target).await?;
-                    Ok((handle, current))
-                }
-                // The replica went away since.
-                Location::Remote(_) => Err(Error::Region(raftstore::Error::RegionNotFound(0))),
-            }
-        })
-        .await?;
-        let region = handle.status().region;
-        let mvcc = self.mvcc.clone();
-        tokio::task::spawn_blocking(move || {
-            let view = mvcc.snapshot();
-            let compacted = handle.read_state(&view)?.compact_revision;
-            let rev = ReadBounds { current, compacted }.resolve(revision)?;
-            let hash = view.hash(rev, compacted, &region.start_key, &region.end_key)?;
-            Ok::<_, Error>((hash, compacted, rev))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))?
-    }
-
     /// This node's replica of the region a forwarded request is for, if it
     /// is the ready leader; the region error to answer otherwise.
-    fn forwarded_leader(&self, header: Option<&RequestHeader>) -> Result<RegionHandle> {
+    pub(crate) fn forwarded_leader(&self, header: Option<&RequestHeader>) -> Result<RegionHandle> {
         let header = header.copied().unwrap_or_default();
         let region_id = header.region_id;
         let handle = self
@@ -449,7 +385,11 @@ impl Router {
     }
 
     /// Checks that `spans` lie in the forwarded request's region here.
-    fn check_forwarded_spans(&self, handle: &RegionHandle, spans: &[KeyRange]) -> Result<()> {
+    pub(crate) fn check_forwarded_spans(
+        &self,
+        handle: &RegionHandle,
+        spans: &[KeyRange],
+    ) -> Result<()> {
         check_spans(&handle.status().region, spans)
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::units::{ByteSize, Interval};
+use crate::units::{ByteSize, Interval, IntervalOrZero};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -24,6 +24,9 @@ pub struct Config {
     pub region_max_keys: u64,
     /// How often region leaders measure their regions for splitting.
     pub split_check_interval: Interval,
+    /// How often region leaders start a consistency check of their
+    /// replicas (zero: never).
+    pub consistency_check_interval: IntervalOrZero,
 }
 
 impl Default for Config {
@@ -39,6 +42,9 @@ impl Default for Config {
             region_max_size: ByteSize(96 << 20),
             region_max_keys: 960_000,
             split_check_interval: Interval(std::time::Duration::from_secs(10)),
+            consistency_check_interval: IntervalOrZero(
+                raftstore::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
+            ),
         }
     }
 }
@@ -169,6 +175,17 @@ mod tests {
         assert_eq!(
             cfg.split_check_interval.0,
             std::time::Duration::from_millis(500)
+        );
+        let cfg: Config = toml::from_str("consistency-check-interval = \"0\"").unwrap();
+        assert!(cfg.consistency_check_interval.0.is_zero());
+        let cfg: Config = toml::from_str("consistency-check-interval = \"2s\"").unwrap();
+        assert_eq!(
+            cfg.consistency_check_interval.0,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            Config::default().consistency_check_interval.0,
+            std::time::Duration::from_secs(600)
         );
         let cfg: Config = toml::from_str("region-max-size = 4096").unwrap();
         assert_eq!(cfg.region_max_size, ByteSize(4096));

@@ -16,8 +16,8 @@ use mvcc::exec::{WriteRequest, WriteResponse};
 use proto::forwardpb::region_forward_server::{RegionForward, RegionForwardServer};
 use proto::forwardpb::{
     self, write_request as wreq, write_response as wresp, CompactRequest, CompactResponse,
-    RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse, TxnStepRequest,
-    TxnStepResponse,
+    HashRequest, HashResponse, RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse,
+    TxnStepRequest, TxnStepResponse,
 };
 use router::forward::wire::error_to_wire;
 use router::Router;
@@ -168,6 +168,32 @@ impl RegionForward for ForwardService {
             Err(e) => TxnStepResponse {
                 error: wire_error(&e),
                 result: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let req = req.into_inner();
+        let span = mvcc::KeyRange {
+            start: req.start,
+            end: Some(req.end),
+        };
+        let resp = match self
+            .router
+            .serve_forwarded_hash(req.header.as_ref(), &span, req.revision)
+            .await
+        {
+            Ok(h) => HashResponse {
+                error: None,
+                hash: h.hash.crc,
+                hashed_bytes: h.hash.len,
+                compact_revision: h.compact_revision,
+                hash_revision: h.revision,
+            },
+            Err(e) => HashResponse {
+                error: wire_error(&e),
+                ..Default::default()
             },
         };
         Ok(Response::new(resp))

@@ -516,6 +516,14 @@ mod tests {
         async fn compaction_revision(&self) -> PdResult<i64> {
             self.inner.compaction_revision().await
         }
+        async fn alarm(
+            &self,
+            action: proto::pdpb::alarm_request::AlarmAction,
+            member_id: u64,
+            alarm: proto::pdpb::AlarmType,
+        ) -> PdResult<Vec<proto::pdpb::AlarmMember>> {
+            self.inner.alarm(action, member_id, alarm).await
+        }
     }
 
     fn node(id: u64) -> metapb::Node {

@@ -1,4 +1,5 @@
-//! etcdserverpb.KV over the router.
+//! etcdserverpb.KV over the router; writes are refused while an alarm
+//! etcd refuses them under is active (see `alarm`).
 
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ impl KvService {
         if size > MAX_REQUEST_BYTES {
             return Err(Status::invalid_argument(REQUEST_TOO_LARGE));
         }
+        self.ctx.alarms.check_write(&req)?;
         self.ctx.router.write(&req).await.map_err(errors::status)
     }
 }
@@ -94,6 +96,7 @@ impl Kv for KvService {
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let req = req.into_inner();
+        self.ctx.alarms.check_compact()?;
         let revision = self
             .ctx
             .router

@@ -3,13 +3,15 @@
 //! [`node::start`] opens the node's engines, joins or bootstraps the cluster
 //! through the placement driver (embedded in dev mode), and serves etcd's
 //! gRPC services plus etcd's HTTP `/version` and `/health` on the client
-//! URLs. KV, Maintenance and Cluster are served here; services not built
+//! URLs. KV, Maintenance (with etcd's alarms, kept in PD: [`alarm`]) and
+//! Cluster are served here; services not built
 //! yet (Watch, Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
 //! Request errors carry etcd's codes and texts ([`errors`]). Raft messages
 //! between nodes travel over gRPC on the peer URLs ([`raft_transport`]), and
 //! so do requests forwarded to the node holding a region's leader
 //! ([`forward`]): every node serves every request.
 
+pub mod alarm;
 pub mod cluster;
 pub mod config;
 pub mod errors;
@@ -41,6 +43,8 @@ pub struct NodeContext {
     pub config: Config,
     /// Sizes of the regions this node leads, for heartbeats.
     pub region_sizes: Arc<split_check::RegionSizes>,
+    /// This node's copy of the cluster's alarms (see `alarm`).
+    pub alarms: Arc<alarm::Alarms>,
 }
 
 impl NodeContext {

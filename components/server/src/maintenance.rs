@@ -1,5 +1,7 @@
-//! etcdserverpb.Maintenance: status, hashes and defragmentation of this
-//! node. RPCs that need features not built yet answer `Unimplemented`.
+//! etcdserverpb.Maintenance: status, hashes (of the whole keyspace, see
+//! `Router::hash_kv`), alarms (cluster-wide, in PD; see `alarm`) and
+//! defragmentation of this node. RPCs that need features not built yet
+//! answer `Unimplemented`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,17 +53,41 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    /// etcd's Alarm over the cluster's alarm list in PD (see `alarm`):
+    /// GET lists, ACTIVATE raises, DEACTIVATE disarms (etcdctl `alarm
+    /// disarm` deactivates every listed alarm one by one). This node's
+    /// copy of the list is refreshed before answering a change.
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        if req.get_ref().action != alarm_request::AlarmAction::Get as i32 {
-            return Err(Status::unimplemented(
-                "alarms (space quota) are not supported yet",
-            ));
+        use proto::pdpb::{alarm_request::AlarmAction as Action, AlarmType as Type};
+        let req = req.into_inner();
+        let action = Action::try_from(req.action)
+            .map_err(|_| Status::invalid_argument("etcdserver: unknown alarm action"))?;
+        let alarms = match Type::try_from(req.alarm) {
+            Ok(alarm) => self
+                .ctx
+                .pd
+                .alarm(action, req.member_id, alarm)
+                .await
+                .map_err(|e| errors::status(router::Error::Pd(e)))?,
+            // etcd knows no such alarm: none is active, none can be.
+            Err(_) if action == Action::Get => Vec::new(),
+            Err(_) => return Err(Status::invalid_argument("etcdserver: unknown alarm type")),
+        };
+        if action != Action::Get {
+            if let Err(e) = self.ctx.alarms.refresh(self.ctx.pd.as_ref()).await {
+                tracing::warn!("cannot refresh the alarm list: {e}");
+            }
         }
-        // No quota is enforced yet, so no alarm can be raised.
         let header = self.ctx.current_header().await?;
         Ok(Response::new(AlarmResponse {
             header,
-            alarms: Vec::new(),
+            alarms: alarms
+                .into_iter()
+                .map(|a| AlarmMember {
+                    member_id: a.member_id,
+                    alarm: a.alarm,
+                })
+                .collect(),
         }))
     }
 
@@ -90,7 +116,18 @@ impl Maintenance for MaintenanceService {
             raft_index: region.commit_index,
             raft_term: region.term,
             raft_applied_index: region.applied_index,
-            errors: Vec::new(),
+            // As etcd: each active alarm in its protobuf text form.
+            errors: self
+                .ctx
+                .alarms
+                .list()
+                .iter()
+                .map(|a| {
+                    let name = proto::pdpb::AlarmType::try_from(a.alarm)
+                        .map_or("NONE", |t| t.as_str_name());
+                    format!("memberID:{} alarm:{} ", a.member_id, name)
+                })
+                .collect(),
             db_size_in_use: self.ctx.router.store().db_size_in_use() as i64,
             is_learner: region
                 .region

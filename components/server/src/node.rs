@@ -7,7 +7,7 @@ use proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
 use proto::metapb;
-use raftstore::{NodeIdent, Store};
+use raftstore::{NodeIdent, Store, StoreOptions};
 use router::forward::GrpcForwarder;
 use router::Router;
 use tokio::net::TcpListener;
@@ -55,6 +55,8 @@ pub struct RunningNode {
     peer_servers_from: usize,
     heartbeats: JoinHandle<()>,
     split_checks: JoinHandle<()>,
+    /// Keeps the alarm list fresh and raises CORRUPT (see `alarm`).
+    alarms: JoinHandle<()>,
     /// Resolves abandoned locks of transactions over several regions.
     lock_resolver: JoinHandle<()>,
     /// Keeps the regions' resolved revisions fresh.
@@ -117,8 +119,12 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         tokio::runtime::Handle::current(),
         resolver.clone(),
     ));
+    let options = StoreOptions {
+        consistency_check_interval: config.consistency_check_interval.0,
+        ..Default::default()
+    };
     let store = Arc::new(
-        Store::open_with_transport(&data_dir, transport)
+        Store::open_with_options(&data_dir, transport, options)
             .map_err(|e| data_dir_error(e.to_string()))?,
     );
     let ident = join_cluster(&config, &store, pd.as_ref()).await?;
@@ -138,6 +144,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         ident,
         config: config.clone(),
         region_sizes: Arc::default(),
+        alarms: Arc::default(),
     });
     let (stop_clients, clients_stopped) = watch::channel(false);
     let (stop_peers, stopped) = watch::channel(false);
@@ -196,6 +203,13 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         },
         stopped.clone(),
     ));
+    let alarms = tokio::spawn(crate::alarm::run(
+        ctx.pd.clone(),
+        store.clone(),
+        ctx.alarms.clone(),
+        ctx.ident.node_id,
+        stopped.clone(),
+    ));
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));
     let lock_resolver = ctx.router.start_lock_resolver();
     let resolved_tracker = ctx.router.start_resolved_tracker();
@@ -211,6 +225,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         peer_servers_from,
         heartbeats,
         split_checks,
+        alarms,
         removal,
         lock_resolver,
         resolved_tracker,
@@ -468,6 +483,7 @@ impl RunningNode {
         }
         let _ = self.heartbeats.await;
         let _ = self.split_checks.await;
+        let _ = self.alarms.await;
         self.removal.abort();
         self.lock_resolver.abort();
         self.resolved_tracker.abort();

@@ -95,6 +95,28 @@ impl FromStr for Interval {
     }
 }
 
+/// An [`Interval`] that may also be zero (`0`, `0s`): "never".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntervalOrZero(pub Duration);
+
+impl FromStr for IntervalOrZero {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, _) = number_and_unit(s, "duration", "10m")?;
+        if n == 0 {
+            return Ok(IntervalOrZero(Duration::ZERO));
+        }
+        s.parse::<Interval>().map(|i| IntervalOrZero(i.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for IntervalOrZero {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for Interval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?.parse().map_err(de::Error::custom)
@@ -125,5 +147,10 @@ mod tests {
         assert!("0s".parse::<Interval>().is_err());
         assert!("10".parse::<Interval>().is_err());
         assert!("1h".parse::<Interval>().is_err());
+        assert_eq!("0".parse(), Ok(IntervalOrZero(Duration::ZERO)));
+        assert_eq!("0s".parse(), Ok(IntervalOrZero(Duration::ZERO)));
+        assert_eq!("10m".parse(), Ok(IntervalOrZero(Duration::from_secs(600))));
+        assert!("5".parse::<IntervalOrZero>().is_err());
+        assert!("x".parse::<IntervalOrZero>().is_err());
     }
 }

@@ -329,6 +329,7 @@ async fn follower_catches_up_after_its_server_returns() {
 async fn a_follower_behind_the_log_gets_a_snapshot_of_many_chunks() {
     let mut c = Cluster::with_options(StoreOptions {
         log_gc_threshold: 20,
+        ..Default::default()
     })
     .await;
     let mut rev = 0;

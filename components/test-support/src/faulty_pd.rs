@@ -116,4 +116,12 @@ impl PdClient for FaultyPd {
     async fn compaction_revision(&self) -> Result<i64> {
         self.inner.compaction_revision().await
     }
+    async fn alarm(
+        &self,
+        action: proto::pdpb::alarm_request::AlarmAction,
+        member_id: u64,
+        alarm: proto::pdpb::AlarmType,
+    ) -> Result<Vec<proto::pdpb::AlarmMember>> {
+        self.inner.alarm(action, member_id, alarm).await
+    }
 }

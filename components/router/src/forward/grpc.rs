@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mvcc::exec::{WriteRequest, WriteResponse};
+use mvcc::KeyRange;
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{
     self, region_forward_client::RegionForwardClient, write_request as wreq,
@@ -21,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
 use super::wire::error_from_wire;
-use super::{Forward, ReadIndex, Target};
+use super::{span_bounds, Forward, ReadIndex, RegionHash, Target};
 use crate::resolve::Resolver;
 use crate::{Error, Result, RETRY_DEADLINE};
 
@@ -200,6 +201,34 @@ impl Forward for GrpcForwarder {
             return Err(error_from_wire(e));
         }
         Ok(resp.result)
+    }
+
+    async fn hash(&self, target: &Target, span: &KeyRange, revision: i64) -> Result<RegionHash> {
+        let (start, end) = span_bounds(span);
+        let msg = forwardpb::HashRequest {
+            header: Some(target.header()),
+            revision,
+            start,
+            end,
+        };
+        let resp = self
+            .call(
+                target.node_id,
+                true,
+                |mut c| async move { c.hash(msg).await },
+            )
+            .await?;
+        if let Some(e) = resp.error {
+            return Err(error_from_wire(e));
+        }
+        Ok(RegionHash {
+            hash: mvcc::RangeHash {
+                crc: resp.hash,
+                len: resp.hashed_bytes,
+            },
+            compact_revision: resp.compact_revision,
+            revision: resp.hash_revision,
+        })
     }
 
     /// The leader's linearizable revision and an applied index covering

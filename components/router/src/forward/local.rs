@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use mvcc::exec::{WriteRequest, WriteResponse};
+use mvcc::KeyRange;
 use parking_lot::RwLock;
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 
-use super::{Forward, ReadIndex, Target};
+use super::{Forward, ReadIndex, RegionHash, Target};
 use crate::{Error, Result, Router};
 
 /// What happens to one forwarded request.
@@ -146,6 +147,20 @@ impl Forward for LocalForwarder {
             return Err(reply_lost());
         }
         router.serve_txn_step(Some(&header), step).await
+    }
+
+    async fn hash(&self, target: &Target, span: &KeyRange, revision: i64) -> Result<RegionHash> {
+        let (router, delivery) = self.net.route(self.from, target.node_id)?;
+        let res = router
+            .serve_forwarded_hash(Some(&target.header()), span, revision)
+            .await;
+        match delivery {
+            Delivery::LoseReply => Err(Error::Unreachable {
+                node_id: target.node_id,
+                reason: "reply lost by the test network".into(),
+            }),
+            _ => res,
+        }
     }
 
     async fn read_index(&self, target: &Target) -> Result<ReadIndex> {

@@ -22,6 +22,7 @@ mod local;
 pub mod wire;
 
 use mvcc::exec::{WriteRequest, WriteResponse};
+use mvcc::KeyRange;
 use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use proto::{forwardpb, metapb};
@@ -62,6 +63,17 @@ pub struct ReadIndex {
     pub resolved: i64,
 }
 
+/// A region leader's HashKV of a key range (see `Router::hash_kv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionHash {
+    /// The hash of the range's stream and its length (combinable).
+    pub hash: mvcc::RangeHash,
+    /// The region's compaction revision, which the hash is taken at.
+    pub compact_revision: i64,
+    /// The revision hashed.
+    pub revision: i64,
+}
+
 /// Sends requests to the node of a region's leader (see the contract).
 #[async_trait::async_trait]
 pub trait Forward: Send + Sync {
@@ -87,4 +99,21 @@ pub trait Forward: Send + Sync {
         target: &Target,
         step: Step,
     ) -> Result<Option<txn_step_response::Result>>;
+
+    /// The leader's hash of the keys of `span` (which must lie in the
+    /// region) at `revision` (0: its linearizable revision).
+    async fn hash(&self, target: &Target, span: &KeyRange, revision: i64) -> Result<RegionHash>;
+}
+
+/// `span`'s bounds as a key range hash takes them: `[lower, upper)`, an
+/// empty `upper` unbounded.
+pub fn span_bounds(span: &KeyRange) -> (Vec<u8>, Vec<u8>) {
+    match &span.end {
+        Some(end) => (span.start.clone(), end.clone()),
+        None => {
+            let mut next = span.start.clone();
+            next.push(0);
+            (span.start.clone(), next)
+        }
+    }
 }
