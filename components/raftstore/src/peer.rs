@@ -510,17 +510,16 @@ impl Peer {
                             region_id,
                             from, other, "region snapshot overlapping another replica here dropped"
                         );
-                        drop_snapshot_file(Some(*snap));
+                        self.drop_snapshot_file(snap.file.as_deref());
                         return;
                     }
                 }
                 let replaced = self.incoming_snapshot.replace((index, term, *snap));
-                drop_snapshot_file(replaced.map(|(_, _, s)| s));
+                self.drop_snapshot_file(replaced.and_then(|(_, _, s)| s.file).as_deref());
             }
             SnapshotCheck::Rejected => {
-                if let Some(file) = snapshot::received_file(m.get_snapshot(), host.snap_dir()) {
-                    snapshot::remove_file(&file);
-                }
+                let file = snapshot::received_file(m.get_snapshot(), host.snap_dir());
+                self.drop_snapshot_file(file.as_deref());
                 return;
             }
         }
@@ -529,7 +528,22 @@ impl Peer {
         }
         if self.raw.raft.raft_log.unstable_snapshot().is_none() {
             // Not accepted (stale, or not a snapshot): nothing to keep.
-            drop_snapshot_file(self.incoming_snapshot.take().map(|(_, _, s)| s));
+            let dropped = self.incoming_snapshot.take();
+            self.drop_snapshot_file(dropped.and_then(|(_, _, s)| s.file).as_deref());
+        }
+    }
+
+    /// Deletes a received snapshot file that will not be installed, unless
+    /// the snapshot kept for installing is read from it: a copy of one
+    /// snapshot arrives under the same name as the first.
+    fn drop_snapshot_file(&self, file: Option<&std::path::Path>) {
+        let Some(file) = file else { return };
+        let kept = self
+            .incoming_snapshot
+            .as_ref()
+            .and_then(|(_, _, s)| s.file.as_deref());
+        if kept != Some(file) {
+            snapshot::remove_file(file);
         }
     }
 
@@ -918,13 +932,5 @@ fn not_leader(region: &metapb::Region, leader_id: u64) -> Error {
     Error::NotLeader {
         region_id: region.id,
         leader: region.peers.iter().find(|p| p.id == leader_id).cloned(),
-    }
-}
-
-/// Deletes the file a received snapshot that will not be installed came
-/// in, if it came as one.
-fn drop_snapshot_file(snap: Option<RegionSnapshot>) {
-    if let Some(file) = snap.and_then(|s| s.file) {
-        snapshot::remove_file(&file);
     }
 }

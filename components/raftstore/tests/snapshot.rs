@@ -210,13 +210,15 @@ fn snapshot_files(c: &Cluster, id: u64) -> Vec<String> {
     names
 }
 
-/// Drops the first `n` region snapshots sent to node `to`.
-struct DropSnapshots {
+/// Drops the first `drop` region snapshots sent to node `to`, and sends
+/// every later one `copies` times.
+struct SnapshotFaults {
     to: u64,
-    left: AtomicUsize,
+    drop: AtomicUsize,
+    copies: usize,
 }
 
-impl Filter for DropSnapshots {
+impl Filter for SnapshotFaults {
     fn apply(&self, _: u64, _: u64, _: &mut Vec<Duration>) {}
 
     fn apply_msg(&self, msg: &RaftMessage, _: u64, to: u64, copies: &mut Vec<Duration>) {
@@ -224,14 +226,17 @@ impl Filter for DropSnapshots {
         else {
             return;
         };
-        if to == self.to
-            && m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot
-            && self
-                .left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
+        if to != self.to || m.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot {
+            return;
+        }
+        let dropped = self
+            .drop
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if dropped {
             copies.clear();
+        } else {
+            *copies = vec![Duration::ZERO; self.copies];
         }
     }
 }
@@ -241,6 +246,18 @@ impl Filter for DropSnapshots {
 /// transport lost is sent again (raft hears of the loss).
 #[tokio::test]
 async fn large_snapshots_travel_as_files_and_lost_ones_are_resent() {
+    snapshot_under_faults(2, 1).await;
+}
+
+/// Copies of one snapshot arrive under one file name, possibly while the
+/// first is kept for installing: dropping a copy must not delete the file
+/// the first is installed from.
+#[tokio::test]
+async fn duplicated_snapshots_are_installed_once() {
+    snapshot_under_faults(0, 3).await;
+}
+
+async fn snapshot_under_faults(drop: usize, copies: usize) {
     let c = cluster();
     c.leader().await;
     let mut rev = 0;
@@ -253,9 +270,10 @@ async fn large_snapshots_travel_as_files_and_lost_ones_are_resent() {
     for i in 0..150 {
         c.must_put(&mut rev, &format!("big{i:03}"), &value).await;
     }
-    c.add_filter(DropSnapshots {
+    c.add_filter(SnapshotFaults {
         to: follower,
-        left: AtomicUsize::new(2),
+        drop: AtomicUsize::new(drop),
+        copies,
     });
     c.restart_node(follower);
     wait_revision(&c, follower, rev).await;

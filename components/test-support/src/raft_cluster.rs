@@ -196,8 +196,9 @@ impl Router {
 
 impl Transport for Router {
     /// The filters decide as for any message: dropped, the send fails;
-    /// delayed, the file and message go after the first copy's delay (on a
-    /// thread of their own, so the sender never waits).
+    /// delayed or duplicated, the file and message go once per copy, each
+    /// after its delay, on a thread of their own (the sender never waits),
+    /// and the send succeeds if one copy arrived.
     fn send_snapshot(&self, msg: RaftMessage, path: PathBuf, done: SnapshotDone) {
         let from = msg.from_peer.map(|p| p.node_id).unwrap_or_default();
         let to = msg.to_peer.map(|p| p.node_id).unwrap_or_default();
@@ -205,14 +206,29 @@ impl Transport for Router {
         for f in self.filters.read().iter() {
             f.apply_msg(&msg, from, to, &mut copies);
         }
+        copies.sort_unstable();
         let store = self.stores.read().get(&to).cloned();
-        let (Some(delay), Some(store)) = (copies.first().copied(), store) else {
+        let Some(store) = store.filter(|_| !copies.is_empty()) else {
             done(false);
             return;
         };
         std::thread::spawn(move || {
-            std::thread::sleep(delay);
-            done(deliver_snapshot(&store, msg, &path));
+            let start = Instant::now();
+            let mut delivered = false;
+            // Copies due at once arrive back to back: every file first,
+            // then the messages.
+            for due in copies.chunk_by(|a, b| a == b) {
+                std::thread::sleep(due[0].saturating_sub(start.elapsed()));
+                let received = due
+                    .iter()
+                    .filter(|_| receive_snapshot(&store, &msg, &path))
+                    .count();
+                for _ in 0..received {
+                    store.on_raft_message(msg.clone());
+                    delivered = true;
+                }
+            }
+            done(delivered);
         });
     }
 
@@ -238,12 +254,12 @@ impl Transport for Router {
     }
 }
 
-/// Copies the snapshot file at `path` into `store` in small chunks, as the
-/// gRPC transport does, then delivers `msg`; whether that worked.
-fn deliver_snapshot(store: &Store, msg: RaftMessage, path: &std::path::Path) -> bool {
+/// Copies the snapshot file of `msg` at `path` into `store` in small
+/// chunks, as the gRPC transport does; whether that worked.
+fn receive_snapshot(store: &Store, msg: &RaftMessage, path: &std::path::Path) -> bool {
     use std::io::Read;
     let copied = (|| -> Result<(), Box<dyn std::error::Error>> {
-        let mut sink = store.snapshot_sink(&msg)?;
+        let mut sink = store.snapshot_sink(msg)?;
         let mut file = std::fs::File::open(path)?;
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
@@ -256,9 +272,6 @@ fn deliver_snapshot(store: &Store, msg: RaftMessage, path: &std::path::Path) -> 
         sink.finish()?;
         Ok(())
     })();
-    if copied.is_ok() {
-        store.on_raft_message(msg);
-    }
     copied.is_ok()
 }
 
