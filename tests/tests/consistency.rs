@@ -98,7 +98,7 @@ async fn hashkv_agrees_on_every_node_without_every_region_local() {
     )
     .await
     .expect("connect to PD");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let regions = loop {
         let regions = pdc.scan_regions(b"", b"", 0).await.expect("scan");
         let settled = regions.len() >= 3

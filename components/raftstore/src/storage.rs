@@ -185,10 +185,11 @@ impl raft::Storage for PeerStorage {
 
     /// A snapshot generated off this thread (see `snapshot::Generator`):
     /// `SnapshotTemporarilyUnavailable` until one at `request_index` or
-    /// above is ready, and at the log's truncation point or above, so the
-    /// follower can go on from the log after installing it.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// above is ready, at the log's truncation point or above (so the
+    /// follower can go on from the log after installing it), whose
+    /// configuration includes `to`.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         self.snapshots
-            .snapshot(request_index.max(self.truncated_index))
+            .snapshot(request_index.max(self.truncated_index), to)
     }
 }

@@ -5,9 +5,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use proto::metapb;
 use proto::raft_cmdpb::{raft_cmd_request::Cmd, CompactRequest, RaftCmdRequest};
 use proto::raft_serverpb::RaftMessage;
-use raftstore::StoreOptions;
+use raftstore::{ConfChangeType, StoreOptions};
 use test_support::raft_cluster::{delete, write, Cluster, Filter};
 
 const GC_THRESHOLD: u64 = 50;
@@ -291,4 +292,33 @@ async fn snapshot_under_faults(drop: usize, copies: usize) {
         generated.len() <= 1 && generated.iter().all(|f| f.ends_with(".gen")),
         "the leader keeps its newest generated snapshot only: {generated:?}"
     );
+}
+
+/// A snapshot generated before a replica joined has a configuration
+/// without it, which the new replica refuses: it must get a newer one,
+/// not that one again and again.
+#[tokio::test]
+async fn a_replica_added_after_a_snapshot_was_generated_gets_a_newer_one() {
+    let c = Cluster::with_spare_and_options(
+        3,
+        1,
+        StoreOptions {
+            log_gc_threshold: GC_THRESHOLD,
+            ..Default::default()
+        },
+    );
+    c.leader().await;
+    let mut rev = 0;
+    // A follower behind the log GC makes the leader generate a snapshot.
+    let (follower, _) = leave_behind(&c, &mut rev, 150).await;
+    c.restart_node(follower);
+    wait_revision(&c, follower, rev).await;
+    let learner = metapb::Peer {
+        id: 4,
+        node_id: 4,
+        role: metapb::PeerRole::Learner as i32,
+    };
+    c.must_change_peers(vec![(ConfChangeType::AddLearnerNode, learner)])
+        .await;
+    c.must_get_on(&[4], "b149", "v149").await;
 }

@@ -391,7 +391,12 @@ impl Cluster {
     /// `spare` more nodes (ids n+1..) that host no region but are reachable,
     /// ready to receive new replicas.
     pub fn new_with_spare(n: u64, spare: u64) -> Cluster {
-        let mut c = Self::new(n);
+        Self::with_spare_and_options(n, spare, StoreOptions::default())
+    }
+
+    /// Like [`Cluster::new_with_spare`], every node opened with `options`.
+    pub fn with_spare_and_options(n: u64, spare: u64, options: StoreOptions) -> Cluster {
+        let mut c = Self::with_options(n, options);
         for id in n + 1..=n + spare {
             let dir = tempfile::tempdir().unwrap();
             let store =

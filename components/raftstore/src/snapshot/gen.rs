@@ -4,7 +4,8 @@
 //! replica's thread whenever a follower needs one. Reading and encoding a
 //! whole region there would stall the region for as long as that takes,
 //! so [`Generator::snapshot`] answers at once: with a snapshot generated
-//! earlier if it is recent enough, and otherwise with raft-rs's
+//! earlier if it is recent enough and its configuration has the follower,
+//! and otherwise with raft-rs's
 //! `SnapshotTemporarilyUnavailable` after starting a generator thread (one
 //! at a time per region), which raft-rs answers by trying again at its
 //! next attempt to reach the follower (a heartbeat response at the latest).
@@ -60,15 +61,27 @@ impl Generator {
         }
     }
 
-    /// A snapshot at index `min_index` or above: the last one generated if
-    /// it is, otherwise `SnapshotTemporarilyUnavailable` while a newer one
-    /// is generated in the background (see the module docs). Never blocks
-    /// on the generation.
-    pub fn snapshot(&self, min_index: u64) -> raft::Result<Snapshot> {
+    /// A snapshot for peer `to` at index `min_index` or above: the last one
+    /// generated if it is that and its configuration includes `to` (one
+    /// taken before `to` joined would be refused by it), otherwise
+    /// `SnapshotTemporarilyUnavailable` while a newer one is generated in
+    /// the background (see the module docs). Never blocks on the
+    /// generation.
+    pub fn snapshot(&self, min_index: u64, to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable);
         let mut state = self.state.lock();
         if let Some((snap, _)) = &state.ready {
-            if snap.get_metadata().index >= min_index {
+            let meta = snap.get_metadata();
+            let cs = meta.get_conf_state();
+            let member = [
+                &cs.voters,
+                &cs.learners,
+                &cs.voters_outgoing,
+                &cs.learners_next,
+            ]
+            .iter()
+            .any(|ids| ids.contains(&to));
+            if meta.index >= min_index && member {
                 return Ok(snap.clone());
             }
         }
