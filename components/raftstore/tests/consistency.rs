@@ -9,13 +9,12 @@
 use std::time::{Duration, Instant};
 
 use engine::WriteBatch;
-use proto::metapb;
 use proto::raft_cmdpb::{
     mutation::Op, raft_cmd_request::Cmd, CommitMergeRequest, CompactRequest, Mutation,
-    PrepareMergeRequest, RaftCmdRequest, RaftRequestHeader, SplitRequest,
+    PrepareMergeRequest, SplitRequest,
 };
 use raftstore::{RegionHandle, StoreOptions};
-use test_support::raft_cluster::{Cluster, REGION_ID};
+use test_support::raft_cluster::{cmd_for, Cluster, REGION_ID};
 
 const INTERVAL: Duration = Duration::from_millis(200);
 const RIGHT: u64 = 100;
@@ -32,17 +31,6 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn cmd_for(region: &metapb::Region, cmd: Cmd) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: Some(RaftRequestHeader {
-            region_id: region.id,
-            region_epoch: region.region_epoch,
-            term: 0,
-        }),
-        cmd: Some(cmd),
     }
 }
 

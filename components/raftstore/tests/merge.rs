@@ -13,26 +13,15 @@ use std::time::{Duration, Instant};
 use proto::metapb;
 use proto::raft_cmdpb::{
     raft_cmd_request::Cmd, CommitMergeRequest, PrepareMergeRequest, RaftCmdRequest,
-    RaftRequestHeader, RejectMergeRequest, RollbackMergeRequest, SplitRequest,
+    RejectMergeRequest, RollbackMergeRequest, SplitRequest,
 };
 use proto::raft_serverpb::RaftMessage;
 use raft::eraftpb::ConfChangeType;
 use raftstore::{Error, RegionHandle, StoreOptions};
-use test_support::raft_cluster::{Cluster, Filter, REGION_ID};
+use test_support::raft_cluster::{cmd_for, Cluster, Filter, REGION_ID};
 
 /// The right half after the split at "m": the merge target.
 const TARGET: u64 = 100;
-
-fn cmd_for(region: &metapb::Region, cmd: Cmd) -> RaftCmdRequest {
-    RaftCmdRequest {
-        header: Some(RaftRequestHeader {
-            region_id: region.id,
-            region_epoch: region.region_epoch,
-            term: 0,
-        }),
-        cmd: Some(cmd),
-    }
-}
 
 fn put_cmd(region: &metapb::Region, rev: i64, key: &str, value: &str) -> RaftCmdRequest {
     let mut cmd = test_support::raft_cluster::write_to(region.id, rev, key, value);

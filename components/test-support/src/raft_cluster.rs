@@ -357,6 +357,18 @@ pub fn write(rev: i64, key: &str, value: &str) -> RaftCmdRequest {
     write_to(REGION_ID, rev, key, value)
 }
 
+/// `cmd` for `region` at its current epoch, not bound to a term.
+pub fn cmd_for(region: &metapb::Region, cmd: Cmd) -> RaftCmdRequest {
+    RaftCmdRequest {
+        header: Some(RaftRequestHeader {
+            region_id: region.id,
+            region_epoch: region.region_epoch,
+            term: 0,
+        }),
+        cmd: Some(cmd),
+    }
+}
+
 /// [`write`] for region `region_id` at epoch (1, 1), not bound to a term.
 pub fn write_to(region_id: u64, rev: i64, key: &str, value: &str) -> RaftCmdRequest {
     RaftCmdRequest {
