@@ -492,6 +492,7 @@ impl Run<'_> {
                 applied_revision: parent.applied_revision,
                 compact_revision: parent.compact_revision,
                 pending_compact_revision: parent.pending_compact_revision,
+                installing_snapshot: false,
             };
             self.kv.put_to(
                 &mut self.wb,
@@ -839,6 +840,7 @@ mod tests {
             applied_revision: 2,
             compact_revision: 1,
             pending_compact_revision: 0,
+            installing_snapshot: false,
         }
     }
 

@@ -48,6 +48,10 @@ pub enum Error {
     /// The replica stopped before it took the request.
     #[error("region {0} is shutting down")]
     Stopped(u64),
+    /// The replica is replacing its data by a region snapshot: it answers
+    /// no read until that is done.
+    #[error("region {0} is installing a snapshot")]
+    Installing(u64),
     /// The command may or may not apply (see above).
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
@@ -75,6 +79,7 @@ impl Error {
                 | Error::Merging(_)
                 | Error::RegionNotFound(_)
                 | Error::Stopped(_)
+                | Error::Installing(_)
         )
     }
 }

@@ -4,6 +4,7 @@ const REGION_PREFIX: &[u8] = b"r/";
 const STATE_SUFFIX: u8 = b's';
 const APPLY_SUFFIX: u8 = b'a';
 const CLEANUP_SUFFIX: u8 = b'c';
+const INSTALL_SUFFIX: u8 = b'i';
 
 /// Node identity (cluster id and node id), written once at bootstrap.
 pub const NODE_IDENT_KEY: &[u8] = b"node_ident";
@@ -27,6 +28,12 @@ pub fn cleanup_key(region_id: u64) -> Vec<u8> {
     region_key(region_id, CLEANUP_SUFFIX)
 }
 
+/// Set while a region snapshot is being installed (see
+/// `snapshot::install`): a `SnapshotInstall`.
+pub fn install_key(region_id: u64) -> Vec<u8> {
+    region_key(region_id, INSTALL_SUFFIX)
+}
+
 fn region_key(region_id: u64, suffix: u8) -> Vec<u8> {
     let mut k = Vec::with_capacity(REGION_PREFIX.len() + 9);
     k.extend_from_slice(REGION_PREFIX);
@@ -35,15 +42,25 @@ fn region_key(region_id: u64, suffix: u8) -> Vec<u8> {
     k
 }
 
-/// Bounds of every region state key, for scanning them at start-up.
-pub fn region_state_bounds() -> (Vec<u8>, Vec<u8>) {
+/// Bounds of every region key (state, apply state, marks), for scanning
+/// them at start-up.
+pub fn region_key_bounds() -> (Vec<u8>, Vec<u8>) {
     (REGION_PREFIX.to_vec(), b"r0".to_vec())
 }
 
 /// The region id of a region key, if `key` is a region state key.
 pub fn decode_region_state_key(key: &[u8]) -> Option<u64> {
+    decode_region_key(key, STATE_SUFFIX)
+}
+
+/// The region id of a region key, if `key` is a snapshot install key.
+pub fn decode_install_key(key: &[u8]) -> Option<u64> {
+    decode_region_key(key, INSTALL_SUFFIX)
+}
+
+fn decode_region_key(key: &[u8], suffix: u8) -> Option<u64> {
     let rest = key.strip_prefix(REGION_PREFIX)?;
-    if rest.len() != 9 || rest[8] != STATE_SUFFIX {
+    if rest.len() != 9 || rest[8] != suffix {
         return None;
     }
     let mut id = [0u8; 8];

@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn snapshots_are_checked_before_raft_sees_them() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = SnapDir::open(tmp.path()).unwrap();
+        let dir = SnapDir::open(tmp.path(), &[]).unwrap();
         assert!(matches!(
             check_snapshot(7, 1, 2, &raft_msg(2, 1), &dir),
             SnapshotCheck::NotSnapshot

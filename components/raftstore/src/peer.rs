@@ -35,8 +35,8 @@
 //!   not apply, or outcome unknown) is the `proposals` module's contract.
 //! * A replica removed by a membership change stops applying at that entry
 //!   (its region state is already `Tombstone`), answers everything still
-//!   waiting with `Stopped`, drops its raft log and unregisters itself.
-//!   Its MVCC data stays in RocksDB for now.
+//!   waiting with `Stopped`, drops its raft log, deletes its data (see
+//!   `snapshot::clear_removed`) and unregisters itself.
 //! * A region snapshot overlapping another initialized replica on this
 //!   node is dropped when it arrives, unless every such replica is of a
 //!   region merged away (the store checks, and destroys those first).

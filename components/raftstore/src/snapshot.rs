@@ -38,17 +38,21 @@
 //! anything is written.
 //!
 //! Installing ([`install`]) replaces a replica's data, region meta, apply
-//! state and raft log by the snapshot's. Order of writes: the data, the
-//! region state (`Normal`) and the apply state (applied and truncated at the
-//! snapshot's index and term, with the snapshot's revisions, and its
+//! state and raft log by the snapshot's, writing RocksDB in batches of
+//! bounded size between a first synced write that records the install
+//! (and makes reads of the region refuse) and a last one that puts the
+//! region state (`Normal`) and the apply state (applied and truncated at
+//! the snapshot's index and term, with the snapshot's revisions, and its
 //! compaction revision pending again since the leader's physical clean-up
-//! may not be done) go to RocksDB in one synced batch; then the region's
-//! raft-engine log is replaced (cleaned, hard state with the commit at the
-//! snapshot and a term not below it, the snapshot's conf state) with fsync;
-//! then raft-rs's storage is told. A crash before the RocksDB write leaves
-//! the old state and the leader sends the snapshot again; a crash between
-//! the two leaves the new apply state with the old log, which start-up
-//! reconciles (`Store::reconcile_log`).
+//! may not be done) and drops the record; then the region's raft-engine
+//! log is replaced (cleaned, hard state with the commit at the snapshot
+//! and a term not below it, the snapshot's conf state) with fsync; then
+//! raft-rs's storage is told. A crash before the first write leaves the
+//! old state and the leader sends the snapshot again; a crash between the
+//! first and the last leaves the record, and start-up does the install
+//! again ([`finish_installs`], see `install`); a crash after the last
+//! leaves the new apply state with the old log, which start-up reconciles
+//! (`Store::reconcile_log`).
 //!
 //! Work is bounded by the region's key range: generating walks the range's
 //! MVCC CF keys (records of the old format, without a sub-revision, go out
@@ -80,9 +84,9 @@ mod install;
 
 pub use file::{Descriptor, SnapDir, SnapshotSink};
 pub(crate) use gen::Generator;
+pub(crate) use install::{clear_removed, finish_installs, install, pending_install_files};
 #[cfg(test)]
-use install::stage_apply;
-pub(crate) use install::{clear_removed, install};
+use install::{install_data, write_data, INSTALL_BATCH_BYTES};
 
 const MAGIC: &[u8] = b"MSRS";
 /// Largest key or value a record may have (etcd's are far smaller): a

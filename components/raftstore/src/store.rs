@@ -15,7 +15,8 @@
 //!   term of that leadership.
 //! * `read_state(view)` is the region's applied and compaction revisions
 //!   as of `view`, a snapshot of this node's RocksDB: the same moment as
-//!   the data a read through `view` sees.
+//!   the data a read through `view` sees. It fails with `Installing`
+//!   (retryable) if `view` caught a region snapshot install half-way.
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
@@ -158,6 +159,9 @@ impl RegionHandle {
                 Error::Corrupted(format!("region {} without apply state", self.region_id))
             })?;
         let state = RaftApplyState::decode(raw.as_slice())?;
+        if state.installing_snapshot {
+            return Err(Error::Installing(self.region_id));
+        }
         Ok(ReadState {
             applied_revision: state.applied_revision,
             compact_revision: state.compact_revision,
@@ -199,6 +203,11 @@ impl RegionHandle {
 
     pub fn status(&self) -> PeerStatus {
         self.shared.status.lock().clone()
+    }
+
+    /// The replica's current raft term (its status's, without the copy).
+    pub fn term(&self) -> u64 {
+        self.shared.status.lock().term
     }
 
     /// The transaction locks this replica has applied (see `txn`).
@@ -327,7 +336,10 @@ impl Store {
         // A store written before the MVCC key index existed gets it now.
         MvccStore::new(kv.clone()).build_key_index()?;
         let log = RaftLogEngine::open(&data_dir.join("raft"))?;
-        let snap_dir = SnapDir::open(&data_dir.join("snap"))?;
+        // Installs a crash cut short are finished before anything else.
+        let keep = crate::snapshot::pending_install_files(&kv)?;
+        let snap_dir = SnapDir::open(&data_dir.join("snap"), &keep)?;
+        crate::snapshot::finish_installs(&kv, &log, &snap_dir)?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),
             layout: AtomicU64::new(0),
@@ -344,7 +356,7 @@ impl Store {
             inconsistencies: watch::channel(Vec::new()).0,
             checks_passed: AtomicU64::new(0),
         });
-        let (lower, upper) = keys::region_state_bounds();
+        let (lower, upper) = keys::region_key_bounds();
         let mut states = Vec::new();
         let mut it = store.kv.iter(cf::META, &lower, &upper);
         it.seek(&lower);

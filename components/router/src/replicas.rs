@@ -29,11 +29,27 @@ pub(crate) struct LocalReplicas {
 impl LocalReplicas {
     /// This node's initialized replica whose range holds `key`, if any.
     pub fn find(&self, store: &Store, key: &[u8]) -> Option<RegionHandle> {
+        self.with_index(store, |index| lookup(index, key))
+            .and_then(|id| store.region(id))
+    }
+
+    /// This node's initialized replica with the smallest start key, if any
+    /// (the one whose raft state stands for the node's, see the server's
+    /// `main_region_status`).
+    pub fn first(&self, store: &Store) -> Option<RegionHandle> {
+        self.with_index(store, |index| {
+            index.by_start.values().next().map(|(_, id)| *id)
+        })
+        .and_then(|id| store.region(id))
+    }
+
+    /// `f` of the index, rebuilt first if the store's layout moved.
+    fn with_index<T>(&self, store: &Store, f: impl Fn(&Index) -> T) -> T {
         let version = store.layout_version();
         {
             let index = self.index.read();
             if index.version == Some(version) {
-                return lookup(&index, key).and_then(|id| store.region(id));
+                return f(&index);
             }
         }
         let mut index = self.index.write();
@@ -48,7 +64,7 @@ impl LocalReplicas {
                 .collect();
             index.version = Some(version);
         }
-        lookup(&index, key).and_then(|id| store.region(id))
+        f(&index)
     }
 }
 

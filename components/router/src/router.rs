@@ -98,6 +98,12 @@ impl Router {
         &self.store
     }
 
+    /// This node's replica with the smallest start key (an index lookup,
+    /// not a walk over the replicas), if it has any.
+    pub fn first_local_replica(&self) -> Option<RegionHandle> {
+        self.replicas.first(&self.store)
+    }
+
     pub(crate) fn region_leader(&self, region_id: u64) -> Arc<RegionLeader> {
         self.leaders
             .entry(region_id)

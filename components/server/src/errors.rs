@@ -51,6 +51,7 @@ pub fn status(err: router::Error) -> Status {
                 Status::unavailable("etcdserver: leader changed")
             }
             R::Stopped(_) => Status::unavailable("etcdserver: server stopped"),
+            R::Installing(_) => Status::unavailable(format!("etcdserver: {r}")),
             R::OutcomeUnknown(_) => Status::unavailable(REQUEST_TIMED_OUT),
             R::Mvcc(m) => status(router::Error::Mvcc(m)),
             other => Status::internal(format!("etcdserver: {other}")),

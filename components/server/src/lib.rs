@@ -52,11 +52,8 @@ impl NodeContext {
     /// term, index, leader): the one covering the start of the keyspace.
     pub fn main_region_status(&self) -> PeerStatus {
         self.router
-            .store()
-            .regions()
-            .into_iter()
+            .first_local_replica()
             .map(|r| r.status())
-            .min_by(|a, b| a.region.start_key.cmp(&b.region.start_key))
             .unwrap_or_default()
     }
 
@@ -80,6 +77,6 @@ impl NodeContext {
         let h = header.get_or_insert_with(ResponseHeader::default);
         h.cluster_id = self.ident.cluster_id;
         h.member_id = self.ident.node_id;
-        h.raft_term = self.main_region_status().term;
+        h.raft_term = self.router.first_local_replica().map_or(0, |r| r.term());
     }
 }

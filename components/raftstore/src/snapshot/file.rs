@@ -17,8 +17,9 @@
 //! (`.<n>.tmp` while arriving). A snapshot is identified by region, applied
 //! term and index: by raft's log matching property two files with the same
 //! three describe the same state. The directory is emptied when the node
-//! starts (nothing in it is needed across restarts: a leader generates
-//! again, and a follower asks again); a received file is deleted once
+//! starts (a leader generates again, and a follower asks again), but for
+//! the received files of installs a crash cut short, which start-up
+//! finishes from them (see `install`); a received file is deleted once
 //! installed or refused, a generated one once a newer one replaces it or
 //! its replica stops.
 //!
@@ -106,12 +107,20 @@ pub struct SnapDir {
 
 impl SnapDir {
     /// Opens `path`, creating it, and deletes whatever an earlier run left
-    /// there.
-    pub fn open(path: &Path) -> Result<SnapDir> {
-        if path.exists() {
-            fs::remove_dir_all(path)?;
-        }
+    /// there but the files named in `keep` (those of installs to finish).
+    pub fn open(path: &Path, keep: &[String]) -> Result<SnapDir> {
         fs::create_dir_all(path)?;
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            if keep.iter().any(|k| entry.file_name() == k.as_str()) {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
         Ok(SnapDir {
             path: path.to_owned(),
         })
@@ -124,7 +133,12 @@ impl SnapDir {
 
     /// Where a snapshot received for `desc` is, once complete.
     pub fn received(&self, desc: &Descriptor) -> PathBuf {
-        self.path.join(format!("{}.recv", desc.stem()))
+        self.path.join(Self::received_name(desc))
+    }
+
+    /// The file name of [`SnapDir::received`].
+    pub fn received_name(desc: &Descriptor) -> String {
+        format!("{}.recv", desc.stem())
     }
 
     /// A new file for a generator of region `region_id` to write to (no
@@ -282,7 +296,7 @@ mod tests {
     #[test]
     fn a_sink_keeps_only_a_whole_file_with_the_right_checksum() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = SnapDir::open(&tmp.path().join("snap")).unwrap();
+        let dir = SnapDir::open(&tmp.path().join("snap"), &[]).unwrap();
         let data = b"0123456789";
         let d = desc(data);
         let mut sink = dir.sink(d).unwrap();
@@ -308,8 +322,16 @@ mod tests {
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("7_3_12.recv")]);
 
-        // Reopening empties the directory.
-        SnapDir::open(&tmp.path().join("snap")).unwrap();
+        // Reopening empties the directory, but for the files to keep.
+        fs::write(tmp.path().join("snap/7_3_13.recv"), b"x").unwrap();
+        fs::write(tmp.path().join("snap/7_3_14.gen"), b"x").unwrap();
+        SnapDir::open(&tmp.path().join("snap"), &["7_3_12.recv".to_string()]).unwrap();
+        let left: Vec<_> = fs::read_dir(tmp.path().join("snap"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("7_3_12.recv")]);
+        SnapDir::open(&tmp.path().join("snap"), &[]).unwrap();
         assert_eq!(fs::read_dir(tmp.path().join("snap")).unwrap().count(), 0);
     }
 }

@@ -1,5 +1,6 @@
 use super::*;
 use engine::WriteBatch;
+use proto::raft_serverpb::SnapshotInstall;
 
 fn region() -> metapb::Region {
     metapb::Region {
@@ -243,8 +244,7 @@ fn snapshots_are_bounded_by_the_region_and_keep_the_revision_index() {
     write_version(&follower, b"c", 3, 1, false);
     write_version(&follower, b"c", 4, 1, false);
     write_version(&follower, b"d", 4, 0, false);
-    let mut wb = WriteBatch::default();
-    stage_apply(&follower, &mut wb, &snap).unwrap();
+    let wb = write_data(&follower, &snap, INSTALL_BATCH_BYTES, &mut |_| Ok(())).unwrap();
     follower.write(wb).unwrap();
     assert_eq!(
         revision_index(&follower),
@@ -317,8 +317,10 @@ fn installing_rebuilds_the_key_index_of_the_range() {
         &["a1", "b1", "b9", "c5", "d1"],
         &["b1"],
     );
-    let mut wb = WriteBatch::default();
-    stage_apply(follower.engine(), &mut wb, &snap).unwrap();
+    let wb = write_data(follower.engine(), &snap, INSTALL_BATCH_BYTES, &mut |_| {
+        Ok(())
+    })
+    .unwrap();
     follower.engine().write(wb).unwrap();
     let view = follower.snapshot();
     view.check_key_index().unwrap();
@@ -329,4 +331,184 @@ fn installing_rebuilds_the_key_index_of_the_range() {
     // b1, b2, c2 from the leader; a1 and d1 outside the region kept.
     assert_eq!(count(b"b", b"d"), 3);
     assert_eq!(count(b"a", b"\0"), 5);
+}
+
+/// Writes region 7's meta and apply state (at `applied_revision`) into
+/// `kv`, as a replica of it holds them.
+fn write_region_state(kv: &KvEngine, applied_revision: i64) {
+    let mut wb = WriteBatch::default();
+    let region_state = RegionLocalState {
+        region: Some(region()),
+        ..Default::default()
+    };
+    kv.put_to(
+        &mut wb,
+        cf::META,
+        &keys::region_state_key(7),
+        &region_state.encode_to_vec(),
+    );
+    let apply_state = RaftApplyState {
+        applied_revision,
+        ..Default::default()
+    };
+    kv.put_to(
+        &mut wb,
+        cf::META,
+        &keys::apply_state_key(7),
+        &apply_state.encode_to_vec(),
+    );
+    kv.write(wb).unwrap();
+}
+
+fn apply_state_of(kv: &KvEngine) -> RaftApplyState {
+    RaftApplyState::decode(
+        kv.get(cf::META, &keys::apply_state_key(7))
+            .unwrap()
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap()
+}
+
+/// An install is written in batches of bounded size, so a crash can cut
+/// it short anywhere: until then the apply state says a snapshot is being
+/// installed (reads refuse), and start-up finishes it from its record and
+/// its file, with the range as the leader has it (versions, key index,
+/// revision index) and other regions' data untouched.
+#[test]
+fn an_install_cut_short_is_finished_at_start_up() {
+    use protobuf::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let many: Vec<String> = (0..300).map(|i| format!("b{i:04}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let leader = store_with(&dir.path().join("leader"), &many, &["b0007", "b0100"]);
+    write_region_state(leader.engine(), 303);
+    let (_, data) = generate(leader.engine(), 7).unwrap();
+
+    // The follower holds keys outside the range (to be kept) and versions
+    // in it at revisions the leader's history does not have (an older
+    // replica's, one of the old record format), whose revision index
+    // entries must go with them.
+    let follower = store_with(&dir.path().join("follower"), &["a1", "d1"], &[]);
+    let kv = follower.engine();
+    write_version(kv, b"b0001", 1000, 0, false);
+    write_version(kv, b"b9", 1001, 1, true);
+    write_version(kv, b"c5", 1002, 0, false);
+    write_region_state(kv, 1002);
+    let log = engine::RaftLogEngine::open(&dir.path().join("raft")).unwrap();
+    let snap_dir = SnapDir::open(&dir.path().join("snap"), &[]).unwrap();
+    let desc = Descriptor {
+        region_id: 7,
+        index: 40,
+        term: 6,
+        size: data.len() as u64,
+        crc32: crc32fast::hash(&data),
+    };
+    std::fs::write(snap_dir.received(&desc), &data).unwrap();
+    let hs = raft::eraftpb::HardState {
+        term: 6,
+        commit: 40,
+        ..Default::default()
+    };
+    let record = SnapshotInstall {
+        index: 40,
+        term: 6,
+        data: desc.encode(),
+        conf_state: raft::eraftpb::ConfState::default()
+            .write_to_bytes()
+            .unwrap(),
+        hard_state: hs.write_to_bytes().unwrap(),
+    };
+    let snap = decode_file(7, &snap_dir.received(&desc)).unwrap();
+
+    // Cut short after its third batch of about 4 KiB.
+    let mut batches = 0;
+    let cut = install_data(kv, &log, 7, &record, &snap, 4096, &mut |n| {
+        batches = n;
+        if n == 3 {
+            Err(Error::Corrupted("crash".into()))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(cut.is_err());
+    assert_eq!(batches, 3);
+    assert!(apply_state_of(kv).installing_snapshot);
+    assert_eq!(
+        pending_install_files(kv).unwrap(),
+        vec![SnapDir::received_name(&desc)]
+    );
+
+    // Start-up: the directory keeps the file, the install is finished.
+    drop(snap_dir);
+    let keep = pending_install_files(kv).unwrap();
+    let snap_dir = SnapDir::open(&dir.path().join("snap"), &keep).unwrap();
+    finish_installs(kv, &log, &snap_dir).unwrap();
+    let state = apply_state_of(kv);
+    assert!(!state.installing_snapshot);
+    assert_eq!((state.applied_index, state.applied_revision), (40, 303));
+    assert!(pending_install_files(kv).unwrap().is_empty());
+    assert!(
+        !snap_dir.received(&desc).exists(),
+        "the file is deleted once installed"
+    );
+    assert_eq!(log.hard_state(7).unwrap().unwrap().commit, 40);
+
+    let view = follower.snapshot();
+    view.check_key_index().unwrap();
+    let count = |start: &[u8], end: &[u8]| {
+        let range = mvcc::KeyRange::from_etcd(start, end);
+        view.range(&range, i64::MAX, 0, false).unwrap().count
+    };
+    assert_eq!(count(b"b", b"d"), 298, "the leader's keys of the range");
+    assert_eq!(count(b"a", b"b"), 1, "a1 kept");
+    assert_eq!(count(b"d", b"e"), 1, "d1 kept");
+    // The revision index of the range is the leader's, entry for entry.
+    let in_range = |kv: &KvEngine| {
+        revision_index(kv)
+            .into_iter()
+            .filter(|(_, _, k)| k.as_slice() >= b"b".as_slice() && k.as_slice() < b"d".as_slice())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(in_range(kv), in_range(leader.engine()));
+}
+
+/// A whole install in batches ends where a single batch would.
+#[test]
+fn an_install_in_many_batches_writes_what_one_batch_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let many: Vec<String> = (0..200).map(|i| format!("c{i:04}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let leader = store_with(&dir.path().join("leader"), &many, &["c0003"]);
+    write_region_state(leader.engine(), 202);
+    let (_, data) = generate(leader.engine(), 7).unwrap();
+    let snap = decode(7, &data).unwrap();
+    let one = store_with(&dir.path().join("one"), &["b1", "c0001", "e"], &[]);
+    let many_batches = store_with(&dir.path().join("many"), &["b1", "c0001", "e"], &[]);
+    let wb = write_data(one.engine(), &snap, usize::MAX, &mut |_| Ok(())).unwrap();
+    one.engine().write(wb).unwrap();
+    let mut written = 0;
+    let wb = write_data(many_batches.engine(), &snap, 2048, &mut |n| {
+        written = n;
+        Ok(())
+    })
+    .unwrap();
+    many_batches.engine().write(wb).unwrap();
+    assert!(written > 5, "{written} batches");
+    assert_eq!(
+        revision_index(one.engine()),
+        revision_index(many_batches.engine())
+    );
+    let dump = |s: &MvccStore| {
+        let mut it = s.engine().iter(cf::MVCC, &[], &[]);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        out
+    };
+    assert_eq!(dump(&one), dump(&many_batches));
+    many_batches.snapshot().check_key_index().unwrap();
 }

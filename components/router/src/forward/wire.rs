@@ -26,9 +26,9 @@ pub fn error_to_wire(err: &Error) -> forwardpb::Error {
                 current: Some(current.clone()),
             })
         }
-        // A replica shutting down or gone, before it took the request: the
-        // sender looks elsewhere.
-        Error::Region(R::RegionNotFound(id) | R::Stopped(id)) => {
+        // A replica shutting down, gone or installing a snapshot, before it
+        // took the request: the sender looks elsewhere.
+        Error::Region(R::RegionNotFound(id) | R::Stopped(id) | R::Installing(id)) => {
             Kind::RegionNotFound(forwardpb::RegionNotFound { region_id: *id })
         }
         Error::NoRegion(_) => Kind::RegionNotFound(forwardpb::RegionNotFound { region_id: 0 }),
