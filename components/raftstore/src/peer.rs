@@ -252,7 +252,13 @@ impl Peer {
         let region_id = self.region.id;
         match self.kv.get(cf::META, &keys::cleanup_key(region_id)) {
             Ok(Some(_)) => {
-                if let Err(e) = snapshot::clear_removed(&self.kv, &self.region) {
+                let limit = self
+                    .host
+                    .upgrade()
+                    .map_or(snapshot::INSTALL_BATCH_BYTES, |h| {
+                        h.options().install_batch_bytes
+                    });
+                if let Err(e) = snapshot::clear_removed(&self.kv, &self.region, limit) {
                     // The mark stays: start-up tries again.
                     error!(region_id, "cannot delete a removed replica's data: {e}");
                 }
@@ -629,6 +635,7 @@ impl Peer {
             hs,
             self.incoming_snapshot.take(),
             host.snap_dir(),
+            host.options().install_batch_bytes,
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;

@@ -84,9 +84,11 @@ mod install;
 
 pub use file::{Descriptor, SnapDir, SnapshotSink};
 pub(crate) use gen::Generator;
-pub(crate) use install::{clear_removed, finish_installs, install, pending_install_files};
+pub(crate) use install::{
+    clear_removed, finish_installs, install, pending_install_files, INSTALL_BATCH_BYTES,
+};
 #[cfg(test)]
-use install::{install_data, write_data, INSTALL_BATCH_BYTES};
+use install::{install_data, write_data};
 
 const MAGIC: &[u8] = b"MSRS";
 /// Largest key or value a record may have (etcd's are far smaller): a

@@ -259,6 +259,10 @@ pub struct StoreOptions {
     /// How often region leaders start a consistency check of their
     /// replicas (`consistency`); zero: never.
     pub consistency_check_interval: Duration,
+    /// Bytes a region snapshot install (or the clean-up of a removed
+    /// replica) writes to RocksDB per batch: its memory stays about this,
+    /// whatever the region's size.
+    pub install_batch_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -266,6 +270,7 @@ impl Default for StoreOptions {
         StoreOptions {
             log_gc_threshold: DEFAULT_LOG_GC_THRESHOLD,
             consistency_check_interval: crate::consistency::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
+            install_batch_bytes: crate::snapshot::INSTALL_BATCH_BYTES,
         }
     }
 }
@@ -339,7 +344,7 @@ impl Store {
         // Installs a crash cut short are finished before anything else.
         let keep = crate::snapshot::pending_install_files(&kv)?;
         let snap_dir = SnapDir::open(&data_dir.join("snap"), &keep)?;
-        crate::snapshot::finish_installs(&kv, &log, &snap_dir)?;
+        crate::snapshot::finish_installs(&kv, &log, &snap_dir, options.install_batch_bytes)?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),
             layout: AtomicU64::new(0),
@@ -378,7 +383,11 @@ impl Store {
                     .get(cf::META, &keys::cleanup_key(region.id))?
                     .is_some()
             {
-                crate::snapshot::clear_removed(&store.kv, &region)?;
+                crate::snapshot::clear_removed(
+                    &store.kv,
+                    &region,
+                    store.options.install_batch_bytes,
+                )?;
             }
         }
         for state in states {
@@ -967,6 +976,10 @@ impl StoreCore {
             ));
         }
         self.snap_dir.sink(desc)
+    }
+
+    pub(crate) fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     pub(crate) fn snap_dir(&self) -> &SnapDir {

@@ -18,6 +18,8 @@ fn cluster() -> Cluster {
         3,
         StoreOptions {
             log_gc_threshold: GC_THRESHOLD,
+            // Installs in many batches.
+            install_batch_bytes: 64 * 1024,
             ..Default::default()
         },
     )

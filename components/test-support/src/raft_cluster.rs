@@ -181,9 +181,16 @@ pub struct Router {
     filters: RwLock<Vec<Arc<dyn Filter>>>,
     delayed: Mutex<mpsc::Sender<Delayed>>,
     seq: AtomicU64,
+    /// Region snapshot messages handed to a store with their file.
+    snapshots_delivered: Arc<AtomicU64>,
 }
 
 impl Router {
+    /// Region snapshot messages delivered so far (every copy counts).
+    pub fn snapshots_delivered(&self) -> u64 {
+        self.snapshots_delivered.load(Ordering::Relaxed)
+    }
+
     fn deliver(&self, msg: RaftMessage) {
         let to = msg.to_peer.map(|p| p.node_id).unwrap_or_default();
         // Cloned out so no lock is held while the store takes the message.
@@ -212,6 +219,7 @@ impl Transport for Router {
             done(false);
             return;
         };
+        let counter = self.snapshots_delivered.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
             let mut delivered = false;
@@ -227,6 +235,7 @@ impl Transport for Router {
                     store.on_raft_message(msg.clone());
                     delivered = true;
                 }
+                counter.fetch_add(received as u64, Ordering::Relaxed);
             }
             done(delivered);
         });
@@ -434,6 +443,7 @@ impl Cluster {
             filters: RwLock::new(Vec::new()),
             delayed: Mutex::new(tx),
             seq: Default::default(),
+            snapshots_delivered: Default::default(),
         });
         let weak = Arc::downgrade(&router);
         let delayer = std::thread::spawn(move || run_delayer(weak, rx));

@@ -24,6 +24,7 @@ use mvcc::exec::{WriteRequest, WriteResponse};
 use parking_lot::RwLock;
 use pd::{LocalPdClient, PdClient, PdConfig, PdCore};
 use proto::{etcdserverpb, metapb};
+use raftstore::StoreOptions;
 use rand::Rng;
 use router::forward::{Delivery, LocalNetwork};
 use router::Router;
@@ -71,7 +72,13 @@ pub struct RouterCluster {
 impl RouterCluster {
     /// `n` nodes, each with a replica of region 1 (all voters).
     pub async fn new(n: u64) -> Arc<RouterCluster> {
-        let raft = Arc::new(raft_cluster::Cluster::new(n));
+        Self::with_options(n, StoreOptions::default()).await
+    }
+
+    /// Like [`RouterCluster::new`], every node's store opened with
+    /// `options`.
+    pub async fn with_options(n: u64, options: StoreOptions) -> Arc<RouterCluster> {
+        let raft = Arc::new(raft_cluster::Cluster::with_options(n, options));
         let pd_dir = tempfile::tempdir().expect("temp dir");
         let core = PdCore::open(PdConfig::new(pd_dir.path())).expect("open PD");
         let pd: Arc<dyn PdClient> = Arc::new(LocalPdClient::new(core));

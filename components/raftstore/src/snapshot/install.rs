@@ -34,8 +34,8 @@ use crate::storage::PeerStorage;
 use crate::{Error, Result};
 
 /// Bytes of staged changes after which an install writes what it staged
-/// and starts a new batch: memory while installing stays at about this,
-/// whatever the region's size.
+/// and starts a new batch, by default (`StoreOptions::install_batch_bytes`):
+/// memory while installing stays at about this, whatever the region's size.
 pub(crate) const INSTALL_BATCH_BYTES: usize = 1 << 20;
 
 /// Writes staged changes to the KV engine in batches of about `limit`
@@ -196,11 +196,11 @@ pub(super) fn write_data(
 /// it while no other replica here can own the range: before the removed
 /// replica is unregistered, or at start-up before any replica starts. A
 /// crash before it finished leaves the mark, and start-up does it again.
-pub(crate) fn clear_removed(kv: &KvEngine, region: &metapb::Region) -> Result<()> {
+pub(crate) fn clear_removed(kv: &KvEngine, region: &metapb::Region, limit: usize) -> Result<()> {
     let mut out = Batches {
         kv,
         wb: WriteBatch::default(),
-        limit: INSTALL_BATCH_BYTES,
+        limit,
         written: 0,
         on_write: &mut |_| Ok(()),
     };
@@ -228,6 +228,8 @@ pub(crate) struct Installed {
 /// with the new log (its commit already at the snapshot). `decoded` is the
 /// snapshot as decoded when it arrived, with its index and term; it is
 /// used if it is this snapshot, otherwise the data is decoded again.
+/// RocksDB is written in batches of about `limit` bytes.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn install(
     kv: &KvEngine,
     log: &RaftLogEngine,
@@ -236,6 +238,7 @@ pub(crate) fn install(
     mut hs: HardState,
     decoded: Option<(u64, u64, RegionSnapshot)>,
     dir: &SnapDir,
+    limit: usize,
 ) -> Result<Installed> {
     let region_id = store.region_id();
     let meta = snap.get_metadata();
@@ -260,15 +263,7 @@ pub(crate) fn install(
             .map_err(codec_error)?,
         hard_state: hs.write_to_bytes().map_err(codec_error)?,
     };
-    let installed = install_data(
-        kv,
-        log,
-        region_id,
-        &record,
-        &data,
-        INSTALL_BATCH_BYTES,
-        &mut |_| Ok(()),
-    )?;
+    let installed = install_data(kv, log, region_id, &record, &data, limit, &mut |_| Ok(()))?;
     store.set_truncated(index, term);
     store.set_conf_state(meta.get_conf_state().clone());
     store.set_hard_state(hs);
@@ -412,7 +407,12 @@ fn pending_installs(kv: &KvEngine) -> Result<Vec<(u64, SnapshotInstall)>> {
 /// snapshot it names (start-up, before any replica starts): the install
 /// starts again from its first batch. Fails if a snapshot file named by a
 /// record is gone, which only happens if someone deleted it.
-pub(crate) fn finish_installs(kv: &KvEngine, log: &RaftLogEngine, dir: &SnapDir) -> Result<()> {
+pub(crate) fn finish_installs(
+    kv: &KvEngine,
+    log: &RaftLogEngine,
+    dir: &SnapDir,
+    limit: usize,
+) -> Result<()> {
     for (region_id, record) in pending_installs(kv)? {
         info!(
             region_id,
@@ -424,15 +424,7 @@ pub(crate) fn finish_installs(kv: &KvEngine, log: &RaftLogEngine, dir: &SnapDir)
         snap.mut_metadata().index = record.index;
         snap.mut_metadata().term = record.term;
         let data = decode_data(region_id, &snap, dir)?;
-        install_data(
-            kv,
-            log,
-            region_id,
-            &record,
-            &data,
-            INSTALL_BATCH_BYTES,
-            &mut |_| Ok(()),
-        )?;
+        install_data(kv, log, region_id, &record, &data, limit, &mut |_| Ok(()))?;
     }
     Ok(())
 }

@@ -443,7 +443,7 @@ fn an_install_cut_short_is_finished_at_start_up() {
     drop(snap_dir);
     let keep = pending_install_files(kv).unwrap();
     let snap_dir = SnapDir::open(&dir.path().join("snap"), &keep).unwrap();
-    finish_installs(kv, &log, &snap_dir).unwrap();
+    finish_installs(kv, &log, &snap_dir, INSTALL_BATCH_BYTES).unwrap();
     let state = apply_state_of(kv);
     assert!(!state.installing_snapshot);
     assert_eq!((state.applied_index, state.applied_revision), (40, 303));
