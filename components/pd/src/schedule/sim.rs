@@ -150,6 +150,28 @@ impl Sim {
         nodes
     }
 
+    /// Puts region `id`'s voters on `nodes` instead, led from
+    /// `leader_node` (as if moved there before the test).
+    pub fn relocate(&self, id: u64, nodes: &[u64], leader_node: u64) {
+        self.flush(id);
+        let size = self.size(id);
+        let mut r = self.region(id);
+        r.peers = nodes
+            .iter()
+            .map(|n| metapb::Peer {
+                id: peer_id(id, *n),
+                node_id: *n,
+                role: PeerRole::Voter as i32,
+            })
+            .collect();
+        if let Some(e) = r.region_epoch.as_mut() {
+            e.conf_ver += 1;
+        }
+        self.update(r);
+        self.leaders.lock().insert(id, peer_id(id, leader_node));
+        self.report(id, size);
+    }
+
     /// Tells PD region `id`'s meta changed by a step carried out since its
     /// last heartbeat, if any: what the heartbeat's meta does in PD before
     /// it is scheduled.
@@ -166,6 +188,11 @@ impl Sim {
             .lock()
             .entry_with_leader(id)
             .map_or(0, |e| e.approximate_size)
+    }
+
+    /// Region `id`'s size as its next heartbeats report it.
+    pub fn set_size(&self, id: u64, size: u64) {
+        self.report(id, size);
     }
 
     pub fn leader(&self, region_id: u64) -> metapb::Peer {
