@@ -50,11 +50,12 @@ impl Scheduler {
             return Ok(None);
         }
         let target = view.right_neighbour(region).await?;
-        // The nodes and their loads, only when an alignment may be due.
+        // The nodes and their loads (O(nodes)), only when an alignment may
+        // be due: small regions on different nodes.
         let mut nodes: HashMap<u64, NodeInfo> = HashMap::new();
         if target
             .as_ref()
-            .is_some_and(|t| !same_nodes(region, &t.region))
+            .is_some_and(|t| !same_nodes(region, &t.region) && self.merges.small_enough(hb, t))
         {
             nodes = view.nodes().await?.into_iter().map(|n| (n.id, n)).collect();
             self.moves.add_influence(&mut nodes);

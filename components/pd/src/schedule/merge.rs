@@ -198,6 +198,18 @@ impl MergeChecker {
         keys <= self.max_keys && size <= self.max_size
     }
 
+    /// Whether the heartbeating region and `target` are small enough to
+    /// merge, each and both together (the first condition [`Self::decide`]
+    /// checks; cheap, so callers may ask it before gathering more).
+    pub fn small_enough(&self, hb: &RegionHeartbeat, target: &RegionWithLeader) -> bool {
+        self.fits(hb.approximate_keys, hb.approximate_size)
+            && self.fits(target.approximate_keys, target.approximate_size)
+            && self.fits(
+                hb.approximate_keys.saturating_add(target.approximate_keys),
+                hb.approximate_size.saturating_add(target.approximate_size),
+            )
+    }
+
     /// Records what the heartbeat says (the region's version clock, its
     /// leader and health) and settles the merges and alignments in flight
     /// it concerns. Called for every heartbeat, before anything is decided.
@@ -421,13 +433,7 @@ impl MergeChecker {
             self.stop_alignment(source.id, "the target split or merged");
             return None;
         }
-        if !self.fits(hb.approximate_keys, hb.approximate_size)
-            || !self.fits(target.approximate_keys, target.approximate_size)
-            || !self.fits(
-                hb.approximate_keys.saturating_add(target.approximate_keys),
-                hb.approximate_size.saturating_add(target.approximate_size),
-            )
-        {
+        if !self.small_enough(hb, &target) {
             self.stop_alignment(source.id, "no longer small");
             return None;
         }
