@@ -1,10 +1,12 @@
 //! `scheduler`: which schedulers PD runs and what they do, their settings,
-//! and the operators PD is handing out to region leaders (requested splits
-//! and merges, and the scheduling steps being repeated until applied).
+//! the merge checker's merges in flight (and the alignments before them:
+//! a source's replicas moving onto its target's nodes), and the operators
+//! PD is handing out to region leaders (requested splits and merges, and
+//! the scheduling steps being repeated until applied).
 
 use std::time::Duration;
 
-use pd::{PendingOperator, RegionOperator, RpcPdClient, SchedulingStatus};
+use pd::{CheckerMerge, PendingOperator, RegionOperator, RpcPdClient, SchedulingStatus};
 use serde::Serialize;
 
 use crate::error::Result;
@@ -15,7 +17,33 @@ use crate::table::Table;
 struct StatusJson {
     schedulers: Vec<SchedulerJson>,
     settings: SettingsJson,
+    merges_in_flight: MergesJson,
     operators: OperatorsJson,
+}
+
+#[derive(Serialize, Debug)]
+struct MergesJson {
+    count: usize,
+    merges: Vec<MergeJson>,
+}
+
+#[derive(Serialize, Debug)]
+struct MergeJson {
+    source_region_id: u64,
+    target_region_id: u64,
+    /// `aligning` (moving the source's replicas onto the target's nodes)
+    /// or `merging`.
+    stage: &'static str,
+    replica_moves: u64,
+    age_ms: u128,
+}
+
+fn stage(m: &CheckerMerge) -> &'static str {
+    if m.aligning {
+        "aligning"
+    } else {
+        "merging"
+    }
 }
 
 #[derive(Serialize, Debug)]
@@ -110,6 +138,20 @@ fn render(
                 split_merge_interval_ms: status.split_merge_interval.as_millis(),
                 merge_limit: status.merge_limit,
             },
+            merges_in_flight: MergesJson {
+                count: status.merges_in_flight.len(),
+                merges: status
+                    .merges_in_flight
+                    .iter()
+                    .map(|m| MergeJson {
+                        source_region_id: m.source_id,
+                        target_region_id: m.target_id,
+                        stage: stage(m),
+                        replica_moves: m.replica_moves,
+                        age_ms: m.age.as_millis(),
+                    })
+                    .collect(),
+            },
             operators: OperatorsJson {
                 count: operators.len(),
                 operators: operators
@@ -177,7 +219,7 @@ fn render(
         (
             "merge-limit",
             status.merge_limit.to_string(),
-            "automatic merges in flight at most",
+            "automatic merges (and alignments before them) in flight at most",
         ),
     ] {
         settings.push(vec![name.to_owned(), value, meaning.to_owned()]);
@@ -185,6 +227,22 @@ fn render(
     let mut text = schedulers.render();
     text.push('\n');
     text.push_str(&settings.render());
+    text.push('\n');
+    if status.merges_in_flight.is_empty() {
+        text.push_str("no automatic merges in flight\n");
+    } else {
+        let mut merges = Table::new(&["MERGE SOURCE", "TARGET", "STAGE", "REPLICA MOVES", "AGE"]);
+        for m in &status.merges_in_flight {
+            merges.push(vec![
+                m.source_id.to_string(),
+                m.target_id.to_string(),
+                stage(m).to_owned(),
+                m.replica_moves.to_string(),
+                human(m.age),
+            ]);
+        }
+        text.push_str(&merges.render());
+    }
     text.push('\n');
     if operators.is_empty() {
         text.push_str("no pending operators\n");
@@ -210,7 +268,25 @@ mod tests {
     use proto::metapb;
 
     fn sample() -> (SchedulingStatus, Vec<PendingOperator>) {
-        let status = SchedulingStatus::of(&pd::schedule::ScheduleConfig::default());
+        let status = SchedulingStatus {
+            merges_in_flight: vec![
+                CheckerMerge {
+                    source_id: 4,
+                    target_id: 9,
+                    aligning: true,
+                    replica_moves: 2,
+                    age: Duration::from_millis(2500),
+                },
+                CheckerMerge {
+                    source_id: 11,
+                    target_id: 12,
+                    aligning: false,
+                    replica_moves: 0,
+                    age: Duration::from_millis(40),
+                },
+            ],
+            ..SchedulingStatus::of(&pd::schedule::ScheduleConfig::default())
+        };
         let peer = metapb::Peer {
             id: 12,
             node_id: 3,
@@ -257,6 +333,15 @@ mod tests {
         assert_eq!(v["settings"]["split_timeout_ms"], 60_000);
         assert_eq!(v["settings"]["max_merge_region_keys"], 200_000);
         assert_eq!(v["settings"]["split_merge_interval_ms"], 600_000);
+        assert_eq!(v["merges_in_flight"]["count"], 2);
+        assert_eq!(
+            v["merges_in_flight"]["merges"][0],
+            serde_json::json!({
+                "source_region_id": 4, "target_region_id": 9, "stage": "aligning",
+                "replica_moves": 2, "age_ms": 2500
+            })
+        );
+        assert_eq!(v["merges_in_flight"]["merges"][1]["stage"], "merging");
         assert_eq!(v["operators"]["count"], 3);
         assert_eq!(
             v["operators"]["operators"][0],
@@ -279,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn table_has_three_sections() {
+    fn table_has_four_sections() {
         let (status, ops) = sample();
         let out = Output::new(Format::Table, true);
         let text = render(&status, &ops, &out).unwrap();
@@ -297,8 +382,23 @@ mod tests {
             text.contains("\n2       split-request      split at \"0x666f6f\"            1.5s\n"),
             "{text}"
         );
-        let text = render(&status, &[], &out).unwrap();
-        assert!(text.ends_with("\n\nno pending operators\n"), "{text}");
+        assert!(
+            text.contains(
+                "\nMERGE SOURCE  TARGET  STAGE     REPLICA MOVES  AGE\n\
+                 4             9       aligning  2              2.5s\n\
+                 11            12      merging   0              40ms\n\n"
+            ),
+            "{text}"
+        );
+        let idle = SchedulingStatus {
+            merges_in_flight: Vec::new(),
+            ..status
+        };
+        let text = render(&idle, &[], &out).unwrap();
+        assert!(
+            text.ends_with("\n\nno automatic merges in flight\n\nno pending operators\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -58,7 +58,8 @@ struct Cli {
     /// leader first saw their current version).
     #[arg(long, default_value_t = 600)]
     split_merge_interval: u64,
-    /// Merges the merge checker keeps in flight at most, cluster-wide; 0
+    /// Merges the merge checker keeps in flight at most, cluster-wide,
+    /// counting those still moving replicas onto their target's nodes; 0
     /// turns it off.
     #[arg(long, default_value_t = 4)]
     merge_limit: usize,

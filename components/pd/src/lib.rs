@@ -87,7 +87,7 @@ pub use crate::client::{
     RegionOperator, RegionWithLeader, Result, INITIAL_REVISION,
 };
 pub use crate::local::LocalPdClient;
-pub use crate::operators::{PendingOperator, SchedulerInfo, SchedulingStatus};
+pub use crate::operators::{CheckerMerge, PendingOperator, SchedulerInfo, SchedulingStatus};
 pub use crate::oracle_batch::OracleBatchStats;
 pub use crate::pd_core::{HeartbeatStats, PdConfig, PdCore};
 pub use crate::rpc_client::{RpcPdClient, RpcPdClientConfig};

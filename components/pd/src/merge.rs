@@ -79,8 +79,8 @@ pub(crate) fn order_for_merge(
         };
         return Err(PdError::InvalidArgument(format!(
             "the replicas of regions {} and {} are not on the same nodes; region {} is on \
-             nodes {}, region {} on nodes {} (move replicas first, or let PD's balance \
-             settle)",
+             nodes {}, region {} on nodes {} (move replicas first; PD's merge checker \
+             moves them itself for regions small enough to merge on their own)",
             source.region.id,
             target.region.id,
             source.region.id,

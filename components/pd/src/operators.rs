@@ -83,6 +83,43 @@ pub struct SchedulerInfo {
     pub description: String,
 }
 
+/// A merge the merge checker started, or the alignment before it (the
+/// source's replicas being moved onto the target's nodes, one at a time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckerMerge {
+    pub source_id: u64,
+    pub target_id: u64,
+    /// Still moving replicas; `false` once merging.
+    pub aligning: bool,
+    /// Replica moves the alignment started so far (0: the regions were on
+    /// the same nodes already).
+    pub replica_moves: u64,
+    /// Since the merge, or the alignment's latest replica move, started.
+    pub age: Duration,
+}
+
+impl CheckerMerge {
+    pub fn to_proto(&self) -> pdpb::CheckerMerge {
+        pdpb::CheckerMerge {
+            source_region_id: self.source_id,
+            target_region_id: self.target_id,
+            aligning: self.aligning,
+            replica_moves: self.replica_moves,
+            age_ms: millis(self.age),
+        }
+    }
+
+    pub fn from_proto(m: pdpb::CheckerMerge) -> Self {
+        CheckerMerge {
+            source_id: m.source_region_id,
+            target_id: m.target_region_id,
+            aligning: m.aligning,
+            replica_moves: m.replica_moves,
+            age: Duration::from_millis(m.age_ms),
+        }
+    }
+}
+
 /// PD's schedulers and their settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulingStatus {
@@ -103,8 +140,11 @@ pub struct SchedulingStatus {
     pub max_merge_region_size: u64,
     /// How long both regions' versions must have stayed put.
     pub split_merge_interval: Duration,
-    /// Merges the merge checker keeps in flight at most.
+    /// Merges (and alignments) the merge checker keeps in flight at most.
     pub merge_limit: u64,
+    /// The merge checker's merges and alignments in flight, by source id
+    /// (empty from [`Self::of`]).
+    pub merges_in_flight: Vec<CheckerMerge>,
 }
 
 impl SchedulingStatus {
@@ -127,6 +167,7 @@ impl SchedulingStatus {
             max_merge_region_size: config.max_merge_region_size,
             split_merge_interval: config.split_merge_interval,
             merge_limit: config.merge_limit as u64,
+            merges_in_flight: Vec::new(),
         }
     }
 
@@ -151,6 +192,11 @@ impl SchedulingStatus {
             max_merge_region_size: self.max_merge_region_size,
             split_merge_interval_ms: millis(self.split_merge_interval),
             merge_limit: self.merge_limit,
+            merges_in_flight: self
+                .merges_in_flight
+                .iter()
+                .map(CheckerMerge::to_proto)
+                .collect(),
         }
     }
 
@@ -173,6 +219,11 @@ impl SchedulingStatus {
             max_merge_region_size: r.max_merge_region_size,
             split_merge_interval: Duration::from_millis(r.split_merge_interval_ms),
             merge_limit: r.merge_limit,
+            merges_in_flight: r
+                .merges_in_flight
+                .into_iter()
+                .map(CheckerMerge::from_proto)
+                .collect(),
         }
     }
 }
@@ -237,7 +288,9 @@ mod tests {
             ]
         );
         assert!(s.schedulers[1].description.contains("at most 4 in flight"));
-        assert!(s.schedulers[3].description.contains("at most 4 in flight"));
+        assert!(s.schedulers[3]
+            .description
+            .contains("at most 4 merges and alignments in flight"));
         assert_eq!(s.max_merge_region_size, 20 << 20);
         let off = SchedulingStatus::of(&ScheduleConfig {
             max_merge_region_keys: 0,
@@ -245,5 +298,25 @@ mod tests {
         });
         assert!(off.schedulers[3].description.contains("disabled"));
         assert_eq!(SchedulingStatus::from_proto(s.to_proto(None)), s);
+        let busy = SchedulingStatus {
+            merges_in_flight: vec![
+                CheckerMerge {
+                    source_id: 4,
+                    target_id: 9,
+                    aligning: true,
+                    replica_moves: 2,
+                    age: Duration::from_millis(700),
+                },
+                CheckerMerge {
+                    source_id: 6,
+                    target_id: 7,
+                    aligning: false,
+                    replica_moves: 0,
+                    age: Duration::from_millis(30),
+                },
+            ],
+            ..s
+        };
+        assert_eq!(SchedulingStatus::from_proto(busy.to_proto(None)), busy);
     }
 }

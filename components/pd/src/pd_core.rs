@@ -1108,7 +1108,10 @@ impl PdCore {
     /// serving leader like everything else, as the settings are per member.
     pub async fn scheduling_status(&self) -> Result<SchedulingStatus> {
         self.wait_serving().await?;
-        Ok(SchedulingStatus::of(self.scheduler.config()))
+        Ok(SchedulingStatus {
+            merges_in_flight: self.scheduler.merges_in_flight(),
+            ..SchedulingStatus::of(self.scheduler.config())
+        })
     }
 }
 

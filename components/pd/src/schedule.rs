@@ -11,15 +11,24 @@
 //!    more regions than others;
 //! 3. **region balance** (`schedule::balance`): moves a replica from a node holding
 //!    more replicas than others onto one holding fewer;
-//! 4. **merge checker** (`schedule::merge`, [`Scheduler::check_merge`]):
-//!    merges a small, settled region into its small right neighbour on the
-//!    same nodes, at most [`ScheduleConfig::merge_limit`] in flight.
+//! 4. **merge checker** (`schedule::merge`, [`Scheduler::check_merge`] in
+//!    `schedule::align`): merges a small, settled region into its small
+//!    right neighbour; when their replicas are on different nodes it first
+//!    *aligns* them, moving the region's replicas onto the neighbour's nodes
+//!    one replica move at a time (learner, promotion, removal of the
+//!    replica off the neighbour's nodes, leadership handed over first; the
+//!    moves are kept with the balance moves and carried on by placement).
+//!    At most [`ScheduleConfig::merge_limit`] merges and alignments are in
+//!    flight.
 //!
 //! The balance schedulers run only for a region that placement leaves
-//! alone and that is stable (no learner, no pending or down peer, no step
-//! or move of its own under way), and keep at most
-//! [`ScheduleConfig::leader_balance_limit`] /
-//! [`ScheduleConfig::region_balance_limit`] moves in flight cluster-wide.
+//! alone, that is stable (no learner, no pending or down peer, no step
+//! or move of its own under way) and that no merge or alignment of the
+//! merge checker involves (as source or target: balance would move an
+//! aligned replica back, or a merging region's replicas from under the
+//! merge), and keep at most [`ScheduleConfig::leader_balance_limit`] /
+//! [`ScheduleConfig::region_balance_limit`] moves in flight cluster-wide
+//! (alignment moves count against the merge limit only).
 //!
 //! Operators are remembered per region until the region's epoch or leader
 //! moves (the step was applied) or [`ScheduleConfig::operator_timeout`]
@@ -29,8 +38,9 @@
 //! Cost per heartbeat: node loads come from counters PD keeps up to date
 //! as regions change ([`crate::load`]), so nothing here walks the regions;
 //! a heartbeat costs map look-ups for its region, O(nodes) to pick nodes,
-//! and O(moves in flight) for the balance bookkeeping.
+//! and O(moves in flight) for the balance and merge bookkeeping.
 
+mod align;
 mod balance;
 mod merge;
 mod placement;
@@ -105,8 +115,11 @@ fn merge_description(config: &ScheduleConfig) -> String {
     format!(
         "merges a region into its right neighbour when both have at most {} keys and {} \
          bytes (each and together), a known leader, only voters, none pending or down, \
-         replicas on the same nodes, no operator or move under way, and neither was split \
-         or merged for {}s (as seen by this PD leader); at most {} in flight",
+         no operator or move under way, and neither was split or merged for {}s (as seen \
+         by this PD leader); replicas on different nodes are first aligned: moved onto \
+         the neighbour's nodes one at a time (learner, promote, then the replica off them \
+         goes; quorum kept throughout, balance leaves both regions alone meanwhile); at \
+         most {} merges and alignments in flight",
         config.max_merge_region_keys,
         config.max_merge_region_size,
         config.split_merge_interval.as_secs(),
@@ -133,7 +146,8 @@ pub struct ScheduleConfig {
     pub region_balance_limit: usize,
     /// How long a replica move whose learner was added may take (catching
     /// up, promotion, removal of the source replica) before it no longer
-    /// counts as in flight.
+    /// counts as in flight; also how long a merge alignment lasts after its
+    /// latest replica move started unless it merged or stopped earlier.
     pub balance_move_timeout: Duration,
     /// How long a merge asked for with [`crate::PdClient::merge_regions`]
     /// is handed out before PD forgets it; also how long a merge the merge
@@ -151,8 +165,8 @@ pub struct ScheduleConfig {
     /// region starts when it first sees the region's current version, so
     /// it restarts with a new PD leader.
     pub split_merge_interval: Duration,
-    /// Merges the merge checker keeps in flight at most, cluster-wide (0
-    /// turns it off).
+    /// Merges the merge checker keeps in flight at most, cluster-wide,
+    /// alignments before a merge included (0 turns it off).
     pub merge_limit: usize,
 }
 
@@ -352,16 +366,16 @@ impl Scheduler {
             max_replicas: self.config.max_replicas.max(1),
         };
 
-        let moving_from = self.moves.replica_source(region.id);
+        let moving = self.moves.replica_source(region.id);
         let mut balancing = false;
-        let (step, source) = if let Some(step) = placement::decide(&ctx, moving_from) {
+        let (step, source) = if let Some(step) = placement::decide(&ctx, moving.map(|m| m.0)) {
             // Placement carries a replica move on once it started.
-            let source = if moving_from.is_some() {
-                REGION_BALANCE
-            } else {
-                SCHEDULER_NAME
-            };
+            let source = moving.map_or(SCHEDULER_NAME, |(_, purpose)| purpose.scheduler());
             (step, source)
+        } else if self.merges.involves(region.id) {
+            // Balance would undo an alignment, or move a merging region's
+            // replicas from under the merge.
+            return Ok(None);
         } else if let Some(start) = self.moves.decide(&ctx) {
             balancing = true;
             start.step()
@@ -392,54 +406,6 @@ impl Scheduler {
                 leader: hb.leader.id,
                 op: op.clone(),
                 source,
-                at: Instant::now(),
-            },
-        );
-        Ok(Some(op))
-    }
-
-    /// The merge checker's step for the heartbeating region (see
-    /// `schedule::merge`), to be asked after [`Self::schedule`] found
-    /// nothing and no operator's request is to be handed out. `requested`
-    /// tells whether a region has an operator's request (split or merge)
-    /// pending; a region with one, with a step being repeated or a balance
-    /// move or merge in flight is left alone, as source and as target. The
-    /// merge is repeated like any step ([`ScheduleConfig::operator_timeout`])
-    /// and counts against [`ScheduleConfig::merge_limit`] until done or
-    /// [`ScheduleConfig::merge_timeout`] old. `Err` only when looking up the
-    /// neighbour fails (this member lost leadership).
-    pub async fn check_merge(
-        &self,
-        view: &dyn ClusterView,
-        hb: &RegionHeartbeat,
-        requested: &(dyn Fn(u64) -> bool + Sync),
-    ) -> Result<Option<RegionOperator>> {
-        if !self.merges.enabled() || hb.region.end_key.is_empty() {
-            return Ok(None);
-        }
-        let target = view.right_neighbour(&hb.region).await?;
-        let busy = |id: u64| {
-            requested(id)
-                || self.moves.contains(id)
-                || self
-                    .issued
-                    .lock()
-                    .get(&id)
-                    .is_some_and(|i| i.at.elapsed() < self.config.operator_timeout)
-        };
-        let Some(op) = self.merges.decide(hb, target, &busy) else {
-            return Ok(None);
-        };
-        let mut issued = self.issued.lock();
-        // A merged source never heartbeats again: its entry would stay.
-        issued.retain(|_, i| i.at.elapsed() < self.config.operator_timeout);
-        issued.insert(
-            hb.region.id,
-            Issued {
-                epoch: hb.region.region_epoch.unwrap_or_default(),
-                leader: hb.leader.id,
-                op: op.clone(),
-                source: MERGE_CHECKER,
                 at: Instant::now(),
             },
         );
@@ -493,6 +459,8 @@ impl Scheduler {
     }
 }
 
+#[cfg(test)]
+mod align_tests;
 #[cfg(test)]
 mod balance_tests;
 #[cfg(test)]

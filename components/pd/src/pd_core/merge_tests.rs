@@ -285,6 +285,17 @@ async fn the_checker_merges_small_settled_neighbours() {
             .collect::<Vec<_>>(),
         vec![(2, SOURCE_MERGE_CHECKER)]
     );
+    // The checker's merge in flight, as `metastore-ctl scheduler` shows it
+    // (same nodes: no alignment, no replica move).
+    let in_flight: Vec<(u64, u64, bool, u64)> = pd
+        .scheduling_status()
+        .await
+        .unwrap()
+        .merges_in_flight
+        .into_iter()
+        .map(|m| (m.source_id, m.target_id, m.aligning, m.replica_moves))
+        .collect();
+    assert_eq!(in_flight, vec![(2, 3, false, 0)]);
 
     // Done: region 3 took [g, ), region 2 is gone. Region 1 merges next.
     let r3_wide = region(3, b"g", b"", 1, 4);

@@ -33,6 +33,14 @@
 //! `balance_move_timeout`). Their effect not yet visible in the counters is
 //! added to the loads the decisions see ([`Moves::add_influence`]), so
 //! several heartbeats in a row do not all pick the same target.
+//!
+//! The merge checker's alignment moves (a replica of a merge's source moved
+//! onto a node of its target, `schedule::align`) are kept here too, marked
+//! [`Purpose::Align`]: placement carries them on like a balance move, their
+//! influence counts, and a region with one is not balanced; they count
+//! against the merge limit, not against `region_balance_limit`. Neither
+//! balance scheduler touches a region a merge or alignment involves (the
+//! caller checks that), so balance never moves an aligned replica back.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -42,7 +50,7 @@ use proto::metapb::{self, NodeState, PeerRole};
 use tracing::{debug, info};
 
 use super::placement::Step;
-use super::{Context, ScheduleConfig, LEADER_BALANCE, REGION_BALANCE};
+use super::{Context, ScheduleConfig, LEADER_BALANCE, MERGE_CHECKER, REGION_BALANCE};
 use crate::client::{RegionHeartbeat, RegionOperator};
 use crate::load::NodeInfo;
 
@@ -65,6 +73,26 @@ impl Start {
     }
 }
 
+/// What a replica move is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Region balance: counts against `region_balance_limit`.
+    Balance,
+    /// The merge checker's alignment of a merge source with its target's
+    /// nodes: counts against the merge limit (see `schedule::merge`).
+    Align,
+}
+
+impl Purpose {
+    /// The scheduler the move's steps are shown under.
+    pub fn scheduler(self) -> &'static str {
+        match self {
+            Purpose::Balance => REGION_BALANCE,
+            Purpose::Align => MERGE_CHECKER,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Leader {
@@ -76,6 +104,7 @@ enum Kind {
         to: u64,
         /// A heartbeat showed the new replica on `to`.
         target_seen: bool,
+        purpose: Purpose,
     },
 }
 
@@ -133,6 +162,7 @@ impl Moves {
                 from,
                 to,
                 target_seen,
+                ..
             } => {
                 if !on(*from) {
                     true
@@ -172,6 +202,7 @@ impl Moves {
                     from,
                     to,
                     target_seen,
+                    ..
                 } => {
                     adjust(from, &|n| {
                         n.load.replicas = n.load.replicas.saturating_sub(1)
@@ -184,12 +215,40 @@ impl Moves {
         }
     }
 
-    /// The source node of the region's replica move in flight, if any.
-    pub fn replica_source(&self, region_id: u64) -> Option<u64> {
+    /// The source node of the region's replica move in flight, if any, and
+    /// what the move is for.
+    pub fn replica_source(&self, region_id: u64) -> Option<(u64, Purpose)> {
         match self.moves.lock().get(&region_id)?.kind {
-            Kind::Replica { from, .. } => Some(from),
+            Kind::Replica { from, purpose, .. } => Some((from, purpose)),
             Kind::Leader { .. } => None,
         }
+    }
+
+    /// Records the merge checker's move of region `region_id`'s replica
+    /// from node `from` to node `to` (its first step, the learner on `to`,
+    /// is the caller's to issue; undo with [`Self::cancel`] if it cannot
+    /// be). `false`, recording nothing, when the region has a move in
+    /// flight already. No limit applies here: the merge checker's does.
+    pub fn start_alignment(&self, region_id: u64, from: u64, to: u64) -> bool {
+        let mut moves = self.moves.lock();
+        if moves.contains_key(&region_id) {
+            return false;
+        }
+        let kind = Kind::Replica {
+            from,
+            to,
+            target_seen: false,
+            purpose: Purpose::Align,
+        };
+        info!(region_id, ?kind, "alignment move started");
+        moves.insert(
+            region_id,
+            Move {
+                kind,
+                at: Instant::now(),
+            },
+        );
+        true
     }
 
     /// A balance move for the heartbeating region, if one is due and the
@@ -203,7 +262,11 @@ impl Moves {
         }
         let (leaders, replicas) = moves.values().fold((0, 0), |(l, r), m| match m.kind {
             Kind::Leader { .. } => (l + 1, r),
-            Kind::Replica { .. } => (l, r + 1),
+            Kind::Replica {
+                purpose: Purpose::Balance,
+                ..
+            } => (l, r + 1),
+            Kind::Replica { .. } => (l, r),
         });
         let start = (leaders < self.leader_limit)
             .then(|| leader_target(ctx).map(Start::Leader))
@@ -223,6 +286,7 @@ impl Moves {
                 from,
                 to,
                 target_seen: false,
+                purpose: Purpose::Balance,
             },
         };
         info!(region_id, ?kind, "balance move started");
@@ -246,7 +310,8 @@ impl Moves {
         self.moves.lock().remove(&region_id);
     }
 
-    /// (leader transfers, replica moves) in flight.
+    /// (leader transfers, replica moves) in flight; the replica moves
+    /// include alignment moves.
     #[cfg(test)]
     pub fn in_flight(&self) -> (usize, usize) {
         let moves = self.moves.lock();

@@ -224,3 +224,20 @@ fn splits_while_balancing_keep_counters_and_converge() {
     let even = sim.region_ids().len() as u64 / 5;
     assert_within(&leaders, even, even + 1, "leaders");
 }
+
+#[test]
+fn few_regions_on_more_nodes_settle() {
+    // Replicas that do not divide evenly over the nodes: balance must
+    // stop within ±1 of even rather than move replicas around for ever.
+    for (nodes, regions) in [(5, 6), (5, 9), (4, 6), (5, 14)] {
+        let ids: Vec<u64> = (1..=nodes).collect();
+        let sim = Sim::new(&ids, regions, &[1, 2, 3], 1, |_| 800);
+        let s = scheduler(4, 4);
+        sim.settle(&s, 100);
+        let (leaders, replicas) = counts(&sim, &ids);
+        let even = regions * 3 / nodes;
+        assert_within(&replicas, even.saturating_sub(1), even + 1, "replicas");
+        assert_eq!(replicas.iter().sum::<u64>(), regions * 3);
+        assert_eq!(leaders.iter().sum::<u64>(), regions);
+    }
+}

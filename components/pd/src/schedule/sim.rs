@@ -1,13 +1,18 @@
 //! A simulated cluster for the scheduler's tests: PD's real state machine
 //! ([`ClusterState`]: its `apply`, reports and load counters) behind
 //! [`ClusterView`], and region leaders that heartbeat and carry out every
-//! answered step at once. A new learner reports pending on its first
+//! answered step at once; PD learns of a membership step with the
+//! region's next heartbeat (as `PdCore` records a heartbeat's meta before
+//! scheduling it), a merge at once. A heartbeat asks the merge checker when
+//! placement and balance have nothing (as `PdCore` does, without
+//! operators' requests). A new learner reports pending on its first
 //! heartbeat (it is catching up) and caught up afterwards.
 //!
 //! Every step is checked as it is applied: the leader is never removed, a
 //! transfer goes to a voter, voters never drop below what the regions
-//! started with, a move never removes the replica it added, and the
-//! counters equal a fresh count over all regions.
+//! started with, a move never removes the replica it added, a merge joins
+//! adjacent regions on the same nodes, all voters, as PD knows the target
+//! now, and the counters equal a fresh count over all regions.
 
 use std::collections::{HashMap, HashSet};
 
@@ -35,6 +40,9 @@ pub(super) struct Sim {
     fresh: Mutex<HashMap<u64, u64>>,
     /// The fewest voters any region may have after any step.
     min_voters: usize,
+    /// region id → its meta after a membership step its leader carried
+    /// out, until its next heartbeat tells PD.
+    staged: Mutex<HashMap<u64, metapb::Region>>,
 }
 
 /// A peer id that encodes its region and node.
@@ -60,6 +68,7 @@ impl Sim {
             catching_up: Mutex::new(HashSet::new()),
             fresh: Mutex::new(HashMap::new()),
             min_voters: replica_nodes.len(),
+            staged: Mutex::new(HashMap::new()),
         };
         let key = |i: u64| format!("k{i:04}").into_bytes();
         let region = |id: u64| metapb::Region {
@@ -129,6 +138,63 @@ impl Sim {
         self.state.lock().region_ids()
     }
 
+    /// Whether PD's map has region `id` (a merged source is gone).
+    pub fn exists(&self, id: u64) -> bool {
+        self.state.lock().entry_with_leader(id).is_some()
+    }
+
+    /// The node ids of region `id`'s peers, sorted.
+    pub fn nodes_of(&self, id: u64) -> Vec<u64> {
+        let mut nodes: Vec<u64> = self.region(id).peers.iter().map(|p| p.node_id).collect();
+        nodes.sort_unstable();
+        nodes
+    }
+
+    /// Puts region `id`'s voters on `nodes` instead, led from
+    /// `leader_node` (as if moved there before the test).
+    pub fn relocate(&self, id: u64, nodes: &[u64], leader_node: u64) {
+        self.flush(id);
+        let size = self.size(id);
+        let mut r = self.region(id);
+        r.peers = nodes
+            .iter()
+            .map(|n| metapb::Peer {
+                id: peer_id(id, *n),
+                node_id: *n,
+                role: PeerRole::Voter as i32,
+            })
+            .collect();
+        if let Some(e) = r.region_epoch.as_mut() {
+            e.conf_ver += 1;
+        }
+        self.update(r);
+        self.leaders.lock().insert(id, peer_id(id, leader_node));
+        self.report(id, size);
+    }
+
+    /// Tells PD region `id`'s meta changed by a step carried out since its
+    /// last heartbeat, if any: what the heartbeat's meta does in PD before
+    /// it is scheduled.
+    fn flush(&self, id: u64) {
+        let staged = self.staged.lock().remove(&id);
+        if let Some(r) = staged {
+            self.update(r);
+        }
+    }
+
+    /// Region `id`'s size as PD has it (0 for an unknown region).
+    pub fn size(&self, id: u64) -> u64 {
+        self.state
+            .lock()
+            .entry_with_leader(id)
+            .map_or(0, |e| e.approximate_size)
+    }
+
+    /// Region `id`'s size as its next heartbeats report it.
+    pub fn set_size(&self, id: u64, size: u64) {
+        self.report(id, size);
+    }
+
     pub fn leader(&self, region_id: u64) -> metapb::Peer {
         let leader = self.leaders.lock()[&region_id];
         *self
@@ -166,12 +232,9 @@ impl Sim {
     /// One heartbeat of region `id`: reported, scheduled, and the answered
     /// step carried out.
     pub fn heartbeat(&self, s: &Scheduler, id: u64) -> Option<RegionOperator> {
+        self.flush(id);
         let region = self.region(id);
-        let size = self
-            .state
-            .lock()
-            .entry_with_leader(id)
-            .map_or(0, |e| e.approximate_size);
+        let size = self.size(id);
         self.report(id, size);
         let pending: Vec<metapb::Peer> = {
             let mut catching_up = self.catching_up.lock();
@@ -192,18 +255,22 @@ impl Sim {
             approximate_keys: size / 100,
             ..Default::default()
         };
-        let op = block_on(s.schedule(self, &hb)).expect("schedule");
+        let mut op = block_on(s.schedule(self, &hb)).expect("schedule");
+        if op.is_none() {
+            op = block_on(s.check_merge(self, &hb, &|_| false)).expect("check merge");
+        }
         if let Some(op) = &op {
             self.carry_out(&hb, op);
         }
         op
     }
 
-    /// Heartbeats every region once; returns the steps answered.
+    /// Heartbeats every region once (but those merged away meanwhile);
+    /// returns the steps answered.
     pub fn round(&self, s: &Scheduler) -> usize {
         self.region_ids()
             .into_iter()
-            .filter(|id| self.heartbeat(s, *id).is_some())
+            .filter(|id| self.exists(*id) && self.heartbeat(s, *id).is_some())
             .count()
     }
 
@@ -260,9 +327,11 @@ impl Sim {
                 self.leaders.lock().insert(r.id, p.id);
                 return;
             }
-            RegionOperator::Split { .. } | RegionOperator::Merge { .. } => {
-                panic!("unexpected {op:?}")
+            RegionOperator::Merge { target } => {
+                self.merge(&r, target);
+                return;
             }
+            RegionOperator::Split { .. } => panic!("unexpected {op:?}"),
         }
         bump(&mut r);
         let voters = r
@@ -275,12 +344,55 @@ impl Sim {
             "region {} down to {voters} voters after {op:?}",
             r.id
         );
-        self.update(r);
+        self.staged.lock().insert(r.id, r);
+    }
+
+    /// Merges `source` into `target` (PD's meta of it, from the operator):
+    /// the target takes the source's range with a version above both, and
+    /// the sizes add up.
+    fn merge(&self, source: &metapb::Region, target: &metapb::Region) {
+        self.flush(target.id);
+        assert_eq!(
+            *target,
+            self.region(target.id),
+            "merge into an outdated target"
+        );
+        assert_eq!(
+            source.end_key, target.start_key,
+            "merge of non-adjacent regions"
+        );
+        assert_eq!(
+            self.nodes_of(source.id),
+            self.nodes_of(target.id),
+            "merge of regions on different nodes"
+        );
+        assert!(
+            source
+                .peers
+                .iter()
+                .chain(&target.peers)
+                .all(|p| p.role() == PeerRole::Voter),
+            "merge with a non-voter"
+        );
+        let merged_size = self.size(source.id) + self.size(target.id);
+        let mut merged = target.clone();
+        merged.start_key = source.start_key.clone();
+        let version = |r: &metapb::Region| r.region_epoch.map_or(0, |e| e.version);
+        let v = version(source).max(version(target)) + 1;
+        if let Some(e) = merged.region_epoch.as_mut() {
+            e.version = v;
+        }
+        self.update(merged);
+        assert!(!self.exists(source.id), "the source is gone from PD's map");
+        self.leaders.lock().remove(&source.id);
+        self.fresh.lock().remove(&source.id);
+        self.report(target.id, merged_size);
     }
 
     /// Splits region `id` at its middle key `key`: the right half becomes
     /// a new region on the same nodes, led from the same node.
     pub fn split(&self, id: u64, key: &[u8], new_id: u64) {
+        self.flush(id);
         let mut left = self.region(id);
         let mut right = left.clone();
         let leader_node = self.leader(id).node_id;
