@@ -64,6 +64,9 @@ pub(crate) fn extra_rereads(history: &History, projection: &Projection) -> BTree
     out
 }
 
+/// A MultiPut: its index in the original history, its keys and values.
+type MultiPutRef<'a> = (usize, &'a [Key], &'a [Vec<u8>]);
+
 /// The MultiPut (original index) and key a value was written by, if any.
 fn multi_put_part<'a>(
     history: &'a History,
@@ -71,7 +74,7 @@ fn multi_put_part<'a>(
     knowledge: &Knowledge,
     key: &Key,
     value: &[u8],
-) -> Option<(usize, &'a [Key], &'a [Vec<u8>])> {
+) -> Option<MultiPutRef<'a>> {
     let &p = knowledge.writer.get(value)?;
     if projection.history.ops.get(p)?.request.key() != key {
         return None;
