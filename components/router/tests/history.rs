@@ -1,7 +1,11 @@
 //! The router's write and read protocols under faults, judged by the
-//! history checker (linearizability per key + etcd's revision rules): whole
-//! node storage stacks in process (`test_support::RouterCluster`), clients
-//! that cancel calls at random points, and a fault driver.
+//! history checker (linearizability per key + etcd's revision rules +
+//! multi-key atomicity): whole node storage stacks in process
+//! (`test_support::RouterCluster`), clients that cancel calls at random
+//! points, and a fault driver. The fault runs mix in MultiPuts (one Txn
+//! over several keys) and RangeAlls (a Range over all the workload's
+//! keys); where region boundaries fall between the keys (the split and
+//! merge runs) those are two-phase commits and multi-region reads.
 //!
 //! Each run prints its seed; `METASTORE_SEED=<seed>` replays the same
 //! workload and fault choices (timing still varies).
@@ -47,7 +51,9 @@ async fn cas_chains_with_cancelling_clients() {
 /// Three nodes; the raft network partitions the leader or another node,
 /// loses, delays and duplicates messages, restarts nodes; leadership is
 /// moved around; each node's oracle is now and then slow or stalled;
-/// forwarded requests sometimes lose their reply; clients cancel calls.
+/// forwarded requests sometimes lose their reply; clients cancel calls;
+/// MultiPuts and RangeAlls are mixed in (one region: they must still be
+/// atomic).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_under_faults() {
     let seed = history::seed("three_nodes_under_faults");
@@ -88,6 +94,7 @@ async fn three_nodes_under_faults() {
         }
     });
     let mut cfg = RunConfig::new(seed, "faults");
+    cfg.workload = cfg.workload.with_multi_key(MULTI_PUT, RANGE_ALL);
     cfg.clients = 12;
     cfg.duration = run_for;
     cfg.cancel_percent = 15;
@@ -97,6 +104,11 @@ async fn three_nodes_under_faults() {
     let _ = chaos.await;
     judge(&cluster, nemesis, &executor, &hist, "three_nodes", seed).await;
 }
+
+/// Weights of MultiPut and RangeAll in the runs that mix them in (the
+/// single-key kinds weigh 100 together).
+const MULTI_PUT: u32 = 20;
+const RANGE_ALL: u32 = 15;
 
 /// Three nodes whose replicas keep only 16 applied log entries, under the
 /// faults above: a follower cut off or restarted for more than a few
@@ -228,10 +240,11 @@ async fn merges_under_load_and_faults() {
     assert!(merges >= 2, "only {merges} merges prepared");
 }
 
-/// Runs the checker's workload on six keys (`<prefix>/0` ...) over three
-/// nodes for 15 s under every raft fault, while `chaos(cluster, the keys
-/// 1.. as region boundaries, rng, stop)` changes the region layout, then
-/// judges the history; returns the cluster and what `chaos` returned.
+/// Runs the checker's workload on six keys (`<prefix>/0` ...), MultiPuts
+/// and RangeAlls mixed in, over three nodes for 15 s under every raft
+/// fault, while `chaos(cluster, the keys 1.. as region boundaries, rng,
+/// stop)` changes the region layout, then judges the history; returns the
+/// cluster and what `chaos` returned.
 async fn with_layout_changes<T, F, Fut>(
     seed: u64,
     prefix: &str,
@@ -255,6 +268,7 @@ where
     let run_for = history::duration(Duration::from_secs(15));
     let mut cfg = RunConfig::new(seed, prefix);
     cfg.workload.keys = 6;
+    cfg.workload = cfg.workload.with_multi_key(MULTI_PUT, RANGE_ALL);
     let boundaries: Vec<Vec<u8>> = (1..cfg.workload.keys)
         .map(|i| format!("{prefix}/{i}").into_bytes())
         .collect();
@@ -314,4 +328,14 @@ async fn judge(
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
     assert!(report.ok > 300, "too few operations completed: {report}");
+    if hist
+        .ops
+        .iter()
+        .any(|op| matches!(op.request, checker::Request::MultiPut { .. }))
+    {
+        assert!(
+            report.multi_puts > 50 && report.range_alls > 40,
+            "too few multi-key operations completed: {report}"
+        );
+    }
 }
