@@ -65,6 +65,9 @@ fn txn_kv(t: &etcdserverpb::TxnResponse) -> Option<Kv> {
     }
 }
 
+/// How long one node may take to answer a re-read.
+const REREAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The end of etcd's prefix range: the prefix with its last byte below
 /// 0xff raised by one (trailing 0xff bytes dropped); `[0]` (every key) for
 /// an empty or all-0xff prefix, as etcd does.
@@ -279,6 +282,7 @@ impl Executor for RouterExecutor {
         }
     }
 
+    /// Each node in turn, each for at most [`REREAD_TIMEOUT`].
     async fn reread(&self, key: &[u8], revision: i64) -> Result<RereadResult, String> {
         let mut last = String::from("no node running");
         for id in self.cluster.ids() {
@@ -290,12 +294,15 @@ impl Executor for RouterExecutor {
                 revision,
                 ..Default::default()
             };
-            match router.range(&req).await {
-                Ok(r) => return Ok(RereadResult::Kv(r.kvs.first().map(to_kv))),
-                Err(router::Error::Mvcc(mvcc::Error::Compacted)) => {
+            // Bounded: a read that never answers is reported (by the
+            // caller's retries running out), not a hung test.
+            match tokio::time::timeout(REREAD_TIMEOUT, router.range(&req)).await {
+                Ok(Ok(r)) => return Ok(RereadResult::Kv(r.kvs.first().map(to_kv))),
+                Ok(Err(router::Error::Mvcc(mvcc::Error::Compacted))) => {
                     return Ok(RereadResult::Compacted)
                 }
-                Err(e) => last = e.to_string(),
+                Ok(Err(e)) => last = format!("node {id}: {e}"),
+                Err(_) => last = format!("node {id}: no answer within {REREAD_TIMEOUT:?}"),
             }
         }
         Err(last)
