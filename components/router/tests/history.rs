@@ -10,6 +10,7 @@
 //! Each run prints its seed; `METASTORE_SEED=<seed>` replays the same
 //! workload and fault choices (timing still varies).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,14 +168,14 @@ async fn splits_under_load_and_faults() {
     let (cluster, splits) =
         with_layout_changes(seed, "split", |cluster, keys, mut rng, stop| async move {
             let mut splits = 0;
+            let mut refused: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < stop {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
                 match rng.gen_range(0..10) {
                     0..=5 => {
                         let key = &keys[rng.gen_range(0..keys.len())];
-                        if cluster.split(key).await.is_ok() {
-                            splits += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                        splits += usize::from(done);
                     }
                     6 | 7 => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
                     // A slow oracle keeps writes waiting in the sequencer
@@ -191,6 +192,7 @@ async fn splits_under_load_and_faults() {
                 }
             }
             cluster.clear_oracle_faults();
+            println!("splits refused: {refused:?}");
             splits
         })
         .await;
@@ -213,23 +215,23 @@ async fn merges_under_load_and_faults() {
     let (cluster, (splits, merges)) =
         with_layout_changes(seed, "merge", |cluster, keys, mut rng, stop| async move {
             let (mut splits, mut merges) = (0, 0);
+            let mut refused: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < stop {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
                 let key = &keys[rng.gen_range(0..keys.len())];
                 match rng.gen_range(0..10) {
                     0..=3 => {
-                        if cluster.split(key).await.is_ok() {
-                            splits += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                        splits += usize::from(done);
                     }
                     4..=7 => {
-                        if cluster.merge(key).await.is_ok() {
-                            merges += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.merge(key)).await;
+                        merges += usize::from(done);
                     }
                     _ => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
                 }
             }
+            println!("layout changes refused: {refused:?}");
             (splits, merges)
         })
         .await;
@@ -245,6 +247,32 @@ async fn merges_under_load_and_faults() {
          {rolled_back} rolled back"
     );
     assert!(merges >= 2, "only {merges} merges prepared");
+}
+
+/// Runs `change` until it succeeds (true) or fails for another reason than
+/// a transaction's locks (a region holding them refuses to split or merge;
+/// the MultiPuts of the workload take them), at most 40 times 50 ms apart;
+/// counts the refusals by reason in `refused`.
+async fn retry_while_locked<F, Fut>(refused: &mut BTreeMap<String, usize>, change: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    for _ in 0..40 {
+        match change().await {
+            Ok(()) => return true,
+            Err(e) => {
+                let locked =
+                    e.contains("transactions in progress") || e.contains("locked by transaction");
+                *refused.entry(e).or_default() += 1;
+                if !locked {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    false
 }
 
 /// Runs the checker's workload on six keys (`<prefix>/0` ...), MultiPuts
