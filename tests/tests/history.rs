@@ -1,6 +1,7 @@
 //! Real processes judged by the history checker (linearizability per key +
-//! etcd's revision rules), clients speaking etcd's protocol through the
-//! etcd-client crate and cancelling calls at random points:
+//! etcd's revision rules + multi-key atomicity), clients speaking etcd's
+//! protocol through the etcd-client crate and cancelling calls at random
+//! points:
 //! * a dev node with compare-and-swap chains from 16 clients;
 //! * 3 PD members (behind proxies) and 3 nodes under the nemesis: kill -9
 //!   and restart of a node, SIGSTOP/SIGCONT of the leader's node, leader
@@ -41,8 +42,10 @@ async fn dev_node_cas_chains_with_cancelling_clients() {
     assert!(report.ok > 300, "too few operations completed: {report}");
 }
 
-/// A workload under the nemesis with every fault `cluster` takes; checks
-/// the history and that every fault was injected.
+/// A workload under the nemesis with every fault `cluster` takes, MultiPuts
+/// (one Txn over several keys) and RangeAlls (a prefix Range) mixed in;
+/// checks the history, that enough multi-key operations completed and
+/// that every fault was injected.
 async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Claims) -> C {
     let seed = history::seed(name);
     let mut cluster = cluster;
@@ -61,6 +64,7 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
         epoch,
     );
     let mut cfg = RunConfig::new(seed, name);
+    cfg.workload = cfg.workload.with_multi_key(20, 15);
     cfg.clients = 12;
     cfg.duration = history::duration(Duration::from_secs(25));
     cfg.cancel_percent = 10;
@@ -76,6 +80,10 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
         "{name} seed {seed}:\n{report}\nfaults:\n{log}"
     );
     assert!(report.ok > 300, "too few operations completed: {report}");
+    assert!(
+        report.multi_puts > 50 && report.range_alls > 40,
+        "too few multi-key operations completed: {report}"
+    );
     for f in faults {
         assert!(log.injected(f) > 0, "{f} was never injected:\n{log}");
     }

@@ -49,7 +49,8 @@ fn reported_prev<'a>(history: &'a History, w: &KnownWrite) -> Option<Option<&'a 
         Response::Put { prev, .. } => Some(prev.as_ref()),
         Response::Cas { kv, .. } => Some(kv.as_ref()),
         Response::Delete { deleted, .. } => Some(deleted.as_ref()),
-        Response::Get { .. } => None,
+        // Reads; multi-key responses are projected first.
+        Response::Get { .. } | Response::MultiPut { .. } | Response::RangeAll { .. } => None,
     }
 }
 

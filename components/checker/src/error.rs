@@ -37,6 +37,15 @@ pub enum HistoryError {
         /// The response kind.
         response: &'static str,
     },
+    /// A MultiPut without keys, with a key twice, with not one value per
+    /// key, or whose response has not one prev_kv slot per key.
+    #[error("op #{id}: malformed multi-key operation: {reason}")]
+    MalformedMultiKey {
+        /// The op's id.
+        id: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// The completion time precedes the invocation time.
     #[error("op #{id}: completed at {complete_ns} ns, before it was invoked at {invoke_ns} ns")]
     CompletedBeforeInvoked {

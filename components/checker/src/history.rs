@@ -1,11 +1,18 @@
 //! The history model: what a test driver records and the checker reads.
 //!
-//! Contract: a [`History`] is a list of single-key [`Operation`]s, each with
-//! the client that issued it, when it was invoked and when the client got an
-//! answer (or gave up), the request and its [`Outcome`]. Every write
-//! (`Put`, `Cas`) carries a value unique across the whole history; the
-//! checker identifies the write behind an observed value by it and rejects a
-//! history that breaks this ([`HistoryError::DuplicateValue`]). Histories
+//! Contract: a [`History`] is a list of [`Operation`]s, each with the client
+//! that issued it, when it was invoked and when the client got an answer
+//! (or gave up), the request and its [`Outcome`]. Most requests touch one
+//! key; [`Request::MultiPut`] (one Txn putting several keys at one
+//! revision) and [`Request::RangeAll`] (one Range over a key prefix) touch
+//! several, and the checker projects them onto per-key operations (see
+//! `crate::project`). Every written value (`Put`, `Cas`, each value of a
+//! `MultiPut`) is unique across the whole history; the checker identifies
+//! the write behind an observed value by it and rejects a history that
+//! breaks this ([`HistoryError::DuplicateValue`]), and a MultiPut whose
+//! keys are not distinct, whose key and value lists differ in length, or
+//! whose response has not one prev_kv slot per key
+//! ([`HistoryError::MalformedMultiKey`]). Histories
 //! round-trip through JSON ([`History::to_json`], [`History::from_json`]);
 //! byte strings are written as JSON strings when they are UTF-8, else as
 //! arrays of numbers.
@@ -15,6 +22,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bytes_repr;
 use crate::error::HistoryError;
 
 /// A key of the store.
@@ -43,7 +51,7 @@ pub enum Consistency {
     Serializable,
 }
 
-/// A single-key request.
+/// A request: single-key, except `MultiPut` and `RangeAll`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Put(key, value) sent with prev_kv = true.
@@ -83,6 +91,39 @@ pub enum Request {
         #[serde(with = "bytes_repr")]
         key: Key,
     },
+    /// One Txn without compares whose success branch puts `values[i]` to
+    /// `keys[i]` (prev_kv = true): all the puts take one revision, in the
+    /// region or regions holding the keys (a two-phase commit when they lie
+    /// in several). Keys distinct, at least one, as many values as keys.
+    MultiPut {
+        /// The keys.
+        #[serde(with = "bytes_repr::seq")]
+        keys: Vec<Key>,
+        /// The values, each unique across the history.
+        #[serde(with = "bytes_repr::seq")]
+        values: Vec<Vec<u8>>,
+    },
+    /// A Range over every key starting with `prefix` (etcd's prefix range),
+    /// also sent as a read-only Txn{success:[Range]} when `txn`.
+    RangeAll {
+        /// The key prefix (the workload's).
+        #[serde(with = "bytes_repr")]
+        prefix: Key,
+        /// Linearizable or serializable.
+        consistency: Consistency,
+        /// Sent as a read-only Txn rather than a Range.
+        txn: bool,
+    },
+}
+
+/// One key and its KeyValue, as a multi-key read returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyKv {
+    /// The key.
+    #[serde(with = "bytes_repr")]
+    pub key: Key,
+    /// Its KeyValue.
+    pub kv: Kv,
 }
 
 /// The answer to a request.
@@ -120,6 +161,22 @@ pub enum Response {
         revision: i64,
         /// The deleted key's last KeyValue.
         deleted: Option<Kv>,
+    },
+    /// header.revision = the revision every put of the MultiPut took;
+    /// `prevs[i]` = the prev_kv of `keys[i]`.
+    MultiPut {
+        /// The puts' revision.
+        revision: i64,
+        /// prev_kv per key, in the request's key order.
+        prevs: Vec<Option<Kv>>,
+    },
+    /// header.revision = the revision the read observed; `kvs` = every key
+    /// of the prefix present at it (a key may appear only once).
+    RangeAll {
+        /// The revision the read observed.
+        revision: i64,
+        /// The keys present, with their KeyValues.
+        kvs: Vec<KeyKv>,
     },
 }
 
@@ -161,36 +218,61 @@ pub struct History {
     pub ops: Vec<Operation>,
 }
 
+static NO_KEY: Key = Vec::new();
+
 impl Request {
-    /// The key the request touches.
+    /// The key a single-key request touches. For a `MultiPut` its first key
+    /// (empty when it has none), for a `RangeAll` its prefix: use
+    /// [`Request::is_multi_key`] to tell, and the variant's fields for the
+    /// keys. The checker's per-key rules only see single-key requests
+    /// (multi-key ones are projected first).
     pub fn key(&self) -> &Key {
         match self {
             Request::Put { key, .. }
             | Request::Get { key, .. }
             | Request::Cas { key, .. }
             | Request::Delete { key } => key,
+            Request::MultiPut { keys, .. } => keys.first().unwrap_or(&NO_KEY),
+            Request::RangeAll { prefix, .. } => prefix,
         }
     }
 
-    /// The value a Put or Cas writes.
+    /// Whether the request is a `MultiPut` or a `RangeAll`.
+    pub fn is_multi_key(&self) -> bool {
+        matches!(self, Request::MultiPut { .. } | Request::RangeAll { .. })
+    }
+
+    /// The value a Put or Cas writes; None for every other request (a
+    /// MultiPut's values: see [`Request::written_values`]).
     pub fn written_value(&self) -> Option<&[u8]> {
         match self {
             Request::Put { value, .. } | Request::Cas { value, .. } => Some(value),
-            Request::Get { .. } | Request::Delete { .. } => None,
+            _ => None,
+        }
+    }
+
+    /// Every value the request writes (one for Put/Cas, one per key for a
+    /// MultiPut).
+    pub fn written_values(&self) -> Vec<&[u8]> {
+        match self {
+            Request::MultiPut { values, .. } => values.iter().map(Vec::as_slice).collect(),
+            _ => self.written_value().into_iter().collect(),
         }
     }
 
     /// Whether the request may modify the store.
     pub fn is_write(&self) -> bool {
-        !matches!(self, Request::Get { .. })
+        !matches!(self, Request::Get { .. } | Request::RangeAll { .. })
     }
 
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Request::Put { .. } => "Put",
             Request::Get { .. } => "Get",
             Request::Cas { .. } => "Cas",
             Request::Delete { .. } => "Delete",
+            Request::MultiPut { .. } => "MultiPut",
+            Request::RangeAll { .. } => "RangeAll",
         }
     }
 }
@@ -202,7 +284,9 @@ impl Response {
             Response::Put { revision, .. }
             | Response::Get { revision, .. }
             | Response::Cas { revision, .. }
-            | Response::Delete { revision, .. } => *revision,
+            | Response::Delete { revision, .. }
+            | Response::MultiPut { revision, .. }
+            | Response::RangeAll { revision, .. } => *revision,
         }
     }
 
@@ -212,6 +296,8 @@ impl Response {
             Response::Get { .. } => "Get",
             Response::Cas { .. } => "Cas",
             Response::Delete { .. } => "Delete",
+            Response::MultiPut { .. } => "MultiPut",
+            Response::RangeAll { .. } => "RangeAll",
         }
     }
 }
@@ -226,10 +312,10 @@ impl Operation {
     }
 
     /// The revision this op took as an acknowledged write (Put ok, Cas
-    /// succeeded, Delete that deleted something).
+    /// succeeded, Delete that deleted something, MultiPut ok).
     pub fn acked_write_revision(&self) -> Option<i64> {
         match self.response()? {
-            Response::Put { revision, .. } => Some(*revision),
+            Response::Put { revision, .. } | Response::MultiPut { revision, .. } => Some(*revision),
             Response::Cas {
                 revision,
                 succeeded: true,
@@ -248,6 +334,9 @@ impl Operation {
         matches!(
             self.request,
             Request::Get {
+                consistency: Consistency::Serializable,
+                ..
+            } | Request::RangeAll {
                 consistency: Consistency::Serializable,
                 ..
             }
@@ -280,6 +369,26 @@ impl Operation {
                 show(value)
             ),
             Request::Delete { key } => format!("Delete({})", show(key)),
+            Request::MultiPut { keys, values } => {
+                let puts: Vec<String> = keys
+                    .iter()
+                    .zip(values)
+                    .map(|(k, v)| format!("{}={}", show(k), show(v)))
+                    .collect();
+                format!("MultiPut({})", puts.join(", "))
+            }
+            Request::RangeAll {
+                prefix,
+                consistency,
+                txn,
+            } => {
+                let c = match consistency {
+                    Consistency::Linearizable => "lin",
+                    Consistency::Serializable => "ser",
+                };
+                let t = if *txn { ", txn" } else { "" };
+                format!("RangeAll({}*, {c}{t})", show(prefix))
+            }
         };
         let out = match &self.outcome {
             Outcome::Ok(Response::Put { revision, prev }) => {
@@ -298,6 +407,17 @@ impl Operation {
             }
             Outcome::Ok(Response::Delete { revision, deleted }) => {
                 format!("ok rev={revision} deleted={}", show_kv(deleted.as_ref()))
+            }
+            Outcome::Ok(Response::MultiPut { revision, prevs }) => {
+                let prevs: Vec<String> = prevs.iter().map(|p| show_kv(p.as_ref())).collect();
+                format!("ok rev={revision} prevs=[{}]", prevs.join(", "))
+            }
+            Outcome::Ok(Response::RangeAll { revision, kvs }) => {
+                let kvs: Vec<String> = kvs
+                    .iter()
+                    .map(|e| format!("{}={}", show(&e.key), e.kv))
+                    .collect();
+                format!("ok rev={revision} kvs=[{}]", kvs.join(", "))
             }
             Outcome::Failed(e) => format!("FAILED ({e})"),
             Outcome::Unknown(e) => format!("UNKNOWN ({e})"),
@@ -326,7 +446,8 @@ impl History {
 
     /// Checks the assumptions the checker relies on: unique ids, unique
     /// write values, response kinds matching request kinds, completion not
-    /// before invocation.
+    /// before invocation, well-formed MultiPuts (distinct keys, at least
+    /// one, one value and one prev_kv slot per key).
     pub fn validate(&self) -> Result<(), HistoryError> {
         let mut ids = std::collections::HashSet::new();
         let mut values: HashMap<&[u8], usize> = HashMap::new();
@@ -350,7 +471,34 @@ impl History {
                     });
                 }
             }
-            if let Some(v) = op.request.written_value() {
+            if let Request::MultiPut { keys, values } = &op.request {
+                let malformed =
+                    |reason: String| HistoryError::MalformedMultiKey { id: op.id, reason };
+                if keys.is_empty() {
+                    return Err(malformed("no keys".to_string()));
+                }
+                if keys.len() != values.len() {
+                    return Err(malformed(format!(
+                        "{} keys but {} values",
+                        keys.len(),
+                        values.len()
+                    )));
+                }
+                let distinct: std::collections::HashSet<&Key> = keys.iter().collect();
+                if distinct.len() != keys.len() {
+                    return Err(malformed("a key appears twice".to_string()));
+                }
+                if let Some(Response::MultiPut { prevs, .. }) = op.response() {
+                    if prevs.len() != keys.len() {
+                        return Err(malformed(format!(
+                            "{} keys but {} prev_kvs in the response",
+                            keys.len(),
+                            prevs.len()
+                        )));
+                    }
+                }
+            }
+            for v in op.request.written_values() {
                 if let Some(first) = values.insert(v, op.id) {
                     return Err(HistoryError::DuplicateValue {
                         value: String::from_utf8_lossy(v).into_owned(),
@@ -392,51 +540,5 @@ impl fmt::Display for Kv {
             self.create_revision,
             self.mod_revision
         )
-    }
-}
-
-/// Serde representation of byte strings: a JSON string when the bytes are
-/// UTF-8, else an array of numbers; both are accepted when reading.
-mod bytes_repr {
-    use std::fmt;
-
-    use serde::de::{self, SeqAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => s.serialize_str(text),
-            Err(_) => s.collect_seq(bytes.iter()),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_any(BytesVisitor)
-    }
-
-    struct BytesVisitor;
-
-    impl<'de> Visitor<'de> for BytesVisitor {
-        type Value = Vec<u8>;
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string or an array of bytes")
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
-            Ok(v.as_bytes().to_vec())
-        }
-
-        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-            Ok(v.to_vec())
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(b) = seq.next_element::<u8>()? {
-                out.push(b);
-            }
-            Ok(out)
-        }
     }
 }

@@ -1,8 +1,9 @@
 //! Learning from observations: which write produced each observed value,
 //! and which writes of unknown outcome are thereby known to have applied.
 //!
-//! Contract: [`learn`] validates the history (unique write values etc.),
-//! then walks every observed `Kv` — Get results, Cas results, prev_kvs of
+//! Contract: [`learn`] takes a projected history (single-key ops only, see
+//! `crate::project`; the caller validated the original) and walks every
+//! observed `Kv` — Get results, Cas results, prev_kvs of
 //! Puts and Deletes, and re-reads when given — and traces its value to the
 //! one write that carries it. An Unknown write whose value is observed is
 //! *learned*: it applied, producing the first observed `Kv` (at that
@@ -14,7 +15,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::error::HistoryError;
 use crate::history::{show, History, Key, Kv, Outcome, Response};
 use crate::report::{Rule, Violation};
 use crate::revisions::{RereadResult, Rereads};
@@ -52,13 +52,15 @@ pub(crate) struct Knowledge {
     pub violations: Vec<Violation>,
 }
 
-/// Every `Kv` the response of `op` shows.
+/// The `Kv` the response of a single-key op shows (None for a multi-key
+/// response: those are projected first).
 pub(crate) fn observed_kv(resp: &Response) -> Option<&Kv> {
     match resp {
         Response::Put { prev, .. } => prev.as_ref(),
         Response::Get { kv, .. } => kv.as_ref(),
         Response::Cas { kv, .. } => kv.as_ref(),
         Response::Delete { deleted, .. } => deleted.as_ref(),
+        Response::MultiPut { .. } | Response::RangeAll { .. } => None,
     }
 }
 
@@ -80,13 +82,9 @@ fn source_ids(history: &History, sources: &[Source]) -> Vec<usize> {
         .collect()
 }
 
-/// Validates the history and learns from every observation (history ops,
-/// then `rereads` when given).
-pub(crate) fn learn(
-    history: &History,
-    rereads: Option<&Rereads>,
-) -> Result<Knowledge, HistoryError> {
-    history.validate()?;
+/// Learns from every observation of a projected history (its ops, then
+/// `rereads` when given).
+pub(crate) fn learn(history: &History, rereads: Option<&Rereads>) -> Knowledge {
     let mut k = Knowledge::default();
     for (i, op) in history.ops.iter().enumerate() {
         if let Some(v) = op.request.written_value() {
@@ -246,5 +244,5 @@ pub(crate) fn learn(
             ),
         });
     }
-    Ok(k)
+    k
 }

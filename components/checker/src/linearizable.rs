@@ -1,4 +1,5 @@
-//! Per-key linearizability: partitions a history by key (P-compositionality,
+//! Per-key linearizability: partitions a projected history (single-key ops
+//! only, see `crate::project`) by key (P-compositionality,
 //! as porcupine does) and runs the WGL search with the etcd model on each.
 //!
 //! Contract: for each key, the searched ops are the Ok ops (Put, Get with
@@ -115,7 +116,10 @@ fn partition(
                 };
                 (del, Some(op.complete_ns))
             }
-            (Request::Get { .. }, _) => continue,
+            // Multi-key ops are projected first (see `crate::project`).
+            (Request::Get { .. } | Request::MultiPut { .. } | Request::RangeAll { .. }, _) => {
+                continue
+            }
             (Request::Delete { .. }, _) => (EtcdOp::UnknownDelete, None),
             (Request::Put { value, .. }, _) | (Request::Cas { value, .. }, _) => {
                 let expected = match &op.request {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{show, History, Key, Outcome};
+use crate::history::{show, History, Key, Outcome, Response};
 
 /// The rule a violation breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -27,7 +27,8 @@ pub enum Rule {
     /// One write's value observed at two revisions, or at a revision other
     /// than the one its response reported.
     AppliedTwice,
-    /// Rule 1: two writes took the same revision.
+    /// Rule 1: two writes (two ops, not the puts of one MultiPut) took the
+    /// same revision.
     UniqueRevision,
     /// Rule 2: header revisions go backwards in real time.
     RealTimeOrder,
@@ -39,6 +40,9 @@ pub enum Rule {
     Fork,
     /// Rule 5: an acknowledged write is not in the store at its revision.
     LostWrite,
+    /// Rule 6: a MultiPut applied in pieces (at several revisions, or on
+    /// some keys only), or a RangeAll saw part of one.
+    MultiKeyAtomicity,
     /// A re-read the plan asked for was not supplied (a driver bug).
     MissingReread,
 }
@@ -56,6 +60,7 @@ impl fmt::Display for Rule {
             Rule::VersionChain => "rule 4: version chain",
             Rule::Fork => "rule 4: fork",
             Rule::LostWrite => "rule 5: acknowledged write lost",
+            Rule::MultiKeyAtomicity => "rule 6: multi-key atomicity",
             Rule::MissingReread => "missing re-read",
         };
         f.write_str(s)
@@ -134,6 +139,14 @@ pub struct Report {
     pub learned: usize,
     /// Distinct keys.
     pub keys: usize,
+    /// Acknowledged MultiPuts.
+    pub multi_puts: usize,
+    /// Keys written by acknowledged MultiPuts (summed).
+    pub multi_put_keys: usize,
+    /// RangeAlls with outcome Ok.
+    pub range_alls: usize,
+    /// Keys returned by those RangeAlls (summed).
+    pub range_all_keys: usize,
     /// Whether linearizability was checked, and per key how it went.
     pub linearizability: Option<Vec<KeyCheck>>,
     /// Whether the revision rules were checked (with how many re-reads).
@@ -143,21 +156,34 @@ pub struct Report {
 }
 
 impl Report {
-    pub(crate) fn new(history: &History, learned: usize) -> Report {
+    /// Counts the ops of `history` (the original) and the keys of
+    /// `projected` (its projection onto single-key ops).
+    pub(crate) fn new(history: &History, projected: &History, learned: usize) -> Report {
         let mut r = Report {
             ops: history.ops.len(),
             learned,
             ..Report::default()
         };
-        let mut keys = std::collections::HashSet::new();
         for op in &history.ops {
-            keys.insert(op.request.key());
+            match &op.outcome {
+                Outcome::Ok(Response::MultiPut { prevs, .. }) => {
+                    r.multi_puts += 1;
+                    r.multi_put_keys += prevs.len();
+                }
+                Outcome::Ok(Response::RangeAll { kvs, .. }) => {
+                    r.range_alls += 1;
+                    r.range_all_keys += kvs.len();
+                }
+                _ => {}
+            }
             match op.outcome {
                 Outcome::Ok(_) => r.ok += 1,
                 Outcome::Failed(_) => r.failed += 1,
                 Outcome::Unknown(_) => r.unknown += 1,
             }
         }
+        let keys: std::collections::HashSet<&Key> =
+            projected.ops.iter().map(|op| op.request.key()).collect();
         r.keys = keys.len();
         r
     }
@@ -203,6 +229,13 @@ impl fmt::Display for Report {
             "history: {} ops ({} ok, {} failed, {} unknown; {} unknown writes learned to have applied) over {} keys",
             self.ops, self.ok, self.failed, self.unknown, self.learned, self.keys
         )?;
+        if self.multi_puts + self.range_alls > 0 {
+            writeln!(
+                f,
+                "multi-key: {} MultiPuts acknowledged ({} keys), {} RangeAlls ok ({} keys returned)",
+                self.multi_puts, self.multi_put_keys, self.range_alls, self.range_all_keys
+            )?;
+        }
         match &self.linearizability {
             None => writeln!(f, "linearizability: not checked")?,
             Some(keys) => {

@@ -5,32 +5,45 @@
 //! (historical Range of `key` at `revision`) once nothing is in flight: the
 //! header revision of every Ok read (Get, Cas whose compare failed, Delete
 //! that deleted nothing) and the revision of every acknowledged write (Put
-//! ok, Cas succeeded, Delete that deleted). The driver answers with
-//! [`Rereads`]. [`revision_rules`] then checks:
+//! ok, Cas succeeded, Delete that deleted) — of the history projected onto
+//! single-key ops (`crate::project`), so every key of a MultiPut at its
+//! revision and every key of a RangeAll at its header revision — plus, for
+//! rule 6, every key of a MultiPut of unknown outcome at each revision one
+//! of its values was observed at in the history's responses. The driver
+//! answers with [`Rereads`]. [`revision_rules`] then checks, on the
+//! projected history:
 //! 1. unique revisions: acknowledged writes, and learned writes of unknown
-//!    outcome, never share a revision;
-//! 2. real-time order (linearizable ops only): if A completed before B was
-//!    invoked, header(A) <= header(B), strictly < when B is a write that
-//!    took a revision (learned writes count as B from their invocation);
+//!    outcome, never share a revision — except the puts of one MultiPut
+//!    (one op id), which all take its revision;
+//! 2. real-time order (linearizable ops only; the parts of a multi-key op
+//!    count once): if A completed before B was invoked, header(A) <=
+//!    header(B), strictly < when B is a write that took a revision
+//!    (learned writes count as B from their invocation);
 //! 3. a read at header revision R shows exactly the state at R: its re-read
 //!    at R returns the same, and it agrees with the known writes of the key
-//!    (the last one at or below R);
+//!    (the last one at or below R). Applied to the projected Gets of a
+//!    RangeAll, this catches a multi-key read that misses (part of) a known
+//!    write at or below its header revision;
 //! 4. version chains per key (see [`crate::chains`]);
 //! 5. no acknowledged write is missing: the re-read at its revision shows
 //!    its value with that mod_revision (absent for a delete), unless
-//!    compacted.
+//!    compacted — for a MultiPut, on each of its keys.
+//!
+//! Rule 6 (multi-key atomicity) is `crate::atomicity`'s.
 //!
 //! A planned re-read that is not supplied is a [`Rule::MissingReread`]
-//! violation (the driver must answer every pair, `Compacted` if need be).
+//! violation (the driver must answer every pair, `Compacted` if need be);
+//! rule 6's extra pairs are only used when supplied.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chains;
 use crate::history::{show, show_kv, Consistency, History, Key, Kv, Outcome, Request, Response};
 use crate::learn::Knowledge;
+use crate::project;
 use crate::report::{Rule, Violation};
+use crate::{atomicity, chains};
 
 /// The answer to one historical re-read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,10 +83,14 @@ pub(crate) struct Unlearned {
 }
 
 /// The (key, revision) pairs to re-read after the run, sorted, no
-/// duplicates.
+/// duplicates: those of the per-key rules for the projected history (every
+/// key of a MultiPut at its revision, every key of a RangeAll at its header
+/// revision, see `crate::project`), plus rule 6's for MultiPuts of unknown
+/// outcome observed in the history.
 pub fn reread_plan(history: &History) -> Vec<(Key, i64)> {
-    let mut plan = BTreeSet::new();
-    for op in &history.ops {
+    let projection = project::project(history);
+    let mut plan = atomicity::extra_rereads(history, &projection);
+    for op in &projection.history.ops {
         if let Some((rev, _)) = read_of(op.response()) {
             plan.insert((op.request.key().clone(), rev));
         }
@@ -112,7 +129,8 @@ pub(crate) fn known_writes(
         let effect = match &op.request {
             Request::Put { value, .. } | Request::Cas { value, .. } => Effect::Put(value.clone()),
             Request::Delete { .. } => Effect::Delete,
-            Request::Get { .. } => continue,
+            // Never in a projected history.
+            Request::Get { .. } | Request::MultiPut { .. } | Request::RangeAll { .. } => continue,
         };
         let (rev, learned) = if let Some(rev) = op.acked_write_revision() {
             (rev, false)
@@ -147,7 +165,7 @@ pub(crate) fn unlearned(history: &History, knowledge: &Knowledge) -> HashMap<Key
         match op.request {
             Request::Put { .. } | Request::Cas { .. } => entry.writes += 1,
             Request::Delete { .. } => entry.deletes += 1,
-            Request::Get { .. } => {}
+            Request::Get { .. } | Request::MultiPut { .. } | Request::RangeAll { .. } => {}
         }
     }
     out
@@ -209,7 +227,14 @@ fn unique_revisions(
             by_rev.entry(w.rev).or_default().push((key, w));
         }
     }
-    for (rev, ws) in by_rev.into_iter().filter(|(_, ws)| ws.len() > 1) {
+    // The parts of one MultiPut (one id) share its revision.
+    let distinct = |ws: &Vec<(&Key, &KnownWrite)>| {
+        ws.iter()
+            .map(|(_, w)| history.ops[w.op].id)
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    for (rev, ws) in by_rev.into_iter().filter(|(_, ws)| distinct(ws) > 1) {
         let lines: Vec<String> = ws
             .iter()
             .map(|(_, w)| {
@@ -228,9 +253,10 @@ fn unique_revisions(
             ops: ws.iter().map(|(_, w)| history.ops[w.op].id).collect(),
             explanation: format!(
                 "{} writes took revision {rev}:\n{}\nEvery modifying request takes its own revision from the \
-                 single store-wide counter; look at revision allocation (the oracle window, a leader change \
-                 reusing a window, or a retried write taking a second revision).",
-                ws.len(),
+                 single store-wide counter (the puts of one MultiPut share one); look at revision allocation \
+                 (the oracle window, a leader change reusing a window, or a retried write taking a second \
+                 revision).",
+                distinct(&ws),
                 lines.join("\n")
             ),
         });
@@ -253,6 +279,10 @@ fn real_time(history: &History, knowledge: &Knowledge, out: &mut Vec<Violation>)
         if op.is_serializable_read() {
             continue;
         }
+        // The parts of a multi-key op (consecutive, one id) count once.
+        if done.last().is_some_and(|t| history.ops[t.op].id == op.id) {
+            continue;
+        }
         done.push(Timed {
             op: i,
             invoke: op.invoke_ns,
@@ -261,16 +291,23 @@ fn real_time(history: &History, knowledge: &Knowledge, out: &mut Vec<Violation>)
             write: op.acked_write_revision().is_some(),
         });
     }
+    let mut learned_ids = BTreeSet::new();
     let mut started: Vec<Timed> = done
         .iter()
         .copied()
-        .chain(knowledge.learned.iter().map(|(&i, kv)| Timed {
-            op: i,
-            invoke: history.ops[i].invoke_ns,
-            complete: u64::MAX,
-            header: kv.mod_revision,
-            write: true,
-        }))
+        .chain(
+            knowledge
+                .learned
+                .iter()
+                .filter(|(&i, _)| learned_ids.insert(history.ops[i].id))
+                .map(|(&i, kv)| Timed {
+                    op: i,
+                    invoke: history.ops[i].invoke_ns,
+                    complete: u64::MAX,
+                    header: kv.mod_revision,
+                    write: true,
+                }),
+        )
         .collect();
     done.sort_by_key(|t| (t.complete, t.op));
     started.sort_by_key(|t| (t.invoke, t.op));

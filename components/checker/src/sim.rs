@@ -2,10 +2,14 @@
 //! linearizable histories with it — for testing the checker and the
 //! wiring of drivers, not a model of MetaStore.
 //!
-//! Contract: [`Store`] applies single-key requests with etcd's semantics
-//! (one store-wide revision counter starting at 1; every modifying request
-//! takes the next revision; versions, create/mod revisions, prev_kv) and
-//! answers historical reads ([`Store::read_at`], [`Store::rereads`]).
+//! Contract: [`Store`] applies requests with etcd's semantics (one
+//! store-wide revision counter starting at 1; every modifying request takes
+//! the next revision — all the puts of a MultiPut the same one; versions,
+//! create/mod revisions, prev_kv; a RangeAll returns every present key
+//! under the prefix at one revision) and answers historical reads
+//! ([`Store::read_at`], [`Store::rereads`]). A [`Broken`] mode makes it
+//! deliberately break multi-key atomicity, for tests that the checker
+//! notices.
 //! [`simulate`] runs clients concurrently in virtual time: each request
 //! takes effect atomically at one instant inside its interval (or, for an
 //! Unknown outcome, maybe later or never; for Failed, never), so the
@@ -18,9 +22,24 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::history::{Consistency, History, Key, Kv, Operation, Outcome, Request, Response};
+use crate::history::{Consistency, History, Key, KeyKv, Kv, Operation, Outcome, Request, Response};
 use crate::revisions::{RereadResult, Rereads};
 use crate::workload::{Generator, WorkloadConfig};
+
+/// Deliberate multi-key defects of a [`Store`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Broken {
+    /// Correct.
+    #[default]
+    No,
+    /// Each put of a MultiPut takes its own revision; the response reports
+    /// the first (a two-phase commit applying per region at different
+    /// revisions).
+    TornMultiPut,
+    /// A RangeAll reads its i-th key at `revision - i` but reports
+    /// `revision` (regions read at different revisions).
+    TornRangeAll,
+}
 
 /// An etcd-like store with full history.
 #[derive(Clone, Debug)]
@@ -28,6 +47,8 @@ pub struct Store {
     revision: i64,
     /// Per key: (revision, state from that revision on).
     history: BTreeMap<Key, Vec<(i64, Option<Kv>)>>,
+    /// The defect, if any.
+    pub broken: Broken,
 }
 
 impl Default for Store {
@@ -35,6 +56,7 @@ impl Default for Store {
         Store {
             revision: 1,
             history: BTreeMap::new(),
+            broken: Broken::No,
         }
     }
 }
@@ -60,9 +82,14 @@ impl Store {
     }
 
     fn write(&mut self, key: &[u8], value: Option<&[u8]>) -> (i64, Option<Kv>) {
-        let prev = self.current(key);
         self.revision += 1;
-        let rev = self.revision;
+        let prev = self.write_at(key, value, self.revision);
+        (self.revision, prev)
+    }
+
+    /// Writes `key` at `rev` (the current revision, already raised).
+    fn write_at(&mut self, key: &[u8], value: Option<&[u8]>, rev: i64) -> Option<Kv> {
+        let prev = self.read_at(key, rev - 1);
         let new = value.map(|v| Kv {
             value: v.to_vec(),
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
@@ -73,7 +100,29 @@ impl Store {
             .entry(key.to_vec())
             .or_default()
             .push((rev, new));
-        (rev, prev)
+        prev
+    }
+
+    /// Every key under `prefix` present at `revision`.
+    pub fn range_at(&self, prefix: &[u8], revision: i64) -> Vec<KeyKv> {
+        let torn = self.broken == Broken::TornRangeAll;
+        self.history
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .enumerate()
+            .filter_map(|(i, (key, _))| {
+                let at = if torn {
+                    (revision - i as i64).max(1)
+                } else {
+                    revision
+                };
+                let kv = self.read_at(key, at)?;
+                Some(KeyKv {
+                    key: key.clone(),
+                    kv,
+                })
+            })
+            .collect()
     }
 
     /// Applies a request now; a serializable Get reads at `read_revision`
@@ -110,6 +159,28 @@ impl Store {
                         succeeded: false,
                         kv: current,
                     }
+                }
+            }
+            Request::MultiPut { keys, values } => {
+                self.revision += 1;
+                let first = self.revision;
+                let mut prevs = Vec::with_capacity(keys.len());
+                for (n, (key, value)) in keys.iter().zip(values).enumerate() {
+                    if n > 0 && self.broken == Broken::TornMultiPut {
+                        self.revision += 1;
+                    }
+                    prevs.push(self.write_at(key, Some(value), self.revision));
+                }
+                Response::MultiPut {
+                    revision: first,
+                    prevs,
+                }
+            }
+            Request::RangeAll { prefix, .. } => {
+                let revision = read_revision.map_or(self.revision, |r| r.min(self.revision));
+                Response::RangeAll {
+                    revision,
+                    kvs: self.range_at(prefix, revision),
                 }
             }
             Request::Delete { key } => {
@@ -155,6 +226,8 @@ pub struct SimConfig {
     pub failed_percent: u32,
     /// Maximum request latency in virtual nanoseconds.
     pub max_latency_ns: u64,
+    /// The store's defect (for tests that the checker finds it).
+    pub broken: Broken,
 }
 
 impl Default for SimConfig {
@@ -167,6 +240,7 @@ impl Default for SimConfig {
             unknown_percent: 5,
             failed_percent: 2,
             max_latency_ns: 2_000_000,
+            broken: Broken::No,
         }
     }
 }
@@ -188,7 +262,10 @@ enum Fate {
 pub fn simulate(config: &SimConfig) -> (History, Store) {
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut gen = Generator::new(config.seed ^ 0x9e37_79b9_7f4a_7c15, config.workload.clone());
-    let mut store = Store::default();
+    let mut store = Store {
+        broken: config.broken,
+        ..Store::default()
+    };
     let mut ops: Vec<Operation> = Vec::new();
     let mut fates: Vec<Fate> = Vec::new();
     let mut responses: HashMap<usize, Response> = HashMap::new();
@@ -245,6 +322,10 @@ pub fn simulate(config: &SimConfig) -> (History, Store) {
             Event::Apply(id) => {
                 let read_revision = match ops[id].request {
                     Request::Get {
+                        consistency: Consistency::Serializable,
+                        ..
+                    }
+                    | Request::RangeAll {
                         consistency: Consistency::Serializable,
                         ..
                     } => Some(store.revision() - rng.gen_range(0..4)),

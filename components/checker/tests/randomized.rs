@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use checker::sim::{simulate, SimConfig, Store};
+use checker::sim::{simulate, Broken, SimConfig, Store};
 use checker::{
     check, check_linearizable, reread_plan, Config, History, Outcome, Request, RereadResult,
     Rereads, Response, Rule, WorkloadConfig,
@@ -25,6 +25,7 @@ fn sim(seed: u64, clients: usize, ops: usize, keys: usize, unknown: u32) -> (His
         unknown_percent: unknown,
         failed_percent: 3,
         max_latency_ns: 1_000_000,
+        broken: Broken::No,
     })
 }
 
@@ -351,5 +352,64 @@ fn five_thousand_ops_check_quickly() {
             report.violates(Rule::Linearizability)
         );
         assert!(report.violates(Rule::Linearizability), "{name}\n{report}");
+    }
+}
+
+fn sim_multi_key(seed: u64, clients: usize, ops: usize, broken: Broken) -> (History, Store) {
+    simulate(&SimConfig {
+        seed,
+        clients,
+        ops,
+        workload: WorkloadConfig {
+            keys: 4,
+            ..WorkloadConfig::default()
+        }
+        .with_multi_key(20, 20),
+        unknown_percent: 10,
+        failed_percent: 3,
+        max_latency_ns: 1_000_000,
+        broken,
+    })
+}
+
+#[test]
+fn simulated_multi_key_histories_pass() {
+    let (mut multi_puts, mut range_alls) = (0, 0);
+    for seed in 0..40 {
+        let (h, store) = sim_multi_key(seed, 1 + (seed as usize % 8), 300, Broken::No);
+        let report = check(&h, &rereads(&h, &store), &Config::default()).unwrap();
+        assert!(report.is_ok(), "seed {seed}:\n{report}");
+        multi_puts += report.multi_puts;
+        range_alls += report.range_alls;
+    }
+    println!("{multi_puts} MultiPuts acknowledged, {range_alls} RangeAlls ok");
+    assert!(multi_puts > 1000 && range_alls > 1000);
+}
+
+#[test]
+fn torn_multi_key_operations_are_caught() {
+    for (broken, rule) in [
+        (Broken::TornMultiPut, Rule::MultiKeyAtomicity),
+        (Broken::TornRangeAll, Rule::ReadState),
+    ] {
+        let mut atomicity = 0;
+        for seed in 0..20 {
+            let (h, store) = sim_multi_key(seed, 2 + seed as usize % 6, 200, broken);
+            let report = check(&h, &rereads(&h, &store), &Config::default()).unwrap();
+            assert!(
+                !report.is_ok(),
+                "{broken:?} seed {seed}: not caught\n{report}"
+            );
+            assert!(
+                report.violates(rule),
+                "{broken:?} seed {seed}: no {rule}\n{report}"
+            );
+            atomicity += usize::from(report.violates(Rule::MultiKeyAtomicity));
+        }
+        println!("{broken:?}: rule 6 in {atomicity} of 20 seeds");
+        assert!(
+            atomicity >= 10,
+            "{broken:?}: rule 6 in only {atomicity} of 20 seeds"
+        );
     }
 }

@@ -1,11 +1,16 @@
 //! The router's write and read protocols under faults, judged by the
-//! history checker (linearizability per key + etcd's revision rules): whole
-//! node storage stacks in process (`test_support::RouterCluster`), clients
-//! that cancel calls at random points, and a fault driver.
+//! history checker (linearizability per key + etcd's revision rules +
+//! multi-key atomicity): whole node storage stacks in process
+//! (`test_support::RouterCluster`), clients that cancel calls at random
+//! points, and a fault driver. The fault runs mix in MultiPuts (one Txn
+//! over several keys) and RangeAlls (a Range over all the workload's
+//! keys); where region boundaries fall between the keys (the split and
+//! merge runs) those are two-phase commits and multi-region reads.
 //!
 //! Each run prints its seed; `METASTORE_SEED=<seed>` replays the same
 //! workload and fault choices (timing still varies).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +52,9 @@ async fn cas_chains_with_cancelling_clients() {
 /// Three nodes; the raft network partitions the leader or another node,
 /// loses, delays and duplicates messages, restarts nodes; leadership is
 /// moved around; each node's oracle is now and then slow or stalled;
-/// forwarded requests sometimes lose their reply; clients cancel calls.
+/// forwarded requests sometimes lose their reply; clients cancel calls;
+/// MultiPuts and RangeAlls are mixed in (one region: they must still be
+/// atomic).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_under_faults() {
     let seed = history::seed("three_nodes_under_faults");
@@ -88,6 +95,7 @@ async fn three_nodes_under_faults() {
         }
     });
     let mut cfg = RunConfig::new(seed, "faults");
+    cfg.workload = cfg.workload.with_multi_key(MULTI_PUT, RANGE_ALL);
     cfg.clients = 12;
     cfg.duration = run_for;
     cfg.cancel_percent = 15;
@@ -97,6 +105,18 @@ async fn three_nodes_under_faults() {
     let _ = chaos.await;
     judge(&cluster, nemesis, &executor, &hist, "three_nodes", seed).await;
 }
+
+/// Weights of MultiPut and RangeAll in the runs that mix them in (the
+/// single-key kinds weigh 100 together).
+const MULTI_PUT: u32 = 20;
+const RANGE_ALL: u32 = 15;
+/// The same in the split and merge runs, where MultiPuts are two-phase
+/// commits: a cancelled one leaves its locks until the lock resolver
+/// takes them (after `LOCK_TTL`), stalling its keys' readers and writers
+/// and refusing merges of its regions meanwhile, so fewer of them keep the
+/// layout changes going.
+const LAYOUT_MULTI_PUT: u32 = 8;
+const LAYOUT_RANGE_ALL: u32 = 8;
 
 /// Three nodes whose replicas keep only 16 applied log entries, under the
 /// faults above: a follower cut off or restarted for more than a few
@@ -148,14 +168,14 @@ async fn splits_under_load_and_faults() {
     let (cluster, splits) =
         with_layout_changes(seed, "split", |cluster, keys, mut rng, stop| async move {
             let mut splits = 0;
+            let mut refused: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < stop {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
                 match rng.gen_range(0..10) {
                     0..=5 => {
                         let key = &keys[rng.gen_range(0..keys.len())];
-                        if cluster.split(key).await.is_ok() {
-                            splits += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                        splits += usize::from(done);
                     }
                     6 | 7 => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
                     // A slow oracle keeps writes waiting in the sequencer
@@ -172,6 +192,7 @@ async fn splits_under_load_and_faults() {
                 }
             }
             cluster.clear_oracle_faults();
+            println!("splits refused: {refused:?}");
             splits
         })
         .await;
@@ -194,23 +215,23 @@ async fn merges_under_load_and_faults() {
     let (cluster, (splits, merges)) =
         with_layout_changes(seed, "merge", |cluster, keys, mut rng, stop| async move {
             let (mut splits, mut merges) = (0, 0);
+            let mut refused: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < stop {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
                 let key = &keys[rng.gen_range(0..keys.len())];
                 match rng.gen_range(0..10) {
                     0..=3 => {
-                        if cluster.split(key).await.is_ok() {
-                            splits += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                        splits += usize::from(done);
                     }
                     4..=7 => {
-                        if cluster.merge(key).await.is_ok() {
-                            merges += 1;
-                        }
+                        let done = retry_while_locked(&mut refused, || cluster.merge(key)).await;
+                        merges += usize::from(done);
                     }
                     _ => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
                 }
             }
+            println!("layout changes refused: {refused:?}");
             (splits, merges)
         })
         .await;
@@ -228,10 +249,37 @@ async fn merges_under_load_and_faults() {
     assert!(merges >= 2, "only {merges} merges prepared");
 }
 
-/// Runs the checker's workload on six keys (`<prefix>/0` ...) over three
-/// nodes for 15 s under every raft fault, while `chaos(cluster, the keys
-/// 1.. as region boundaries, rng, stop)` changes the region layout, then
-/// judges the history; returns the cluster and what `chaos` returned.
+/// Runs `change` until it succeeds (true) or fails for another reason than
+/// a transaction's locks (a region holding them refuses to split or merge;
+/// the MultiPuts of the workload take them), at most 40 times 50 ms apart;
+/// counts the refusals by reason in `refused`.
+async fn retry_while_locked<F, Fut>(refused: &mut BTreeMap<String, usize>, change: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    for _ in 0..40 {
+        match change().await {
+            Ok(()) => return true,
+            Err(e) => {
+                let locked =
+                    e.contains("transactions in progress") || e.contains("locked by transaction");
+                *refused.entry(e).or_default() += 1;
+                if !locked {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    false
+}
+
+/// Runs the checker's workload on six keys (`<prefix>/0` ...), MultiPuts
+/// and RangeAlls mixed in, over three nodes for 15 s under every raft
+/// fault, while `chaos(cluster, the keys 1.. as region boundaries, rng,
+/// stop)` changes the region layout, then judges the history; returns the
+/// cluster and what `chaos` returned.
 async fn with_layout_changes<T, F, Fut>(
     seed: u64,
     prefix: &str,
@@ -255,6 +303,9 @@ where
     let run_for = history::duration(Duration::from_secs(15));
     let mut cfg = RunConfig::new(seed, prefix);
     cfg.workload.keys = 6;
+    cfg.workload = cfg
+        .workload
+        .with_multi_key(LAYOUT_MULTI_PUT, LAYOUT_RANGE_ALL);
     let boundaries: Vec<Vec<u8>> = (1..cfg.workload.keys)
         .map(|i| format!("{prefix}/{i}").into_bytes())
         .collect();
@@ -314,4 +365,14 @@ async fn judge(
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
     assert!(report.ok > 300, "too few operations completed: {report}");
+    if hist
+        .ops
+        .iter()
+        .any(|op| matches!(op.request, checker::Request::MultiPut { .. }))
+    {
+        assert!(
+            report.multi_puts > 50 && report.range_alls > 40,
+            "too few multi-key operations completed: {report}"
+        );
+    }
 }

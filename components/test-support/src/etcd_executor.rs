@@ -1,5 +1,7 @@
 //! The checker's requests over the `etcd-client` crate, one client per
-//! endpoint, for real `metastore-node` processes and real etcd alike.
+//! endpoint, for real `metastore-node` processes and real etcd alike. A
+//! MultiPut is one Txn without compares putting every key (prev_kv); a
+//! RangeAll a prefix Range (or a read-only Txn holding one).
 //!
 //! Outcome classification: a response is `Ok`; an etcd request error
 //! (invalid argument, out of range, not found) and a call whose connection
@@ -13,7 +15,7 @@
 
 use std::time::Duration;
 
-use checker::{Consistency, Kv, Outcome, Request, RereadResult, Response};
+use checker::{Consistency, KeyKv, Kv, Outcome, Request, RereadResult, Response};
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp,
     TxnOpResponse,
@@ -146,6 +148,70 @@ impl EtcdExecutor {
                     kv,
                 }
             }
+            Request::MultiPut { keys, values } => {
+                let puts: Vec<TxnOp> = keys
+                    .iter()
+                    .zip(values)
+                    .map(|(k, v)| {
+                        TxnOp::put(
+                            k.clone(),
+                            v.clone(),
+                            Some(PutOptions::new().with_prev_key()),
+                        )
+                    })
+                    .collect();
+                let r = kv.txn(Txn::new().and_then(puts)).await?;
+                let prevs: Vec<Option<Kv>> = r
+                    .op_responses()
+                    .into_iter()
+                    .filter_map(|op| match op {
+                        TxnOpResponse::Put(p) => Some(p.prev_key().map(to_kv)),
+                        _ => None,
+                    })
+                    .collect();
+                if prevs.len() != keys.len() || !r.succeeded() {
+                    // Unknown outcome rather than a malformed history.
+                    return Err(etcd_client::Error::Internal(format!(
+                        "a Txn of {} puts answered {} put responses (succeeded: {})",
+                        keys.len(),
+                        prevs.len(),
+                        r.succeeded()
+                    )));
+                }
+                Response::MultiPut {
+                    revision: revision(r.header()),
+                    prevs,
+                }
+            }
+            Request::RangeAll {
+                prefix,
+                consistency,
+                txn,
+            } => {
+                let mut opts = GetOptions::new().with_prefix();
+                if *consistency == Consistency::Serializable {
+                    opts = opts.with_serializable();
+                }
+                if *txn {
+                    let r = kv
+                        .txn(Txn::new().and_then([TxnOp::get(prefix.clone(), Some(opts))]))
+                        .await?;
+                    let kvs = match r.op_responses().into_iter().next() {
+                        Some(TxnOpResponse::Get(g)) => key_kvs(g.kvs()),
+                        _ => Vec::new(),
+                    };
+                    Response::RangeAll {
+                        revision: revision(r.header()),
+                        kvs,
+                    }
+                } else {
+                    let r = kv.get(prefix.clone(), Some(opts)).await?;
+                    Response::RangeAll {
+                        revision: revision(r.header()),
+                        kvs: key_kvs(r.kvs()),
+                    }
+                }
+            }
             Request::Delete { key } => {
                 let r = kv
                     .delete(key.clone(), Some(DeleteOptions::new().with_prev_key()))
@@ -218,4 +284,13 @@ fn to_kv(kv: &KeyValue) -> Kv {
         mod_revision: kv.mod_revision(),
         version: kv.version(),
     }
+}
+
+fn key_kvs(kvs: &[KeyValue]) -> Vec<KeyKv> {
+    kvs.iter()
+        .map(|kv| KeyKv {
+            key: kv.key().to_vec(),
+            kv: to_kv(kv),
+        })
+        .collect()
 }

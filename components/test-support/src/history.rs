@@ -1,10 +1,11 @@
 //! Running a seeded workload against a store and checking its history.
 //!
-//! An [`Executor`] carries the checker's single-key requests to one store
-//! (real processes over the etcd-client crate, or in-process routers) and
-//! classifies every answer as the checker needs it: `Ok` with the response,
-//! `Failed` only when the request certainly did not apply, `Unknown`
-//! otherwise. [`run`] drives `clients` concurrent clients, each issuing the
+//! An [`Executor`] carries the checker's requests — single-key ones, and
+//! MultiPut (one Txn without compares) and RangeAll (a prefix Range) — to
+//! one store (real processes over the etcd-client crate, or in-process
+//! routers) and classifies every answer as the checker needs it: `Ok` with
+//! the response, `Failed` only when the request certainly did not apply,
+//! `Unknown` otherwise. [`run`] drives `clients` concurrent clients, each issuing the
 //! [`checker::Generator`]'s next request to an endpoint of its choice with
 //! a deadline — a fraction of calls get a deadline of a few milliseconds,
 //! so they are cancelled at random points and their outcome is unknown —

@@ -28,6 +28,7 @@ pub mod process;
 pub mod proxy;
 pub mod raft_cluster;
 pub mod router_cluster;
+pub mod router_executor;
 
 pub use cluster::{Cluster, EtcdCluster, PdControl, ProcessCluster, ProcessClusterOptions};
 pub use etcd_executor::{Claims, EtcdExecutor};
@@ -39,4 +40,5 @@ pub use nemesis::{
 };
 pub use process::{bin_path, client, etcdctl, free_port, metastore_ctl, Etcd, Node, Pd};
 pub use proxy::{Proxy, ProxyMode};
-pub use router_cluster::{RouterCluster, RouterExecutor};
+pub use router_cluster::RouterCluster;
+pub use router_executor::RouterExecutor;

@@ -9,7 +9,7 @@
 //! write and read protocols, forwarding, retries — without gRPC, so a
 //! history checker can run under partitions, loss, delay, restarts, leader
 //! transfers, oracle stalls and client cancellations in seconds.
-//! [`RouterExecutor`] is the checker's [`Executor`] over it.
+//! [`crate::RouterExecutor`] is the checker's [`crate::Executor`] over it.
 //!
 //! Nodes stopped by anyone (a test, [`crate::RaftNemesis`]) lose their
 //! router first (requests to them fail as "node down") and get a new one
@@ -19,11 +19,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use checker::{Consistency, Kv, Outcome, Request, RereadResult, Response};
-use mvcc::exec::{WriteRequest, WriteResponse};
 use parking_lot::RwLock;
 use pd::{LocalPdClient, PdClient, PdConfig, PdCore};
-use proto::{etcdserverpb, metapb};
+use proto::metapb;
 use raftstore::StoreOptions;
 use rand::Rng;
 use router::forward::{Delivery, LocalNetwork};
@@ -31,7 +29,6 @@ use router::Router;
 use tempfile::TempDir;
 
 use crate::faulty_pd::FaultyPd;
-use crate::history::Executor;
 use crate::raft_cluster::{self, NodeEvent};
 
 /// Routers by node id, shared with the raft cluster's node hooks.
@@ -280,195 +277,5 @@ impl RouterCluster {
         if let Some(h) = self.raft.try_handle(leader) {
             let _ = h.transfer_leader(to).await;
         }
-    }
-}
-
-/// The checker's requests straight to the routers of a [`RouterCluster`]:
-/// endpoint i is node i + 1. A call cut by its deadline is dropped
-/// mid-flight — exactly a client cancelling — and is `Unknown`; router
-/// errors keep their class (`router::error`): those that certainly did not
-/// apply are `Failed`, so the checker holds the router to that claim.
-pub struct RouterExecutor {
-    cluster: Arc<RouterCluster>,
-}
-
-impl RouterExecutor {
-    pub fn new(cluster: Arc<RouterCluster>) -> RouterExecutor {
-        RouterExecutor { cluster }
-    }
-}
-
-fn classify(err: router::Error) -> Outcome {
-    let text = err.to_string();
-    match err {
-        router::Error::Mvcc(_) | router::Error::CrossRegion | router::Error::Pd(_) => {
-            Outcome::Failed(text)
-        }
-        e if e.is_retryable() => Outcome::Failed(text),
-        _ => Outcome::Unknown(text),
-    }
-}
-
-fn to_kv(kv: &proto::mvccpb::KeyValue) -> Kv {
-    Kv {
-        value: kv.value.clone(),
-        create_revision: kv.create_revision,
-        mod_revision: kv.mod_revision,
-        version: kv.version,
-    }
-}
-
-fn header_rev(h: &Option<etcdserverpb::ResponseHeader>) -> i64 {
-    h.as_ref().map_or(0, |h| h.revision)
-}
-
-/// The first Range result (or Put prev_kv) of a txn's responses.
-fn txn_kv(t: &etcdserverpb::TxnResponse) -> Option<Kv> {
-    use etcdserverpb::response_op::Response as R;
-    match t.responses.first().and_then(|r| r.response.as_ref()) {
-        Some(R::ResponsePut(p)) => p.prev_kv.as_ref().map(to_kv),
-        Some(R::ResponseRange(r)) => r.kvs.first().map(to_kv),
-        _ => None,
-    }
-}
-
-/// The etcd request a checker request stands for.
-fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
-    use etcdserverpb::{
-        compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-        TxnRequest,
-    };
-    let range = |key: &Vec<u8>, serializable: bool| RangeRequest {
-        key: key.clone(),
-        serializable,
-        ..Default::default()
-    };
-    let put = |key: &Vec<u8>, value: &Vec<u8>| PutRequest {
-        key: key.clone(),
-        value: value.clone(),
-        prev_kv: true,
-        ..Default::default()
-    };
-    match req {
-        Request::Put { key, value } => Ok(WriteRequest::Put(put(key, value))),
-        Request::Get {
-            key,
-            consistency,
-            txn,
-        } => {
-            let r = range(key, *consistency == Consistency::Serializable);
-            if *txn {
-                Ok(WriteRequest::Txn(TxnRequest {
-                    success: vec![RequestOp {
-                        request: Some(request_op::Request::RequestRange(r)),
-                    }],
-                    ..Default::default()
-                }))
-            } else {
-                Err(r)
-            }
-        }
-        Request::Cas {
-            key,
-            expected_mod_revision,
-            value,
-        } => Ok(WriteRequest::Txn(TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Mod as i32,
-                key: key.clone(),
-                target_union: Some(compare::TargetUnion::ModRevision(*expected_mod_revision)),
-                ..Default::default()
-            }],
-            success: vec![RequestOp {
-                request: Some(request_op::Request::RequestPut(put(key, value))),
-            }],
-            failure: vec![RequestOp {
-                request: Some(request_op::Request::RequestRange(range(key, false))),
-            }],
-        })),
-        Request::Delete { key } => Ok(WriteRequest::DeleteRange(DeleteRangeRequest {
-            key: key.clone(),
-            prev_kv: true,
-            ..Default::default()
-        })),
-    }
-}
-
-async fn call(router: &Router, req: &Request) -> router::Result<Response> {
-    let write = match to_etcd(req) {
-        Ok(w) => w,
-        Err(range) => {
-            let r = router.range(&range).await?;
-            return Ok(Response::Get {
-                revision: header_rev(&r.header),
-                kv: r.kvs.first().map(to_kv),
-            });
-        }
-    };
-    Ok(match (req, router.write(&write).await?) {
-        (Request::Put { .. }, WriteResponse::Put(p)) => Response::Put {
-            revision: header_rev(&p.header),
-            prev: p.prev_kv.as_ref().map(to_kv),
-        },
-        (Request::Get { .. }, WriteResponse::Txn(t)) => Response::Get {
-            revision: header_rev(&t.header),
-            kv: txn_kv(&t),
-        },
-        (Request::Cas { .. }, WriteResponse::Txn(t)) => Response::Cas {
-            revision: header_rev(&t.header),
-            succeeded: t.succeeded,
-            kv: txn_kv(&t),
-        },
-        (Request::Delete { .. }, WriteResponse::DeleteRange(d)) => Response::Delete {
-            revision: header_rev(&d.header),
-            deleted: d.prev_kvs.first().map(to_kv),
-        },
-        (_, other) => {
-            return Err(router::Error::Internal(format!(
-                "mismatched response {other:?}"
-            )))
-        }
-    })
-}
-
-#[async_trait::async_trait]
-impl Executor for RouterExecutor {
-    fn endpoints(&self) -> usize {
-        self.cluster.ids().len()
-    }
-
-    async fn execute(&self, endpoint: usize, req: &Request, deadline: Duration) -> Outcome {
-        let id = self.cluster.ids()[endpoint];
-        let Some(router) = self.cluster.router(id) else {
-            return Outcome::Failed(format!("node {id} is down"));
-        };
-        match tokio::time::timeout(deadline, call(&router, req)).await {
-            Ok(Ok(resp)) => Outcome::Ok(resp),
-            Ok(Err(e)) => classify(e),
-            Err(_) => Outcome::Unknown(format!("cancelled after {deadline:?}")),
-        }
-    }
-
-    async fn reread(&self, key: &[u8], revision: i64) -> Result<RereadResult, String> {
-        let mut last = String::from("no node running");
-        for id in self.cluster.ids() {
-            let Some(router) = self.cluster.router(id) else {
-                continue;
-            };
-            let req = etcdserverpb::RangeRequest {
-                key: key.to_vec(),
-                revision,
-                ..Default::default()
-            };
-            match router.range(&req).await {
-                Ok(r) => return Ok(RereadResult::Kv(r.kvs.first().map(to_kv))),
-                Err(router::Error::Mvcc(mvcc::Error::Compacted)) => {
-                    return Ok(RereadResult::Compacted)
-                }
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
     }
 }

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use checker::{
-    reread_plan, Consistency, History, Key, Kv, Operation, Outcome, Request, RereadResult, Rereads,
-    Response,
+    reread_plan, Consistency, History, Key, KeyKv, Kv, Operation, Outcome, Request, RereadResult,
+    Rereads, Response,
 };
 
 pub fn kv(value: &str, version: i64, create: i64, modr: i64) -> Kv {
@@ -150,6 +150,72 @@ impl H {
             req,
             Outcome::Ok(Response::Delete { revision, deleted }),
         )
+    }
+
+    /// A MultiPut of `puts` (key, value) acknowledged at `revision` with
+    /// prev_kvs `prevs`.
+    pub fn multi_put(
+        &mut self,
+        c: usize,
+        t: (u64, u64),
+        puts: &[(&str, &str)],
+        revision: i64,
+        prevs: Vec<Option<Kv>>,
+    ) -> usize {
+        self.multi_put_with(
+            c,
+            t,
+            puts,
+            Outcome::Ok(Response::MultiPut { revision, prevs }),
+        )
+    }
+
+    pub fn multi_put_with(
+        &mut self,
+        c: usize,
+        t: (u64, u64),
+        puts: &[(&str, &str)],
+        outcome: Outcome,
+    ) -> usize {
+        let req = Request::MultiPut {
+            keys: puts.iter().map(|(key, _)| k(key)).collect(),
+            values: puts.iter().map(|(_, v)| v.as_bytes().to_vec()).collect(),
+        };
+        self.op(c, t, req, outcome)
+    }
+
+    /// A linearizable RangeAll over `prefix` at header `revision` that
+    /// returned `kvs`.
+    pub fn range_all(
+        &mut self,
+        c: usize,
+        t: (u64, u64),
+        prefix: &str,
+        revision: i64,
+        kvs: Vec<(&str, Kv)>,
+    ) -> usize {
+        self.range_all_with(c, t, prefix, Consistency::Linearizable, revision, kvs)
+    }
+
+    pub fn range_all_with(
+        &mut self,
+        c: usize,
+        t: (u64, u64),
+        prefix: &str,
+        consistency: Consistency,
+        revision: i64,
+        kvs: Vec<(&str, Kv)>,
+    ) -> usize {
+        let req = Request::RangeAll {
+            prefix: k(prefix),
+            consistency,
+            txn: false,
+        };
+        let kvs = kvs
+            .into_iter()
+            .map(|(key, kv)| KeyKv { key: k(key), kv })
+            .collect();
+        self.op(c, t, req, Outcome::Ok(Response::RangeAll { revision, kvs }))
     }
 
     pub fn history(&self) -> History {

@@ -1,0 +1,310 @@
+//! [`RouterExecutor`]: the checker's requests straight to the routers of a
+//! [`RouterCluster`], as etcd requests (`mvcc::exec::WriteRequest` or a
+//! Range): Put, Range, Cas as a Txn with a compare, Delete, a MultiPut as
+//! one Txn without compares (over several regions the router commits it in
+//! two phases), a RangeAll as a Range over the prefix (or a read-only Txn
+//! holding one; over several regions a multi-region read).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use checker::{Consistency, KeyKv, Kv, Outcome, Request, RereadResult, Response};
+use mvcc::exec::{WriteRequest, WriteResponse};
+use proto::etcdserverpb;
+use router::Router;
+
+use crate::history::Executor;
+use crate::RouterCluster;
+
+/// The checker's requests straight to the routers of a [`RouterCluster`]:
+/// endpoint i is node i + 1. A call cut by its deadline is dropped
+/// mid-flight — exactly a client cancelling — and is `Unknown`; router
+/// errors keep their class (`router::error`): those that certainly did not
+/// apply are `Failed`, so the checker holds the router to that claim.
+pub struct RouterExecutor {
+    cluster: Arc<RouterCluster>,
+}
+
+impl RouterExecutor {
+    pub fn new(cluster: Arc<RouterCluster>) -> RouterExecutor {
+        RouterExecutor { cluster }
+    }
+}
+
+fn classify(err: router::Error) -> Outcome {
+    let text = err.to_string();
+    match err {
+        router::Error::Mvcc(_) | router::Error::CrossRegion | router::Error::Pd(_) => {
+            Outcome::Failed(text)
+        }
+        e if e.is_retryable() => Outcome::Failed(text),
+        _ => Outcome::Unknown(text),
+    }
+}
+
+fn to_kv(kv: &proto::mvccpb::KeyValue) -> Kv {
+    Kv {
+        value: kv.value.clone(),
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+fn header_rev(h: &Option<etcdserverpb::ResponseHeader>) -> i64 {
+    h.as_ref().map_or(0, |h| h.revision)
+}
+
+/// The first Range result (or Put prev_kv) of a txn's responses.
+fn txn_kv(t: &etcdserverpb::TxnResponse) -> Option<Kv> {
+    use etcdserverpb::response_op::Response as R;
+    match t.responses.first().and_then(|r| r.response.as_ref()) {
+        Some(R::ResponsePut(p)) => p.prev_kv.as_ref().map(to_kv),
+        Some(R::ResponseRange(r)) => r.kvs.first().map(to_kv),
+        _ => None,
+    }
+}
+
+/// How long one node may take to answer a re-read.
+const REREAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The end of etcd's prefix range: the prefix with its last byte below
+/// 0xff raised by one (trailing 0xff bytes dropped); `[0]` (every key) for
+/// an empty or all-0xff prefix, as etcd does.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The etcd request a checker request stands for.
+fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
+    use etcdserverpb::{
+        compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+        TxnRequest,
+    };
+    let range = |key: &Vec<u8>, serializable: bool| RangeRequest {
+        key: key.clone(),
+        serializable,
+        ..Default::default()
+    };
+    let put = |key: &Vec<u8>, value: &Vec<u8>| PutRequest {
+        key: key.clone(),
+        value: value.clone(),
+        prev_kv: true,
+        ..Default::default()
+    };
+    match req {
+        Request::Put { key, value } => Ok(WriteRequest::Put(put(key, value))),
+        Request::MultiPut { keys, values } => Ok(WriteRequest::Txn(TxnRequest {
+            success: keys
+                .iter()
+                .zip(values)
+                .map(|(k, v)| RequestOp {
+                    request: Some(request_op::Request::RequestPut(put(k, v))),
+                })
+                .collect(),
+            ..Default::default()
+        })),
+        Request::RangeAll {
+            prefix,
+            consistency,
+            txn,
+        } => {
+            let r = RangeRequest {
+                range_end: prefix_end(prefix),
+                ..range(prefix, *consistency == Consistency::Serializable)
+            };
+            if *txn {
+                Ok(WriteRequest::Txn(TxnRequest {
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestRange(r)),
+                    }],
+                    ..Default::default()
+                }))
+            } else {
+                Err(r)
+            }
+        }
+        Request::Get {
+            key,
+            consistency,
+            txn,
+        } => {
+            let r = range(key, *consistency == Consistency::Serializable);
+            if *txn {
+                Ok(WriteRequest::Txn(TxnRequest {
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestRange(r)),
+                    }],
+                    ..Default::default()
+                }))
+            } else {
+                Err(r)
+            }
+        }
+        Request::Cas {
+            key,
+            expected_mod_revision,
+            value,
+        } => Ok(WriteRequest::Txn(TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: key.clone(),
+                target_union: Some(compare::TargetUnion::ModRevision(*expected_mod_revision)),
+                ..Default::default()
+            }],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(put(key, value))),
+            }],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(range(key, false))),
+            }],
+        })),
+        Request::Delete { key } => Ok(WriteRequest::DeleteRange(DeleteRangeRequest {
+            key: key.clone(),
+            prev_kv: true,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Every KeyValue of a Range result, with its key.
+fn key_kvs(kvs: &[proto::mvccpb::KeyValue]) -> Vec<KeyKv> {
+    kvs.iter()
+        .map(|kv| KeyKv {
+            key: kv.key.clone(),
+            kv: to_kv(kv),
+        })
+        .collect()
+}
+
+/// A MultiPut's prev_kvs from its Txn's responses: one ResponsePut per key,
+/// else an error (the outcome is then unknown, not a malformed history).
+fn multi_put_prevs(t: &etcdserverpb::TxnResponse, keys: usize) -> router::Result<Vec<Option<Kv>>> {
+    use etcdserverpb::response_op::Response as R;
+    let prevs: Vec<Option<Kv>> = t
+        .responses
+        .iter()
+        .filter_map(|r| match r.response.as_ref() {
+            Some(R::ResponsePut(p)) => Some(p.prev_kv.as_ref().map(to_kv)),
+            _ => None,
+        })
+        .collect();
+    if prevs.len() != keys || t.responses.len() != keys || !t.succeeded {
+        return Err(router::Error::Internal(format!(
+            "a Txn of {keys} puts answered {t:?}"
+        )));
+    }
+    Ok(prevs)
+}
+
+async fn call(router: &Router, req: &Request) -> router::Result<Response> {
+    let write = match to_etcd(req) {
+        Ok(w) => w,
+        Err(range) => {
+            let r = router.range(&range).await?;
+            let revision = header_rev(&r.header);
+            return Ok(match req {
+                Request::RangeAll { .. } => Response::RangeAll {
+                    revision,
+                    kvs: key_kvs(&r.kvs),
+                },
+                _ => Response::Get {
+                    revision,
+                    kv: r.kvs.first().map(to_kv),
+                },
+            });
+        }
+    };
+    Ok(match (req, router.write(&write).await?) {
+        (Request::MultiPut { keys, .. }, WriteResponse::Txn(t)) => Response::MultiPut {
+            revision: header_rev(&t.header),
+            prevs: multi_put_prevs(&t, keys.len())?,
+        },
+        (Request::RangeAll { .. }, WriteResponse::Txn(t)) => {
+            use etcdserverpb::response_op::Response as R;
+            let kvs = match t.responses.first().and_then(|r| r.response.as_ref()) {
+                Some(R::ResponseRange(r)) => key_kvs(&r.kvs),
+                _ => Vec::new(),
+            };
+            Response::RangeAll {
+                revision: header_rev(&t.header),
+                kvs,
+            }
+        }
+        (Request::Put { .. }, WriteResponse::Put(p)) => Response::Put {
+            revision: header_rev(&p.header),
+            prev: p.prev_kv.as_ref().map(to_kv),
+        },
+        (Request::Get { .. }, WriteResponse::Txn(t)) => Response::Get {
+            revision: header_rev(&t.header),
+            kv: txn_kv(&t),
+        },
+        (Request::Cas { .. }, WriteResponse::Txn(t)) => Response::Cas {
+            revision: header_rev(&t.header),
+            succeeded: t.succeeded,
+            kv: txn_kv(&t),
+        },
+        (Request::Delete { .. }, WriteResponse::DeleteRange(d)) => Response::Delete {
+            revision: header_rev(&d.header),
+            deleted: d.prev_kvs.first().map(to_kv),
+        },
+        (_, other) => {
+            return Err(router::Error::Internal(format!(
+                "mismatched response {other:?}"
+            )))
+        }
+    })
+}
+
+#[async_trait::async_trait]
+impl Executor for RouterExecutor {
+    fn endpoints(&self) -> usize {
+        self.cluster.ids().len()
+    }
+
+    async fn execute(&self, endpoint: usize, req: &Request, deadline: Duration) -> Outcome {
+        let id = self.cluster.ids()[endpoint];
+        let Some(router) = self.cluster.router(id) else {
+            return Outcome::Failed(format!("node {id} is down"));
+        };
+        match tokio::time::timeout(deadline, call(&router, req)).await {
+            Ok(Ok(resp)) => Outcome::Ok(resp),
+            Ok(Err(e)) => classify(e),
+            Err(_) => Outcome::Unknown(format!("cancelled after {deadline:?}")),
+        }
+    }
+
+    /// Each node in turn, each for at most [`REREAD_TIMEOUT`].
+    async fn reread(&self, key: &[u8], revision: i64) -> Result<RereadResult, String> {
+        let mut last = String::from("no node running");
+        for id in self.cluster.ids() {
+            let Some(router) = self.cluster.router(id) else {
+                continue;
+            };
+            let req = etcdserverpb::RangeRequest {
+                key: key.to_vec(),
+                revision,
+                ..Default::default()
+            };
+            // Bounded: a read that never answers is reported (by the
+            // caller's retries running out), not a hung test.
+            match tokio::time::timeout(REREAD_TIMEOUT, router.range(&req)).await {
+                Ok(Ok(r)) => return Ok(RereadResult::Kv(r.kvs.first().map(to_kv))),
+                Ok(Err(router::Error::Mvcc(mvcc::Error::Compacted))) => {
+                    return Ok(RereadResult::Compacted)
+                }
+                Ok(Err(e)) => last = format!("node {id}: {e}"),
+                Err(_) => last = format!("node {id}: no answer within {REREAD_TIMEOUT:?}"),
+            }
+        }
+        Err(last)
+    }
+}
