@@ -12,7 +12,11 @@
 //! 2. **Lock**, one participant after another in key order, the primary
 //!    first: its leader latches the spans (no write of them in flight),
 //!    waits for other transactions' locks on them to go, and proposes a
-//!    lock through raft; once applied it sends back the spans' live keys.
+//!    lock through raft; once applied it sends back the spans' live keys
+//!    and the region it locked in. A lock taken in another region than
+//!    planned (a merge moved the spans) releases every lock and starts
+//!    again: a second lock of the transaction in one region would change
+//!    nothing and leave the second participant's keys unlocked.
 //!    From then on no other write of those keys applies (writers wait, and
 //!    apply refuses them), and readers of them wait. Locking in key order
 //!    means two transactions never wait for each other in a circle.
@@ -151,6 +155,19 @@ impl Router {
                     .collect(),
             });
             match self.step(&p.spans, step).await {
+                Ok(Some(txn_step_response::Result::Locked(l)))
+                    if l.region_id != 0 && l.region_id != p.region.id =>
+                {
+                    // A merge handed the spans to another region since the
+                    // participants were planned: that region may be a
+                    // participant too, whose one lock of this transaction
+                    // would then not cover both (a second lock of the same
+                    // transaction changes nothing), and the commits are
+                    // cut by the planned regions. Start again.
+                    locked.push(l);
+                    self.release(&participants[..locked.len()], txn_id).await;
+                    return Err(Error::CrossRegion);
+                }
                 Ok(Some(txn_step_response::Result::Locked(l))) => locked.push(l),
                 Ok(_) => {
                     // Taken as "may hold the lock": released below.

@@ -170,6 +170,7 @@ impl RegionLeader {
             latest,
             historical,
             compact_revision: state.compact_revision,
+            region_id: status.region.id,
         })
     }
 
