@@ -351,14 +351,7 @@ impl Operation {
                 key,
                 consistency,
                 txn,
-            } => {
-                let c = match consistency {
-                    Consistency::Linearizable => "lin",
-                    Consistency::Serializable => "ser",
-                };
-                let t = if *txn { ", txn" } else { "" };
-                format!("Get({}, {c}{t})", show(key))
-            }
+            } => format!("Get({}, {})", show(key), read_shape(*consistency, *txn)),
             Request::Cas {
                 key,
                 expected_mod_revision,
@@ -381,14 +374,11 @@ impl Operation {
                 prefix,
                 consistency,
                 txn,
-            } => {
-                let c = match consistency {
-                    Consistency::Linearizable => "lin",
-                    Consistency::Serializable => "ser",
-                };
-                let t = if *txn { ", txn" } else { "" };
-                format!("RangeAll({}*, {c}{t})", show(prefix))
-            }
+            } => format!(
+                "RangeAll({}*, {})",
+                show(prefix),
+                read_shape(*consistency, *txn)
+            ),
         };
         let out = match &self.outcome {
             Outcome::Ok(Response::Put { revision, prev }) => {
@@ -541,4 +531,15 @@ impl fmt::Display for Kv {
             self.mod_revision
         )
     }
+}
+
+/// How a read was sent, for reports: "lin" or "ser", and ", txn" when
+/// sent as a read-only Txn.
+fn read_shape(consistency: Consistency, txn: bool) -> String {
+    let c = match consistency {
+        Consistency::Linearizable => "lin",
+        Consistency::Serializable => "ser",
+    };
+    let t = if txn { ", txn" } else { "" };
+    format!("{c}{t}")
 }

@@ -96,25 +96,7 @@ pub fn check_revisions(
     history: &History,
     rereads: &Rereads,
 ) -> Result<Vec<Violation>, HistoryError> {
-    history.validate()?;
-    let projection = project::project(history);
-    let knowledge = learn::learn(&projection.history, Some(rereads));
-    let mut report = Report::new(history, &projection.history, knowledge.learned.len());
-    report.violations = knowledge.violations.clone();
-    report.violations.extend(revisions::revision_rules(
-        &projection.history,
-        &knowledge,
-        rereads,
-    ));
-    atomicity::check(
-        history,
-        &projection,
-        &knowledge,
-        Some(rereads),
-        &mut report.violations,
-    );
-    project::annotate(history, &mut report);
-    Ok(report.violations)
+    Ok(check_with(history, rereads, None)?.violations)
 }
 
 /// Both checks; writes of unknown outcome are learned from the history and
@@ -124,15 +106,22 @@ pub fn check(
     rereads: &Rereads,
     config: &Config,
 ) -> Result<Report, HistoryError> {
+    check_with(history, rereads, Some(config))
+}
+
+/// The revision rules and multi-key atomicity over the projected history,
+/// plus linearizability per key when `linearizable` is given.
+fn check_with(
+    history: &History,
+    rereads: &Rereads,
+    linearizable: Option<&Config>,
+) -> Result<Report, HistoryError> {
     history.validate()?;
     let projection = project::project(history);
     let knowledge = learn::learn(&projection.history, Some(rereads));
     let mut report = Report::new(history, &projection.history, knowledge.learned.len());
-    report.linearizability = Some(linearizable::check_keys(
-        &projection.history,
-        &knowledge,
-        config,
-    ));
+    report.linearizability = linearizable
+        .map(|config| linearizable::check_keys(&projection.history, &knowledge, config));
     report.rereads = Some(rereads.len());
     report.violations = knowledge.violations.clone();
     report.violations.extend(revisions::revision_rules(

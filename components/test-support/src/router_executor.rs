@@ -120,16 +120,7 @@ fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
                 range_end: prefix_end(prefix),
                 ..range(prefix, *consistency == Consistency::Serializable)
             };
-            if *txn {
-                Ok(WriteRequest::Txn(TxnRequest {
-                    success: vec![RequestOp {
-                        request: Some(request_op::Request::RequestRange(r)),
-                    }],
-                    ..Default::default()
-                }))
-            } else {
-                Err(r)
-            }
+            range_or_txn(r, *txn)
         }
         Request::Get {
             key,
@@ -137,16 +128,7 @@ fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
             txn,
         } => {
             let r = range(key, *consistency == Consistency::Serializable);
-            if *txn {
-                Ok(WriteRequest::Txn(TxnRequest {
-                    success: vec![RequestOp {
-                        request: Some(request_op::Request::RequestRange(r)),
-                    }],
-                    ..Default::default()
-                }))
-            } else {
-                Err(r)
-            }
+            range_or_txn(r, *txn)
         }
         Request::Cas {
             key,
@@ -307,4 +289,21 @@ impl Executor for RouterExecutor {
         }
         Err(last)
     }
+}
+
+/// `r` as a Range (`Err`), or as a read-only Txn holding it when `txn`.
+fn range_or_txn(
+    r: etcdserverpb::RangeRequest,
+    txn: bool,
+) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
+    use etcdserverpb::{request_op, RequestOp, TxnRequest};
+    if !txn {
+        return Err(r);
+    }
+    Ok(WriteRequest::Txn(TxnRequest {
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(r)),
+        }],
+        ..Default::default()
+    }))
 }
