@@ -13,7 +13,7 @@
 //!   (`compaction`); writes over several regions by two-phase commit
 //!   (`txn`); region merge, driven by the source region's leader
 //!   (`merge`); HashKV of the whole keyspace from every region's replicas
-//!   (`hash`);
+//!   (`hash`); work that outlives its client's call (`detached`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -32,6 +32,7 @@
 
 mod cache;
 pub mod compaction;
+mod detached;
 pub mod error;
 pub mod forward;
 mod hash;

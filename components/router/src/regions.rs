@@ -21,6 +21,16 @@
 //!   replicas alone at the lowest of their resolved revisions (`resolved`)
 //!   when every region has one caught up here, and like a linearizable one
 //!   otherwise.
+//! * A Txn over several regions that changes nothing is a read at one
+//!   revision R, like a Range: R from the oracle first, then every span it
+//!   reads fetched at R (and its historical reads at their revisions) as
+//!   linearizable reads of the pieces' regions, then the request evaluated
+//!   against what came back (`read_across`). It takes no locks: values
+//!   taken under transaction locks are the state at R only while the locks
+//!   hold, and a slow coordinator's locks may be rolled back by the lock
+//!   resolver without it noticing. If the evaluation changes something
+//!   after all (a compare that failed under locks holds now), `CrossRegion`
+//!   sends the caller back to the two-phase path.
 //! * Writes over several regions commit through `txn` (two-phase, at one
 //!   revision).
 //! * `compact(R)` applies the compaction in every region (in key order);
@@ -35,13 +45,15 @@
 use std::time::Instant;
 
 use futures::future::try_join_all;
-use mvcc::exec;
-use mvcc::KeyRange;
+use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
+use mvcc::{FetchedView, KeyRange};
 use proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use proto::metapb;
+use proto::mvccpb::KeyValue;
 use proto::raft_cmdpb::SplitRequest;
 
 use crate::leader::READ_TIMEOUT;
+use crate::txn::historical_reads;
 use crate::{Error, Result, Router, MIN_BACKOFF, RETRY_DEADLINE};
 
 /// A key range as etcd's `key` and `range_end`.
@@ -131,6 +143,70 @@ impl Router {
             ..Default::default()
         });
         Ok(resp)
+    }
+
+    /// A Txn over several regions that changes nothing, read without locks
+    /// at one revision (see the contract): `CrossRegion` if it would
+    /// change something.
+    pub(crate) async fn read_across(
+        &self,
+        req: &WriteRequest,
+        spans: &[KeyRange],
+    ) -> Result<WriteResponse> {
+        let current = tokio::time::timeout(READ_TIMEOUT, self.pd.current_revision())
+            .await
+            .map_err(|_| Error::timed_out("the oracle's current revision"))??;
+        let mut view = FetchedView::default();
+        let latest = spans.iter().map(|span| async move {
+            match self.read_span_at(span, current).await {
+                // A compaction above R came in since R was taken: the
+                // pieces cannot all be read at R, take a new one.
+                Err(Error::Mvcc(mvcc::Error::Compacted)) => Err(Error::Region(
+                    raftstore::Error::StaleCommand("compacted past the read's revision".into()),
+                )),
+                other => other,
+            }
+        });
+        for kvs in try_join_all(latest).await? {
+            view.insert(i64::MAX, kvs);
+        }
+        // A read above R fails the evaluation (a future revision).
+        let historical = historical_reads(req)
+            .into_iter()
+            .filter(|(_, revision)| *revision <= current);
+        let historical = historical.map(|(span, revision)| async move {
+            Ok::<_, Error>((revision, self.read_span_at(&span, revision).await?))
+        });
+        for (revision, kvs) in try_join_all(historical).await? {
+            view.insert(revision, kvs);
+        }
+        // Historical reads below the compaction revision failed above.
+        let bounds = ReadBounds {
+            current,
+            compacted: 0,
+        };
+        let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
+        if !eval.mutations.is_empty() {
+            return Err(Error::CrossRegion);
+        }
+        let mut response = eval.response;
+        exec::fill_revisions(&mut response, current, current);
+        Ok(response)
+    }
+
+    /// The live keys of `span` at `revision`, each piece read as a
+    /// linearizable read of its region.
+    async fn read_span_at(&self, span: &KeyRange, revision: i64) -> Result<Vec<KeyValue>> {
+        let pieces = self.pieces(span).await?;
+        let reads = pieces.iter().map(|piece| async move {
+            let mut r = RangeRequest {
+                revision,
+                ..Default::default()
+            };
+            (r.key, r.range_end) = etcd_bounds(piece);
+            Ok::<_, Error>(self.range_in_region(&r, piece).await?.kvs)
+        });
+        Ok(try_join_all(reads).await?.into_iter().flatten().collect())
     }
 
     /// A serializable Range over several regions from this node's replicas

@@ -73,6 +73,8 @@ pub struct Router {
     pub(crate) resolved: crate::resolved::ResolvedRevisions,
     /// What the merge driver here has seen (see `merge`).
     pub(crate) merges: crate::merge::MergeDriverState,
+    /// Tasks running detached from client calls (see `detached`).
+    pub(crate) detached: crate::detached::Detached,
 }
 
 impl Router {
@@ -91,6 +93,7 @@ impl Router {
             txn_cleanup: Default::default(),
             resolved: Default::default(),
             merges: Default::default(),
+            detached: Default::default(),
         }
     }
 
@@ -292,7 +295,7 @@ impl Router {
     }
 
     /// Serves Put, DeleteRange and Txn.
-    pub async fn write(&self, req: &WriteRequest) -> Result<WriteResponse> {
+    pub async fn write(self: &Arc<Router>, req: &WriteRequest) -> Result<WriteResponse> {
         check_write(req)?;
         let spans = &write_spans(req);
         if is_serializable_txn(req) {

@@ -24,7 +24,11 @@
 //!    coordinator evaluates the request against what the participants sent
 //!    (`mvcc::FetchedView`), with the oracle's current revision as the
 //!    newest one a historical read may ask for. A request that changes
-//!    nothing answers at that revision and releases its locks.
+//!    nothing releases its locks and is read again without them, as a Txn
+//!    of Range operations only is from the start (`regions::read_across`):
+//!    nothing tells the coordinator that its locks still hold, and a lock
+//!    resolver may have rolled back the locks of a slow one, letting writes
+//!    of its keys in before the revision it would answer at.
 //! 4. **Revision.** R comes from the oracle *after* every lock is applied,
 //!    so R is above every revision any write of these keys already has, and
 //!    above the revision of every read that did not wait for the locks.
@@ -45,7 +49,10 @@
 //! rolled back; with neither lock nor record the transaction never
 //! committed (the primary's lock is taken before any other, and the record
 //! is forgotten only after every secondary committed). The secondary then
-//! commits or rolls back likewise.
+//! commits (the decision's mutations its lock covers) or rolls back.
+//!
+//! Each attempt runs on a task of its own (`detached`): a client that
+//! cancels its call does not leave its locks to the resolver.
 //!
 //! Outcomes for the client: anything failing before the decision releases
 //! the locks and is "not applied" (retried here, from step 1, until
@@ -76,7 +83,7 @@ use tracing::{debug, info, warn};
 
 use crate::leader::txn::LOCK_TTL;
 use crate::leader::{READ_TIMEOUT, WRITE_TIMEOUT};
-use crate::locate::{holds_key, Location};
+use crate::locate::Location;
 use crate::router::retrying;
 use crate::{Error, Result, Router, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 
@@ -103,14 +110,19 @@ impl Router {
     /// Serves a DeleteRange or Txn whose `spans` lie in several regions (see
     /// the module docs).
     pub(crate) async fn write_across(
-        &self,
+        self: &Arc<Router>,
         req: &WriteRequest,
         spans: &[KeyRange],
     ) -> Result<WriteResponse> {
         let deadline = Instant::now() + RETRY_DEADLINE;
         let mut backoff = MIN_BACKOFF;
         loop {
-            match self.try_write_across(req, spans).await {
+            let attempt = if only_reads(req) {
+                self.read_across(req, spans).await
+            } else {
+                self.detached_write_across(req, spans).await
+            };
+            match attempt {
                 Err(e)
                     if (e.is_retryable() || matches!(e, Error::CrossRegion))
                         && Instant::now() + backoff < deadline =>
@@ -122,6 +134,19 @@ impl Router {
                 other => return other,
             }
         }
+    }
+
+    /// One attempt at the protocol on a task of its own (see `detached`):
+    /// a client that cancels its call does not stop it between taking
+    /// locks and committing or releasing them.
+    async fn detached_write_across(
+        self: &Arc<Router>,
+        req: &WriteRequest,
+        spans: &[KeyRange],
+    ) -> Result<WriteResponse> {
+        let (req, spans) = (req.clone(), spans.to_vec());
+        self.run_detached(|router| async move { router.try_write_across(&req, &spans).await })
+            .await
     }
 
     async fn try_write_across(
@@ -184,7 +209,7 @@ impl Router {
             }
         }
         let evaluated = self.evaluate(req, &locked).await;
-        let (mut response, mutations, current) = match evaluated {
+        let (mut response, mutations) = match evaluated {
             Ok(e) => e,
             Err(e) => {
                 self.release(&participants, txn_id).await;
@@ -192,9 +217,11 @@ impl Router {
             }
         };
         if mutations.is_empty() {
+            // What the locks sent is the state at `current` only if they
+            // still hold, which nothing here confirms: read again without
+            // them (see `read_across`).
             self.release(&participants, txn_id).await;
-            exec::fill_revisions(&mut response, current, current);
-            return Ok(response);
+            return self.read_across(req, spans).await;
         }
         let revision = match tokio::time::timeout(WRITE_TIMEOUT, self.pd.alloc_revisions(1)).await {
             Ok(Ok(r)) => r,
@@ -235,7 +262,7 @@ impl Router {
             let step = Step::Commit(TxnCommitRequest {
                 txn_id,
                 revision,
-                mutations: in_region(&mutations, &p.region),
+                mutations: within(&mutations, |key| p.spans.iter().any(|s| s.contains(key))),
                 primary: false,
                 primary_key: primary_key.clone(),
             });
@@ -291,13 +318,13 @@ impl Router {
         Ok(by_start.into_values().collect())
     }
 
-    /// Evaluates `req` against what the participants sent: the response,
-    /// the mutations and the revision a request changing nothing reads at.
+    /// Evaluates `req` against what the participants sent: the response
+    /// and the mutations.
     async fn evaluate(
         &self,
         req: &WriteRequest,
         locked: &[TxnLocked],
-    ) -> Result<(WriteResponse, Vec<Mutation>, i64)> {
+    ) -> Result<(WriteResponse, Vec<Mutation>)> {
         let current = tokio::time::timeout(READ_TIMEOUT, self.pd.current_revision())
             .await
             .map_err(|_| {
@@ -316,7 +343,7 @@ impl Router {
         }
         let bounds = ReadBounds { current, compacted };
         let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
-        Ok((eval.response, eval.mutations, current))
+        Ok((eval.response, eval.mutations))
     }
 
     /// Rolls back `participants`' locks of `txn_id`, where they hold one
@@ -426,7 +453,10 @@ impl Router {
             Kind::Committed => Step::Commit(TxnCommitRequest {
                 txn_id,
                 revision: status.revision,
-                mutations: in_region(&status.mutations, &handle.status().region),
+                // What the lock covers, not what the region holds now: a
+                // merge may have brought another participant's keys in,
+                // committed there already and not locked here.
+                mutations: within(&status.mutations, |key| lock.covers_key(key)),
                 primary: false,
                 primary_key,
             }),
@@ -467,17 +497,30 @@ fn single(key: &[u8]) -> KeyRange {
     }
 }
 
-/// The mutations of `mutations` whose keys `region` owns.
-fn in_region(mutations: &[Mutation], region: &metapb::Region) -> Vec<Mutation> {
-    mutations
-        .iter()
-        .filter(|m| holds_key(region, &m.key))
-        .cloned()
-        .collect()
+/// The mutations of `mutations` whose keys `part` holds: one
+/// participant's share.
+fn within(mutations: &[Mutation], part: impl Fn(&[u8]) -> bool) -> Vec<Mutation> {
+    mutations.iter().filter(|m| part(&m.key)).cloned().collect()
+}
+
+/// Whether `req` is a Txn of Range operations only (nested Txns too): it
+/// changes nothing, whatever its compares find.
+fn only_reads(req: &WriteRequest) -> bool {
+    fn walk(t: &TxnRequest) -> bool {
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .all(|op| match &op.request {
+                Some(Request::RequestRange(_)) => true,
+                Some(Request::RequestTxn(inner)) => walk(inner),
+                _ => false,
+            })
+    }
+    matches!(req, WriteRequest::Txn(t) if walk(t))
 }
 
 /// The historical reads (revision > 0) of a txn's Range operations.
-fn historical_reads(req: &WriteRequest) -> Vec<(KeyRange, i64)> {
+pub(crate) fn historical_reads(req: &WriteRequest) -> Vec<(KeyRange, i64)> {
     fn walk(t: &TxnRequest, out: &mut Vec<(KeyRange, i64)>) {
         for op in t.success.iter().chain(&t.failure) {
             match &op.request {

@@ -10,7 +10,7 @@
 //! Each run prints its seed; `METASTORE_SEED=<seed>` replays the same
 //! workload and fault choices (timing still varies).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,22 +111,13 @@ async fn three_nodes_under_faults() {
 const MULTI_PUT: u32 = 20;
 const RANGE_ALL: u32 = 15;
 /// The weights in the split and merge runs, where MultiPuts are two-phase
-/// commits over several regions: none unless `METASTORE_LAYOUT_MULTI_KEY`
-/// is set (then 8 and 8). A cancelled two-phase commit holds its locks
-/// until the lock resolver takes them (after `LOCK_TTL`), refusing merges
-/// meanwhile, so with them the merge run often completes fewer merges than
-/// it requires; and one split run in 8 could not re-read a key for 60 s
-/// after the faults (open). With them the merge run found a MultiPut
-/// committed on its primary region and never on a merge target (3 runs in
-/// about 13): a lock planned for a region that merged away was taken in
-/// the merge target, which was the next participant too.
-fn layout_multi_key() -> (u32, u32) {
-    if std::env::var_os("METASTORE_LAYOUT_MULTI_KEY").is_some() {
-        (8, 8)
-    } else {
-        (0, 0)
-    }
-}
+/// commits over several regions and RangeAlls reads over several regions.
+/// Here they found a MultiPut committed on its primary region and never on
+/// a merge target (a lock planned for a region that merged away was taken
+/// in the merge target, which was the next participant too), and a
+/// read-only Txn over several regions answering a state older than its
+/// revision (its locks rolled back by the resolver while it was slow).
+const LAYOUT_MULTI_KEY: (u32, u32) = (8, 8);
 
 /// Three nodes whose replicas keep only 16 applied log entries, under the
 /// faults above: a follower cut off or restarted for more than a few
@@ -178,7 +169,7 @@ async fn splits_under_load_and_faults() {
     let (cluster, splits) = with_layout_changes(
         seed,
         "split",
-        layout_multi_key(),
+        LAYOUT_MULTI_KEY,
         |cluster, keys, mut rng, stop| async move {
             let mut splits = 0;
             let mut refused: BTreeMap<String, usize> = BTreeMap::new();
@@ -229,23 +220,30 @@ async fn merges_under_load_and_faults() {
     let (cluster, (splits, merges)) = with_layout_changes(
         seed,
         "merge",
-        layout_multi_key(),
+        LAYOUT_MULTI_KEY,
         |cluster, keys, mut rng, stop| async move {
             let (mut splits, mut merges) = (0, 0);
             let mut refused: BTreeMap<String, usize> = BTreeMap::new();
             while Instant::now() < stop {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
-                let key = &keys[rng.gen_range(0..keys.len())];
-                match rng.gen_range(0..10) {
-                    0..=3 => {
-                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
-                        splits += usize::from(done);
-                    }
-                    4..=7 => {
-                        let done = retry_while_locked(&mut refused, || cluster.merge(key)).await;
-                        merges += usize::from(done);
-                    }
-                    _ => cluster.transfer_all_leaders(rng.gen_range(1..=3)).await,
+                if rng.gen_range(0..10) >= 8 {
+                    cluster.transfer_all_leaders(rng.gen_range(1..=3)).await;
+                    continue;
+                }
+                // Merge at a boundary or split where there is none, half
+                // and half while both exist.
+                let starts = led_region_starts(&cluster);
+                let (bounds, inner): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) =
+                    keys.iter().partition(|k| starts.contains(*k));
+                let merge = !bounds.is_empty() && (inner.is_empty() || rng.gen_bool(0.5));
+                if merge {
+                    let key = bounds[rng.gen_range(0..bounds.len())];
+                    let done = retry_while_locked(&mut refused, || cluster.merge(key)).await;
+                    merges += usize::from(done);
+                } else {
+                    let key = inner[rng.gen_range(0..inner.len())];
+                    let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                    splits += usize::from(done);
                 }
             }
             println!("layout changes refused: {refused:?}");
@@ -265,6 +263,19 @@ async fn merges_under_load_and_faults() {
          {rolled_back} rolled back"
     );
     assert!(merges >= 2, "only {merges} merges prepared");
+}
+
+/// The start keys of the regions some running node leads.
+fn led_region_starts(cluster: &RouterCluster) -> BTreeSet<Vec<u8>> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| cluster.router(id))
+        .flat_map(|router| router.store().regions())
+        .map(|h| h.status())
+        .filter(|s| s.ready_leader)
+        .map(|s| s.region.start_key)
+        .collect()
 }
 
 /// Runs `change` until it succeeds (true) or fails for another reason than

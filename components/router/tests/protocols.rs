@@ -29,7 +29,7 @@ fn value(resp: &RangeResponse) -> Option<&[u8]> {
     resp.kvs.first().map(|kv| kv.value.as_slice())
 }
 
-async fn must_write(router: &Router, req: WriteRequest) -> i64 {
+async fn must_write(router: &Arc<Router>, req: WriteRequest) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match router.write(&req).await {

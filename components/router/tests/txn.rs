@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use router::Router;
 use test_support::history;
-use test_support::{RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster};
+use test_support::{OracleFault, RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster};
 
 fn put_op(key: &str, value: &str) -> RequestOp {
     RequestOp {
@@ -56,6 +56,15 @@ fn scan(prefix: &str) -> RangeRequest {
     RangeRequest {
         key: prefix.into(),
         range_end: end,
+        ..Default::default()
+    }
+}
+
+/// Every key from "a" on: all the keys of these tests.
+fn from_a() -> RangeRequest {
+    RangeRequest {
+        key: b"a".to_vec(),
+        range_end: vec![0],
         ..Default::default()
     }
 }
@@ -118,11 +127,7 @@ async fn writes_over_regions_commit_at_one_revision() {
     let rev = t.header.unwrap().revision;
     for id in 1..=3 {
         let r = cluster.router(id).unwrap();
-        let all = RangeRequest {
-            key: b"a".to_vec(),
-            range_end: vec![0],
-            ..Default::default()
-        };
+        let all = from_a();
         let both = must("range", || r.range(&all)).await;
         let kvs = kv_map(&both);
         assert_eq!(kvs["a"], ("1".into(), rev), "node {id}");
@@ -141,11 +146,7 @@ async fn writes_over_regions_commit_at_one_revision() {
         }],
         success: vec![put_op("a", "x")],
         failure: vec![RequestOp {
-            request: Some(Request::RequestRange(RangeRequest {
-                key: b"a".to_vec(),
-                range_end: vec![0],
-                ..Default::default()
-            })),
+            request: Some(Request::RequestRange(from_a())),
         }],
     });
     let WriteResponse::Txn(t) = must("compare txn", || router.write(&cmp)).await else {
@@ -169,11 +170,7 @@ async fn writes_over_regions_commit_at_one_revision() {
     };
     assert_eq!(d.deleted, 2);
     assert_eq!(d.header.unwrap().revision, rev + 1);
-    let all = RangeRequest {
-        key: b"a".to_vec(),
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let all = from_a();
     let left = must("range", || router.range(&all)).await;
     assert_eq!(left.count, 0);
     // Nothing stays locked, and single-region writes go on.
@@ -186,6 +183,131 @@ async fn writes_over_regions_commit_at_one_revision() {
         panic!()
     };
     assert_eq!(p.header.unwrap().revision, rev + 2);
+}
+
+/// A Txn over two regions that changes nothing — one that only reads, and
+/// one whose compare fails — answers the state at its header revision even
+/// when it is slow: here the oracle stalls its call for a revision past the
+/// lock TTL while a write of one of its keys goes through. (Answered from
+/// values taken under transaction locks, it showed the state before that
+/// write at a revision above it: the lock resolver had rolled its locks
+/// back meanwhile, and nothing told the coordinator.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_over_regions_show_the_state_at_their_revision() {
+    let cluster = cluster_split_at(&["m"]).await;
+    let reader = cluster.router(2).unwrap();
+    let writer = cluster.router(1).unwrap();
+    let seed = txn(vec![put_op("a", "0"), put_op("z", "0")]);
+    must("seed", || writer.write(&seed)).await;
+    let both = || RequestOp {
+        request: Some(Request::RequestRange(from_a())),
+    };
+    let read_only = WriteRequest::Txn(TxnRequest {
+        success: vec![both()],
+        ..Default::default()
+    });
+    let compare_fails = WriteRequest::Txn(TxnRequest {
+        compare: vec![Compare {
+            key: b"a".to_vec(),
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            target_union: Some(TargetUnion::Value(b"never".to_vec())),
+            ..Default::default()
+        }],
+        success: vec![put_op("a", "x"), put_op("z", "x")],
+        failure: vec![both()],
+    });
+    for (round, (name, req)) in [("read-only", read_only), ("compare fails", compare_fails)]
+        .into_iter()
+        .enumerate()
+    {
+        let value = format!("w{round}");
+        cluster
+            .oracle(2)
+            .set_fault(OracleFault::Stall(Duration::from_millis(3_900)));
+        let read = {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.write(&req).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.oracle(2).set_fault(OracleFault::None);
+        let put = WriteRequest::Put(PutRequest {
+            key: b"z".to_vec(),
+            value: value.clone().into_bytes(),
+            ..Default::default()
+        });
+        let WriteResponse::Put(p) = must("put", || writer.write(&put)).await else {
+            panic!()
+        };
+        let written = p.header.unwrap().revision;
+        let resp = read
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let WriteResponse::Txn(t) = resp else {
+            panic!("{resp:?}")
+        };
+        let at = t.header.unwrap().revision;
+        let Some(proto::etcdserverpb::response_op::Response::ResponseRange(r)) =
+            t.responses.first().and_then(|op| op.response.clone())
+        else {
+            panic!("{name}: {:?}", t.responses)
+        };
+        let z = kv_map(&r)["z"].clone();
+        // The read's revision comes from the oracle once its stall is
+        // over, after the write.
+        assert!(at >= written, "{name}: read at {at}, write at {written}");
+        assert_eq!(
+            z,
+            (value.clone(), written),
+            "{name}: read at {at} misses the write of z at {written}"
+        );
+        println!("{name}: read at {at}, z written at {written}");
+    }
+}
+
+/// A client that cancels its call to a Txn over two regions after the
+/// locks are taken does not cut the coordinator short: it runs on, and the
+/// locks go with its commit, not after the lock resolver's TTL (they
+/// refuse writes, splits and merges of their keys meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_transaction_finishes_without_its_client() {
+    let cluster = cluster_split_at(&["m"]).await;
+    let router = cluster.router(2).unwrap();
+    let seed = txn(vec![put_op("a", "0"), put_op("z", "0")]);
+    must("seed", || router.write(&seed)).await;
+    let started = Instant::now();
+    // The coordinator's revision comes 1 s after its locks are applied.
+    cluster
+        .oracle(2)
+        .set_fault(OracleFault::Stall(Duration::from_millis(1_000)));
+    let both = txn(vec![put_op("a", "1"), put_op("z", "1")]);
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), router.write(&both)).await;
+    assert!(
+        cancelled.is_err(),
+        "answered before the stall: {cancelled:?}"
+    );
+    cluster.oracle(2).set_fault(OracleFault::None);
+    let locked = || {
+        cluster
+            .ids()
+            .into_iter()
+            .flat_map(|id| cluster.raft().store(id).regions())
+            .flat_map(|h| h.locks().all())
+            .count()
+    };
+    // Well before the lock TTL (3 s), which a resolver waits for.
+    while locked() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_millis(2_500),
+            "the locks of a cancelled transaction stay"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = from_a();
+    let r = must("read", || router.range(&all)).await;
+    let kvs = kv_map(&r);
+    assert_eq!(kvs["a"].0, kvs["z"].0, "half a transaction: {kvs:?}");
 }
 
 /// The leader of the region holding `key`: its node's router and the
@@ -263,11 +385,7 @@ async fn abandoned_transactions_end_all_or_nothing() {
     let router = cluster.router(2).unwrap();
     let seed = txn(vec![put_op("a", "0"), put_op("z", "0")]);
     must("seed", || router.write(&seed)).await;
-    let both = RangeRequest {
-        key: b"a".to_vec(),
-        range_end: vec![0],
-        ..Default::default()
-    };
+    let both = from_a();
 
     // 1. Only the primary locked.
     step(&cluster, "a", lock(101, "a")).await;
@@ -335,6 +453,81 @@ async fn abandoned_transactions_end_all_or_nothing() {
     must("txn", || router.write(&again)).await;
     let current = router.current_revision().await.unwrap();
     must("compact", || router.compact(current, false)).await;
+}
+
+/// A secondary whose neighbour merged into it after committing its own
+/// part: the lock resolver commits the rest of the transaction from the
+/// decision, with the mutations the lock covers. (It took the mutations of
+/// the region's range, which since the merge held the neighbour's keys too,
+/// and apply refused them as not locked, again and again: the lock stayed
+/// for good, and with it every reader of its keys waiting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_grown_by_a_merge_is_resolved() {
+    let cluster = cluster_split_at(&["m", "t"]).await;
+    let router = cluster.router(2).unwrap();
+    let seed = txn(vec![put_op("a", "0"), put_op("n", "0"), put_op("z", "0")]);
+    must("seed", || router.write(&seed)).await;
+    // Locked everywhere, decided, the middle region committed; the last
+    // one never hears of it.
+    for key in ["a", "n", "z"] {
+        step(&cluster, key, lock(104, key)).await;
+    }
+    let revision = cluster.oracle(1).alloc_revisions(1).await.unwrap();
+    let mutations = vec![
+        put_mutation("a", "4", 0),
+        put_mutation("n", "4", 1),
+        put_mutation("z", "4", 2),
+    ];
+    let commit = |key: &str, primary: bool| {
+        Step::Commit(TxnCommitRequest {
+            txn_id: 104,
+            revision,
+            mutations: if primary {
+                mutations.clone()
+            } else {
+                mutations
+                    .iter()
+                    .filter(|m| m.key == key.as_bytes())
+                    .cloned()
+                    .collect()
+            },
+            primary,
+            primary_key: b"a".to_vec(),
+        })
+    };
+    step(&cluster, "a", commit("a", true)).await;
+    step(&cluster, "n", commit("n", false)).await;
+    // [m, t) merges into [t, ...), which holds the lock.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = cluster.merge(b"m").await {
+        assert!(Instant::now() < deadline, "merge: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let regions = || {
+        cluster
+            .ids()
+            .into_iter()
+            .flat_map(|id| cluster.raft().store(id).regions())
+            .collect::<Vec<_>>()
+    };
+    // The last region starts at "m" once the merge applied.
+    while !regions().iter().any(|h| {
+        let region = h.status().region;
+        region.start_key == b"m" && region.end_key.is_empty()
+    }) {
+        assert!(Instant::now() < deadline, "the merge did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        regions().iter().any(|h| h.locks().get(104).is_some()),
+        "resolved before the merge: this run shows nothing"
+    );
+    let all = from_a();
+    let r = must("read", || router.range(&all)).await;
+    let kvs = kv_map(&r);
+    for key in ["a", "n", "z"] {
+        assert_eq!(kvs[key], ("4".into(), revision), "{key}");
+    }
 }
 
 /// One writer per pair of keys in two regions, writing both keys in one

@@ -477,6 +477,9 @@ impl RunningNode {
                 );
             }
         }
+        // Coordinators of transactions over several regions whose clients
+        // are gone finish while the peers can still carry their steps.
+        self.ctx.router.stop_detached(SHUTDOWN_WAIT).await;
         let _ = self.stop_peers.send(true);
         for s in peers {
             let _ = tokio::time::timeout(SHUTDOWN_WAIT, s).await;

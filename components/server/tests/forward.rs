@@ -132,7 +132,7 @@ impl Cluster {
         }
     }
 
-    fn router(&self, id: u64) -> &Router {
+    fn router(&self, id: u64) -> &Arc<Router> {
         &self.nodes[&id].router
     }
 
@@ -239,14 +239,14 @@ fn get(key: &str, serializable: bool) -> RangeRequest {
     }
 }
 
-async fn must_put(r: &Router, key: &str, value: &str) -> i64 {
+async fn must_put(r: &Arc<Router>, key: &str, value: &str) -> i64 {
     match r.write(&put(key, value)).await {
         Ok(WriteResponse::Put(p)) => p.header.unwrap().revision,
         other => panic!("put {key}: {other:?}"),
     }
 }
 
-async fn value_of(r: &Router, req: &RangeRequest) -> Option<Vec<u8>> {
+async fn value_of(r: &Arc<Router>, req: &RangeRequest) -> Option<Vec<u8>> {
     let resp = r.range(req).await.unwrap();
     resp.kvs.into_iter().next().map(|kv| kv.value)
 }

@@ -42,3 +42,16 @@ pub use process::{bin_path, client, etcdctl, free_port, metastore_ctl, Etcd, Nod
 pub use proxy::{Proxy, ProxyMode};
 pub use router_cluster::RouterCluster;
 pub use router_executor::RouterExecutor;
+
+/// Sends the logs of in-process nodes to the test's output when `RUST_LOG`
+/// names what to show (e.g. `RUST_LOG=router::txn=debug`); does nothing
+/// otherwise, or when called again.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

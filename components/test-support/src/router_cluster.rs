@@ -75,6 +75,7 @@ impl RouterCluster {
     /// Like [`RouterCluster::new`], every node's store opened with
     /// `options`.
     pub async fn with_options(n: u64, options: StoreOptions) -> Arc<RouterCluster> {
+        crate::init_tracing();
         let raft = Arc::new(raft_cluster::Cluster::with_options(n, options));
         let pd_dir = tempfile::tempdir().expect("temp dir");
         let core = PdCore::open(PdConfig::new(pd_dir.path())).expect("open PD");
@@ -125,7 +126,9 @@ impl RouterCluster {
             match event {
                 NodeEvent::Stopping => {
                     // The store closes only once nobody holds it.
-                    nodes.routers.write().remove(&id);
+                    if let Some(router) = nodes.routers.write().remove(&id) {
+                        router.abort_detached();
+                    }
                 }
                 NodeEvent::Started => nodes.start_router(id),
             }

@@ -187,7 +187,7 @@ fn multi_put_prevs(t: &etcdserverpb::TxnResponse, keys: usize) -> router::Result
     Ok(prevs)
 }
 
-async fn call(router: &Router, req: &Request) -> router::Result<Response> {
+async fn call(router: &Arc<Router>, req: &Request) -> router::Result<Response> {
     let write = match to_etcd(req) {
         Ok(w) => w,
         Err(range) => {
