@@ -29,6 +29,25 @@
 //! both endpoints with their nodes (the transport routes by
 //! `to_peer.node_id`); one to a peer not in the region, or that cannot be
 //! encoded, is dropped.
+//!
+//! Removed replicas: a leader stops sending to a peer once it removed it,
+//! so a replica cut off while it was removed never applies its removal and
+//! campaigns for ever (and its node keeps routing the region's reads to
+//! it). A message dropped as coming from a non-member is therefore checked
+//! by [`from_removed_peer`]: if this replica is initialized and its region
+//! is at a newer membership (higher `conf_ver`) than the sender's epoch, the
+//! sender was removed — memberships form one sequence of committed changes,
+//! conf_ver counts them, and peer ids are never reused — and it gets
+//! [`tombstone_reply`], carrying this replica's epoch. A replica taking such
+//! a reply ([`ends_replica`]: addressed to it, for its region, with a newer
+//! conf_ver than its own) tombstones itself and deletes its data, as if it
+//! had applied its removal. A new peer is never told so: it is added at a
+//! newer membership than any replica that does not know it yet.
+//! A removed learner never campaigns, so nobody answers it; it ends when
+//! its node is given the region again: a message to a newer (higher) peer
+//! id of the region on this node, from a newer membership, also ends the
+//! replica ([`ends_replica`]) — one node never holds two peers of a region
+//! — and the next message creates the new peer's replica.
 
 use proto::metapb;
 use proto::raft_serverpb::RaftMessage;
@@ -190,7 +209,60 @@ pub(crate) fn envelope(
         to_peer: Some(to_peer),
         region_epoch: region.region_epoch,
         message,
+        is_tombstone: false,
     })
+}
+
+/// Whether `msg`, which [`admit_sender`] dropped, comes from a replica
+/// removed from `region` (see the module docs).
+pub(crate) fn from_removed_peer(
+    region: &metapb::Region,
+    initialized: bool,
+    msg: &RaftMessage,
+) -> bool {
+    let from = msg.from_peer.unwrap_or_default();
+    initialized
+        && !msg.is_tombstone
+        && msg.region_id == region.id
+        && from.id != 0
+        && from.node_id != 0
+        && !region.peers.iter().any(|p| p.id == from.id)
+        && conf_ver(msg.region_epoch) < conf_ver(region.region_epoch)
+}
+
+/// The answer to `msg`, from a replica removed from `region` (see
+/// [`from_removed_peer`]), sent by this node's `self_peer`.
+pub(crate) fn tombstone_reply(
+    region: &metapb::Region,
+    self_peer: Option<metapb::Peer>,
+    msg: &RaftMessage,
+) -> RaftMessage {
+    RaftMessage {
+        region_id: region.id,
+        from_peer: self_peer,
+        to_peer: msg.from_peer,
+        region_epoch: region.region_epoch,
+        message: Vec::new(),
+        is_tombstone: true,
+    }
+}
+
+/// Whether `msg` tells replica `peer_id` of `region` that it was removed
+/// (see the module docs).
+pub(crate) fn ends_replica(region: &metapb::Region, peer_id: u64, msg: &RaftMessage) -> bool {
+    let to = msg.to_peer.unwrap_or_default().id;
+    let addressed = if msg.is_tombstone {
+        to == peer_id
+    } else {
+        to > peer_id
+    };
+    addressed
+        && msg.region_id == region.id
+        && conf_ver(msg.region_epoch) > conf_ver(region.region_epoch)
+}
+
+fn conf_ver(epoch: Option<metapb::RegionEpoch>) -> u64 {
+    epoch.unwrap_or_default().conf_ver
 }
 
 #[cfg(test)]
@@ -232,7 +304,58 @@ mod tests {
             to_peer: Some(to),
             region_epoch: None,
             message: protobuf::Message::write_to_bytes(m).unwrap(),
+            is_tombstone: false,
         }
+    }
+
+    fn at_conf_ver(mut msg: RaftMessage, conf_ver: u64) -> RaftMessage {
+        msg.region_epoch = Some(metapb::RegionEpoch {
+            conf_ver,
+            version: 1,
+        });
+        msg
+    }
+
+    #[test]
+    fn only_a_removed_peer_is_told_and_only_a_newer_membership_ends_a_replica() {
+        let r = region();
+        // Peer 9 at conf_ver 2 is not in the region at 3: removed.
+        let removed = at_conf_ver(wrapped(peer(9, 9), peer(1, 1), &raft_msg(9, 1)), 2);
+        assert!(from_removed_peer(&r, true, &removed));
+        // Not while this replica has no data, nor for a sender as new as
+        // this replica (or newer: added since, not known here yet).
+        assert!(!from_removed_peer(&r, false, &removed));
+        let same = at_conf_ver(removed.clone(), 3);
+        assert!(!from_removed_peer(&r, true, &same));
+        assert!(!from_removed_peer(
+            &r,
+            true,
+            &at_conf_ver(removed.clone(), 4)
+        ));
+        // A member is never told.
+        let member = at_conf_ver(wrapped(peer(2, 2), peer(1, 1), &raft_msg(2, 1)), 2);
+        assert!(!from_removed_peer(&r, true, &member));
+
+        let reply = tombstone_reply(&r, Some(peer(1, 1)), &removed);
+        assert!(reply.is_tombstone && reply.message.is_empty());
+        assert_eq!(reply.to_peer, Some(peer(9, 9)));
+        // The removed replica (region 7 at conf_ver 2, peer 9) ends on it.
+        let mut old = r.clone();
+        old.peers.push(peer(9, 9));
+        old.region_epoch = Some(metapb::RegionEpoch {
+            conf_ver: 2,
+            version: 1,
+        });
+        assert!(ends_replica(&old, 9, &reply));
+        assert!(!ends_replica(&old, 1, &reply), "addressed to another peer");
+        assert!(!ends_replica(&r, 9, &reply), "not newer than the replica");
+        // A message for a newer peer of the region here, from a newer
+        // membership, ends the old one; not one for an older peer.
+        let newer = at_conf_ver(wrapped(peer(1, 1), peer(10, 9), &raft_msg(1, 10)), 4);
+        assert!(ends_replica(&old, 9, &newer));
+        let older = at_conf_ver(wrapped(peer(1, 1), peer(8, 9), &raft_msg(1, 8)), 4);
+        assert!(!ends_replica(&old, 9, &older));
+        assert!(!ends_replica(&old, 9, &at_conf_ver(newer, 2)));
     }
 
     #[test]

@@ -306,7 +306,7 @@ impl Peer {
             PeerMsg::CatchUpMerge { index, term } => self.catch_up_merge(index, term),
             PeerMsg::Destroy { tombstone, cb } => {
                 if tombstone {
-                    if let Err(e) = self.write_tombstone() {
+                    if let Err(e) = self.write_tombstone(false) {
                         error!(
                             region_id = self.region.id,
                             "cannot tombstone the replica: {e}"
@@ -359,13 +359,39 @@ impl Peer {
 
     /// Marks this replica's region state `Tombstone` (synced), keeping its
     /// meta.
-    fn write_tombstone(&self) -> Result<()> {
+    /// Told by a replica at a newer membership that this one was removed,
+    /// or sent a message for a newer peer of its region here (see
+    /// `message`): tombstoned with its clean-up mark, as applying its
+    /// removal would have done, so it stops and deletes its data.
+    fn remove_stale(&mut self) {
+        let region_id = self.region.id;
+        match self.write_tombstone(true) {
+            Ok(()) => {
+                info!(
+                    region_id,
+                    peer_id = self.peer_id,
+                    "removed from the region while cut off; stopping"
+                );
+                self.destroyed = true;
+            }
+            Err(e) => error!(region_id, "cannot tombstone a removed replica: {e}"),
+        }
+    }
+
+    /// Marks this replica a tombstone, durably; `removed`: with the
+    /// clean-up mark of a replica removed from its region (its data goes
+    /// as it stops), in the same write.
+    fn write_tombstone(&self, removed: bool) -> Result<()> {
         let state = RegionLocalState {
             region: Some(self.region.clone()),
             state: PeerState::Tombstone as i32,
             merge_state: None,
         };
         let mut wb = WriteBatch::default();
+        if removed {
+            self.kv
+                .put_to(&mut wb, cf::META, &keys::cleanup_key(self.region.id), &[]);
+        }
         self.kv.put_to(
             &mut wb,
             cf::META,
@@ -492,8 +518,20 @@ impl Peer {
     fn on_raft_message(&mut self, msg: RaftMessage) {
         let region_id = self.region.id;
         let initialized = self.is_initialized();
+        if message::ends_replica(&self.region, self.peer_id, &msg) {
+            self.remove_stale();
+            return;
+        }
+        if msg.is_tombstone {
+            return;
+        }
         let Some(sender) = message::admit_sender(&self.region, self.peer_id, initialized, &msg)
         else {
+            if message::from_removed_peer(&self.region, initialized, &msg) {
+                let me = self.region.peers.iter().find(|p| p.id == self.peer_id);
+                let reply = message::tombstone_reply(&self.region, me.copied(), &msg);
+                self.transport.send(reply);
+            }
             return;
         };
         let from = sender.peer.id;

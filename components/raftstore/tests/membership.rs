@@ -107,6 +107,39 @@ async fn add_learner_4(c: &Cluster, acked: &[(String, String)]) {
     c.must_get_on(&[4], k, v).await;
 }
 
+/// Waits until node `node`'s replica, removed from the region, has
+/// stopped, and checks that its data went with it.
+async fn wait_gone(c: &Cluster, node: u64) {
+    wait_until(&format!("node {node}'s removed replica goes"), || {
+        c.try_handle(node).is_none()
+    })
+    .await;
+    let everything = mvcc::KeyRange::from_etcd(b"\0", b"\0");
+    let left = c
+        .store(node)
+        .mvcc()
+        .snapshot()
+        .range(&everything, i64::MAX, 0, false);
+    assert_eq!(
+        left.unwrap().count,
+        0,
+        "node {node} kept data of its removed replica"
+    );
+}
+
+/// Three voters holding ten keys, and node 4's replica added as a learner
+/// and promoted: the cluster, the revision and the writes acknowledged.
+async fn four_voters() -> (Cluster, i64, Vec<(String, String)>) {
+    let c = Cluster::new_with_spare(3, 1);
+    let mut rev = 0;
+    let mut acked = Vec::new();
+    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
+    add_learner_4(&c, &acked).await;
+    c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
+        .await;
+    (c, rev, acked)
+}
+
 #[tokio::test]
 async fn learner_catches_up_by_snapshot_and_does_not_vote() {
     let c = Cluster::new_with_spare(3, 1);
@@ -173,19 +206,7 @@ async fn promote_learner_then_remove_a_voter() {
     // Node 1 may be the leader: it then answers and steps out itself.
     c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(1))])
         .await;
-    wait_until("node 1's replica stops", || c.try_handle(1).is_none()).await;
-    // Its data went with it.
-    let everything = mvcc::KeyRange::from_etcd(b"\0", b"\0");
-    let left = c
-        .store(1)
-        .mvcc()
-        .snapshot()
-        .range(&everything, i64::MAX, 0, false);
-    assert_eq!(
-        left.unwrap().count,
-        0,
-        "node 1 kept data of its removed replica"
-    );
+    wait_gone(&c, 1).await;
     for id in 2..=4 {
         wait_until(&format!("node {id} sees peer 1 removed"), || {
             conf_ver_on(&c, id) == 4 && role_on(&c, id, 1).is_none()
@@ -245,13 +266,7 @@ async fn invalid_changes_are_refused() {
 
 #[tokio::test]
 async fn removing_the_leader_hands_over() {
-    let c = Cluster::new_with_spare(3, 1);
-    let mut rev = 0;
-    let mut acked = Vec::new();
-    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
-    add_learner_4(&c, &acked).await;
-    c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
-        .await;
+    let (c, mut rev, mut acked) = four_voters().await;
     let (leader, h) = c.leader().await;
     // Proposed on the leader itself, which applies it, answers, and stops.
     h.change_peers(vec![(ConfChangeType::RemoveNode, peer(leader))])
@@ -330,4 +345,64 @@ async fn leader_reports_pending_and_down_peers() {
         },
     )
     .await;
+}
+
+/// A voter cut off while it is removed never gets the entry that removes
+/// it: the leader stops sending to a peer it removed. Once the partition
+/// heals, its campaigns reach replicas that know it is gone; they answer
+/// that it is, and it tombstones itself and deletes its data (before, it
+/// campaigned for good, and the node routed reads of the region to it).
+#[tokio::test]
+async fn a_voter_removed_while_cut_off_learns_it_and_goes() {
+    let (c, mut rev, mut acked) = four_voters().await;
+    // Node 3 must not lead: it would apply its own removal.
+    let (leader, h) = c.leader().await;
+    if leader == 3 {
+        h.transfer_leader(1).await.unwrap();
+    }
+    c.leader_among(&[1, 2, 4]).await;
+    wait_until("node 3 sees peer 4 promoted", || conf_ver_on(&c, 3) == 3).await;
+    c.partition(&[3], &[1, 2, 4]);
+    c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(3))])
+        .await;
+    write_keys(&c, &mut rev, "b", 5, &mut acked).await;
+    assert_eq!(conf_ver_on(&c, 3), 3, "node 3 heard of its removal");
+    c.heal();
+    wait_gone(&c, 3).await;
+    write_keys(&c, &mut rev, "c", 5, &mut acked).await;
+    assert_consistent(&c, &[1, 2, 4], &acked).await;
+}
+
+/// A learner removed while cut off never campaigns, so nobody tells it it
+/// is gone; when its node is given the region again (a new peer id, a
+/// newer membership), the first message to the new peer ends the old
+/// replica, and the new one is created and catches up (before, the old
+/// replica kept the region's place on the node and dropped every message
+/// to the new peer).
+#[tokio::test]
+async fn a_node_given_a_region_again_drops_its_removed_replica() {
+    let c = Cluster::new_with_spare(3, 1);
+    let mut rev = 0;
+    let mut acked = Vec::new();
+    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
+    add_learner_4(&c, &acked).await;
+    c.partition(&[4], &[1, 2, 3]);
+    c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(4))])
+        .await;
+    write_keys(&c, &mut rev, "b", 5, &mut acked).await;
+    c.heal();
+    let again = metapb::Peer {
+        id: 5,
+        node_id: 4,
+        role: PeerRole::Learner as i32,
+    };
+    c.must_change_peers(vec![(ConfChangeType::AddLearnerNode, again)])
+        .await;
+    wait_until("node 4 hosts peer 5", || {
+        c.try_handle(4)
+            .is_some_and(|h| h.status().peer_id == 5 && h.status().applied_index > 0)
+    })
+    .await;
+    write_keys(&c, &mut rev, "c", 5, &mut acked).await;
+    assert_consistent(&c, &[1, 2, 3, 4], &acked).await;
 }

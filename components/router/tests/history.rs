@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checker::History;
+use proto::metapb;
 use raftstore::StoreOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -170,6 +171,7 @@ async fn splits_under_load_and_faults() {
         seed,
         "split",
         LAYOUT_MULTI_KEY,
+        0,
         |cluster, keys, mut rng, stop| async move {
             let mut splits = 0;
             let mut refused: BTreeMap<String, usize> = BTreeMap::new();
@@ -221,6 +223,7 @@ async fn merges_under_load_and_faults() {
         seed,
         "merge",
         LAYOUT_MULTI_KEY,
+        0,
         |cluster, keys, mut rng, stop| async move {
             let (mut splits, mut merges) = (0, 0);
             let mut refused: BTreeMap<String, usize> = BTreeMap::new();
@@ -265,8 +268,83 @@ async fn merges_under_load_and_faults() {
     assert!(merges >= 2, "only {merges} merges prepared");
 }
 
-/// The start keys of the regions some running node leads.
-fn led_region_starts(cluster: &RouterCluster) -> BTreeSet<Vec<u8>> {
+/// Replicas move between four nodes (a learner added, caught up and
+/// promoted, then the old replica removed — as PD's balance does) while
+/// regions split, leaders move, and the workload and every raft fault go
+/// on; the history must hold. Clients talk to every node, including ones
+/// that hold no replica of a region (they forward).
+///
+/// It found replicas removed while cut off that campaigned for ever and
+/// kept their node routing reads to them (fixed in raftstore's `message`).
+/// It still finds an open liveness problem: after some runs a node's
+/// replica of a region answers "no leader here" for minutes while the
+/// region has a leader, so re-reads through that node wait out their
+/// timeout and checking takes longer than its bound. Not in CI until that
+/// is fixed: `cargo test -p router --test history replica_moves --
+/// --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "open: a node's replica reports no leader for minutes after replica moves"]
+async fn replica_moves_under_load_and_faults() {
+    let seed = history::seed("replica_moves_under_load_and_faults");
+    let (cluster, (splits, moves)) = with_layout_changes(
+        seed,
+        "move",
+        // Four nodes on the same cores do less per second: more of the
+        // workload is multi-key, for the checker to have enough of them.
+        (12, 12),
+        1,
+        |cluster, keys, mut rng, stop| async move {
+            let (mut splits, mut moves) = (0, 0);
+            let mut refused: BTreeMap<String, usize> = BTreeMap::new();
+            while Instant::now() < stop {
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
+                let regions = led_regions(&cluster);
+                match rng.gen_range(0..10) {
+                    0..=2 => {
+                        let inner: Vec<&Vec<u8>> = keys
+                            .iter()
+                            .filter(|k| !regions.iter().any(|r| &r.start_key == *k))
+                            .collect();
+                        if inner.is_empty() {
+                            continue;
+                        }
+                        let key = inner[rng.gen_range(0..inner.len())];
+                        let done = retry_while_locked(&mut refused, || cluster.split(key)).await;
+                        splits += usize::from(done);
+                    }
+                    3..=7 if !regions.is_empty() => {
+                        let region = &regions[rng.gen_range(0..regions.len())];
+                        let held: Vec<u64> = region.peers.iter().map(|p| p.node_id).collect();
+                        let free: Vec<u64> = cluster
+                            .ids()
+                            .into_iter()
+                            .filter(|n| !held.contains(n))
+                            .collect();
+                        if free.is_empty() {
+                            continue;
+                        }
+                        let from = held[rng.gen_range(0..held.len())];
+                        let to = free[rng.gen_range(0..free.len())];
+                        match cluster.move_replica(region.id, from, to).await {
+                            Ok(()) => moves += 1,
+                            Err(e) => *refused.entry(e).or_default() += 1,
+                        }
+                    }
+                    _ => cluster.transfer_all_leaders(rng.gen_range(1..=4)).await,
+                }
+            }
+            println!("layout changes refused: {refused:?}");
+            (splits, moves)
+        },
+    )
+    .await;
+    drop(cluster);
+    println!("{splits} splits, {moves} replica moves");
+    assert!(moves >= 2, "only {moves} replica moves");
+}
+
+/// The regions some running node leads.
+fn led_regions(cluster: &RouterCluster) -> Vec<metapb::Region> {
     cluster
         .ids()
         .into_iter()
@@ -274,7 +352,15 @@ fn led_region_starts(cluster: &RouterCluster) -> BTreeSet<Vec<u8>> {
         .flat_map(|router| router.store().regions())
         .map(|h| h.status())
         .filter(|s| s.ready_leader)
-        .map(|s| s.region.start_key)
+        .map(|s| s.region)
+        .collect()
+}
+
+/// The start keys of the regions some running node leads.
+fn led_region_starts(cluster: &RouterCluster) -> BTreeSet<Vec<u8>> {
+    led_regions(cluster)
+        .into_iter()
+        .map(|r| r.start_key)
         .collect()
 }
 
@@ -305,7 +391,8 @@ where
 }
 
 /// Runs the checker's workload on six keys (`<prefix>/0` ...), MultiPuts
-/// and RangeAlls mixed in with the weights given, over three nodes for 15 s under every raft
+/// and RangeAlls mixed in with the weights given, over three nodes holding
+/// region 1 (and `spare` more holding nothing) for 15 s under every raft
 /// fault, while `chaos(cluster, the keys 1.. as region boundaries, rng,
 /// stop)` changes the region layout, then judges the history; returns the
 /// cluster and what `chaos` returned.
@@ -313,6 +400,7 @@ async fn with_layout_changes<T, F, Fut>(
     seed: u64,
     prefix: &str,
     (multi_put, range_all): (u32, u32),
+    spare: u64,
     chaos: F,
 ) -> (Arc<RouterCluster>, T)
 where
@@ -320,7 +408,7 @@ where
     F: FnOnce(Arc<RouterCluster>, Vec<Vec<u8>>, StdRng, Instant) -> Fut,
     Fut: std::future::Future<Output = T> + Send + 'static,
 {
-    let cluster = RouterCluster::new(3).await;
+    let cluster = RouterCluster::with_spare(3, spare, StoreOptions::default()).await;
     cluster.leader().await;
     let epoch = Instant::now();
     let nemesis = every_raft_fault(
@@ -386,10 +474,16 @@ async fn judge(
     name: &str,
     seed: u64,
 ) {
-    let log = nemesis.stop().await;
+    // Bounded, so a hang fails the test and says where.
+    let bound = Duration::from_secs(120);
+    let log = tokio::time::timeout(bound, nemesis.stop())
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: the nemesis did not stop"));
     println!("{log}");
     cluster.leader().await;
-    let report = history::check(executor, hist, name).await;
+    let report = tokio::time::timeout(bound * 2, history::check(executor, hist, name))
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: checking the history did not end"));
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}\nfaults:\n{log}");
     assert!(report.ok > 300, "too few operations completed: {report}");

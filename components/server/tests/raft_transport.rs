@@ -422,6 +422,7 @@ async fn send_never_blocks_on_an_unreachable_node() {
                 }),
                 region_epoch: None,
                 message: vec![0; 64],
+                ..Default::default()
             });
         }
     })
@@ -489,6 +490,7 @@ async fn dev_node_serves_raft_peers_and_shuts_down() {
             to_peer: Some(metapb::Peer::default()),
             region_epoch: None,
             message: b"not a raft message".to_vec(),
+            ..Default::default()
         }],
     })
     .await

@@ -437,6 +437,7 @@ impl Cluster {
     /// Like [`Cluster::new`], every node opened (and reopened) with
     /// `options`.
     pub fn with_options(n: u64, options: StoreOptions) -> Cluster {
+        crate::init_tracing();
         let (tx, rx) = mpsc::channel();
         let router = Arc::new(Router {
             stores: RwLock::new(HashMap::new()),

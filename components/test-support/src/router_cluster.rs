@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use pd::{LocalPdClient, PdClient, PdConfig, PdCore};
 use proto::metapb;
+use raft::eraftpb::ConfChangeType;
 use raftstore::StoreOptions;
 use rand::Rng;
 use router::forward::{Delivery, LocalNetwork};
@@ -75,8 +76,16 @@ impl RouterCluster {
     /// Like [`RouterCluster::new`], every node's store opened with
     /// `options`.
     pub async fn with_options(n: u64, options: StoreOptions) -> Arc<RouterCluster> {
+        Self::with_spare(n, 0, options).await
+    }
+
+    /// `n` nodes with a replica of region 1 and `spare` more with none
+    /// (ids `n + 1 ..`), where replicas can be moved to.
+    pub async fn with_spare(n: u64, spare: u64, options: StoreOptions) -> Arc<RouterCluster> {
         crate::init_tracing();
-        let raft = Arc::new(raft_cluster::Cluster::with_options(n, options));
+        let raft = Arc::new(raft_cluster::Cluster::with_spare_and_options(
+            n, spare, options,
+        ));
         let pd_dir = tempfile::tempdir().expect("temp dir");
         let core = PdCore::open(PdConfig::new(pd_dir.path())).expect("open PD");
         let pd: Arc<dyn PdClient> = Arc::new(LocalPdClient::new(core));
@@ -88,7 +97,7 @@ impl RouterCluster {
         pd.bootstrap(node(1), raft_cluster::region(n))
             .await
             .expect("bootstrap PD");
-        for id in 2..=n {
+        for id in 2..=n + spare {
             pd.put_node(node(id)).await.expect("register node");
         }
         let net = LocalNetwork::new();
@@ -112,10 +121,12 @@ impl RouterCluster {
         let nodes = Arc::new(Nodes {
             raft: Arc::downgrade(&raft),
             net,
-            pds: (1..=n).map(|id| (id, FaultyPd::new(pd.clone()))).collect(),
+            pds: (1..=n + spare)
+                .map(|id| (id, FaultyPd::new(pd.clone())))
+                .collect(),
             routers: RwLock::new(HashMap::new()),
         });
-        for id in 1..=n {
+        for id in 1..=n + spare {
             nodes.start_router(id);
         }
         let hooks = Arc::downgrade(&nodes);
@@ -245,6 +256,85 @@ impl RouterCluster {
                 .map_err(|e| e.to_string());
         }
         Err("no ready leader of a region starting there".into())
+    }
+
+    /// Moves region `region_id`'s replica from node `from` to node `to` as
+    /// PD's balance does: a learner on `to`, caught up, promoted, then the
+    /// replica on `from` removed. If `from` leads, leadership is handed to
+    /// another voter instead, for a later call. Says why not if a step
+    /// failed (faults, a leader change): the region may then keep an extra
+    /// learner or voter, which a later move of it deals with.
+    pub async fn move_replica(&self, region_id: u64, from: u64, to: u64) -> Result<(), String> {
+        let step = Duration::from_secs(5);
+        let led = self.raft.running().into_iter().find_map(|id| {
+            let h = self.raft.try_region(id, region_id)?;
+            h.status().ready_leader.then_some((id, h))
+        });
+        let Some((leader, h)) = led else {
+            return Err("no ready leader".into());
+        };
+        let region = h.status().region;
+        let on = |node: u64| region.peers.iter().find(|p| p.node_id == node).copied();
+        let Some(old) = on(from) else {
+            return Err(format!("no replica on node {from}"));
+        };
+        if leader == from {
+            let voter = region
+                .peers
+                .iter()
+                .find(|p| p.node_id != from && p.role == metapb::PeerRole::Voter as i32);
+            if let Some(voter) = voter {
+                let _ = h.transfer_leader(voter.id).await;
+            }
+            return Err("the leader's replica: leadership handed over first".into());
+        }
+        let change = |changes: Vec<(ConfChangeType, metapb::Peer)>| {
+            let h = h.clone();
+            async move {
+                match tokio::time::timeout(step, h.change_peers(changes)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("membership change timed out".into()),
+                }
+            }
+        };
+        let new = match on(to) {
+            Some(p) => p,
+            None => {
+                let id = self.nodes.pds[&leader]
+                    .alloc_id()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let learner = metapb::Peer {
+                    id,
+                    node_id: to,
+                    role: metapb::PeerRole::Learner as i32,
+                };
+                change(vec![(ConfChangeType::AddLearnerNode, learner)]).await?;
+                learner
+            }
+        };
+        if new.role != metapb::PeerRole::Voter as i32 {
+            // Caught up first, as PD waits for, so the region does not
+            // lean on a voter that has nothing yet.
+            let target = h.status().applied_index;
+            let deadline = Instant::now() + step;
+            while self
+                .raft
+                .try_region(to, region_id)
+                .is_none_or(|r| r.status().applied_index < target)
+            {
+                if Instant::now() > deadline {
+                    return Err("the learner did not catch up".into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let voter = metapb::Peer {
+                role: metapb::PeerRole::Voter as i32,
+                ..new
+            };
+            change(vec![(ConfChangeType::AddNode, voter)]).await?;
+        }
+        change(vec![(ConfChangeType::RemoveNode, old)]).await
     }
 
     /// Hands leadership of every region led elsewhere to node `to`.

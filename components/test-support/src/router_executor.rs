@@ -286,6 +286,7 @@ impl Executor for RouterExecutor {
                 Ok(Err(e)) => last = format!("node {id}: {e}"),
                 Err(_) => last = format!("node {id}: no answer within {REREAD_TIMEOUT:?}"),
             }
+            eprintln!("re-read through node {id} failed, trying the next: {last}");
         }
         Err(last)
     }
