@@ -25,7 +25,9 @@
 //!   revision R, like a Range: R from the oracle first, then every span it
 //!   reads fetched at R (and its historical reads at their revisions) as
 //!   linearizable reads of the pieces' regions, then the request evaluated
-//!   against what came back (`read_across`). It takes no locks: values
+//!   against what came back (`read_across`); a historical read below the
+//!   compaction revision fails the request only if its branch is taken, as
+//!   in etcd. It takes no locks: values
 //!   taken under transaction locks are the state at R only while the locks
 //!   hold, and a slow coordinator's locks may be rolled back by the lock
 //!   resolver without it noticing. If the evaluation changes something
@@ -175,16 +177,22 @@ impl Router {
             .into_iter()
             .filter(|(_, revision)| *revision <= current);
         let historical = historical.map(|(span, revision)| async move {
-            Ok::<_, Error>((revision, self.read_span_at(&span, revision).await?))
+            match self.read_span_at(&span, revision).await {
+                Ok(kvs) => Ok((revision, Some(kvs))),
+                // An error only if the evaluation takes the branch that
+                // reads there, as etcd answers.
+                Err(Error::Mvcc(mvcc::Error::Compacted)) => Ok((revision, None)),
+                Err(e) => Err(e),
+            }
         });
+        let mut compacted = 0;
         for (revision, kvs) in try_join_all(historical).await? {
-            view.insert(revision, kvs);
+            match kvs {
+                Some(kvs) => view.insert(revision, kvs),
+                None => compacted = compacted.max(revision + 1),
+            }
         }
-        // Historical reads below the compaction revision failed above.
-        let bounds = ReadBounds {
-            current,
-            compacted: 0,
-        };
+        let bounds = ReadBounds { current, compacted };
         let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
         if !eval.mutations.is_empty() {
             return Err(Error::CrossRegion);

@@ -11,6 +11,9 @@
 //! transfers, oracle stalls and client cancellations in seconds.
 //! [`crate::RouterExecutor`] is the checker's [`crate::Executor`] over it.
 //!
+//! Every node reports the regions it leads to PD, as a node's heartbeat
+//! loop does, so a node with no replica of a region finds it through PD.
+//!
 //! Nodes stopped by anyone (a test, [`crate::RaftNemesis`]) lose their
 //! router first (requests to them fail as "node down") and get a new one
 //! when restarted.
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
-use pd::{LocalPdClient, PdClient, PdConfig, PdCore};
+use pd::{LocalPdClient, PdClient, PdConfig, PdCore, RegionHeartbeat};
 use proto::metapb;
 use raft::eraftpb::ConfChangeType;
 use raftstore::StoreOptions;
@@ -55,8 +58,47 @@ impl Nodes {
         router.start_resolved_tracker();
         router.start_merge_driver();
         router.start_compaction_catch_up();
+        start_heartbeats(&router, self.pds[&id].clone());
         self.routers.write().insert(id, router);
     }
+}
+
+/// Reports the regions `router`'s node leads to PD every 300 ms, as a
+/// node's heartbeat loop does (PD's operators in the answers are left
+/// alone): a node holding no replica of a region finds it, and its leader,
+/// through PD. It ends with the router.
+fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) {
+    let weak = Arc::downgrade(router);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Some(router) = weak.upgrade() else {
+                return;
+            };
+            let beats: Vec<RegionHeartbeat> = router
+                .store()
+                .regions()
+                .into_iter()
+                .map(|h| h.status())
+                .filter(|s| s.ready_leader)
+                .filter_map(|s| {
+                    let leader = s.region.peers.iter().find(|p| p.id == s.peer_id).copied()?;
+                    Some(RegionHeartbeat {
+                        region: s.region,
+                        leader,
+                        pending_peers: Vec::new(),
+                        down_peers: Vec::new(),
+                        approximate_size: 0,
+                        approximate_keys: 0,
+                    })
+                })
+                .collect();
+            drop(router);
+            if !beats.is_empty() {
+                let _ = pd.region_heartbeats(beats).await;
+            }
+        }
+    });
 }
 
 pub struct RouterCluster {
@@ -335,6 +377,40 @@ impl RouterCluster {
             change(vec![(ConfChangeType::AddNode, voter)]).await?;
         }
         change(vec![(ConfChangeType::RemoveNode, old)]).await
+    }
+
+    /// Every running node's view of the region holding `key` (or, for a
+    /// node with no replica of it, "none"), one line per node: for
+    /// diagnosing requests that keep failing.
+    pub fn describe_region(&self, key: &[u8]) -> String {
+        let mut out = String::new();
+        for id in self.raft.running() {
+            let held = self.raft.store(id).regions().into_iter().find(|h| {
+                let r = h.status().region;
+                key >= r.start_key.as_slice()
+                    && (r.end_key.is_empty() || key < r.end_key.as_slice())
+            });
+            let line = match held {
+                None => "none".to_string(),
+                Some(h) => {
+                    let s = h.status();
+                    format!(
+                        "region {} peer {} term {} leader {} ready {} commit {} applied {} epoch {:?} peers {:?}",
+                        s.region.id,
+                        s.peer_id,
+                        s.term,
+                        s.leader_peer_id,
+                        s.ready_leader,
+                        s.commit_index,
+                        s.applied_index,
+                        s.region.region_epoch,
+                        s.region.peers.iter().map(|p| (p.id, p.node_id, p.role)).collect::<Vec<_>>()
+                    )
+                }
+            };
+            out.push_str(&format!("  node {id}: {line}\n"));
+        }
+        out
     }
 
     /// Hands leadership of every region led elsewhere to node `to`.

@@ -286,7 +286,10 @@ impl Executor for RouterExecutor {
                 Ok(Err(e)) => last = format!("node {id}: {e}"),
                 Err(_) => last = format!("node {id}: no answer within {REREAD_TIMEOUT:?}"),
             }
-            eprintln!("re-read through node {id} failed, trying the next: {last}");
+            eprintln!(
+                "re-read through node {id} failed, trying the next: {last}\n{}",
+                self.cluster.describe_region(key)
+            );
         }
         Err(last)
     }
