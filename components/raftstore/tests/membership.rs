@@ -186,14 +186,7 @@ async fn learner_catches_up_by_snapshot_and_does_not_vote() {
 
 #[tokio::test]
 async fn promote_learner_then_remove_a_voter() {
-    let c = Cluster::new_with_spare(3, 1);
-    let mut rev = 0;
-    let mut acked = Vec::new();
-    write_keys(&c, &mut rev, "a", 10, &mut acked).await;
-    add_learner_4(&c, &acked).await;
-
-    c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
-        .await;
+    let (c, mut rev, mut acked) = four_voters().await;
     for id in 1..=4 {
         wait_until(&format!("node {id} sees peer 4 promoted"), || {
             conf_ver_on(&c, id) == 3 && role_on(&c, id, 4) == Some(PeerRole::Voter)
