@@ -7,10 +7,17 @@
 //! in the order the replica runs them:
 //! * [`admit_sender`]: a message for another region or another replica is
 //!   dropped, and so is one from a peer that is not a member of the region,
-//!   except on a replica created on demand (no data yet), which knows no
-//!   members until its snapshot arrives and must answer whoever leads: the
-//!   sender (if it has an id and a node) is to be added to its peers. It is
-//!   added before the payload is checked.
+//!   except in two cases, where the sender must have an id and a node:
+//!   - on a replica created on demand (no data yet), which knows no members
+//!     until its snapshot arrives and must answer whoever leads: the sender
+//!     is to be added to its peers (before the payload is checked);
+//!   - from a newer membership (a higher `conf_ver` than this replica's): a
+//!     replica that missed the changes adding a peer must still take that
+//!     peer's messages, which may be the only way it hears of them (the
+//!     peer may lead by now, and the peers it knows be gone). The sender
+//!     goes into the replica's cache of newer peers ([`Strangers`]), where
+//!     [`envelope`] finds it to answer; the region's peers change only as
+//!     the replica applies the changes.
 //! * [`decode_payload`]: an undecodable payload is dropped, and so is one
 //!   whose endpoints differ from the envelope's: the envelope is what
 //!   routing trusted, and a payload claiming other endpoints would let raft
@@ -27,8 +34,8 @@
 //!
 //! Outgoing ([`envelope`]): a message carries the region id and epoch and
 //! both endpoints with their nodes (the transport routes by
-//! `to_peer.node_id`); one to a peer not in the region, or that cannot be
-//! encoded, is dropped.
+//! `to_peer.node_id`); one to a peer neither in the region nor among the
+//! newer peers heard from, or that cannot be encoded, is dropped.
 //!
 //! Removed replicas: a leader stops sending to a peer once it removed it,
 //! so a replica cut off while it was removed never applies its removal and
@@ -59,9 +66,44 @@ use crate::snapshot::{self, RegionSnapshot, SnapDir};
 /// The sender of a message this replica takes.
 pub(crate) struct Sender {
     pub peer: metapb::Peer,
+    pub kind: SenderKind,
+}
+
+/// How a replica knows the sender of a message it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SenderKind {
+    /// A member of the region.
+    Member,
     /// Not a member yet: to be added to the region's peers (a replica
     /// created on demand only).
-    pub new_member: bool,
+    NewMember,
+    /// A peer of a newer membership than this replica's: to be kept in its
+    /// [`Strangers`].
+    Newer,
+}
+
+/// Peers of newer memberships than a replica's, which it heard from but
+/// does not know as members yet (see the module docs), by peer id. Only
+/// for addressing answers: it never changes who the region's members are.
+/// Emptied whenever the replica's region changes, as it may then know
+/// them; one that still leads is back with its next message.
+#[derive(Default)]
+pub(crate) struct Strangers(Vec<metapb::Peer>);
+
+impl Strangers {
+    /// Keeps `peer` (replacing an entry with its id).
+    pub fn insert(&mut self, peer: metapb::Peer) {
+        self.0.retain(|p| p.id != peer.id);
+        self.0.push(peer);
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn get(&self, id: u64) -> Option<metapb::Peer> {
+        self.0.iter().find(|p| p.id == id).copied()
+    }
 }
 
 /// Whether replica `peer_id` of `region` (`initialized`: it has its
@@ -84,25 +126,30 @@ pub(crate) fn admit_sender(
         );
         return None;
     }
-    if region.peers.iter().any(|p| p.id == from_peer.id) {
-        return Some(Sender {
-            peer: from_peer,
-            new_member: false,
-        });
-    }
-    if initialized || from_peer.id == 0 || from_peer.node_id == 0 {
+    let kind = if region.peers.iter().any(|p| p.id == from_peer.id) {
+        Some(SenderKind::Member)
+    } else if from_peer.id == 0 || from_peer.node_id == 0 {
+        None
+    } else if !initialized {
+        // A replica created on demand knows no members until its snapshot
+        // arrives; it must be able to answer whoever leads.
+        Some(SenderKind::NewMember)
+    } else if conf_ver(msg.region_epoch) > conf_ver(region.region_epoch) {
+        Some(SenderKind::Newer)
+    } else {
+        None
+    };
+    let Some(kind) = kind else {
         debug!(
             region_id,
             from = from_peer.id,
             "raft message from a non-member; dropped"
         );
         return None;
-    }
-    // A replica created on demand knows no members until its snapshot
-    // arrives; it must be able to answer whoever leads.
+    };
     Some(Sender {
         peer: from_peer,
-        new_member: true,
+        kind,
     })
 }
 
@@ -181,14 +228,17 @@ pub(crate) fn check_snapshot(
 }
 
 /// The envelope of `m`, sent by `from_peer` (this replica, as the region
-/// meta knows it) of `region`, or `None` (logged) if it is to be dropped.
+/// meta knows it) of `region` to a member or one of `strangers`, or `None`
+/// (logged) if it is to be dropped.
 pub(crate) fn envelope(
     region: &metapb::Region,
+    strangers: &Strangers,
     from_peer: Option<metapb::Peer>,
     m: &Message,
 ) -> Option<RaftMessage> {
     let region_id = region.id;
-    let Some(to_peer) = region.peers.iter().find(|p| p.id == m.to).copied() else {
+    let member = region.peers.iter().find(|p| p.id == m.to).copied();
+    let Some(to_peer) = member.or_else(|| strangers.get(m.to)) else {
         warn!(
             region_id,
             to = m.to,
@@ -359,11 +409,11 @@ mod tests {
     }
 
     #[test]
-    fn admits_members_and_only_a_new_replica_takes_strangers() {
+    fn admits_members_and_strangers_only_to_a_new_replica_or_from_a_newer_membership() {
         let m = raft_msg(2, 1);
         let msg = wrapped(peer(2, 2), peer(1, 1), &m);
         let s = admit_sender(&region(), 1, true, &msg).unwrap();
-        assert_eq!((s.peer.id, s.new_member), (2, false));
+        assert_eq!((s.peer.id, s.kind), (2, SenderKind::Member));
         let mut other = msg.clone();
         other.region_id = 8;
         assert!(admit_sender(&region(), 1, true, &other).is_none());
@@ -372,9 +422,18 @@ mod tests {
         let stranger = wrapped(peer(9, 9), peer(1, 1), &raft_msg(9, 1));
         assert!(admit_sender(&region(), 1, true, &stranger).is_none());
         let s = admit_sender(&region(), 1, false, &stranger).unwrap();
-        assert_eq!((s.peer.id, s.new_member), (9, true));
+        assert_eq!((s.peer.id, s.kind), (9, SenderKind::NewMember));
         let no_node = wrapped(peer(9, 0), peer(1, 1), &raft_msg(9, 1));
         assert!(admit_sender(&region(), 1, false, &no_node).is_none());
+
+        // The region is at conf_ver 3: a stranger at 4 is from a newer
+        // membership, one at 3 or older is not.
+        let newer = at_conf_ver(stranger.clone(), 4);
+        let s = admit_sender(&region(), 1, true, &newer).unwrap();
+        assert_eq!((s.peer.id, s.kind), (9, SenderKind::Newer));
+        assert!(admit_sender(&region(), 1, true, &at_conf_ver(stranger, 3)).is_none());
+        let no_node = at_conf_ver(no_node, 4);
+        assert!(admit_sender(&region(), 1, true, &no_node).is_none());
     }
 
     #[test]
@@ -419,10 +478,17 @@ mod tests {
     }
 
     #[test]
-    fn envelope_addresses_members_only() {
-        let env = envelope(&region(), Some(peer(1, 1)), &raft_msg(1, 2)).unwrap();
+    fn envelope_addresses_members_and_newer_peers_heard_from() {
+        let mut strangers = Strangers::default();
+        let env = envelope(&region(), &strangers, Some(peer(1, 1)), &raft_msg(1, 2)).unwrap();
         assert_eq!(env.to_peer, Some(peer(2, 2)));
         assert_eq!(env.region_epoch, region().region_epoch);
-        assert!(envelope(&region(), Some(peer(1, 1)), &raft_msg(1, 9)).is_none());
+        let to_9 = raft_msg(1, 9);
+        assert!(envelope(&region(), &strangers, Some(peer(1, 1)), &to_9).is_none());
+        strangers.insert(peer(9, 5));
+        let env = envelope(&region(), &strangers, Some(peer(1, 1)), &to_9).unwrap();
+        assert_eq!(env.to_peer, Some(peer(9, 5)));
+        strangers.clear();
+        assert!(envelope(&region(), &strangers, Some(peer(1, 1)), &to_9).is_none());
     }
 }

@@ -71,7 +71,7 @@ use crate::consistency::ConsistencyState;
 use crate::keys;
 use crate::log_gc;
 use crate::membership;
-use crate::message::{self, SnapshotCheck};
+use crate::message::{self, SenderKind, SnapshotCheck};
 pub use crate::msg::{Applied, Callback, PeerMsg, ProposeCallback, ReadCallback};
 use crate::proposals::Proposals;
 use crate::read_queue::ReadQueue;
@@ -119,12 +119,15 @@ pub struct Peer {
     campaign: bool,
     /// When each peer last sent this replica a message (for down peers).
     last_heard: LastHeard,
+    /// Peers of newer memberships heard from (see `message`).
+    strangers: message::Strangers,
     /// The region's transaction locks (published in `shared.locks`).
     locks: Vec<TxnLockRecord>,
     /// Set while the region is frozen as a merge's source.
     merging: Option<MergeState>,
     /// The loop is to end without writing more (the node is stopping
-    /// while an apply run waited for a merge's source).
+    /// while an apply run waited for a merge's source, or as a split's new
+    /// region was to start).
     aborted: bool,
     /// Answered once a `Destroy` is done.
     destroy_cb: Option<Callback>,
@@ -172,6 +175,7 @@ impl Peer {
             host,
             campaign,
             last_heard: LastHeard::default(),
+            strangers: message::Strangers::default(),
             locks,
             merging,
             aborted: false,
@@ -535,8 +539,10 @@ impl Peer {
             return;
         };
         let from = sender.peer.id;
-        if sender.new_member {
-            self.region.peers.push(sender.peer);
+        match sender.kind {
+            SenderKind::Member => {}
+            SenderKind::NewMember => self.region.peers.push(sender.peer),
+            SenderKind::Newer => self.strangers.insert(sender.peer),
         }
         let Some(m) = message::decode_payload(region_id, self.peer_id, from, &msg) else {
             return;
@@ -677,6 +683,7 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        self.strangers.clear();
         self.consistency.reset();
         self.merging = installed.merging.clone();
         self.shared.status.lock().merging = installed.merging;
@@ -715,7 +722,7 @@ impl Peer {
             .find(|p| p.id == self.peer_id)
             .copied();
         for m in msgs {
-            let Some(msg) = message::envelope(&self.region, from_peer, &m) else {
+            let Some(msg) = message::envelope(&self.region, &self.strangers, from_peer, &m) else {
                 if m.get_msg_type() == MessageType::MsgSnapshot {
                     self.raw.report_snapshot(m.to, SnapshotStatus::Failure);
                 }
@@ -816,6 +823,7 @@ impl Peer {
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
+            self.strangers.clear();
         }
         if let Some(merging) = merge_state {
             self.merging = merging;
@@ -888,7 +896,15 @@ impl Peer {
         host.layout_changed();
         let campaign = self.raw.raft.state == StateRole::Leader;
         for region in splits {
-            host.start_split_region(region, campaign)?;
+            match host.start_split_region(region, campaign) {
+                // The node is stopping: the new regions' states are written
+                // (synced above), so they start with the node next time.
+                Err(Error::Stopped(_)) => {
+                    self.aborted = true;
+                    return Ok(());
+                }
+                r => r?,
+            }
         }
         Ok(())
     }

@@ -13,10 +13,15 @@
 //! * `read_index` resolves once a quorum confirmed this replica's leadership
 //!   and everything committed before the call is applied here, with the
 //!   term of that leadership.
-//! * `read_state(view)` is the region's applied and compaction revisions
-//!   as of `view`, a snapshot of this node's RocksDB: the same moment as
-//!   the data a read through `view` sees. It fails with `Installing`
-//!   (retryable) if `view` caught a region snapshot install half-way.
+//! * `read_state(view)` is the region meta and the applied and compaction
+//!   revisions of this replica as of `view`, a snapshot of this node's
+//!   RocksDB: the same moment as the data a read through `view` sees; a
+//!   read checks its keys against that region. It fails with `Installing`
+//!   (retryable) if `view` caught a region snapshot install half-way, and
+//!   with `RegionNotFound` if the replica was gone by then: a tombstone
+//!   (removed, its data deleted in batches from then on; or merged away),
+//!   or replaced by a newer replica of the region on this node (whose
+//!   state, under the same region id, does not list this replica's peer).
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
@@ -150,8 +155,21 @@ impl RegionHandle {
         rx.await.map_err(|_| Error::Stopped(self.region_id))?
     }
 
-    /// The region's applied and compaction revisions as of `view`.
+    /// The region as this replica holds it, with its applied and
+    /// compaction revisions, as of `view` (see the contract).
     pub fn read_state(&self, view: &MvccSnapshot<'_>) -> Result<ReadState> {
+        let gone = || Error::RegionNotFound(self.region_id);
+        let raw = view
+            .kv()
+            .get(cf::META, &keys::region_state_key(self.region_id))?
+            .ok_or_else(gone)?;
+        let local = RegionLocalState::decode(raw.as_slice())?;
+        let peer_id = self.shared.status.lock().peer_id;
+        let tombstone = local.state() == PeerState::Tombstone;
+        let region = local.region.unwrap_or_default();
+        if tombstone || !region.peers.iter().any(|p| p.id == peer_id) {
+            return Err(gone());
+        }
         let raw = view
             .kv()
             .get(cf::META, &keys::apply_state_key(self.region_id))?
@@ -163,6 +181,7 @@ impl RegionHandle {
             return Err(Error::Installing(self.region_id));
         }
         Ok(ReadState {
+            region,
             applied_revision: state.applied_revision,
             compact_revision: state.compact_revision,
         })
@@ -242,10 +261,12 @@ impl RegionHandle {
     }
 }
 
-/// A region's revisions as of one RocksDB snapshot (see
+/// A replica's region and revisions as of one RocksDB snapshot (see
 /// [`RegionHandle::read_state`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ReadState {
+    /// The region meta this replica had applied.
+    pub region: metapb::Region,
     pub applied_revision: i64,
     pub compact_revision: i64,
 }
@@ -907,11 +928,19 @@ impl StoreCore {
             merging,
             self.options.consistency_check_interval,
         );
+        // Registered under the lock `shutdown` sets `stopping` under, so
+        // that a replica starting as the store stops is either stopped and
+        // joined by it or not started at all (its thread would keep the
+        // engines open after the store is gone).
+        let mut threads = self.threads.lock();
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Error::Stopped(region_id));
+        }
         let thread = std::thread::Builder::new()
             .name(format!("region-{region_id}"))
             .spawn(move || peer.run(rx))
             .map_err(|e| Error::Engine(engine::Error::Io(e)))?;
-        self.threads.lock().push(thread);
+        threads.push(thread);
         self.regions.insert(
             region_id,
             RegionHandle {
@@ -920,6 +949,7 @@ impl StoreCore {
                 shared,
             },
         );
+        drop(threads);
         self.layout_changed();
         info!(region_id, peer_id, "region replica started");
         Ok(())
@@ -1104,11 +1134,20 @@ impl StoreCore {
     /// Stops every replica and waits for their threads; pending callers get
     /// `Stopped`.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Release);
+        {
+            // Under the lock replicas start under: none starts from now on
+            // (a message creating one, a split), and every one started
+            // before is registered.
+            let _threads = self.threads.lock();
+            self.stopping.store(true, Ordering::Release);
+        }
         for r in self.regions.iter() {
             let _ = r.mailbox.send(PeerMsg::Stop);
         }
-        for t in self.threads.lock().drain(..) {
+        // Not joined under the lock: a replica stopping may be starting a
+        // split's new region, and is refused instead of waiting for it.
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
         let _ = self.kv.sync_wal();

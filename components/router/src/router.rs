@@ -251,9 +251,9 @@ impl Router {
         current: Option<i64>,
     ) -> Result<RangeResponse> {
         let span = KeyRange::from_etcd(&req.key, &req.range_end);
-        check_spans(&handle.status().region, std::slice::from_ref(&span))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
+        check_spans(&state.region, std::slice::from_ref(&span))?;
         // Never below the compaction revision: versions below it may be
         // gone, and every write at or below it applied before the
         // compaction did (it waited for them, and for transaction locks).
@@ -333,9 +333,9 @@ impl Router {
         req: &WriteRequest,
         current: i64,
     ) -> Result<WriteResponse> {
-        check_spans(&handle.status().region, &write_spans(req))?;
         let view = self.mvcc.snapshot();
         let state = handle.read_state(&view)?;
+        check_spans(&state.region, &write_spans(req))?;
         // As in `read_local`: never below the compaction revision.
         let current = current.max(state.compact_revision);
         let bounds = ReadBounds {

@@ -49,7 +49,9 @@
 //! rolled back; with neither lock nor record the transaction never
 //! committed (the primary's lock is taken before any other, and the record
 //! is forgotten only after every secondary committed). The secondary then
-//! commits (the decision's mutations its lock covers) or rolls back.
+//! commits (the decision's mutations its lock covers) or rolls back. Locks
+//! are resolved (and decisions forgotten) concurrently, each within a
+//! bound, so one that cannot be resolved now holds up no other.
 //!
 //! Each attempt runs on a task of its own (`detached`): a client that
 //! cancels its call does not leave its locks to the resolver.
@@ -65,6 +67,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
 use mvcc::{FetchedView, KeyRange};
 use parking_lot::Mutex;
@@ -89,8 +93,11 @@ use crate::{Error, Result, Router, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
 
 /// How often the lock resolver looks for abandoned locks.
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
-/// The longest one round of the lock resolver may take.
-const RESOLVE_ROUND: Duration = Duration::from_secs(3);
+/// The longest the lock resolver spends on one lock (or forgetting one
+/// decision) in a round; it tries again next round.
+const RESOLVE_STEP: Duration = Duration::from_secs(3);
+/// Locks resolved (and decisions forgotten) at once by the lock resolver.
+const RESOLVE_CONCURRENCY: usize = 16;
 
 /// One region taking part in a transaction.
 struct Participant {
@@ -391,44 +398,68 @@ impl Router {
                 let Some(router) = weak.upgrade() else {
                     return;
                 };
-                // Bounded, so a node being shut down is not held up by
-                // its own resolver.
-                let _ = tokio::time::timeout(RESOLVE_ROUND, router.resolve_round()).await;
+                router.resolve_round().await;
             }
         })
     }
 
-    /// Forgets finished decisions, then resolves the abandoned locks of the
-    /// regions led here.
+    /// Forgets finished decisions and resolves the abandoned locks of the
+    /// regions led here, [`RESOLVE_CONCURRENCY`] at a time, each bounded
+    /// by [`RESOLVE_STEP`]: one that cannot be resolved now (its primary
+    /// unreachable) holds up no other, and the round is bounded, so a node
+    /// being shut down is not held up by its own resolver.
     async fn resolve_round(&self) {
-        self.forget_decisions().await;
+        let mut work: Vec<BoxFuture<'_, Option<u64>>> = Vec::new();
+        let forgets = self.txn_cleanup.0.lock().clone();
+        for forget in forgets {
+            work.push(self.forget(forget).boxed());
+        }
         for handle in self.store.regions() {
             if !handle.status().ready_leader {
                 continue;
             }
             for lock in handle.locks().all() {
-                if lock.age() < LOCK_TTL {
-                    continue;
-                }
-                if let Err(e) = self.resolve(&handle, &lock).await {
-                    debug!(
-                        region_id = handle.region_id(),
-                        txn_id = lock.record.txn_id,
-                        "resolving a lock failed: {e}"
-                    );
+                if lock.age() >= LOCK_TTL {
+                    work.push(self.resolve_bounded(handle.clone(), lock).boxed());
                 }
             }
         }
+        // Decisions leave the list only once forgotten (a forget is
+        // idempotent): one that failed is tried again next round.
+        let forgotten: Vec<u64> = futures::stream::iter(work)
+            .buffer_unordered(RESOLVE_CONCURRENCY)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        self.txn_cleanup
+            .0
+            .lock()
+            .retain(|f| !forgotten.contains(&f.txn_id));
     }
 
-    async fn forget_decisions(&self) {
-        let pending = std::mem::take(&mut *self.txn_cleanup.0.lock());
-        for forget in pending {
-            let spans = [single(&forget.primary_key)];
-            if let Err(e) = self.step(&spans, Step::Forget(forget.clone())).await {
-                debug!(txn_id = forget.txn_id, "forgetting a decision failed: {e}");
-            }
+    /// Forgets a finished decision within [`RESOLVE_STEP`]: its id if done.
+    async fn forget(&self, forget: TxnForgetRequest) -> Option<u64> {
+        let txn_id = forget.txn_id;
+        let spans = [single(&forget.primary_key)];
+        let step = self.step(&spans, Step::Forget(forget));
+        match tokio::time::timeout(RESOLVE_STEP, step).await {
+            Ok(Ok(_)) => return Some(txn_id),
+            Ok(Err(e)) => debug!(txn_id, "forgetting a decision failed: {e}"),
+            Err(_) => debug!(txn_id, "forgetting a decision timed out"),
         }
+        None
+    }
+
+    /// [`Router::resolve`] within [`RESOLVE_STEP`] (`None`: no decision to
+    /// forget).
+    async fn resolve_bounded(&self, handle: RegionHandle, lock: Lock) -> Option<u64> {
+        let (region_id, txn_id) = (handle.region_id(), lock.record.txn_id);
+        match tokio::time::timeout(RESOLVE_STEP, self.resolve(&handle, &lock)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(region_id, txn_id, "resolving a lock failed: {e}"),
+            Err(_) => debug!(region_id, txn_id, "resolving a lock timed out"),
+        }
+        None
     }
 
     /// Resolves an abandoned `lock` of `handle`'s region, led here.

@@ -275,17 +275,17 @@ async fn merges_under_load_and_faults() {
 /// that hold no replica of a region (they forward).
 ///
 /// It found replicas removed while cut off that campaigned for ever and
-/// kept their node routing reads to them (fixed in raftstore's `message`).
-/// It still finds an open liveness bug: a replica that missed the
-/// membership changes adding a new voter, which then became the leader,
-/// drops every message from that leader (an initialized replica admits
-/// only members of the membership it knows, and addresses only those), so
-/// it never catches up, and its node's requests for the region answer "no
-/// leader" for good. Not in CI until that is fixed:
-/// `cargo test -p router --test history replica_moves -- --ignored
-/// --nocapture` (failing re-reads print every node's view of the region).
+/// kept their node routing reads to them, and a replica that missed the
+/// membership changes adding a new voter, which then led, dropping every
+/// message from that leader (both fixed in raftstore's `message`); reads
+/// through a removed replica's handle answering from data being deleted,
+/// or from the state of a newer replica of the region on the node (fixed
+/// in `RegionHandle::read_state`); one lock the resolver could not reach
+/// holding up every other (fixed in the resolver); a replica started as
+/// its node stopped, whose thread kept the engines open (fixed in
+/// `Store::shutdown`); and, in the harness, calls into a stopped node's
+/// router that kept its store open (they now end with the node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open: a replica that missed its leader's addition drops the leader's messages"]
 async fn replica_moves_under_load_and_faults() {
     let seed = history::seed("replica_moves_under_load_and_faults");
     let (cluster, (splits, moves)) = with_layout_changes(

@@ -530,6 +530,98 @@ async fn a_secondary_grown_by_a_merge_is_resolved() {
     }
 }
 
+/// Hands the leadership of the region holding `key` to node `node`.
+async fn lead_on(cluster: &RouterCluster, key: &str, node: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (router, header) = leader_of(cluster, key.as_bytes()).await;
+        let handle = router.store().region(header.region_id).unwrap();
+        let status = handle.status();
+        let peer = status.region.peers.iter().find(|p| p.node_id == node);
+        match peer {
+            Some(p) if p.id == status.peer_id => return,
+            Some(p) => {
+                let _ = handle.transfer_leader(p.id).await;
+            }
+            None => panic!("node {node} has no replica of {key}"),
+        }
+        assert!(Instant::now() < deadline, "{key} not led by node {node}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a lock of transaction `txn_id` is held on one of `nodes`.
+fn locked_on(cluster: &RouterCluster, nodes: &[u64], txn_id: u64) -> bool {
+    nodes.iter().any(|&id| {
+        cluster.router(id).is_some_and(|r| {
+            r.store()
+                .regions()
+                .iter()
+                .any(|h| h.locks().get(txn_id).is_some())
+        })
+    })
+}
+
+/// Two abandoned locks in one region: the first one's primary cannot be
+/// reached (its leader is cut off from the resolving node, and asking it
+/// takes the router's whole retry time), the second one's can. The
+/// resolver ends the second one all the same. (It resolved the locks of a
+/// round one after another within one bound shorter than that retry time:
+/// the first lock used up every round and the second stayed, refusing its
+/// keys' writers and readers, for as long as the first could not be
+/// resolved.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_that_cannot_be_resolved_holds_up_no_other() {
+    let cluster = cluster_split_at(&["m", "t"]).await;
+    lead_on(&cluster, "a", 2).await;
+    lead_on(&cluster, "n", 1).await;
+    lead_on(&cluster, "u", 1).await;
+    let lock_in_t = |txn_id: u64, key: &str, primary: &str| {
+        Step::Lock(TxnLock {
+            lock: Some(TxnLockRequest {
+                txn_id,
+                primary_key: primary.into(),
+                spans: vec![KeySpan {
+                    start: key.into(),
+                    end: Vec::new(),
+                    single: true,
+                }],
+            }),
+            reads: Vec::new(),
+        })
+    };
+    step(&cluster, "u", lock_in_t(301, "u", "a")).await;
+    step(&cluster, "v", lock_in_t(302, "v", "n")).await;
+    // Node 1 leads [t, ...) and [m, t); [.., m) is led by node 2, which
+    // node 1 cannot reach (node 3 reaches both: every region keeps its
+    // quorum).
+    cluster.raft().partition(&[1], &[2]);
+    // Node 2 cannot hear from the leader of [t, ...): its replica keeps
+    // the locks until the partition heals.
+    let started = Instant::now();
+    while locked_on(&cluster, &[1, 3], 302) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the resolvable lock stays while the other cannot be resolved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(locked_on(&cluster, &[1], 301), "this run shows nothing");
+    cluster.raft().heal();
+    let healed = Instant::now();
+    while locked_on(&cluster, &[1, 2, 3], 301) || locked_on(&cluster, &[2], 302) {
+        assert!(
+            healed.elapsed() < Duration::from_secs(15),
+            "a lock stays after the partition healed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let router = cluster.router(3).unwrap();
+    let all = from_a();
+    let r = must("read", || router.range(&all)).await;
+    assert!(r.kvs.is_empty(), "rolled back: {:?}", kv_map(&r));
+}
+
 /// One writer per pair of keys in two regions, writing both keys in one
 /// txn (or deleting both), while readers list all pairs at once — under
 /// partitions, lost and delayed messages, restarts, leader moves and lost

@@ -101,6 +101,19 @@ fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) {
     });
 }
 
+/// `call` on node `id`'s router, unless the node stops first (the call is
+/// then dropped, and with it the router it holds).
+async fn until_stopped<T>(
+    stopped: impl std::future::Future<Output = ()>,
+    id: u64,
+    call: impl std::future::Future<Output = router::Result<T>>,
+) -> Result<(), String> {
+    tokio::select! {
+        r = call => r.map(|_| ()).map_err(|e| e.to_string()),
+        () = stopped => Err(format!("node {id} stopped")),
+    }
+}
+
 pub struct RouterCluster {
     raft: Arc<raft_cluster::Cluster>,
     nodes: Arc<Nodes>,
@@ -178,7 +191,9 @@ impl RouterCluster {
             };
             match event {
                 NodeEvent::Stopping => {
-                    // The store closes only once nobody holds it.
+                    // The store closes only once nobody holds it: what the
+                    // node serves or runs for itself ends with it.
+                    nodes.net.stop(id);
                     if let Some(router) = nodes.routers.write().remove(&id) {
                         router.abort_detached();
                     }
@@ -207,6 +222,14 @@ impl RouterCluster {
     /// Node `id`'s router, if it runs.
     pub fn router(&self, id: u64) -> Option<Arc<Router>> {
         self.nodes.routers.read().get(&id).cloned()
+    }
+
+    /// Completes once node `id` stops (at once if it is not running): a
+    /// client's call into its router is to end then, as one to a killed
+    /// process does, so that it does not keep the stopped node's store
+    /// open.
+    pub fn stopped(&self, id: u64) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.nodes.net.stopped(id)
     }
 
     /// The oracle as node `id` sees it (to slow it down or stall it).
@@ -252,11 +275,8 @@ impl RouterCluster {
                     && (s.region.end_key.is_empty() || key < s.region.end_key.as_slice())
             });
             if let Some(h) = led {
-                return router
-                    .split_region(h.region_id(), key.to_vec())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                let split = router.split_region(h.region_id(), key.to_vec());
+                return until_stopped(self.stopped(id), id, split).await;
             }
         }
         Err("no ready leader holds the key".into())
@@ -292,10 +312,8 @@ impl RouterCluster {
             else {
                 return Err("the right neighbour has no replica here".into());
             };
-            return router
-                .merge_region(*source_id, target.region.clone())
-                .await
-                .map_err(|e| e.to_string());
+            let merge = router.merge_region(*source_id, target.region.clone());
+            return until_stopped(self.stopped(id), id, merge).await;
         }
         Err("no ready leader of a region starting there".into())
     }
@@ -418,7 +436,9 @@ impl RouterCluster {
         let Some(target) = self.router(to) else {
             return;
         };
-        for h in target.store().regions() {
+        let regions = target.store().regions();
+        drop(target);
+        for h in regions {
             let status = h.status();
             let Some(to_peer) = status.region.peers.iter().find(|p| p.node_id == to) else {
                 continue;

@@ -254,13 +254,17 @@ impl Executor for RouterExecutor {
 
     async fn execute(&self, endpoint: usize, req: &Request, deadline: Duration) -> Outcome {
         let id = self.cluster.ids()[endpoint];
+        let stopped = self.cluster.stopped(id);
         let Some(router) = self.cluster.router(id) else {
             return Outcome::Failed(format!("node {id} is down"));
         };
-        match tokio::time::timeout(deadline, call(&router, req)).await {
-            Ok(Ok(resp)) => Outcome::Ok(resp),
-            Ok(Err(e)) => classify(e),
-            Err(_) => Outcome::Unknown(format!("cancelled after {deadline:?}")),
+        tokio::select! {
+            r = tokio::time::timeout(deadline, call(&router, req)) => match r {
+                Ok(Ok(resp)) => Outcome::Ok(resp),
+                Ok(Err(e)) => classify(e),
+                Err(_) => Outcome::Unknown(format!("cancelled after {deadline:?}")),
+            },
+            () = stopped => Outcome::Unknown(format!("node {id} stopped during the call")),
         }
     }
 
