@@ -2,7 +2,7 @@
 //! and the shared RocksDB state machine.
 //!
 //! [`Store`] opens a node's engines and runs one [`peer`] loop per hosted
-//! region; [`RegionHandle`] (contract in `store.rs`) is how the layers above
+//! region; [`RegionHandle`] (contract in `region_handle.rs`) is how the layers above
 //! propose commands and take linearizable read barriers. Commands carry
 //! mutations computed by the leader (see the `mvcc` crate's `exec`), so
 //! applying is deterministic and never reads. [`storage`] implements
@@ -36,6 +36,7 @@ mod msg;
 pub mod peer;
 mod proposals;
 mod read_queue;
+mod region_handle;
 mod snapshot;
 mod split;
 mod status;
@@ -48,8 +49,9 @@ pub use consistency::{Inconsistency, DEFAULT_CONSISTENCY_CHECK_INTERVAL};
 pub use error::{Error, Result};
 pub use msg::{Applied, ProposeCallback};
 pub use peer::PeerStatus;
+pub use region_handle::{ReadState, RegionHandle};
 pub use snapshot::SnapshotSink;
-pub use store::{NodeIdent, ReadState, RegionHandle, Store, StoreOptions};
+pub use store::{NodeIdent, Store, StoreOptions};
 pub use transport::{DropTransport, SnapshotDone, Transport};
 
 /// The kinds of membership change `RegionHandle::change_peers` takes.

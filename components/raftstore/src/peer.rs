@@ -2,9 +2,11 @@
 //!
 //! This module owns the replica's event loop and nothing it can hand off:
 //! the mailbox (requests in the `msg` module's protocol), proposing,
-//! read barriers, leadership transfer, the `Ready` loop, sending raft
-//! messages, the callbacks of proposals and the status it publishes. What
-//! the loop delegates, each with its own contract: checking and addressing
+//! read barriers, leadership transfer, and the callbacks of proposals; its
+//! submodules take the raft messages in and out (`messages`), handle each
+//! `Ready` and publish the status (`ready`), and drive the consistency
+//! check (`consistency_check`). What the loop delegates, each with its own
+//! contract: checking and addressing
 //! raft messages (`message`), applying committed entries (`apply`, which
 //! returns an outcome this loop makes the replica's), membership changes
 //! (`membership`), snapshot install (`snapshot`), log GC (`log_gc`),
@@ -59,19 +61,18 @@ use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
 use proto::raft_serverpb::{
-    MergeState, PeerState, RaftApplyState, RaftMessage, RegionLocalState, TxnLockRecord,
+    MergeState, PeerState, RaftApplyState, RegionLocalState, TxnLockRecord,
 };
-use raft::eraftpb::{ConfChangeType, Entry, MessageType, Snapshot};
+use raft::eraftpb::ConfChangeType;
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, ApplyContext, ApplyOutcome};
+use crate::apply;
 use crate::compaction;
 use crate::consistency::ConsistencyState;
 use crate::keys;
-use crate::log_gc;
 use crate::membership;
-use crate::message::{self, SenderKind, SnapshotCheck};
+use crate::message;
 pub use crate::msg::{Applied, Callback, PeerMsg, ProposeCallback, ReadCallback};
 use crate::proposals::Proposals;
 use crate::read_queue::ReadQueue;
@@ -80,10 +81,12 @@ use crate::status::LastHeard;
 pub use crate::status::{PeerShared, PeerStatus, PEER_DOWN_AFTER, PENDING_LAG};
 use crate::storage::PeerStorage;
 use crate::store::StoreCore;
-use crate::transport::{SnapshotDone, Transport};
+use crate::transport::Transport;
 use crate::{Error, Result};
 
 mod consistency_check;
+mod messages;
+mod ready;
 
 pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// Default number of applied raft log entries kept before GC. Replicas that
@@ -517,86 +520,6 @@ impl Peer {
         let _ = cb.send(Ok(()));
     }
 
-    /// Steps a peer's message into raft once the `message` module's checks
-    /// admit it; a bad message is logged and dropped.
-    fn on_raft_message(&mut self, msg: RaftMessage) {
-        let region_id = self.region.id;
-        let initialized = self.is_initialized();
-        if message::ends_replica(&self.region, self.peer_id, &msg) {
-            self.remove_stale();
-            return;
-        }
-        if msg.is_tombstone {
-            return;
-        }
-        let Some(sender) = message::admit_sender(&self.region, self.peer_id, initialized, &msg)
-        else {
-            if message::from_removed_peer(&self.region, initialized, &msg) {
-                let me = self.region.peers.iter().find(|p| p.id == self.peer_id);
-                let reply = message::tombstone_reply(&self.region, me.copied(), &msg);
-                self.transport.send(reply);
-            }
-            return;
-        };
-        let from = sender.peer.id;
-        match sender.kind {
-            SenderKind::Member => {}
-            SenderKind::NewMember => self.region.peers.push(sender.peer),
-            SenderKind::Newer => self.strangers.insert(sender.peer),
-        }
-        let Some(m) = message::decode_payload(region_id, self.peer_id, from, &msg) else {
-            return;
-        };
-        self.last_heard.heard(from);
-        let Some(host) = self.host.upgrade() else {
-            return;
-        };
-        match message::check_snapshot(region_id, self.peer_id, from, &m, host.snap_dir()) {
-            SnapshotCheck::NotSnapshot => {}
-            SnapshotCheck::Valid(index, term, snap) => {
-                if let Some(other) = host.overlapping(&snap.region) {
-                    if !host.make_room_for(&snap) {
-                        debug!(
-                            region_id,
-                            from, other, "region snapshot overlapping another replica here dropped"
-                        );
-                        self.drop_snapshot_file(snap.file.as_deref());
-                        return;
-                    }
-                }
-                let replaced = self.incoming_snapshot.replace((index, term, *snap));
-                self.drop_snapshot_file(replaced.and_then(|(_, _, s)| s.file).as_deref());
-            }
-            SnapshotCheck::Rejected => {
-                let file = snapshot::received_file(m.get_snapshot(), host.snap_dir());
-                self.drop_snapshot_file(file.as_deref());
-                return;
-            }
-        }
-        if let Err(e) = self.raw.step(m) {
-            debug!(region_id, from, "raft rejected a message: {e}");
-        }
-        if self.raw.raft.raft_log.unstable_snapshot().is_none() {
-            // Not accepted (stale, or not a snapshot): nothing to keep.
-            let dropped = self.incoming_snapshot.take();
-            self.drop_snapshot_file(dropped.and_then(|(_, _, s)| s.file).as_deref());
-        }
-    }
-
-    /// Deletes a received snapshot file that will not be installed, unless
-    /// the snapshot kept for installing is read from it: a copy of one
-    /// snapshot arrives under the same name as the first.
-    fn drop_snapshot_file(&self, file: Option<&std::path::Path>) {
-        let Some(file) = file else { return };
-        let kept = self
-            .incoming_snapshot
-            .as_ref()
-            .and_then(|(_, _, s)| s.file.as_deref());
-        if kept != Some(file) {
-            snapshot::remove_file(file);
-        }
-    }
-
     fn read_index(&mut self, cb: ReadCallback) {
         if !self.is_ready_leader() {
             let _ = cb.send(Err(self.not_leader()));
@@ -609,374 +532,6 @@ impl Peer {
         }
         let ctx = self.reads.push_read(cb, self.raw.raft.term);
         self.raw.read_index(ctx);
-    }
-
-    fn on_ready(&mut self) -> Result<()> {
-        if !self.raw.has_ready() {
-            self.after_ready();
-            return Ok(());
-        }
-        let region_id = self.region.id;
-        let mut ready = self.raw.ready();
-        self.send_messages(ready.take_messages());
-        if !ready.snapshot().is_empty() {
-            // raft-rs returns no committed entries with a snapshot, and the
-            // entries in this ready follow it: install it first.
-            let mut hs = ready
-                .hs()
-                .cloned()
-                .unwrap_or_else(|| self.raw.store().hard_state().clone());
-            hs.commit = ready.snapshot().get_metadata().index;
-            self.install_snapshot(ready.snapshot(), hs)?;
-        }
-        for rs in ready.take_read_states() {
-            self.reads.on_read_state(&rs.request_ctx, rs.index);
-        }
-        self.apply(ready.take_committed_entries())?;
-        if self.destroyed {
-            // Removed from the region: nothing more of this group matters.
-            return Ok(());
-        }
-        self.raw
-            .mut_store()
-            .persist_ready(ready.entries(), ready.hs(), ready.must_sync())?;
-        self.send_messages(ready.take_persisted_messages());
-        let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            let mut hs = self.raw.raft.hard_state();
-            hs.commit = commit;
-            self.raw.mut_store().persist_commit(hs)?;
-        }
-        self.send_messages(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        if self.destroyed {
-            return Ok(());
-        }
-        self.raw.advance_apply();
-        log_gc::gc_raft_log(
-            &mut self.raw,
-            &self.kv,
-            &self.log,
-            region_id,
-            &mut self.apply_state,
-            self.log_gc_threshold,
-        )?;
-        self.after_ready();
-        Ok(())
-    }
-
-    /// Replaces this replica's data, region meta and log by `snap`'s (a
-    /// replica created on demand gets its range, epoch and peers here; see
-    /// `snapshot::install`), then publishes the new state and redoes the
-    /// snapshot's compaction.
-    fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
-        let host = self.host.upgrade().ok_or(Error::Stopped(self.region.id))?;
-        let installed = snapshot::install(
-            &self.kv,
-            &self.log,
-            self.raw.mut_store(),
-            snap,
-            hs,
-            self.incoming_snapshot.take(),
-            host.snap_dir(),
-            host.options().install_batch_bytes,
-        )?;
-        self.apply_state = installed.apply_state;
-        self.region = installed.region;
-        self.strangers.clear();
-        self.consistency.reset();
-        self.merging = installed.merging.clone();
-        self.shared.status.lock().merging = installed.merging;
-        self.shared.locks.replace(&installed.locks);
-        self.locks = installed.locks;
-        // The snapshot replaced the log: whether it holds our proposals
-        // cannot be told any more.
-        self.proposals
-            .fail_all(|| Error::OutcomeUnknown("the raft log was replaced by a snapshot".into()));
-        {
-            let mut status = self.shared.status.lock();
-            status.region = self.region.clone();
-            status.applied_index = self.apply_state.applied_index;
-            status.truncated_index = self.apply_state.truncated_index;
-            status.applied_revision = self.apply_state.applied_revision;
-            status.compact_revision = self.apply_state.compact_revision;
-        }
-        if let Some(host) = self.host.upgrade() {
-            host.layout_changed();
-        }
-        if self.apply_state.compact_revision > 0 {
-            self.spawn_compaction(self.apply_state.compact_revision);
-        }
-        Ok(())
-    }
-
-    fn send_messages(&mut self, msgs: Vec<raft::eraftpb::Message>) {
-        if msgs.is_empty() {
-            return;
-        }
-        let region_id = self.region.id;
-        let from_peer = self
-            .region
-            .peers
-            .iter()
-            .find(|p| p.id == self.peer_id)
-            .copied();
-        for m in msgs {
-            let Some(msg) = message::envelope(&self.region, &self.strangers, from_peer, &m) else {
-                if m.get_msg_type() == MessageType::MsgSnapshot {
-                    self.raw.report_snapshot(m.to, SnapshotStatus::Failure);
-                }
-                continue;
-            };
-            if m.get_msg_type() != MessageType::MsgSnapshot {
-                self.transport.send(msg);
-                continue;
-            }
-            // The file goes with the message; raft sends the follower
-            // nothing else until it hears how that went.
-            let to = m.to;
-            let sent = self.host.upgrade().and_then(|host| {
-                let desc = snapshot::Descriptor::decode(m.get_snapshot().get_data()).ok()?;
-                Some(host.snap_dir().generated(&desc))
-            });
-            let Some(path) = sent else {
-                error!(region_id, to, "region snapshot without a file; not sent");
-                self.raw.report_snapshot(to, SnapshotStatus::Failure);
-                continue;
-            };
-            info!(region_id, to, path = %path.display(), "sending region snapshot");
-            let host = self.host.clone();
-            let done: SnapshotDone = Box::new(move |ok| {
-                let handle = host.upgrade().and_then(|h| h.region(region_id));
-                if let Some(handle) = handle {
-                    let _ = handle.send(PeerMsg::SnapshotSent { to, ok });
-                }
-            });
-            self.transport.send_snapshot(msg, path, done);
-        }
-    }
-
-    /// Applies committed `entries` (see the `apply` module for what that
-    /// stages and returns), then makes the outcome this replica's: the
-    /// batch with the apply state goes to RocksDB, the new conf state to
-    /// raft-rs's storage and (a copy) to raft-engine, the applied state is
-    /// published, and only then are the callers answered and a compaction
-    /// started. A removed replica's loop ends after this turn.
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
-        let mut rest = &entries[..];
-        while !rest.is_empty() {
-            let applied = self.apply_run(rest)?;
-            if applied == 0 || self.destroyed || self.aborted {
-                break;
-            }
-            rest = &rest[applied.min(rest.len())..];
-        }
-        Ok(())
-    }
-
-    /// One apply run over a prefix of `entries` (a run ends early after a
-    /// `ComputeHash`, whose hash is started here); returns how many
-    /// entries it applied.
-    fn apply_run(&mut self, entries: &[Entry]) -> Result<usize> {
-        let raw = &mut self.raw;
-        let host = self.host.clone();
-        let region_id = self.region.id;
-        let wait_source = move |source: &metapb::Region, index: u64, term: u64| {
-            let host = host.upgrade().ok_or(Error::Stopped(region_id))?;
-            host.wait_merge_source(source, index, term)
-        };
-        let ctx = ApplyContext {
-            kv: &self.kv,
-            mvcc: &self.mvcc,
-            peer_id: self.peer_id,
-            region: &self.region,
-            apply_state: &self.apply_state,
-            locks: &self.locks,
-            merging: self.merging.as_ref(),
-            wait_source: &wait_source,
-        };
-        let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
-        if outcome.aborted {
-            // Nothing of the run is written; it is applied again at the
-            // next start.
-            info!(region_id, "stopping while a merge waited for its source");
-            self.aborted = true;
-            return Ok(0);
-        }
-        self.kv.write(wb)?;
-        let ApplyOutcome {
-            results,
-            apply_state,
-            region,
-            conf_state,
-            compaction,
-            removed,
-            splits,
-            locks,
-            merge_state,
-            merged_sources,
-            aborted: _,
-            compute_hash,
-            verify_hash,
-        } = outcome;
-        let applied = results.len();
-        self.apply_state = apply_state;
-        if let Some(region) = region {
-            self.region = region;
-            self.strangers.clear();
-        }
-        if let Some(merging) = merge_state {
-            self.merging = merging;
-        }
-        if !splits.is_empty() {
-            self.start_split_regions(splits)?;
-        }
-        if !merged_sources.is_empty() {
-            self.finish_merges(&merged_sources)?;
-        }
-        if let Some(cs) = conf_state {
-            self.raw.mut_store().set_conf_state(cs.clone());
-            // Informational copy next to the log: start-up derives the conf
-            // state from the region meta, which is written with the apply
-            // state above and so always matches the applied index.
-            let mut batch = RaftLogBatch::default();
-            batch.put_conf_state(self.region.id, &cs)?;
-            self.log.write(&mut batch, false)?;
-        }
-        if removed {
-            self.destroyed = true;
-        }
-        {
-            // Visible before anyone hears of the writes, so a caller's next
-            // serializable read sees at least its own write.
-            let mut status = self.shared.status.lock();
-            status.region = self.region.clone();
-            status.merging = self.merging.clone();
-            status.applied_index = self.apply_state.applied_index;
-            status.applied_revision = self.apply_state.applied_revision;
-            status.compact_revision = self.apply_state.compact_revision;
-        }
-        if let Some(locks) = locks {
-            // Before any caller hears of the entries: a transaction's
-            // coordinator that was told "locked" relies on readers and
-            // writers here seeing the lock.
-            self.shared.locks.replace(&locks);
-            self.locks = locks;
-        }
-        for r in results {
-            self.proposals.on_applied(r);
-        }
-        if let Some(rev) = compaction {
-            self.spawn_compaction(rev);
-        }
-        if let Some(index) = compute_hash {
-            self.start_hash(index);
-        }
-        for (index, leader_hash) in verify_hash {
-            let verdict = self.consistency.verify(index, leader_hash);
-            self.on_verdict(index, verdict);
-        }
-        Ok(applied)
-    }
-
-    /// Makes the regions split off by the entries just applied live on this
-    /// node, before anyone hears of the split: the split is made durable
-    /// (a new region's replica may vote and accept entries at once, which
-    /// a roll-back of the split after a crash would orphan), this
-    /// replica's shrunk range is published (so the new regions' snapshots
-    /// are no longer refused as overlapping it), then the store starts
-    /// them. The store stopping is not an error: the replicas start from
-    /// their persisted state at the next start-up.
-    fn start_split_regions(&mut self, splits: Vec<metapb::Region>) -> Result<()> {
-        self.kv.sync_wal()?;
-        self.shared.status.lock().region = self.region.clone();
-        let Some(host) = self.host.upgrade() else {
-            return Ok(());
-        };
-        host.layout_changed();
-        let campaign = self.raw.raft.state == StateRole::Leader;
-        for region in splits {
-            match host.start_split_region(region, campaign) {
-                // The node is stopping: the new regions' states are written
-                // (synced above), so they start with the node next time.
-                Err(Error::Stopped(_)) => {
-                    self.aborted = true;
-                    return Ok(());
-                }
-                r => r?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops this node's replicas of the regions this one just took over:
-    /// the merge is made durable first (their `Tombstone` state is in the
-    /// batch just written, and their raft logs go next), and this
-    /// replica's grown range is published before they unregister.
-    fn finish_merges(&mut self, sources: &[u64]) -> Result<()> {
-        self.kv.sync_wal()?;
-        self.shared.status.lock().region = self.region.clone();
-        let Some(host) = self.host.upgrade() else {
-            return Ok(());
-        };
-        for source in sources {
-            host.destroy_replica(*source, false);
-        }
-        host.layout_changed();
-        Ok(())
-    }
-
-    /// Starts the physical clean-up of compaction `revision`; the replica
-    /// hears of its end through its mailbox.
-    fn spawn_compaction(&self, revision: i64) {
-        let mailbox = self.mailbox.clone();
-        compaction::spawn(self.mvcc.clone(), &self.region, revision, move || {
-            let _ = mailbox.send(PeerMsg::CompactionDone { revision });
-        });
-    }
-
-    fn after_ready(&mut self) {
-        let applied = self.apply_state.applied_index;
-        self.reads.release(applied);
-        let log = &self.raw.raft.raft_log;
-        self.proposals
-            .fail_replaced(self.raw.raft.term, |index| log.term(index).ok());
-        let leader = self.raw.raft.state == StateRole::Leader;
-        if self.was_leader && !leader {
-            // raft-rs forgets read requests across a leader change.
-            let (region, leader_id) = (&self.region, self.raw.raft.leader_id);
-            self.reads
-                .fail_unconfirmed(|| not_leader(region, leader_id));
-        }
-        if leader {
-            self.last_heard
-                .on_leader_turn(!self.was_leader, &self.raw.raft);
-        }
-        self.was_leader = leader;
-        let mut status = self.shared.status.lock();
-        status.region = self.region.clone();
-        status.peer_id = self.peer_id;
-        status.term = self.raw.raft.term;
-        status.commit_index = self.raw.raft.raft_log.committed;
-        status.applied_index = applied;
-        status.truncated_index = self.raw.store().truncated_index();
-        status.leader_peer_id = self.raw.raft.leader_id;
-        status.ready_leader = self.is_ready_leader();
-        status.applied_revision = self.apply_state.applied_revision;
-        status.compact_revision = self.apply_state.compact_revision;
-        (status.pending_peers, status.down_peers) =
-            self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
-        status.min_matched = if leader {
-            self.raw
-                .raft
-                .prs()
-                .iter()
-                .map(|(_, pr)| pr.matched)
-                .min()
-                .unwrap_or(0)
-        } else {
-            0
-        };
     }
 
     /// Answers everyone waiting as the replica stops: readers `err`,

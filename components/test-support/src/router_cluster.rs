@@ -101,6 +101,20 @@ fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) {
     });
 }
 
+/// Says so if node `id`'s stopped router is still held after 5 s, for
+/// diagnosing a stop that waits for its store (the router holds it).
+fn report_if_held(id: u64, router: std::sync::Weak<Router>) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        let held = router.strong_count();
+        if held > 0 {
+            eprintln!(
+                "node {id} stopped, but its router is still held ({held} references) after 5 s"
+            );
+        }
+    });
+}
+
 /// `call` on node `id`'s router, unless the node stops first (the call is
 /// then dropped, and with it the router it holds).
 async fn until_stopped<T>(
@@ -196,6 +210,7 @@ impl RouterCluster {
                     nodes.net.stop(id);
                     if let Some(router) = nodes.routers.write().remove(&id) {
                         router.abort_detached();
+                        report_if_held(id, Arc::downgrade(&router));
                     }
                 }
                 NodeEvent::Started => nodes.start_router(id),

@@ -1,0 +1,343 @@
+//! A replica's `Ready` handling (the order is in the `peer` module docs):
+//! installing a region snapshot, applying committed entries through
+//! `apply` and making the outcome the replica's (new regions of a split
+//! started, merged sources stopped, compaction started), persisting the
+//! log, and publishing the status.
+
+use engine::RaftLogBatch;
+use proto::metapb;
+use raft::eraftpb::{Entry, Snapshot};
+use raft::StateRole;
+use tracing::info;
+
+use super::{not_leader, Peer};
+use crate::apply::{self, ApplyContext, ApplyOutcome};
+use crate::compaction;
+use crate::log_gc;
+use crate::msg::PeerMsg;
+use crate::snapshot;
+use crate::{Error, Result};
+
+impl Peer {
+    pub(super) fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            self.after_ready();
+            return Ok(());
+        }
+        let region_id = self.region.id;
+        let mut ready = self.raw.ready();
+        self.send_messages(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            // raft-rs returns no committed entries with a snapshot, and the
+            // entries in this ready follow it: install it first.
+            let mut hs = ready
+                .hs()
+                .cloned()
+                .unwrap_or_else(|| self.raw.store().hard_state().clone());
+            hs.commit = ready.snapshot().get_metadata().index;
+            self.install_snapshot(ready.snapshot(), hs)?;
+        }
+        for rs in ready.take_read_states() {
+            self.reads.on_read_state(&rs.request_ctx, rs.index);
+        }
+        self.apply(ready.take_committed_entries())?;
+        if self.destroyed {
+            // Removed from the region: nothing more of this group matters.
+            return Ok(());
+        }
+        self.raw
+            .mut_store()
+            .persist_ready(ready.entries(), ready.hs(), ready.must_sync())?;
+        self.send_messages(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.raw.raft.hard_state();
+            hs.commit = commit;
+            self.raw.mut_store().persist_commit(hs)?;
+        }
+        self.send_messages(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        if self.destroyed {
+            return Ok(());
+        }
+        self.raw.advance_apply();
+        log_gc::gc_raft_log(
+            &mut self.raw,
+            &self.kv,
+            &self.log,
+            region_id,
+            &mut self.apply_state,
+            self.log_gc_threshold,
+        )?;
+        self.after_ready();
+        Ok(())
+    }
+
+    /// Replaces this replica's data, region meta and log by `snap`'s (a
+    /// replica created on demand gets its range, epoch and peers here; see
+    /// `snapshot::install`), then publishes the new state and redoes the
+    /// snapshot's compaction.
+    fn install_snapshot(&mut self, snap: &Snapshot, hs: raft::eraftpb::HardState) -> Result<()> {
+        let host = self.host.upgrade().ok_or(Error::Stopped(self.region.id))?;
+        let installed = snapshot::install(
+            &self.kv,
+            &self.log,
+            self.raw.mut_store(),
+            snap,
+            hs,
+            self.incoming_snapshot.take(),
+            host.snap_dir(),
+            host.options().install_batch_bytes,
+        )?;
+        self.apply_state = installed.apply_state;
+        self.region = installed.region;
+        self.strangers.clear();
+        self.consistency.reset();
+        self.merging = installed.merging.clone();
+        self.shared.status.lock().merging = installed.merging;
+        self.shared.locks.replace(&installed.locks);
+        self.locks = installed.locks;
+        // The snapshot replaced the log: whether it holds our proposals
+        // cannot be told any more.
+        self.proposals
+            .fail_all(|| Error::OutcomeUnknown("the raft log was replaced by a snapshot".into()));
+        {
+            let mut status = self.shared.status.lock();
+            status.region = self.region.clone();
+            status.applied_index = self.apply_state.applied_index;
+            status.truncated_index = self.apply_state.truncated_index;
+            status.applied_revision = self.apply_state.applied_revision;
+            status.compact_revision = self.apply_state.compact_revision;
+        }
+        if let Some(host) = self.host.upgrade() {
+            host.layout_changed();
+        }
+        if self.apply_state.compact_revision > 0 {
+            self.spawn_compaction(self.apply_state.compact_revision);
+        }
+        Ok(())
+    }
+
+    /// Applies committed `entries` (see the `apply` module for what that
+    /// stages and returns), then makes the outcome this replica's: the
+    /// batch with the apply state goes to RocksDB, the new conf state to
+    /// raft-rs's storage and (a copy) to raft-engine, the applied state is
+    /// published, and only then are the callers answered and a compaction
+    /// started. A removed replica's loop ends after this turn.
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let mut rest = &entries[..];
+        while !rest.is_empty() {
+            let applied = self.apply_run(rest)?;
+            if applied == 0 || self.destroyed || self.aborted {
+                break;
+            }
+            rest = &rest[applied.min(rest.len())..];
+        }
+        Ok(())
+    }
+
+    /// One apply run over a prefix of `entries` (a run ends early after a
+    /// `ComputeHash`, whose hash is started here); returns how many
+    /// entries it applied.
+    fn apply_run(&mut self, entries: &[Entry]) -> Result<usize> {
+        let raw = &mut self.raw;
+        let host = self.host.clone();
+        let region_id = self.region.id;
+        let wait_source = move |source: &metapb::Region, index: u64, term: u64| {
+            let host = host.upgrade().ok_or(Error::Stopped(region_id))?;
+            host.wait_merge_source(source, index, term)
+        };
+        let ctx = ApplyContext {
+            kv: &self.kv,
+            mvcc: &self.mvcc,
+            peer_id: self.peer_id,
+            region: &self.region,
+            apply_state: &self.apply_state,
+            locks: &self.locks,
+            merging: self.merging.as_ref(),
+            wait_source: &wait_source,
+        };
+        let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
+        if outcome.aborted {
+            // Nothing of the run is written; it is applied again at the
+            // next start.
+            info!(region_id, "stopping while a merge waited for its source");
+            self.aborted = true;
+            return Ok(0);
+        }
+        self.kv.write(wb)?;
+        let ApplyOutcome {
+            results,
+            apply_state,
+            region,
+            conf_state,
+            compaction,
+            removed,
+            splits,
+            locks,
+            merge_state,
+            merged_sources,
+            aborted: _,
+            compute_hash,
+            verify_hash,
+        } = outcome;
+        let applied = results.len();
+        self.apply_state = apply_state;
+        if let Some(region) = region {
+            self.region = region;
+            self.strangers.clear();
+        }
+        if let Some(merging) = merge_state {
+            self.merging = merging;
+        }
+        if !splits.is_empty() {
+            self.start_split_regions(splits)?;
+        }
+        if !merged_sources.is_empty() {
+            self.finish_merges(&merged_sources)?;
+        }
+        if let Some(cs) = conf_state {
+            self.raw.mut_store().set_conf_state(cs.clone());
+            // Informational copy next to the log: start-up derives the conf
+            // state from the region meta, which is written with the apply
+            // state above and so always matches the applied index.
+            let mut batch = RaftLogBatch::default();
+            batch.put_conf_state(self.region.id, &cs)?;
+            self.log.write(&mut batch, false)?;
+        }
+        if removed {
+            self.destroyed = true;
+        }
+        {
+            // Visible before anyone hears of the writes, so a caller's next
+            // serializable read sees at least its own write.
+            let mut status = self.shared.status.lock();
+            status.region = self.region.clone();
+            status.merging = self.merging.clone();
+            status.applied_index = self.apply_state.applied_index;
+            status.applied_revision = self.apply_state.applied_revision;
+            status.compact_revision = self.apply_state.compact_revision;
+        }
+        if let Some(locks) = locks {
+            // Before any caller hears of the entries: a transaction's
+            // coordinator that was told "locked" relies on readers and
+            // writers here seeing the lock.
+            self.shared.locks.replace(&locks);
+            self.locks = locks;
+        }
+        for r in results {
+            self.proposals.on_applied(r);
+        }
+        if let Some(rev) = compaction {
+            self.spawn_compaction(rev);
+        }
+        if let Some(index) = compute_hash {
+            self.start_hash(index);
+        }
+        for (index, leader_hash) in verify_hash {
+            let verdict = self.consistency.verify(index, leader_hash);
+            self.on_verdict(index, verdict);
+        }
+        Ok(applied)
+    }
+
+    /// Makes the regions split off by the entries just applied live on this
+    /// node, before anyone hears of the split: the split is made durable
+    /// (a new region's replica may vote and accept entries at once, which
+    /// a roll-back of the split after a crash would orphan), this
+    /// replica's shrunk range is published (so the new regions' snapshots
+    /// are no longer refused as overlapping it), then the store starts
+    /// them. The store stopping is not an error: the replicas start from
+    /// their persisted state at the next start-up.
+    fn start_split_regions(&mut self, splits: Vec<metapb::Region>) -> Result<()> {
+        self.kv.sync_wal()?;
+        self.shared.status.lock().region = self.region.clone();
+        let Some(host) = self.host.upgrade() else {
+            return Ok(());
+        };
+        host.layout_changed();
+        let campaign = self.raw.raft.state == StateRole::Leader;
+        for region in splits {
+            match host.start_split_region(region, campaign) {
+                // The node is stopping: the new regions' states are written
+                // (synced above), so they start with the node next time.
+                Err(Error::Stopped(_)) => {
+                    self.aborted = true;
+                    return Ok(());
+                }
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops this node's replicas of the regions this one just took over:
+    /// the merge is made durable first (their `Tombstone` state is in the
+    /// batch just written, and their raft logs go next), and this
+    /// replica's grown range is published before they unregister.
+    fn finish_merges(&mut self, sources: &[u64]) -> Result<()> {
+        self.kv.sync_wal()?;
+        self.shared.status.lock().region = self.region.clone();
+        let Some(host) = self.host.upgrade() else {
+            return Ok(());
+        };
+        for source in sources {
+            host.destroy_replica(*source, false);
+        }
+        host.layout_changed();
+        Ok(())
+    }
+
+    /// Starts the physical clean-up of compaction `revision`; the replica
+    /// hears of its end through its mailbox.
+    pub(super) fn spawn_compaction(&self, revision: i64) {
+        let mailbox = self.mailbox.clone();
+        compaction::spawn(self.mvcc.clone(), &self.region, revision, move || {
+            let _ = mailbox.send(PeerMsg::CompactionDone { revision });
+        });
+    }
+
+    fn after_ready(&mut self) {
+        let applied = self.apply_state.applied_index;
+        self.reads.release(applied);
+        let log = &self.raw.raft.raft_log;
+        self.proposals
+            .fail_replaced(self.raw.raft.term, |index| log.term(index).ok());
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if self.was_leader && !leader {
+            // raft-rs forgets read requests across a leader change.
+            let (region, leader_id) = (&self.region, self.raw.raft.leader_id);
+            self.reads
+                .fail_unconfirmed(|| not_leader(region, leader_id));
+        }
+        if leader {
+            self.last_heard
+                .on_leader_turn(!self.was_leader, &self.raw.raft);
+        }
+        self.was_leader = leader;
+        let mut status = self.shared.status.lock();
+        status.region = self.region.clone();
+        status.peer_id = self.peer_id;
+        status.term = self.raw.raft.term;
+        status.commit_index = self.raw.raft.raft_log.committed;
+        status.applied_index = applied;
+        status.truncated_index = self.raw.store().truncated_index();
+        status.leader_peer_id = self.raw.raft.leader_id;
+        status.ready_leader = self.is_ready_leader();
+        status.applied_revision = self.apply_state.applied_revision;
+        status.compact_revision = self.apply_state.compact_revision;
+        (status.pending_peers, status.down_peers) =
+            self.last_heard.lagging_peers(&self.raw.raft, self.peer_id);
+        status.min_matched = if leader {
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(_, pr)| pr.matched)
+                .min()
+                .unwrap_or(0)
+        } else {
+            0
+        };
+    }
+}
