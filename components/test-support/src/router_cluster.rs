@@ -41,6 +41,8 @@ struct Nodes {
     net: Arc<LocalNetwork>,
     pds: HashMap<u64, Arc<FaultyPd>>,
     routers: RwLock<HashMap<u64, Arc<Router>>>,
+    /// The test's runtime, where every router's background tasks run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Nodes {
@@ -48,6 +50,11 @@ impl Nodes {
         let Some(raft) = self.raft.upgrade() else {
             return;
         };
+        // A restart may come from a nemesis thread with a runtime of its
+        // own, which blocks while it stops a node: a task of the node's
+        // router running there, holding the router, would keep the next
+        // stop of that node waiting for ever.
+        let _runtime = self.runtime.enter();
         let router = Arc::new(Router::new(
             raft.store(id),
             self.pds[&id].clone(),
@@ -194,6 +201,7 @@ impl RouterCluster {
                 .map(|id| (id, FaultyPd::new(pd.clone())))
                 .collect(),
             routers: RwLock::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::current(),
         });
         for id in 1..=n + spare {
             nodes.start_router(id);
