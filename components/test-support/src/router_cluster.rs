@@ -124,7 +124,7 @@ fn report_if_held(id: u64, router: std::sync::Weak<Router>) {
 
 /// `call` on node `id`'s router, unless the node stops first (the call is
 /// then dropped, and with it the router it holds).
-async fn until_stopped<T>(
+async fn unless_stopped<T>(
     stopped: impl std::future::Future<Output = ()>,
     id: u64,
     call: impl std::future::Future<Output = router::Result<T>>,
@@ -299,7 +299,7 @@ impl RouterCluster {
             });
             if let Some(h) = led {
                 let split = router.split_region(h.region_id(), key.to_vec());
-                return until_stopped(self.stopped(id), id, split).await;
+                return unless_stopped(self.stopped(id), id, split).await;
             }
         }
         Err("no ready leader holds the key".into())
@@ -336,7 +336,7 @@ impl RouterCluster {
                 return Err("the right neighbour has no replica here".into());
             };
             let merge = router.merge_region(*source_id, target.region.clone());
-            return until_stopped(self.stopped(id), id, merge).await;
+            return unless_stopped(self.stopped(id), id, merge).await;
         }
         Err("no ready leader of a region starting there".into())
     }
