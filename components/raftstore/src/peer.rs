@@ -23,9 +23,10 @@
 //! snapshot is installed (raft-rs returns no committed entries with one);
 //! committed entries are applied; new entries and the hard state are
 //! written to raft-engine (synced when raft asks) before the messages that
-//! depend on them go out; after `advance`, the commit index is persisted
-//! (no fsync: the quorum has it) and the newly committed entries are
-//! applied; then the log may be GCed and the status is published.
+//! depend on them go out; after `advance`, the new commit index is kept
+//! (written with the next entries: the quorum has it, and a restart raises
+//! it to the applied index) and the newly committed entries are applied;
+//! then the log may be GCed and the status is published.
 //!
 //! Edge cases:
 //! * A storage write failure aborts the process: going on could

@@ -197,6 +197,14 @@ impl RegionHandle {
         txn::read_record(view.kv(), primary_key, txn_id)
     }
 
+    /// The decisions recorded under this replica's primary keys as of
+    /// `view`: (primary key, record). `RegionNotFound` as
+    /// [`RegionHandle::read_state`].
+    pub fn txn_records(&self, view: &MvccSnapshot<'_>) -> Result<Vec<(Vec<u8>, TxnCommitRecord)>> {
+        let state = self.read_state(view)?;
+        txn::snapshot_records(view.kv(), &state.region)
+    }
+
     /// Waits until the physical clean-up of compaction `revision` is done.
     pub async fn wait_physically_compacted(&self, revision: i64) -> Result<()> {
         let mut rx = self.shared.physically_compacted.subscribe();

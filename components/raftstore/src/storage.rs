@@ -11,8 +11,8 @@
 //! truncated at 0 with no conf state, so the leader must send a snapshot.
 //!
 //! The replica's loop persists what raft hands it through `persist_ready`
-//! and `persist_commit`, which keep the in-memory hard state raft-rs reads
-//! in step with raft-engine.
+//! and `record_commit`, which keep the in-memory hard state raft-rs reads
+//! in step with raft-engine (the commit index may be written late).
 
 use engine::{RaftLogBatch, RaftLogEngine};
 use proto::metapb;
@@ -31,6 +31,9 @@ pub struct PeerStorage {
     /// Builds region snapshots from the state machine, off this thread.
     snapshots: Generator,
     hard_state: HardState,
+    /// `hard_state` holds a commit index not written yet (see
+    /// [`PeerStorage::record_commit`]).
+    commit_unwritten: bool,
     conf_state: ConfState,
     truncated_index: u64,
     truncated_term: u64,
@@ -52,6 +55,7 @@ impl PeerStorage {
             log,
             snapshots,
             hard_state,
+            commit_unwritten: false,
             conf_state,
             truncated_index,
             truncated_term,
@@ -74,7 +78,9 @@ impl PeerStorage {
     /// Writes a `Ready`'s new entries and hard state (if any) to
     /// raft-engine in one batch, with fsync when `sync` (raft asks for it
     /// whenever they must be durable before messages that depend on them
-    /// go out). Nothing is written if there is nothing new.
+    /// go out). A commit index recorded by [`PeerStorage::record_commit`]
+    /// since the last write goes with the entries. Nothing is written if
+    /// there is nothing new.
     pub(crate) fn persist_ready(
         &mut self,
         entries: &[Entry],
@@ -84,8 +90,11 @@ impl PeerStorage {
         let mut batch = RaftLogBatch::default();
         batch.append(self.region_id, entries)?;
         if let Some(hs) = hs {
-            batch.put_hard_state(self.region_id, hs)?;
             self.hard_state = hs.clone();
+        }
+        if hs.is_some() || (self.commit_unwritten && !batch.is_empty()) {
+            batch.put_hard_state(self.region_id, &self.hard_state)?;
+            self.commit_unwritten = false;
         }
         if !batch.is_empty() {
             self.log.write(&mut batch, sync)?;
@@ -93,14 +102,16 @@ impl PeerStorage {
         Ok(())
     }
 
-    /// Writes a hard state whose only news is the commit index, without
-    /// fsync: the commit index is recoverable from the quorum.
-    pub(crate) fn persist_commit(&mut self, hs: HardState) -> engine::Result<()> {
-        let mut batch = RaftLogBatch::default();
-        batch.put_hard_state(self.region_id, &hs)?;
-        self.log.write(&mut batch, false)?;
+    /// Takes a hard state whose only news is the commit index: it is
+    /// written with the next entries, not on its own (a write of its own
+    /// per commit was a raft-engine write, queued behind other regions'
+    /// fsyncs, in every `Ready` of every region). A commit index lost in a
+    /// crash is recoverable from the quorum, and a restart raises it to
+    /// the applied index (`Store::reconcile_log`), so raft never finds
+    /// applied entries above its commit index.
+    pub(crate) fn record_commit(&mut self, hs: HardState) {
         self.hard_state = hs;
-        Ok(())
+        self.commit_unwritten = true;
     }
 
     pub fn hard_state(&self) -> &HardState {

@@ -8,9 +8,10 @@
 //!   the region's applied revision when it took them; loaded into the
 //!   replica's [`LockTable`] at start, after every apply run that changes
 //!   them (before any caller is answered) and after a snapshot install;
-//! * decisions (`keys::txn_record_key`): the revision and every mutation of
-//!   a committed transaction, kept by the region holding its primary key
-//!   (keyed by that key, so a split hands them to the right side).
+//! * decisions (`keys::txn_record_key`): the revision, every mutation and
+//!   every participant's locked spans of a committed transaction, kept by
+//!   the region holding its primary key (keyed by that key, so a split
+//!   hands them to the right side).
 //!
 //! Contract of applying the commands ([`TxnApply`]; an `Err` is the entry's
 //! answer and changes nothing):
@@ -321,6 +322,7 @@ impl TxnApply<'_> {
                 txn_id: req.txn_id,
                 revision: req.revision,
                 mutations: req.mutations.clone(),
+                lock_spans: req.lock_spans.clone(),
             };
             self.kv.put_to(
                 self.wb,

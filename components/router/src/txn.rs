@@ -39,19 +39,13 @@
 //!    committed, whatever happens next.
 //! 6. **Secondaries.** Each other participant gets a commit with its own
 //!    mutations (applied at R, lock dropped). Then the decision record is
-//!    forgotten, in the background.
+//!    forgotten, in the background. The record keeps every participant's
+//!    spans, so that the lock resolver can forget it too once none of them
+//!    holds a lock of the transaction (see `resolver`).
 //!
 //! Abandoned transactions (a coordinator killed or cut off) are resolved by
-//! [`Router::start_lock_resolver`]: a region leader finding a lock older
-//! than `LOCK_TTL` asks the primary for the decision. The primary answers
-//! with its record if committed; if it still holds the lock it rolls it
-//! back (from then on the coordinator's commit is refused) and answers
-//! rolled back; with neither lock nor record the transaction never
-//! committed (the primary's lock is taken before any other, and the record
-//! is forgotten only after every secondary committed). The secondary then
-//! commits (the decision's mutations its lock covers) or rolls back. Locks
-//! are resolved (and decisions forgotten) concurrently, each within a
-//! bound, so one that cannot be resolved now holds up no other.
+//! the lock resolver (`resolver`), which also forgets the decisions no lock
+//! needs any more, whoever committed the secondaries.
 //!
 //! Each attempt runs on a task of its own (`detached`): a client that
 //! cancels its call does not leave its locks to the resolver.
@@ -63,41 +57,30 @@
 //! succeeded, even if some secondary still has to be resolved (its readers
 //! wait for it).
 
+mod resolver;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
 use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
 use mvcc::{FetchedView, KeyRange};
-use parking_lot::Mutex;
 use proto::etcdserverpb::{request_op::Request, TxnRequest};
 use proto::forwardpb::{
-    txn_status::Kind, txn_step_request::Step, txn_step_response, HistoricalRead, TxnLock,
-    TxnLocked, TxnStatus, TxnStatusRequest,
+    txn_step_request::Step, txn_step_response, HistoricalRead, TxnLock, TxnLocked,
 };
 use proto::metapb;
 use proto::raft_cmdpb::{
     Mutation, TxnCommitRequest, TxnForgetRequest, TxnLockRequest, TxnRollbackRequest,
 };
-use raftstore::txn::{range_span, Lock};
-use raftstore::RegionHandle;
-use tracing::{debug, info, warn};
+use raftstore::txn::range_span;
+use tracing::{debug, warn};
 
-use crate::leader::txn::LOCK_TTL;
 use crate::leader::{READ_TIMEOUT, WRITE_TIMEOUT};
 use crate::locate::Location;
 use crate::router::retrying;
 use crate::{Error, Result, Router, MAX_BACKOFF, MIN_BACKOFF, RETRY_DEADLINE};
-
-/// How often the lock resolver looks for abandoned locks.
-const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
-/// The longest the lock resolver spends on one lock (or forgetting one
-/// decision) in a round; it tries again next round.
-const RESOLVE_STEP: Duration = Duration::from_secs(3);
-/// Locks resolved (and decisions forgotten) at once by the lock resolver.
-const RESOLVE_CONCURRENCY: usize = 16;
+pub(crate) use resolver::Cleanup;
 
 /// One region taking part in a transaction.
 struct Participant {
@@ -107,11 +90,6 @@ struct Participant {
     /// The parts of its historical reads in the region.
     reads: Vec<(KeyRange, i64)>,
 }
-
-/// Decision records to forget once their transaction is fully committed
-/// (done by the lock resolver's task, off the client's path).
-#[derive(Default)]
-pub(crate) struct Cleanup(Mutex<Vec<TxnForgetRequest>>);
 
 impl Router {
     /// Serves a DeleteRange or Txn whose `spans` lie in several regions (see
@@ -249,6 +227,10 @@ impl Router {
             mutations: mutations.clone(),
             primary: true,
             primary_key: primary_key.clone(),
+            lock_spans: participants
+                .iter()
+                .flat_map(|p| p.spans.iter().map(range_span))
+                .collect(),
         });
         match self.step(&participants[0].spans, decide).await {
             Ok(_) => {}
@@ -272,12 +254,13 @@ impl Router {
                 mutations: within(&mutations, |key| p.spans.iter().any(|s| s.contains(key))),
                 primary: false,
                 primary_key: primary_key.clone(),
+                lock_spans: Vec::new(),
             });
             async move { self.step(&p.spans, step).await }
         });
         let results = futures::future::join_all(secondaries).await;
         if results.iter().all(|r| r.is_ok()) {
-            self.txn_cleanup.0.lock().push(TxnForgetRequest {
+            self.txn_cleanup.forget_later(TxnForgetRequest {
                 txn_id,
                 primary_key,
             });
@@ -386,129 +369,6 @@ impl Router {
         })
         .await
     }
-
-    /// Starts the task resolving abandoned locks of the regions this node
-    /// leads and forgetting decisions no lock needs any more (see the
-    /// module docs); it ends when the router is dropped.
-    pub fn start_lock_resolver(self: &Arc<Router>) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RESOLVE_INTERVAL).await;
-                let Some(router) = weak.upgrade() else {
-                    return;
-                };
-                router.resolve_round().await;
-            }
-        })
-    }
-
-    /// Forgets finished decisions and resolves the abandoned locks of the
-    /// regions led here, [`RESOLVE_CONCURRENCY`] at a time, each bounded
-    /// by [`RESOLVE_STEP`]: one that cannot be resolved now (its primary
-    /// unreachable) holds up no other, and the round is bounded, so a node
-    /// being shut down is not held up by its own resolver.
-    async fn resolve_round(&self) {
-        let mut work: Vec<BoxFuture<'_, Option<u64>>> = Vec::new();
-        let forgets = self.txn_cleanup.0.lock().clone();
-        for forget in forgets {
-            work.push(self.forget(forget).boxed());
-        }
-        for handle in self.store.regions() {
-            if !handle.status().ready_leader {
-                continue;
-            }
-            for lock in handle.locks().all() {
-                if lock.age() >= LOCK_TTL {
-                    work.push(self.resolve_bounded(handle.clone(), lock).boxed());
-                }
-            }
-        }
-        // Decisions leave the list only once forgotten (a forget is
-        // idempotent): one that failed is tried again next round.
-        let forgotten: Vec<u64> = futures::stream::iter(work)
-            .buffer_unordered(RESOLVE_CONCURRENCY)
-            .filter_map(futures::future::ready)
-            .collect()
-            .await;
-        self.txn_cleanup
-            .0
-            .lock()
-            .retain(|f| !forgotten.contains(&f.txn_id));
-    }
-
-    /// Forgets a finished decision within [`RESOLVE_STEP`]: its id if done.
-    async fn forget(&self, forget: TxnForgetRequest) -> Option<u64> {
-        let txn_id = forget.txn_id;
-        let spans = [single(&forget.primary_key)];
-        let step = self.step(&spans, Step::Forget(forget));
-        match tokio::time::timeout(RESOLVE_STEP, step).await {
-            Ok(Ok(_)) => return Some(txn_id),
-            Ok(Err(e)) => debug!(txn_id, "forgetting a decision failed: {e}"),
-            Err(_) => debug!(txn_id, "forgetting a decision timed out"),
-        }
-        None
-    }
-
-    /// [`Router::resolve`] within [`RESOLVE_STEP`] (`None`: no decision to
-    /// forget).
-    async fn resolve_bounded(&self, handle: RegionHandle, lock: Lock) -> Option<u64> {
-        let (region_id, txn_id) = (handle.region_id(), lock.record.txn_id);
-        match tokio::time::timeout(RESOLVE_STEP, self.resolve(&handle, &lock)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(region_id, txn_id, "resolving a lock failed: {e}"),
-            Err(_) => debug!(region_id, txn_id, "resolving a lock timed out"),
-        }
-        None
-    }
-
-    /// Resolves an abandoned `lock` of `handle`'s region, led here.
-    async fn resolve(&self, handle: &RegionHandle, lock: &Lock) -> Result<()> {
-        let txn_id = lock.record.txn_id;
-        let primary_key = lock.record.primary_key.clone();
-        let status = self
-            .step(
-                &[single(&primary_key)],
-                Step::Status(TxnStatusRequest {
-                    txn_id,
-                    primary_key: primary_key.clone(),
-                }),
-            )
-            .await?;
-        let Some(txn_step_response::Result::Status(status)) = status else {
-            return Err(Error::Internal("status step without a status".into()));
-        };
-        let leader = self.region_leader(handle.region_id());
-        let step = match decision(&status) {
-            Kind::Pending => return Ok(()),
-            Kind::Committed => Step::Commit(TxnCommitRequest {
-                txn_id,
-                revision: status.revision,
-                // What the lock covers, not what the region holds now: a
-                // merge may have brought another participant's keys in,
-                // committed there already and not locked here.
-                mutations: within(&status.mutations, |key| lock.covers_key(key)),
-                primary: false,
-                primary_key,
-            }),
-            Kind::RolledBack => Step::Rollback(TxnRollbackRequest { txn_id }),
-        };
-        info!(
-            region_id = handle.region_id(),
-            txn_id,
-            decision = ?decision(&status),
-            "resolving an abandoned transaction lock"
-        );
-        match leader.txn_step(handle, step).await {
-            // Resolved meanwhile (by the coordinator or the primary).
-            Ok(_) | Err(Error::Region(raftstore::Error::StaleCommand(_))) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-fn decision(status: &TxnStatus) -> Kind {
-    Kind::try_from(status.kind).unwrap_or(Kind::Pending)
 }
 
 /// A failure before the decision: nothing applied.

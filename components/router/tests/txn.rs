@@ -2,7 +2,7 @@
 //! changes, all or nothing — also when the coordinator stops at any step
 //! and under the raft faults of the history tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -419,6 +419,7 @@ async fn abandoned_transactions_end_all_or_nothing() {
             mutations: vec![put_mutation("a", "3", 0), put_mutation("z", "3", 1)],
             primary: true,
             primary_key: b"a".to_vec(),
+            lock_spans: vec![key_span("a"), key_span("z")],
         }),
     )
     .await;
@@ -426,6 +427,9 @@ async fn abandoned_transactions_end_all_or_nothing() {
     let kvs = kv_map(&r);
     assert_eq!(kvs["a"], ("3".into(), revision));
     assert_eq!(kvs["z"], ("3".into(), revision));
+    // The resolver committed the secondary; the decision goes too, and not
+    // while the secondary's lock was there.
+    decision_forgotten(&cluster, 103, "z").await;
 
     // The decision's status as the primary tells it.
     let (primary, header) = leader_of(&cluster, b"a").await;
@@ -493,6 +497,11 @@ async fn a_secondary_grown_by_a_merge_is_resolved() {
             },
             primary,
             primary_key: b"a".to_vec(),
+            lock_spans: if primary {
+                vec![key_span("a"), key_span("n"), key_span("z")]
+            } else {
+                Vec::new()
+            },
         })
     };
     step(&cluster, "a", commit("a", true)).await;
@@ -527,6 +536,65 @@ async fn a_secondary_grown_by_a_merge_is_resolved() {
     let kvs = kv_map(&r);
     for key in ["a", "n", "z"] {
         assert_eq!(kvs[key], ("4".into(), revision), "{key}");
+    }
+    // The lock of "z" moved with the merge, and is found there.
+    decision_forgotten(&cluster, 104, "z").await;
+}
+
+/// Waits until the decision of `txn_id` (primary key "a") is forgotten
+/// everywhere, checking meanwhile that it is never gone anywhere while the
+/// leader of the region holding `secondary` still holds the transaction's
+/// lock. (Decisions of secondaries the lock resolver committed were never
+/// forgotten.)
+async fn decision_forgotten(cluster: &RouterCluster, txn_id: u64, secondary: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = HashSet::new();
+    loop {
+        // The record first: a lock, once gone, cannot come back.
+        let recorded = recorded_on(cluster, txn_id);
+        if seen.iter().any(|id| !recorded.contains(id)) {
+            let (leader, header) = leader_of(cluster, secondary.as_bytes()).await;
+            let handle = leader.store().region(header.region_id).unwrap();
+            assert!(
+                handle.locks().get(txn_id).is_none(),
+                "the decision of {txn_id} was forgotten while its lock on {secondary} is held"
+            );
+        }
+        if recorded.is_empty() && !seen.is_empty() {
+            return;
+        }
+        seen.extend(recorded);
+        assert!(
+            Instant::now() < deadline,
+            "the decision of {txn_id} is never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The nodes where the decision of `txn_id` (primary key "a") is recorded.
+fn recorded_on(cluster: &RouterCluster, txn_id: u64) -> Vec<u64> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter(|&id| {
+            cluster.router(id).is_some_and(|r| {
+                let mvcc = r.store().mvcc();
+                let view = mvcc.snapshot();
+                r.store()
+                    .regions()
+                    .iter()
+                    .any(|h| matches!(h.txn_record(&view, b"a", txn_id), Ok(Some(_))))
+            })
+        })
+        .collect()
+}
+
+fn key_span(key: &str) -> KeySpan {
+    KeySpan {
+        start: key.into(),
+        end: Vec::new(),
+        single: true,
     }
 }
 

@@ -171,6 +171,7 @@ fn txn_commit(txn_id: u64, revision: i64, key: &[u8], primary: bool) -> Option<C
         }],
         primary,
         primary_key: key.to_vec(),
+        lock_spans: Vec::new(),
     }))
 }
 

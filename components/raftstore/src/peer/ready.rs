@@ -53,7 +53,7 @@ impl Peer {
         if let Some(commit) = light.commit_index() {
             let mut hs = self.raw.raft.hard_state();
             hs.commit = commit;
-            self.raw.mut_store().persist_commit(hs)?;
+            self.raw.mut_store().record_commit(hs);
         }
         self.send_messages(light.take_messages());
         self.apply(light.take_committed_entries())?;

@@ -114,6 +114,7 @@ fn decodes_valid_and_rejects_malformed() {
         txn_id: 5,
         revision: 3,
         mutations: Vec::new(),
+        lock_spans: vec![lock(b"c").spans[0].clone()],
     };
     let with_txn = encoded(&[
         (

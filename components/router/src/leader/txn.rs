@@ -20,13 +20,16 @@
 //!   is rolled back here and the answer is `ROLLED_BACK`; no lock and no
 //!   decision means the transaction was rolled back (or never got past its
 //!   primary's lock, which is taken before any other).
+//! * `Held`: after a read barrier, whether the region holds a lock of the
+//!   transaction. Not applied: not the ready leader, the span not in the
+//!   region, or the region changed (split, merge) during the check.
 
 use std::time::{Duration, Instant};
 
 use mvcc::KeyRange;
 use proto::forwardpb::{
-    txn_status::Kind, txn_step_request::Step, txn_step_response, KeyValues, TxnLock, TxnLocked,
-    TxnStatus, TxnStatusRequest,
+    txn_status::Kind, txn_step_request::Step, txn_step_response, KeyValues, TxnHeld,
+    TxnHeldRequest, TxnLock, TxnLocked, TxnStatus, TxnStatusRequest,
 };
 use proto::raft_cmdpb::raft_cmd_request::Cmd;
 use raftstore::txn::span_range;
@@ -111,6 +114,9 @@ impl RegionLeader {
             Step::Status(s) => Ok(Some(txn_step_response::Result::Status(
                 self.txn_status(handle, &s).await?,
             ))),
+            Step::Held(h) => Ok(Some(txn_step_response::Result::Held(TxnHeld {
+                held: self.txn_held(handle, &h).await?,
+            }))),
             Step::CommitMerge(c) => Ok(Some(txn_step_response::Result::Merge(
                 self.merge_step(handle, Cmd::CommitMerge(c)).await?,
             ))),
@@ -211,6 +217,34 @@ impl RegionLeader {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this region holds a lock of `req`'s transaction, as of a
+    /// read barrier taken after the call.
+    async fn txn_held(&self, handle: &RegionHandle, req: &TxnHeldRequest) -> Result<bool> {
+        let before = handle.status();
+        if !before.ready_leader {
+            return Err(not_leader(handle));
+        }
+        let span = req
+            .span
+            .as_ref()
+            .map(span_range)
+            .ok_or_else(|| Error::Internal("held step without a span".into()))?;
+        check_spans(&before.region, &[span])?;
+        tokio::time::timeout(READ_TIMEOUT, handle.read_index())
+            .await
+            .map_err(|_| Error::timed_out("read barrier"))??;
+        let held = handle.locks().get(req.txn_id).is_some();
+        // A merge moves the region's locks to its target, which the span's
+        // next lookup finds.
+        let after = handle.status();
+        if !after.ready_leader || after.region.region_epoch != before.region.region_epoch {
+            return Err(Error::Region(raftstore::Error::StaleCommand(
+                "the region changed during the lock check".into(),
+            )));
+        }
+        Ok(held)
     }
 
     /// The recorded decision of `req`'s transaction on this replica.
