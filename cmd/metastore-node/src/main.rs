@@ -55,6 +55,10 @@ struct Args {
     /// alarm.
     #[arg(long)]
     consistency_check_interval: Option<IntervalOrZero>,
+    /// Threads driving the node's region replicas (default 2; at least
+    /// 1).
+    #[arg(long)]
+    raft_pollers: Option<usize>,
     /// TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -100,6 +104,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.consistency_check_interval {
         cfg.consistency_check_interval = v;
+    }
+    if let Some(v) = args.raft_pollers {
+        cfg.raft_pollers = v;
     }
     Ok(cfg)
 }

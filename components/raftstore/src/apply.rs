@@ -52,10 +52,13 @@
 //!   fails with `Merging`, and so does a membership change. A commit (or a
 //!   reject) answers the merge's decision: `Ok` for committed,
 //!   `MergeRefused` for refused — which still stages the refusal's record
-//!   if it is new. A commit that takes a source over first waits, through
-//!   [`ApplyContext::wait_source`], until this node's replica of the source
-//!   has applied its log up to the prepare; if that wait gives up (the
-//!   node is stopping) the run ends there, `aborted`, and nothing of it may
+//!   if it is new. A commit that takes a source over needs this node's
+//!   replica of the source to have applied its log up to the prepare
+//!   ([`ApplyContext::source_state`]): until it has, the run ends just
+//!   before the commit's entry (`waiting_source`: the entries before it
+//!   are in the batch, the replica applies the commit and the rest later,
+//!   without blocking its thread, which may be the source's too); if the
+//!   node is stopping the run ends there, `aborted`, and nothing of it may
 //!   be written;
 //! * a `ComputeHash` (consistency check) changes nothing but ends the run
 //!   after itself: the outcome names its index (`compute_hash`), and the
@@ -156,6 +159,10 @@ pub(crate) struct ApplyOutcome {
     /// The run gave up waiting for a merge's source (the node is
     /// stopping): the batch and the outcome must be thrown away.
     pub aborted: bool,
+    /// The run ended before a merge's commit whose source's replica here
+    /// has not applied the prepare yet: that entry and those after it are
+    /// to be applied again later.
+    pub waiting_source: bool,
     /// A `ComputeHash` applied at this index, the run's last entry.
     pub compute_hash: Option<u64>,
     /// The `VerifyHash`es applied: (`ComputeHash` index, leader's hash).
@@ -170,6 +177,11 @@ pub(crate) struct SourceState {
     pub compact_revision: i64,
 }
 
+/// See [`ApplyContext::source_state`]: (source region, prepare index,
+/// prepare term).
+pub(crate) type SourceStateFn<'a> =
+    dyn Fn(&metapb::Region, u64, u64) -> Result<Option<SourceState>> + 'a;
+
 /// Region `region`'s replica `peer_id`, at `apply_state`, on `kv`.
 pub(crate) struct ApplyContext<'a> {
     pub kv: &'a KvEngine,
@@ -181,10 +193,11 @@ pub(crate) struct ApplyContext<'a> {
     pub locks: &'a [TxnLockRecord],
     /// The region's merge state before the run (frozen as a source).
     pub merging: Option<&'a MergeState>,
-    /// Blocks until this node's replica of source region `source.id` has
-    /// applied its log up to the prepare at (`index`, `term`), and returns
-    /// its revisions then; `Err` only when the node is stopping.
-    pub wait_source: &'a dyn Fn(&metapb::Region, u64, u64) -> Result<SourceState>,
+    /// The revisions of this node's replica of source region `source.id`
+    /// once it has applied its log up to the prepare at (`index`, `term`);
+    /// `None` while it has not (it is nudged to catch up); `Err` only when
+    /// the node is stopping. Never blocks.
+    pub source_state: &'a SourceStateFn<'a>,
 }
 
 /// Stages the committed `entries` into one write batch (ending with the new
@@ -206,7 +219,7 @@ pub(crate) fn apply_entries(
         merging: ctx.merging.cloned(),
         merging_changed: false,
         merge_records: Vec::new(),
-        wait_source: ctx.wait_source,
+        source_state: ctx.source_state,
         wb: WriteBatch::default(),
         outcome: ApplyOutcome {
             results: Vec::with_capacity(entries.len()),
@@ -220,6 +233,7 @@ pub(crate) fn apply_entries(
             merge_state: None,
             merged_sources: Vec::new(),
             aborted: false,
+            waiting_source: false,
             compute_hash: None,
             verify_hash: Vec::new(),
         },
@@ -244,7 +258,7 @@ pub(crate) fn apply_entries(
                 res
             }
         };
-        if run.outcome.aborted {
+        if run.outcome.aborted || run.outcome.waiting_source {
             break;
         }
         run.outcome.apply_state.applied_index = e.index;
@@ -352,7 +366,7 @@ struct Run<'a> {
     /// Merge records staged by the run (key, record), newest last: later
     /// entries of the run must see them.
     merge_records: Vec<(Vec<u8>, MergeRecord)>,
-    wait_source: &'a dyn Fn(&metapb::Region, u64, u64) -> Result<SourceState>,
+    source_state: &'a SourceStateFn<'a>,
     wb: WriteBatch,
     outcome: ApplyOutcome,
 }

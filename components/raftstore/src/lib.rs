@@ -1,8 +1,9 @@
 //! Region replicas of a node: raft-rs groups over the shared raft-engine log
 //! and the shared RocksDB state machine.
 //!
-//! [`Store`] opens a node's engines and runs one [`peer`] loop per hosted
-//! region; [`RegionHandle`] (contract in `region_handle.rs`) is how the layers above
+//! [`Store`] opens a node's engines and drives every hosted region's
+//! replica ([`peer`]) on a few threads (`poller`: one raft-engine write per
+//! round for all the replicas with work in it); [`RegionHandle`] (contract in `region_handle.rs`) is how the layers above
 //! propose commands and take linearizable read barriers. Commands carry
 //! mutations computed by the leader (see the `mvcc` crate's `exec`), so
 //! applying is deterministic and never reads. [`storage`] implements
@@ -34,6 +35,7 @@ mod merge;
 mod message;
 mod msg;
 pub mod peer;
+mod poller;
 mod proposals;
 mod read_queue;
 mod region_handle;
@@ -51,7 +53,7 @@ pub use msg::{Applied, ProposeCallback};
 pub use peer::PeerStatus;
 pub use region_handle::{ReadState, RegionHandle};
 pub use snapshot::SnapshotSink;
-pub use store::{NodeIdent, Store, StoreOptions};
+pub use store::{NodeIdent, Store, StoreOptions, DEFAULT_POLLERS};
 pub use transport::{DropTransport, SnapshotDone, Transport};
 
 /// The kinds of membership change `RegionHandle::change_peers` takes.

@@ -81,12 +81,9 @@ pub enum PeerMsg {
     /// Stop for good, as the region is gone from this node: merged into
     /// another region here, or made stale by a newer region's snapshot.
     /// With `tombstone`, the replica writes its region state `Tombstone`
-    /// first (otherwise the caller staged it). `cb` is answered once the
-    /// replica has stopped and dropped its raft log.
-    Destroy {
-        tombstone: bool,
-        cb: Option<Callback>,
-    },
+    /// first (otherwise the caller staged it). Nobody waits for it: the
+    /// sender may be a replica on the same thread.
+    Destroy { tombstone: bool },
     /// A raft message from a peer on another node.
     Raft(RaftMessage),
     /// The transport delivered (`ok`) or failed to deliver the region

@@ -1,6 +1,7 @@
-//! One region replica: a raft-rs `RawNode` driven on its own thread.
+//! One region replica: a raft-rs `RawNode`, driven by one of the store's
+//! pollers (`poller`) together with other replicas.
 //!
-//! This module owns the replica's event loop and nothing it can hand off:
+//! This module owns the replica's turn and nothing it can hand off:
 //! the mailbox (requests in the `msg` module's protocol), proposing,
 //! read barriers, leadership transfer, and the callbacks of proposals; its
 //! submodules take the raft messages in and out (`messages`), handle each
@@ -17,16 +18,20 @@
 //! every check interval, each replica hashes its state at that entry off
 //! this thread, the leader proposes `VerifyHash` with its hash).
 //!
-//! Each loop turn drains the mailbox (so concurrent proposals share one
-//! raft-engine fsync), ticks every [`TICK_INTERVAL`], and handles one
-//! `Ready`, in this order: messages that need nothing persisted go out; a
-//! snapshot is installed (raft-rs returns no committed entries with one);
-//! committed entries are applied; new entries and the hard state are
-//! written to raft-engine (synced when raft asks) before the messages that
-//! depend on them go out; after `advance`, the new commit index is kept
+//! Each turn (a poller round with mail for the replica, or a tick) drains
+//! the mailbox (so concurrent proposals share one raft-engine fsync),
+//! ticks every [`TICK_INTERVAL`], and handles one `Ready`, in this order:
+//! messages that need nothing persisted go out; a snapshot is installed
+//! (raft-rs returns no committed entries with one); committed entries are
+//! applied; new entries and the hard state are staged into the round's
+//! raft-engine write, shared by the poller's replicas (`ready_begin`);
+//! once it is written (synced when raft asks), the messages that depend on
+//! them go out (`ready_end`); after `advance`, the new commit index is kept
 //! (written with the next entries: the quorum has it, and a restart raises
 //! it to the applied index) and the newly committed entries are applied;
 //! then the log may be GCed and the status is published.
+//!
+//! Nothing in a turn waits for another replica: replicas share threads.
 //!
 //! Edge cases:
 //! * A storage write failure aborts the process: going on could
@@ -47,12 +52,13 @@
 //!   than the merge's own steps, membership changes and read barriers are
 //!   refused with `Merging`. Applying a merge's commit here waits for this
 //!   node's replica of the source (see `apply` and the store's
-//!   `wait_merge_source`); the source's replica then stops for good.
+//!   `merge_source_state`) without blocking: the commit and the entries
+//!   after it stay unapplied, and are tried again every turn; the source's
+//!   replica then stops for good.
 //! * A sole voter campaigns at once when it starts, instead of waiting an
 //!   election timeout, and so does a region split off a leader here; a compaction left pending by a previous run is
 //!   started again.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,6 +81,7 @@ use crate::keys;
 use crate::membership;
 use crate::message;
 pub use crate::msg::{Applied, Callback, PeerMsg, ProposeCallback, ReadCallback};
+use crate::poller::Mailbox;
 use crate::proposals::Proposals;
 use crate::read_queue::ReadQueue;
 use crate::snapshot::{self, RegionSnapshot};
@@ -111,7 +118,7 @@ pub struct Peer {
     /// for installing, so it is decoded once.
     incoming_snapshot: Option<(u64, u64, RegionSnapshot)>,
     shared: Arc<PeerShared>,
-    mailbox: Sender<PeerMsg>,
+    mailbox: Mailbox,
     transport: Arc<dyn Transport>,
     /// Set once a membership change removed this replica: the loop ends.
     destroyed: bool,
@@ -133,10 +140,15 @@ pub struct Peer {
     /// while an apply run waited for a merge's source, or as a split's new
     /// region was to start).
     aborted: bool,
-    /// Answered once a `Destroy` is done.
-    destroy_cb: Option<Callback>,
     /// The consistency check's state (see `consistency`).
     consistency: ConsistencyState,
+    /// Committed entries not applied yet: a merge's commit waiting for its
+    /// source's replica here, and those after it (see `ready`).
+    unapplied: Vec<raft::eraftpb::Entry>,
+    /// Since when a merge's commit waits for its source, and how long it
+    /// had waited when last reported.
+    waiting_source: Option<Instant>,
+    waiting_warned: Duration,
 }
 
 impl Peer {
@@ -149,7 +161,7 @@ impl Peer {
         log: RaftLogEngine,
         apply_state: RaftApplyState,
         shared: Arc<PeerShared>,
-        mailbox: Sender<PeerMsg>,
+        mailbox: Mailbox,
         transport: Arc<dyn Transport>,
         log_gc_threshold: u64,
         host: Weak<StoreCore>,
@@ -183,8 +195,10 @@ impl Peer {
             locks,
             merging,
             aborted: false,
-            destroy_cb: None,
             consistency: ConsistencyState::new(consistency_check_interval),
+            unapplied: Vec::new(),
+            waiting_source: None,
+            waiting_warned: Duration::ZERO,
         }
     }
 
@@ -194,9 +208,14 @@ impl Peer {
         self.apply_state.applied_index > 0
     }
 
-    /// The replica's event loop; returns when stopped or its mailbox closes.
-    pub fn run(mut self, rx: Receiver<PeerMsg>) {
-        let region_id = self.region.id;
+    pub(crate) fn region_id(&self) -> u64 {
+        self.region.id
+    }
+
+    /// Called by its poller once, before anything else: restarts a
+    /// compaction left pending, and campaigns at once where waiting an
+    /// election timeout would be pointless.
+    pub(crate) fn start(&mut self) {
         if self.apply_state.pending_compact_revision != 0 {
             self.spawn_compaction(self.apply_state.pending_compact_revision);
         }
@@ -204,47 +223,31 @@ impl Peer {
         // nor a region split off a leader here.
         if self.campaign || self.raw.raft.prs().conf().voters().ids().len() == 1 {
             if let Err(e) = self.raw.campaign() {
-                warn!(region_id, "campaign failed: {e}");
+                warn!(region_id = self.region.id, "campaign failed: {e}");
             }
         }
-        let mut last_tick = Instant::now();
-        'outer: loop {
-            let wait = TICK_INTERVAL.saturating_sub(last_tick.elapsed());
-            match rx.recv_timeout(wait) {
-                Ok(msg) => {
-                    if !self.handle(msg) {
-                        break;
-                    }
-                    while let Ok(msg) = rx.try_recv() {
-                        if !self.handle(msg) {
-                            break 'outer;
-                        }
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if last_tick.elapsed() >= TICK_INTERVAL {
-                self.raw.tick();
-                last_tick = Instant::now();
-                self.maybe_check_consistency();
-            }
-            if let Err(e) = self.on_ready() {
-                // The log or the state machine could not be written: going on
-                // could acknowledge writes that are not durable.
-                error!(region_id, "storage failure, stopping the process: {e}");
-                std::process::abort();
-            }
-            if self.destroyed || self.aborted {
-                break;
-            }
-        }
+    }
+
+    /// One raft tick (every `TICK_INTERVAL`), and the consistency check's
+    /// turn.
+    pub(crate) fn tick(&mut self) {
+        self.raw.tick();
+        self.maybe_check_consistency();
+    }
+
+    /// Whether the replica is to end after this round: removed from its
+    /// region, or stopping without writing more.
+    pub(crate) fn ended(&self) -> bool {
+        self.destroyed || self.aborted
+    }
+
+    /// Ends the replica (its poller drops it): everyone waiting is
+    /// answered `Stopped`, and a replica that left its region cleans up.
+    pub(crate) fn finish(mut self) {
+        let region_id = self.region.id;
         self.fail_all(|| Error::Stopped(region_id));
         if self.destroyed {
             self.destroy();
-        }
-        if let Some(cb) = self.destroy_cb.take() {
-            let _ = cb.send(Ok(()));
         }
         info!(region_id, "region replica stopped");
     }
@@ -293,7 +296,9 @@ impl Peer {
         );
     }
 
-    fn handle(&mut self, msg: PeerMsg) -> bool {
+    /// Handles one message from the mailbox; `false`: the replica is to
+    /// end.
+    pub(crate) fn handle(&mut self, msg: PeerMsg) -> bool {
         match msg {
             PeerMsg::Propose { cmd, cb } => self.propose(cmd, cb),
             PeerMsg::ReadIndex { cb } => self.read_index(cb),
@@ -312,21 +317,17 @@ impl Peer {
             ),
             PeerMsg::HashComputed { index, hash } => self.on_hash_computed(index, hash),
             PeerMsg::CatchUpMerge { index, term } => self.catch_up_merge(index, term),
-            PeerMsg::Destroy { tombstone, cb } => {
+            PeerMsg::Destroy { tombstone } => {
                 if tombstone {
                     if let Err(e) = self.write_tombstone(false) {
                         error!(
                             region_id = self.region.id,
                             "cannot tombstone the replica: {e}"
                         );
-                        if let Some(cb) = cb {
-                            let _ = cb.send(Err(e));
-                        }
                         return true;
                     }
                 }
                 self.destroyed = true;
-                self.destroy_cb = cb;
                 return false;
             }
             PeerMsg::Raft(msg) => self.on_raft_message(msg),

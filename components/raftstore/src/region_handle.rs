@@ -45,7 +45,6 @@
 //!   Data commands check only the epoch's `version`, so membership changes
 //!   do not fail writes in flight.
 
-use std::sync::mpsc;
 use std::sync::Arc;
 
 use engine::cf;
@@ -57,6 +56,8 @@ use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState, TxnCommi
 use raft::eraftpb::ConfChangeType;
 use tokio::sync::oneshot;
 
+use crate::poller::Mailbox;
+
 use crate::keys;
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::status::{PeerShared, PeerStatus};
@@ -66,7 +67,7 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct RegionHandle {
     pub(crate) region_id: u64,
-    pub(crate) mailbox: mpsc::Sender<PeerMsg>,
+    pub(crate) mailbox: Mailbox,
     pub(crate) shared: Arc<PeerShared>,
 }
 
@@ -92,7 +93,7 @@ impl RegionHandle {
     /// that order (when both are accepted), which callers use to keep
     /// revision order equal to log order.
     pub fn propose_with(&self, cmd: RaftCmdRequest, cb: ProposeCallback) {
-        if let Err(mpsc::SendError(PeerMsg::Propose { cb, .. })) =
+        if let Err(std::sync::mpsc::SendError(PeerMsg::Propose { cb, .. })) =
             self.mailbox.send(PeerMsg::Propose { cmd, cb })
         {
             cb(Err(Error::Stopped(self.region_id)));

@@ -10,9 +10,10 @@
 //! demand (see `Store::on_raft_message`) starts with everything empty:
 //! truncated at 0 with no conf state, so the leader must send a snapshot.
 //!
-//! The replica's loop persists what raft hands it through `persist_ready`
-//! and `record_commit`, which keep the in-memory hard state raft-rs reads
-//! in step with raft-engine (the commit index may be written late).
+//! The replica's poller persists what raft hands it through `stage_ready`
+//! (one raft-engine write per poller round) and `record_commit`, which
+//! keep the in-memory hard state raft-rs reads in step with raft-engine
+//! (the commit index may be written late).
 
 use engine::{RaftLogBatch, RaftLogEngine};
 use proto::metapb;
@@ -75,29 +76,25 @@ impl PeerStorage {
         self.truncated_term = term;
     }
 
-    /// Writes a `Ready`'s new entries and hard state (if any) to
-    /// raft-engine in one batch, with fsync when `sync` (raft asks for it
-    /// whenever they must be durable before messages that depend on them
-    /// go out). A commit index recorded by [`PeerStorage::record_commit`]
-    /// since the last write goes with the entries. Nothing is written if
-    /// there is nothing new.
-    pub(crate) fn persist_ready(
+    /// Stages a `Ready`'s new entries and hard state (if any) into
+    /// `batch`, the raft-engine write of the replica's poller round (synced
+    /// when raft asks: they must be durable before messages that depend on
+    /// them go out). A commit index recorded by
+    /// [`PeerStorage::record_commit`] since the last write goes with the
+    /// entries.
+    pub(crate) fn stage_ready(
         &mut self,
+        batch: &mut RaftLogBatch,
         entries: &[Entry],
         hs: Option<&HardState>,
-        sync: bool,
     ) -> engine::Result<()> {
-        let mut batch = RaftLogBatch::default();
         batch.append(self.region_id, entries)?;
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
         }
-        if hs.is_some() || (self.commit_unwritten && !batch.is_empty()) {
+        if hs.is_some() || (self.commit_unwritten && !entries.is_empty()) {
             batch.put_hard_state(self.region_id, &self.hard_state)?;
             self.commit_unwritten = false;
-        }
-        if !batch.is_empty() {
-            self.log.write(&mut batch, sync)?;
         }
         Ok(())
     }

@@ -12,8 +12,8 @@
 //! snapshot shows (`make_room_for`); those are destroyed first. A
 //! split applied by a replica here starts the new region's replica on
 //! this node (see the `split` module and `start_split_region`); a merge
-//! applied here stops the source's replica (`wait_merge_source`,
-//! `destroy_replica`). How replicas start and go is in `replicas`; once
+//! applied here stops the source's replica (`merge_source_state`,
+//! `stop_merged_source`). How replicas start and go is in `replicas`; once
 //! `shutdown` began, none starts.
 //!
 //! The consistency check (`consistency`): every inconsistency a replica
@@ -29,7 +29,6 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -47,6 +46,7 @@ use crate::consistency::Inconsistency;
 use crate::keys;
 use crate::msg::PeerMsg;
 use crate::peer::DEFAULT_LOG_GC_THRESHOLD;
+use crate::poller::Pollers;
 use crate::region_handle::RegionHandle;
 use crate::snapshot::{Descriptor, SnapDir, SnapshotSink};
 use crate::storage::{INIT_INDEX, INIT_TERM};
@@ -75,7 +75,12 @@ pub struct StoreOptions {
     /// replica) writes to RocksDB per batch: its memory stays about this,
     /// whatever the region's size.
     pub install_batch_bytes: usize,
+    /// Threads driving the replicas (see `poller`; at least one).
+    pub pollers: usize,
 }
+
+/// Pollers a store runs by default (TiKV's `store-pool-size` default).
+pub const DEFAULT_POLLERS: usize = 2;
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -83,6 +88,7 @@ impl Default for StoreOptions {
             log_gc_threshold: DEFAULT_LOG_GC_THRESHOLD,
             consistency_check_interval: crate::consistency::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
             install_batch_bytes: crate::snapshot::INSTALL_BATCH_BYTES,
+            pollers: DEFAULT_POLLERS,
         }
     }
 }
@@ -118,7 +124,11 @@ pub struct StoreCore {
     /// Serializes creating replicas on demand, so concurrent messages for
     /// one new region create it once.
     create_lock: Mutex<()>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Held while a replica starts, and by `shutdown` while it sets
+    /// `stopping` (see `spawn_peer`).
+    start_lock: Mutex<()>,
+    /// The threads driving the replicas (see `poller`).
+    pollers: Pollers,
     transport: Arc<dyn Transport>,
     options: StoreOptions,
     /// Set by `shutdown`: waits for a merge's source give up.
@@ -157,6 +167,7 @@ impl Store {
         let keep = crate::snapshot::pending_install_files(&kv)?;
         let snap_dir = SnapDir::open(&data_dir.join("snap"), &keep)?;
         crate::snapshot::finish_installs(&kv, &log, &snap_dir, options.install_batch_bytes)?;
+        let pollers = Pollers::start(options.pollers, &log)?;
         let store = Arc::new_cyclic(|me| StoreCore {
             me: me.clone(),
             layout: AtomicU64::new(0),
@@ -166,7 +177,8 @@ impl Store {
             snap_dir,
             regions: Arc::new(DashMap::new()),
             create_lock: Mutex::new(()),
-            threads: Mutex::new(Vec::new()),
+            start_lock: Mutex::new(()),
+            pollers,
             transport,
             options,
             stopping: AtomicBool::new(false),
@@ -496,25 +508,20 @@ impl StoreCore {
         self.kv.live_data_size() + self.log.size() as u64
     }
 
-    /// Stops every replica and waits for their threads; pending callers get
-    /// `Stopped`.
+    /// Stops every replica and waits for their pollers; pending callers
+    /// get `Stopped`.
     pub fn shutdown(&self) {
         {
             // Under the lock replicas start under: none starts from now on
             // (a message creating one, a split), and every one started
-            // before is registered.
-            let _threads = self.threads.lock();
+            // before is handed to its poller before the pollers exit.
+            let _starting = self.start_lock.lock();
             self.stopping.store(true, Ordering::Release);
         }
         for r in self.regions.iter() {
             let _ = r.mailbox.send(PeerMsg::Stop);
         }
-        // Not joined under the lock: a replica stopping may be starting a
-        // split's new region, and is refused instead of waiting for it.
-        let threads = std::mem::take(&mut *self.threads.lock());
-        for t in threads {
-            let _ = t.join();
-        }
+        self.pollers.shutdown();
         let _ = self.kv.sync_wal();
     }
 }

@@ -20,6 +20,14 @@ use raft::eraftpb::ConfChangeType;
 use raftstore::{Error, RegionHandle, StoreOptions};
 use test_support::raft_cluster::{cmd_for, Cluster, Filter, REGION_ID};
 
+/// Nodes whose replicas all share one thread.
+fn one_poller() -> StoreOptions {
+    StoreOptions {
+        pollers: 1,
+        ..Default::default()
+    }
+}
+
 /// The right half after the split at "m": the merge target.
 const TARGET: u64 = 100;
 
@@ -204,9 +212,13 @@ impl Filter for HideCommit {
     }
 }
 
+/// With one poller per node, node 3's target and source replicas share a
+/// thread: the target's commit must not block on the source catching up.
+/// (Waiting in the apply, as a replica on a thread of its own could, never
+/// ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_replica_that_never_heard_the_prepare_committed_catches_up() {
-    let c = Cluster::new(3);
+    let c = Cluster::with_options(3, one_poller());
     let mut rev = 1;
     split(&c, &mut rev).await;
     // Node 1 leads the source, so node 3 is a follower the filter can
@@ -234,15 +246,19 @@ async fn a_source_replica_that_never_heard_the_prepare_committed_catches_up() {
     c.must_get_on(&[3], "a", "a-1").await;
 }
 
+/// The returning node's target replica gets a snapshot of the merged
+/// region, which replaces its stale source replica; with one poller per
+/// node they share a thread, so the target must not wait for the source to
+/// go. (Waiting there, as a replica on a thread of its own could, never
+/// ended.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_through_the_merge_comes_back_merged() {
-    // A short log, so the returning node gets a snapshot of the merged
-    // region, which replaces its stale source replica.
+    // A short log, so that the snapshot is needed.
     let c = Cluster::with_options(
         3,
         StoreOptions {
             log_gc_threshold: 5,
-            ..Default::default()
+            ..one_poller()
         },
     );
     let mut rev = 1;

@@ -27,6 +27,8 @@ pub struct Config {
     /// How often region leaders start a consistency check of their
     /// replicas (zero: never).
     pub consistency_check_interval: IntervalOrZero,
+    /// Threads driving the node's region replicas (at least 1).
+    pub raft_pollers: usize,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             consistency_check_interval: IntervalOrZero(
                 raftstore::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
             ),
+            raft_pollers: raftstore::DEFAULT_POLLERS,
         }
     }
 }
@@ -57,6 +60,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, err: String },
     #[error("invalid URL {url:?}: {why}")]
     Url { url: String, why: &'static str },
+    #[error("raft-pollers must be at least 1")]
+    NoPollers,
 }
 
 impl Config {
@@ -72,8 +77,11 @@ impl Config {
     }
 
     /// Fills advertise URLs left empty from the listen URLs, and checks
-    /// every URL.
+    /// every URL and the poller count.
     pub fn finish(mut self) -> Result<Config, ConfigError> {
+        if self.raft_pollers == 0 {
+            return Err(ConfigError::NoPollers);
+        }
         if self.advertise_client_urls.is_empty() {
             self.advertise_client_urls = self.listen_client_urls.clone();
         }
@@ -187,6 +195,10 @@ mod tests {
             Config::default().consistency_check_interval.0,
             std::time::Duration::from_secs(600)
         );
+        let cfg: Config = toml::from_str("raft-pollers = 4").unwrap();
+        assert_eq!(cfg.raft_pollers, 4);
+        let cfg: Config = toml::from_str("raft-pollers = 0").unwrap();
+        assert!(matches!(cfg.finish(), Err(ConfigError::NoPollers)));
         let cfg: Config = toml::from_str("region-max-size = 4096").unwrap();
         assert_eq!(cfg.region_max_size, ByteSize(4096));
         assert!(toml::from_str::<Config>("region-max-size = \"big\"").is_err());

@@ -121,6 +121,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     ));
     let options = StoreOptions {
         consistency_check_interval: config.consistency_check_interval.0,
+        pollers: config.raft_pollers,
         ..Default::default()
     };
     let store = Arc::new(

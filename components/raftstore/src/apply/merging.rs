@@ -112,8 +112,14 @@ impl Run<'_> {
                 }
                 Decided::Committed(merged) => merged,
             };
-        let source_state = match (self.wait_source)(&source, req.prepare_index, req.prepare_term) {
-            Ok(s) => s,
+        let source_state = match (self.source_state)(&source, req.prepare_index, req.prepare_term) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Nothing of this entry is staged yet: the run ends before
+                // it, and the replica applies it again later.
+                self.outcome.waiting_source = true;
+                return Ok(());
+            }
             Err(e) => {
                 self.outcome.aborted = true;
                 return Err(e);

@@ -127,7 +127,7 @@ fn run(
         apply_state: &state,
         locks: &[],
         merging: None,
-        wait_source: &|_, _, _| panic!("no merge in this test"),
+        source_state: &|_, _, _| panic!("no merge in this test"),
     };
     let (wb, outcome) = apply_entries(ctx, entries, raft);
     env.kv.write(wb).unwrap();

@@ -53,14 +53,16 @@ impl Peer {
             SnapshotCheck::NotSnapshot => {}
             SnapshotCheck::Valid(index, term, snap) => {
                 if let Some(other) = host.overlapping(&snap.region) {
-                    if !host.make_room_for(&snap) {
-                        debug!(
-                            region_id,
-                            from, other, "region snapshot overlapping another replica here dropped"
-                        );
-                        self.drop_snapshot_file(snap.file.as_deref());
-                        return;
-                    }
+                    let making_room = host.make_room_for(&snap);
+                    debug!(
+                        region_id,
+                        from,
+                        other,
+                        making_room,
+                        "region snapshot overlapping another replica here dropped"
+                    );
+                    self.drop_snapshot_file(snap.file.as_deref());
+                    return;
                 }
                 let replaced = self.incoming_snapshot.replace((index, term, *snap));
                 self.drop_snapshot_file(replaced.and_then(|(_, _, s)| s.file).as_deref());

@@ -7,8 +7,10 @@
 use engine::RaftLogBatch;
 use proto::metapb;
 use raft::eraftpb::{Entry, Snapshot};
-use raft::StateRole;
-use tracing::info;
+use raft::{Ready, StateRole};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
 
 use super::{not_leader, Peer};
 use crate::apply::{self, ApplyContext, ApplyOutcome};
@@ -18,13 +20,32 @@ use crate::msg::PeerMsg;
 use crate::snapshot;
 use crate::{Error, Result};
 
+/// How often a merge still waiting for its source's replica here is
+/// reported.
+const MERGE_WAIT_WARNING: Duration = Duration::from_secs(5);
+
 impl Peer {
-    pub(super) fn on_ready(&mut self) -> Result<()> {
+    /// Handles this replica's `Ready`, if it has one, up to the log write:
+    /// its new entries and hard state are staged into `batch`, the round's
+    /// write shared by every replica of the poller (`sync` is set if raft
+    /// asks for an fsync). `None`: nothing to finish after the write.
+    pub(crate) fn ready_begin(
+        &mut self,
+        batch: &mut RaftLogBatch,
+        sync: &mut bool,
+    ) -> Result<Option<Ready>> {
         if !self.raw.has_ready() {
+            if !self.unapplied.is_empty() {
+                // A merge waits for its source: try again.
+                self.apply(Vec::new())?;
+                if self.destroyed {
+                    return Ok(None);
+                }
+                self.raw.advance_apply_to(self.apply_state.applied_index);
+            }
             self.after_ready();
-            return Ok(());
+            return Ok(None);
         }
-        let region_id = self.region.id;
         let mut ready = self.raw.ready();
         self.send_messages(ready.take_messages());
         if !ready.snapshot().is_empty() {
@@ -43,13 +64,24 @@ impl Peer {
         self.apply(ready.take_committed_entries())?;
         if self.destroyed {
             // Removed from the region: nothing more of this group matters.
-            return Ok(());
+            return Ok(None);
         }
         self.raw
             .mut_store()
-            .persist_ready(ready.entries(), ready.hs(), ready.must_sync())?;
+            .stage_ready(batch, ready.entries(), ready.hs())?;
+        *sync |= ready.must_sync();
+        Ok(Some(ready))
+    }
+
+    /// Finishes `ready` once the round's log write is done: the messages
+    /// that needed it go out, raft advances, the newly committed entries
+    /// are applied, the log may be GCed and the status is published.
+    pub(crate) fn ready_end(&mut self, mut ready: Ready) -> Result<()> {
         self.send_messages(ready.take_persisted_messages());
-        let mut light = self.raw.advance(ready);
+        // Not `advance`: it would count the ready's committed entries
+        // applied, which a merge waiting for its source may have left in
+        // `unapplied`.
+        let mut light = self.raw.advance_append(ready);
         if let Some(commit) = light.commit_index() {
             let mut hs = self.raw.raft.hard_state();
             hs.commit = commit;
@@ -60,12 +92,14 @@ impl Peer {
         if self.destroyed {
             return Ok(());
         }
-        self.raw.advance_apply();
+        // Entries waiting for a merge's source stay unapplied for raft-rs
+        // too.
+        self.raw.advance_apply_to(self.apply_state.applied_index);
         log_gc::gc_raft_log(
             &mut self.raw,
             &self.kv,
             &self.log,
-            region_id,
+            self.region.id,
             &mut self.apply_state,
             self.log_gc_threshold,
         )?;
@@ -91,6 +125,9 @@ impl Peer {
         )?;
         self.apply_state = installed.apply_state;
         self.region = installed.region;
+        // Committed entries still waiting to apply are below the snapshot.
+        self.unapplied.clear();
+        self.waiting_source = None;
         self.strangers.clear();
         self.consistency.reset();
         self.merging = installed.merging.clone();
@@ -119,33 +156,45 @@ impl Peer {
     }
 
     /// Applies committed `entries` (see the `apply` module for what that
-    /// stages and returns), then makes the outcome this replica's: the
-    /// batch with the apply state goes to RocksDB, the new conf state to
-    /// raft-rs's storage and (a copy) to raft-engine, the applied state is
-    /// published, and only then are the callers answered and a compaction
-    /// started. A removed replica's loop ends after this turn.
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
-        let mut rest = &entries[..];
+    /// stages and returns), after those still waiting from earlier turns,
+    /// then makes the outcome this replica's: the batch with the apply
+    /// state goes to RocksDB, the new conf state to raft-rs's storage and
+    /// (a copy) to raft-engine, the applied state is published, and only
+    /// then are the callers answered and a compaction started. A merge's
+    /// commit whose source's replica here has not caught up yet stops the
+    /// applying before it: it and the entries after it wait in
+    /// `unapplied` for a later turn (the replica goes on taking messages
+    /// meanwhile, and its thread may be the source's own). A removed
+    /// replica's loop ends after this turn.
+    pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let mut queue = std::mem::take(&mut self.unapplied);
+        queue.extend(entries);
+        let mut rest = &queue[..];
         while !rest.is_empty() {
             let applied = self.apply_run(rest)?;
-            if applied == 0 || self.destroyed || self.aborted {
-                break;
+            if self.destroyed || self.aborted {
+                return Ok(());
             }
             rest = &rest[applied.min(rest.len())..];
+            if applied == 0 || self.waiting_source.is_some() {
+                break;
+            }
         }
+        self.unapplied = rest.to_vec();
         Ok(())
     }
 
     /// One apply run over a prefix of `entries` (a run ends early after a
-    /// `ComputeHash`, whose hash is started here); returns how many
-    /// entries it applied.
+    /// `ComputeHash`, whose hash is started here, and before a merge's
+    /// commit that must wait for its source); returns how many entries it
+    /// applied.
     fn apply_run(&mut self, entries: &[Entry]) -> Result<usize> {
         let raw = &mut self.raw;
         let host = self.host.clone();
         let region_id = self.region.id;
-        let wait_source = move |source: &metapb::Region, index: u64, term: u64| {
+        let source_state = move |source: &metapb::Region, index: u64, term: u64| {
             let host = host.upgrade().ok_or(Error::Stopped(region_id))?;
-            host.wait_merge_source(source, index, term)
+            host.merge_source_state(source, index, term)
         };
         let ctx = ApplyContext {
             kv: &self.kv,
@@ -155,7 +204,7 @@ impl Peer {
             apply_state: &self.apply_state,
             locks: &self.locks,
             merging: self.merging.as_ref(),
-            wait_source: &wait_source,
+            source_state: &source_state,
         };
         let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
         if outcome.aborted {
@@ -164,6 +213,23 @@ impl Peer {
             info!(region_id, "stopping while a merge waited for its source");
             self.aborted = true;
             return Ok(0);
+        }
+        if outcome.waiting_source {
+            let since = *self.waiting_source.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.waiting_warned + MERGE_WAIT_WARNING {
+                self.waiting_warned = since.elapsed();
+                warn!(
+                    region_id,
+                    waited = ?since.elapsed(),
+                    "merge waits for this node's replica of its source"
+                );
+            }
+            if outcome.results.is_empty() {
+                return Ok(0);
+            }
+        } else {
+            self.waiting_source = None;
+            self.waiting_warned = Duration::ZERO;
         }
         self.kv.write(wb)?;
         let ApplyOutcome {
@@ -178,6 +244,7 @@ impl Peer {
             merge_state,
             merged_sources,
             aborted: _,
+            waiting_source: _,
             compute_hash,
             verify_hash,
         } = outcome;
@@ -274,7 +341,8 @@ impl Peer {
     /// Stops this node's replicas of the regions this one just took over:
     /// the merge is made durable first (their `Tombstone` state is in the
     /// batch just written, and their raft logs go next), and this
-    /// replica's grown range is published before they unregister.
+    /// replica's grown range is published before they unregister (they
+    /// are told to stop, not waited for).
     fn finish_merges(&mut self, sources: &[u64]) -> Result<()> {
         self.kv.sync_wal()?;
         self.shared.status.lock().region = self.region.clone();
@@ -282,7 +350,7 @@ impl Peer {
             return Ok(());
         };
         for source in sources {
-            host.destroy_replica(*source, false);
+            host.stop_merged_source(*source);
         }
         host.layout_changed();
         Ok(())

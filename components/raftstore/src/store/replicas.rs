@@ -5,9 +5,7 @@
 //! unregisters (the rules are in the `store` module docs).
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use engine::{cf, RaftLogBatch};
 use parking_lot::Mutex;
@@ -16,14 +14,15 @@ use proto::metapb;
 use proto::raft_serverpb::{MergeState, PeerState, RaftApplyState, RaftMessage, RegionLocalState};
 use raft::eraftpb::{ConfState, HardState, MessageType};
 use raft::RawNode;
-use tokio::sync::{oneshot, watch};
-use tracing::{debug, info, warn};
+use tokio::sync::watch;
+use tracing::{debug, info};
 
 use super::StoreCore;
 use crate::keys;
 use crate::membership::conf_state_from_region;
 use crate::msg::PeerMsg;
 use crate::peer::Peer;
+use crate::poller::Mailbox;
 use crate::region_handle::RegionHandle;
 use crate::snapshot::Generator;
 use crate::split;
@@ -79,82 +78,58 @@ impl StoreCore {
         })
     }
 
-    /// Blocks until this node's replica of merge source `source` has
-    /// applied its log up to the prepare at (`index`, `term`), telling it
-    /// the prepare is committed (see `PeerMsg::CatchUpMerge`), and returns
-    /// its revisions then. Waits as long as it takes (the replica may not
-    /// have started yet, at start-up, or may still be receiving the
-    /// entries); `Err(Stopped)` once the store stops.
-    pub(crate) fn wait_merge_source(
+    /// The revisions of this node's replica of merge source `source` if it
+    /// has applied its log up to the prepare at (`index`, `term`); `None`
+    /// while it has not (the replica may not have started yet, at
+    /// start-up, or may still be receiving the entries), after telling it
+    /// the prepare is committed (see `PeerMsg::CatchUpMerge`);
+    /// `Err(Stopped)` once the store stops. Never blocks: the caller, a
+    /// merge target's replica, tries again later.
+    pub(crate) fn merge_source_state(
         &self,
         source: &metapb::Region,
         index: u64,
         term: u64,
-    ) -> Result<crate::apply::SourceState> {
-        let started = Instant::now();
-        let mut last_nudge: Option<Instant> = None;
-        let mut last_warning = Instant::now();
-        loop {
-            if self.stopping.load(Ordering::Acquire) {
-                return Err(Error::Stopped(source.id));
-            }
-            if let Some(h) = self.region(source.id) {
-                let status = h.status();
-                if status.applied_index >= index {
-                    return Ok(crate::apply::SourceState {
-                        applied_revision: status.applied_revision,
-                        compact_revision: status.compact_revision,
-                    });
-                }
-                if last_nudge.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
-                    let _ = h.mailbox.send(PeerMsg::CatchUpMerge { index, term });
-                    last_nudge = Some(Instant::now());
-                }
-            }
-            if last_warning.elapsed() >= Duration::from_secs(5) {
-                warn!(
-                    source_id = source.id,
-                    index,
-                    waited = ?started.elapsed(),
-                    "merge waits for this node's replica of its source"
-                );
-                last_warning = Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(2));
+    ) -> Result<Option<crate::apply::SourceState>> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(Error::Stopped(source.id));
         }
-    }
-
-    /// Stops this node's replica of `region_id` for good (see
-    /// `PeerMsg::Destroy`) and waits until it has. `false` if it could not
-    /// tombstone itself.
-    pub(crate) fn destroy_replica(&self, region_id: u64, tombstone: bool) -> bool {
-        let Some(h) = self.region(region_id) else {
-            return true;
+        let Some(h) = self.region(source.id) else {
+            return Ok(None);
         };
-        let (cb, rx) = oneshot::channel();
-        if h.mailbox
-            .send(PeerMsg::Destroy {
-                tombstone,
-                cb: Some(cb),
-            })
-            .is_err()
-        {
-            return !tombstone;
+        let status = h.status();
+        if status.applied_index >= index {
+            return Ok(Some(crate::apply::SourceState {
+                applied_revision: status.applied_revision,
+                compact_revision: status.compact_revision,
+            }));
         }
-        info!(
-            region_id,
-            "destroying the replica: its region is gone from this node"
-        );
-        matches!(rx.blocking_recv(), Ok(Ok(())))
+        let _ = h.mailbox.send(PeerMsg::CatchUpMerge { index, term });
+        Ok(None)
     }
 
-    /// Makes room for installing a snapshot of `snap.region` here: every
-    /// initialized replica here whose range overlaps it must be a region
-    /// that no longer exists — merged away, as the snapshot shows by
+    /// Tells this node's replica of `region_id`, a merge source whose
+    /// merge was just applied here, to stop for good, without waiting for
+    /// it (the caller is the target's replica, whose thread may be the
+    /// source's too). Until it has stopped, its handle answers nothing
+    /// useful: its region state is `Tombstone` and its region frozen.
+    pub(crate) fn stop_merged_source(&self, region_id: u64) {
+        if let Some(h) = self.region(region_id) {
+            let _ = h.mailbox.send(PeerMsg::Destroy { tombstone: false });
+        }
+    }
+
+    /// Makes room for installing a snapshot of `snap.region` here, later:
+    /// every initialized replica here whose range overlaps it must be a
+    /// region that no longer exists — merged away, as the snapshot shows by
     /// covering its whole range with a newer epoch version or by carrying
-    /// the record of its committed merge. Those are destroyed (tombstoned);
-    /// `false` (nothing destroyed) if any other overlaps, which must hand
-    /// its keys over first (a split not applied here yet).
+    /// the record of its committed merge. Those are told to tombstone
+    /// themselves and stop (see `PeerMsg::Destroy`), not waited for: the
+    /// caller is a replica, whose thread may be theirs too. `false`
+    /// (nothing told) if any other overlaps, which must hand its keys over
+    /// first (a split not applied here yet). Either way this snapshot is
+    /// dropped; the leader sends another later, which fits once they are
+    /// gone.
     pub(crate) fn make_room_for(&self, snap: &crate::snapshot::RegionSnapshot) -> bool {
         let new = &snap.region;
         let version = new.region_epoch.unwrap_or_default().version;
@@ -181,7 +156,16 @@ impl StoreCore {
             }
             stale.push(old.id);
         }
-        stale.into_iter().all(|id| self.destroy_replica(id, true))
+        for id in stale {
+            if let Some(h) = self.region(id) {
+                info!(
+                    region_id = id,
+                    "destroying the replica: its region is gone from this node"
+                );
+                let _ = h.mailbox.send(PeerMsg::Destroy { tombstone: true });
+            }
+        }
+        true
     }
 
     /// Forgets replica `shared` of `region_id`, removed from its region.
@@ -309,7 +293,7 @@ impl StoreCore {
             ..Default::default()
         };
         let raw = RawNode::new(&cfg, storage, &engine::raft_logger("region_id", region.id))?;
-        let (tx, rx) = mpsc::channel();
+        let (mailbox, rx) = self.pollers.mailbox();
         let shared = Arc::new(PeerShared {
             status: Mutex::new(PeerStatus {
                 region: region.clone(),
@@ -337,7 +321,7 @@ impl StoreCore {
             self.log.clone(),
             apply_state,
             shared.clone(),
-            tx.clone(),
+            mailbox.clone(),
             self.transport.clone(),
             self.options.log_gc_threshold,
             self.me.clone(),
@@ -345,28 +329,23 @@ impl StoreCore {
             merging,
             self.options.consistency_check_interval,
         );
-        // Registered under the lock `shutdown` sets `stopping` under, so
-        // that a replica starting as the store stops is either stopped and
-        // joined by it or not started at all (its thread would keep the
-        // engines open after the store is gone).
-        let mut threads = self.threads.lock();
+        // Handed to its poller under the lock `shutdown` sets `stopping`
+        // under, so that a replica starting as the store stops is either
+        // ended by the pollers' exit or not started at all.
+        let starting = self.start_lock.lock();
         if self.stopping.load(Ordering::Acquire) {
             return Err(Error::Stopped(region_id));
         }
-        let thread = std::thread::Builder::new()
-            .name(format!("region-{region_id}"))
-            .spawn(move || peer.run(rx))
-            .map_err(|e| Error::Engine(engine::Error::Io(e)))?;
-        threads.push(thread);
+        self.pollers.run(&mailbox, peer, rx)?;
         self.regions.insert(
             region_id,
             RegionHandle {
                 region_id,
-                mailbox: tx,
+                mailbox,
                 shared,
             },
         );
-        drop(threads);
+        drop(starting);
         self.layout_changed();
         info!(region_id, peer_id, "region replica started");
         Ok(())
@@ -406,7 +385,7 @@ impl StoreCore {
 
     /// Creates the replica `msg` is for, if `msg` may create one: returns
     /// its mailbox, or `None` when the message is to be dropped.
-    pub(super) fn maybe_create(&self, msg: &RaftMessage) -> Result<Option<mpsc::Sender<PeerMsg>>> {
+    pub(super) fn maybe_create(&self, msg: &RaftMessage) -> Result<Option<Mailbox>> {
         let region_id = msg.region_id;
         let (Some(to_peer), Some(from_peer)) = (msg.to_peer, msg.from_peer) else {
             return Ok(None);
