@@ -26,7 +26,7 @@
 //! applied; new entries and the hard state are staged into the round's
 //! raft-engine write, shared by the poller's replicas (`ready_begin`);
 //! once it is written (synced when raft asks), the messages that depend on
-//! them go out (`ready_end`); after `advance`, the new commit index is kept
+//! them go out (`ready_end`); once raft advances, the new commit index is kept
 //! (written with the next entries: the quorum has it, and a restart raises
 //! it to the applied index) and the newly committed entries are applied;
 //! then the log may be GCed and the status is published.
@@ -128,6 +128,8 @@ pub struct Peer {
     host: Weak<StoreCore>,
     /// Campaign at start (a region just split off a leader here).
     campaign: bool,
+    /// Ticks since the replica started (up to a few).
+    ticks: u8,
     /// When each peer last sent this replica a message (for down peers).
     last_heard: LastHeard,
     /// Peers of newer memberships heard from (see `message`).
@@ -190,6 +192,7 @@ impl Peer {
             destroyed: false,
             host,
             campaign,
+            ticks: 0,
             last_heard: LastHeard::default(),
             strangers: message::Strangers::default(),
             locks,
@@ -229,9 +232,24 @@ impl Peer {
     }
 
     /// One raft tick (every `TICK_INTERVAL`), and the consistency check's
-    /// turn.
+    /// turn. A region split off a leader here campaigns again on its
+    /// second and fourth ticks while it knows no leader: its first vote
+    /// requests can reach the other nodes before they have applied the
+    /// split and started their replicas, which drop them, and waiting a
+    /// whole election timeout would hand the region to whichever replica
+    /// times out first.
     pub(crate) fn tick(&mut self) {
         self.raw.tick();
+        self.ticks = self.ticks.saturating_add(1);
+        if self.campaign
+            && matches!(self.ticks, 2 | 4)
+            && self.raw.raft.leader_id == raft::INVALID_ID
+            && self.raw.raft.state != StateRole::Candidate
+        {
+            if let Err(e) = self.raw.campaign() {
+                warn!(region_id = self.region.id, "campaign failed: {e}");
+            }
+        }
         self.maybe_check_consistency();
     }
 

@@ -429,8 +429,14 @@ async fn a_voter_that_missed_its_leaders_addition_catches_up() {
     add_learner_4(&c, &acked).await;
     c.must_change_peers(vec![(ConfChangeType::AddNode, peer(4))])
         .await;
-    c.handle(old_leader).transfer_leader(4).await.unwrap();
-    wait_until("node 4 leads", || c.handle(4).status().ready_leader).await;
+    // A transfer may come to nothing (node 4 may not have applied its
+    // promotion when told to campaign): ask again until it leads.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !c.handle(4).status().ready_leader {
+        assert!(Instant::now() < deadline, "node 4 never leads");
+        let _ = c.handle(old_leader).transfer_leader(4).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     c.must_change_peers(vec![(ConfChangeType::RemoveNode, peer(old_leader))])
         .await;
     wait_gone(&c, old_leader).await;

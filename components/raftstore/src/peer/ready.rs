@@ -4,12 +4,12 @@
 //! started, merged sources stopped, compaction started), persisting the
 //! log, and publishing the status.
 
+use std::time::{Duration, Instant};
+
 use engine::RaftLogBatch;
 use proto::metapb;
 use raft::eraftpb::{Entry, Snapshot};
 use raft::{Ready, StateRole};
-use std::time::{Duration, Instant};
-
 use tracing::{info, warn};
 
 use super::{not_leader, Peer};
