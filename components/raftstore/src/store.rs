@@ -131,7 +131,8 @@ pub struct StoreCore {
     pollers: Pollers,
     transport: Arc<dyn Transport>,
     options: StoreOptions,
-    /// Set by `shutdown`: waits for a merge's source give up.
+    /// Set by `shutdown`: no replica starts from then on, and a merge
+    /// waiting for its source's replica gives up (`merge_source_state`).
     stopping: AtomicBool,
     /// Every inconsistency the consistency check found here, oldest first.
     inconsistencies: watch::Sender<Vec<Inconsistency>>,
