@@ -82,6 +82,19 @@ impl Error {
         }
     }
 
+    /// Whether the regions changed under a request that took the
+    /// keyspace's pieces before: a piece now spans regions, or its region
+    /// split or merged away. Taking the pieces again may succeed.
+    pub(crate) fn layout_changed(&self) -> bool {
+        matches!(
+            self,
+            Error::CrossRegion
+                | Error::Region(
+                    raftstore::Error::EpochNotMatch { .. } | raftstore::Error::RegionNotFound(_)
+                )
+        )
+    }
+
     /// Ran out of `what` without knowing the outcome.
     pub(crate) fn timed_out(what: &str) -> Error {
         Error::OutcomeUnknown(format!("{what} timed out"))

@@ -81,12 +81,16 @@ impl Router {
         current: i64,
         revision: i64,
     ) -> Result<RegionHash> {
-        check_spans(&handle.status().region, std::slice::from_ref(span))?;
         let (lower, upper) = span_bounds(span);
+        let span = span.clone();
         let mvcc = self.mvcc.clone();
         tokio::task::spawn_blocking(move || {
             let view = mvcc.snapshot();
-            let compacted = handle.read_state(&view)?.compact_revision;
+            let state = handle.read_state(&view)?;
+            // The region as of the view hashed: one split since the
+            // replica was located is caught here, not hashed half.
+            check_spans(&state.region, std::slice::from_ref(&span))?;
+            let compacted = state.compact_revision;
             let rev = ReadBounds { current, compacted }.resolve(revision)?;
             let hash = view.range_hash(rev, compacted, &lower, &upper)?;
             Ok::<_, Error>(RegionHash {

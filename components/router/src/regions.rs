@@ -270,8 +270,10 @@ impl Router {
     }
 
     /// Runs `op` on the pieces of `span` (in key order) until it does not
-    /// meet a piece spanning regions (a split since the pieces were
-    /// taken), or [`RETRY_DEADLINE`] passes.
+    /// meet a changed region layout (a piece spanning regions or whose
+    /// region split or merged since the pieces were taken), or
+    /// [`RETRY_DEADLINE`] passes. `op` must be safe to run again after
+    /// such a failure: a read, or a write whose repeat changes nothing.
     pub(crate) async fn with_pieces<T, F, Fut>(&self, span: &KeyRange, mut op: F) -> Result<T>
     where
         F: FnMut(Vec<KeyRange>) -> Fut,
@@ -281,7 +283,7 @@ impl Router {
         loop {
             let pieces = crate::router::retrying(|| self.pieces(span)).await?;
             match op(pieces).await {
-                Err(Error::CrossRegion) if Instant::now() < deadline => {
+                Err(e) if e.layout_changed() && Instant::now() < deadline => {
                     tokio::time::sleep(MIN_BACKOFF).await;
                 }
                 other => return other,

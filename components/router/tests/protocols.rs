@@ -212,6 +212,33 @@ async fn a_split_during_a_compaction_leaves_no_region_behind() {
     ));
 }
 
+/// A HashKV that located its regions before a split hashes again over the
+/// regions as they are now: a piece that no longer lies in one region is
+/// a changed layout, not an error for the client ("leader changed" once
+/// came back from a cluster splitting under a consistency check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_during_a_hash_kv_hashes_the_new_regions() {
+    let cluster = RouterCluster::new(1).await;
+    cluster.leader().await;
+    let router = cluster.router(1).unwrap();
+    for key in ["a", "b", "m", "x"] {
+        must_write(&router, put(key, "1")).await;
+    }
+    let before = router.hash_kv(0).await.expect("hash before the split");
+    cluster
+        .oracle(1)
+        .set_fault(OracleFault::Stall(Duration::from_millis(1500)));
+    let hashing = tokio::spawn({
+        let router = router.clone();
+        async move { router.hash_kv(0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.split(b"m").await.expect("split");
+    cluster.oracle(1).set_fault(OracleFault::None);
+    let during = hashing.await.unwrap().expect("hash across the split");
+    assert_eq!(during, before, "a split changes no key nor revision");
+}
+
 /// Every replica's compaction revision of the region holding `key`, on
 /// every node.
 fn compaction_revisions(cluster: &RouterCluster, key: &[u8]) -> Vec<i64> {
