@@ -59,6 +59,10 @@ struct Args {
     /// 1).
     #[arg(long)]
     raft_pollers: Option<usize>,
+    /// How long a watch asking for progress notifications may stay silent
+    /// before it gets one (default 10m).
+    #[arg(long)]
+    experimental_watch_progress_notify_interval: Option<Interval>,
     /// TOML file with the same settings (flags win).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -107,6 +111,9 @@ fn config_from(args: Args) -> Result<Config, String> {
     }
     if let Some(v) = args.raft_pollers {
         cfg.raft_pollers = v;
+    }
+    if let Some(v) = args.experimental_watch_progress_notify_interval {
+        cfg.watch_progress_notify_interval = v;
     }
     Ok(cfg)
 }

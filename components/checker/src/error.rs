@@ -46,6 +46,15 @@ pub enum HistoryError {
         /// What is wrong.
         reason: String,
     },
+    /// A recorded watch breaks the shapes the watch checker relies on (see
+    /// `crate::watch`).
+    #[error("watch #{watch}: malformed recording: {reason}")]
+    MalformedWatch {
+        /// The watch's index.
+        watch: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// The completion time precedes the invocation time.
     #[error("op #{id}: completed at {complete_ns} ns, before it was invoked at {invoke_ns} ns")]
     CompletedBeforeInvoked {

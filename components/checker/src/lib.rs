@@ -30,14 +30,31 @@
 //! showing some but not all keys of a MultiPut. Reports cite the original
 //! op ids and describe the multi-key op a per-key violation came from.
 //!
+//! Watch streams recorded next to a history ([`Watch`]: one watch's
+//! request and every response it got) are checked by [`check_watches`]
+//! against the history's writes, with etcd's watch guarantees (ordered,
+//! unique, atomic, reliable, valid, bookmarkable, prev_kv, filtered,
+//! resumable; see [`watch`]):
+//!
+//! ```
+//! use checker::sim::{self, watch::{stream, StreamConfig}};
+//! use checker::{check_watches, Watch};
+//! let (history, store) = sim::simulate(&sim::SimConfig::default());
+//! let request = Watch { prev_kv: true, ..Watch::prefix(b"checker/", 1) };
+//! let watch = stream(&store, &request, &StreamConfig::default());
+//! let report = check_watches(&history, &[watch], 0).unwrap();
+//! assert!(report.is_ok(), "{report}");
+//! ```
+//!
 //! Module map: [`history`] (the recorded model), [`recorder`], [`model`]
 //! and [`wgl`] (the generic search and etcd's single-key model),
 //! `project` (multi-key ops onto per-key ones), `linearizable` (per-key
 //! partition), `learn` (tracing observed values to writes), [`revisions`]
 //! and `chains` (etcd's revision rules 1–5), `atomicity` (rule 6),
-//! [`report`], [`workload`], [`sim`] (a reference store for tests, with
-//! deliberately broken multi-key modes), `bytes_repr` (JSON of byte
-//! strings).
+//! [`report`], [`workload`], [`watch`] (recorded watch streams and their
+//! check), [`sim`] (a reference store for tests, with deliberately broken
+//! multi-key modes; [`sim::watch`] derives correct watch streams from it
+//! and breaks them on purpose), `bytes_repr` (JSON of byte strings).
 
 pub mod error;
 pub mod history;
@@ -46,6 +63,7 @@ pub mod recorder;
 pub mod report;
 pub mod revisions;
 pub mod sim;
+pub mod watch;
 pub mod wgl;
 pub mod workload;
 
@@ -62,6 +80,7 @@ pub use linearizable::Config;
 pub use recorder::{Pending, Recorder};
 pub use report::{KeyCheck, Report, Rule, Verdict, Violation};
 pub use revisions::{reread_plan, RereadResult, Rereads};
+pub use watch::{check_watches, EventType, Watch, WatchEvent, WatchResponse, WatchSummary};
 pub use workload::{Generator, WorkloadConfig};
 
 /// Linearizability per key only (learning from the history's own

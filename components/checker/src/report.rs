@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{show, History, Key, Outcome, Response};
+use crate::watch::WatchSummary;
 
 /// The rule a violation breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -45,6 +46,29 @@ pub enum Rule {
     MultiKeyAtomicity,
     /// A re-read the plan asked for was not supplied (a driver bug).
     MissingReread,
+    /// Watch: event revisions decrease along a stream, the created
+    /// response is not first, or something follows a cancel.
+    WatchOrdered,
+    /// Watch: one (key, mod_revision) delivered twice by one watch.
+    WatchUnique,
+    /// Watch: one revision's events split over responses, or delivered in
+    /// part.
+    WatchAtomic,
+    /// Watch: a revision of the history in the watch's window not
+    /// delivered.
+    WatchReliable,
+    /// Watch: an event that is no write of the history at its revision.
+    WatchValid,
+    /// Watch: an event at or below a progress notification's revision
+    /// after it, or a progress notification going backwards.
+    WatchBookmarkable,
+    /// Watch: a wrong, or unasked-for, prev_kv.
+    WatchPrevKv,
+    /// Watch: an event outside the range or against the filters.
+    WatchFiltered,
+    /// Watch: an event below the start revision, a wrong compaction
+    /// cancel, or a resumed watch leaving a gap.
+    WatchResumable,
 }
 
 impl fmt::Display for Rule {
@@ -62,6 +86,15 @@ impl fmt::Display for Rule {
             Rule::LostWrite => "rule 5: acknowledged write lost",
             Rule::MultiKeyAtomicity => "rule 6: multi-key atomicity",
             Rule::MissingReread => "missing re-read",
+            Rule::WatchOrdered => "watch: ordered",
+            Rule::WatchUnique => "watch: unique",
+            Rule::WatchAtomic => "watch: atomic",
+            Rule::WatchReliable => "watch: reliable",
+            Rule::WatchValid => "watch: valid events",
+            Rule::WatchBookmarkable => "watch: bookmarkable",
+            Rule::WatchPrevKv => "watch: prev_kv",
+            Rule::WatchFiltered => "watch: filtered",
+            Rule::WatchResumable => "watch: resumable",
         };
         f.write_str(s)
     }
@@ -151,6 +184,8 @@ pub struct Report {
     pub linearizability: Option<Vec<KeyCheck>>,
     /// Whether the revision rules were checked (with how many re-reads).
     pub rereads: Option<usize>,
+    /// Whether watches were checked ([`crate::check_watches`]), and what.
+    pub watches: Option<WatchSummary>,
     /// Violations other than per-key linearizability ones.
     pub violations: Vec<Violation>,
 }
@@ -259,6 +294,13 @@ impl fmt::Display for Report {
         match self.rereads {
             None => writeln!(f, "revision rules: not checked")?,
             Some(n) => writeln!(f, "revision rules: checked ({n} re-reads)")?,
+        }
+        if let Some(w) = &self.watches {
+            writeln!(
+                f,
+                "watches: {} checked ({} responses, {} events, {} progress notifications; {} unknown writes placed by their events)",
+                w.watches, w.responses, w.events, w.progress, w.learned
+            )?;
         }
         let all: Vec<&Violation> = self.all_violations().collect();
         if all.is_empty() {

@@ -15,6 +15,8 @@
 //! Unknown outcome, maybe later or never; for Failed, never), so the
 //! history is linearizable by construction. Serializable reads see the
 //! state at a random recent revision. Deterministic given the config.
+//! [`watch`] derives watch streams from a store's history
+//! ([`Store::changes_at`]), correct or deliberately broken.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -25,6 +27,8 @@ use rand::{Rng, SeedableRng};
 use crate::history::{Consistency, History, Key, KeyKv, Kv, Operation, Outcome, Request, Response};
 use crate::revisions::{RereadResult, Rereads};
 use crate::workload::{Generator, WorkloadConfig};
+
+pub mod watch;
 
 /// Deliberate multi-key defects of a [`Store`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,6 +105,18 @@ impl Store {
             .or_default()
             .push((rev, new));
         prev
+    }
+
+    /// Every change at `revision`, in key order: the key and its KeyValue
+    /// from then on (None: deleted).
+    pub fn changes_at(&self, revision: i64) -> Vec<(Key, Option<Kv>)> {
+        self.history
+            .iter()
+            .filter_map(|(key, states)| {
+                let (_, kv) = states.iter().find(|(r, _)| *r == revision)?;
+                Some((key.clone(), kv.clone()))
+            })
+            .collect()
     }
 
     /// Every key under `prefix` present at `revision`.

@@ -77,7 +77,9 @@ impl KeyRange {
         }
     }
 
-    fn is_empty(&self) -> bool {
+    /// Whether no key lies in the range (`[start, end)` with `end <=
+    /// start`).
+    pub fn is_empty(&self) -> bool {
         matches!(&self.end, Some(end) if !end.is_empty() && end.as_slice() <= self.start.as_slice())
     }
 }
@@ -250,6 +252,20 @@ impl MvccSnapshot<'_> {
         limit: usize,
         prev_kv: bool,
     ) -> Result<Vec<Event>> {
+        let changes = self.changes(range, from_rev, to_rev, limit, prev_kv)?;
+        Ok(changes.into_iter().map(|(_, event)| event).collect())
+    }
+
+    /// [`MvccSnapshot::events`], each with its sub-revision (its order
+    /// among the changes of its revision, in every region).
+    pub fn changes(
+        &self,
+        range: &KeyRange,
+        from_rev: i64,
+        to_rev: i64,
+        limit: usize,
+        prev_kv: bool,
+    ) -> Result<Vec<(u32, Event)>> {
         let mut events = Vec::new();
         if from_rev > to_rev || range.is_empty() {
             return Ok(events);
@@ -263,9 +279,9 @@ impl MvccSnapshot<'_> {
                 break;
             };
             if range.contains(user_key) {
-                let (rev, _) = codec::decode_revision_key(raw_key)?;
+                let (rev, sub) = codec::decode_revision_key(raw_key)?;
                 if let Some(event) = self.event_at(user_key, rev, prev_kv)? {
-                    events.push(event);
+                    events.push((sub, event));
                 }
             }
             it.next();

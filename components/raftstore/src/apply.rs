@@ -102,6 +102,7 @@ use proto::raft_serverpb::{
 use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType};
 use tracing::info;
 
+use crate::feed::AppliedWrite;
 use crate::keys;
 use crate::membership;
 use crate::merge;
@@ -167,6 +168,9 @@ pub(crate) struct ApplyOutcome {
     pub compute_hash: Option<u64>,
     /// The `VerifyHash`es applied: (`ComputeHash` index, leader's hash).
     pub verify_hash: Vec<(u64, u32)>,
+    /// The writes applied, in entry order, when the context asked for
+    /// them (`observe`).
+    pub writes: Vec<AppliedWrite>,
 }
 
 /// A source region's revisions once its replica here has applied the
@@ -198,6 +202,9 @@ pub(crate) struct ApplyContext<'a> {
     /// `None` while it has not (it is nudged to catch up); `Err` only when
     /// the node is stopping. Never blocks.
     pub source_state: &'a SourceStateFn<'a>,
+    /// Collect the writes applied into the outcome (someone follows the
+    /// replica's change feed).
+    pub observe: bool,
 }
 
 /// Stages the committed `entries` into one write batch (ending with the new
@@ -220,6 +227,7 @@ pub(crate) fn apply_entries(
         merging_changed: false,
         merge_records: Vec::new(),
         source_state: ctx.source_state,
+        observe: ctx.observe,
         wb: WriteBatch::default(),
         outcome: ApplyOutcome {
             results: Vec::with_capacity(entries.len()),
@@ -236,6 +244,7 @@ pub(crate) fn apply_entries(
             waiting_source: false,
             compute_hash: None,
             verify_hash: Vec::new(),
+            writes: Vec::new(),
         },
     };
     for e in entries {
@@ -367,6 +376,7 @@ struct Run<'a> {
     /// entries of the run must see them.
     merge_records: Vec<(Vec<u8>, MergeRecord)>,
     source_state: &'a SourceStateFn<'a>,
+    observe: bool,
     wb: WriteBatch,
     outcome: ApplyOutcome,
 }
@@ -416,6 +426,12 @@ impl Run<'_> {
                 self.mvcc
                     .stage_changes(&mut self.wb, w.revision, &w.mutations);
                 state.applied_revision = w.revision;
+                if self.observe {
+                    self.outcome.writes.push(AppliedWrite {
+                        revision: w.revision,
+                        mutations: w.mutations,
+                    });
+                }
                 Ok(())
             }
             Some(Cmd::Compact(_) | Cmd::Split(_)) if !self.locks.is_empty() => Err(
@@ -432,7 +448,22 @@ impl Run<'_> {
             }
             Some(Cmd::Split(req)) => self.apply_split(&req),
             Some(Cmd::TxnLock(req)) => self.apply_txn(|t| t.lock(&req)),
-            Some(Cmd::TxnCommit(req)) => self.apply_txn(|t| t.commit(&req)),
+            Some(Cmd::TxnCommit(req)) => {
+                self.apply_txn(|t| t.commit(&req))?;
+                if self.observe {
+                    let region = self.region();
+                    let mutations = req
+                        .mutations
+                        .into_iter()
+                        .filter(|m| split::contains(region, &m.key))
+                        .collect();
+                    self.outcome.writes.push(AppliedWrite {
+                        revision: req.revision,
+                        mutations,
+                    });
+                }
+                Ok(())
+            }
             Some(Cmd::TxnRollback(req)) => self.apply_txn(|t| t.rollback(&req)),
             Some(Cmd::TxnForget(req)) => self.apply_txn(|t| t.forget(&req)),
             Some(Cmd::PrepareMerge(req)) => self.apply_prepare_merge(&req, e),

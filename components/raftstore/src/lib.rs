@@ -28,6 +28,7 @@ mod apply;
 mod compaction;
 mod consistency;
 mod error;
+pub mod feed;
 mod keys;
 mod log_gc;
 mod membership;

@@ -264,6 +264,9 @@ impl Peer {
     pub(crate) fn finish(mut self) {
         let region_id = self.region.id;
         self.fail_all(|| Error::Stopped(region_id));
+        // Handles outlive the replica: their feed's receivers would wait
+        // forever.
+        self.shared.feed.reset();
         if self.destroyed {
             self.destroy();
         }

@@ -22,6 +22,11 @@
 //!   (removed, its data deleted in batches from then on; or merged away),
 //!   or replaced by a newer replica of the region on this node (whose
 //!   state, under the same region id, does not list this replica's peer).
+//! * `subscribe_changes` follows the writes the replica applies from then
+//!   on (the `feed` module's contract); `resolved_revision(view, state)`
+//!   is where a subscriber's catch-up from `view` leaves off: no write at
+//!   or below it is applied after `view`, and the feed repeats the runs up
+//!   to `state.applied_index`.
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
@@ -58,6 +63,7 @@ use tokio::sync::oneshot;
 
 use crate::poller::Mailbox;
 
+use crate::feed::FeedReceiver;
 use crate::keys;
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::status::{PeerShared, PeerStatus};
@@ -135,6 +141,7 @@ impl RegionHandle {
         }
         Ok(ReadState {
             region,
+            applied_index: state.applied_index,
             applied_revision: state.applied_revision,
             compact_revision: state.compact_revision,
         })
@@ -182,6 +189,11 @@ impl RegionHandle {
         self.shared.status.lock().term
     }
 
+    /// The writes this replica applies from now on (see `feed`).
+    pub fn subscribe_changes(&self) -> FeedReceiver {
+        self.shared.feed.subscribe()
+    }
+
     /// The transaction locks this replica has applied (see `txn`).
     pub fn locks(&self) -> &LockTable {
         &self.shared.locks
@@ -206,6 +218,16 @@ impl RegionHandle {
         txn::snapshot_records(view.kv(), &state.region)
     }
 
+    /// The replica's resolved revision as of `view` (see `feed`), `state`
+    /// being its [`RegionHandle::read_state`] of the same view.
+    pub fn resolved_revision(&self, view: &MvccSnapshot<'_>, state: &ReadState) -> Result<i64> {
+        let locks = txn::snapshot_locks(view.kv(), self.region_id)?;
+        Ok(crate::feed::resolved_revision(
+            state.applied_revision,
+            locks.iter().map(|l| l.base_revision),
+        ))
+    }
+
     /// Waits until the physical clean-up of compaction `revision` is done.
     pub async fn wait_physically_compacted(&self, revision: i64) -> Result<()> {
         let mut rx = self.shared.physically_compacted.subscribe();
@@ -228,6 +250,9 @@ impl RegionHandle {
 pub struct ReadState {
     /// The region meta this replica had applied.
     pub region: metapb::Region,
+    /// The last log index applied: a change feed subscribed before `view`
+    /// was taken repeats the runs up to it.
+    pub applied_index: u64,
     pub applied_revision: i64,
     pub compact_revision: i64,
 }

@@ -63,6 +63,8 @@ pub struct PeerShared {
     pub physically_compacted: watch::Sender<i64>,
     /// The transaction locks the replica has applied.
     pub locks: crate::txn::LockTable,
+    /// What the replica's apply runs write (see `feed`).
+    pub(crate) feed: crate::feed::ChangeFeed,
 }
 
 /// When each peer last sent this replica a message, for down peers.

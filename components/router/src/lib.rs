@@ -45,6 +45,7 @@ pub mod resolve;
 pub mod resolved;
 mod router;
 mod txn;
+pub mod watch;
 
 use std::time::Duration;
 

@@ -39,6 +39,12 @@ pub const RESOLVE_EVERY: Duration = Duration::from_millis(500);
 pub(crate) struct ResolvedRevisions(DashMap<u64, (i64, u64)>);
 
 impl ResolvedRevisions {
+    /// The newest (resolved revision, leader's applied index) of
+    /// `region_id`.
+    pub(crate) fn get(&self, region_id: u64) -> Option<(i64, u64)> {
+        self.0.get(&region_id).map(|e| *e)
+    }
+
     fn note(&self, region_id: u64, ri: ReadIndex) {
         let mut entry = self.0.entry(region_id).or_insert((0, 0));
         if ri.resolved >= entry.0 {

@@ -22,26 +22,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use router::Router;
 use test_support::history;
+use test_support::requests::{delete_op, put_op};
 use test_support::{OracleFault, RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster};
-
-fn put_op(key: &str, value: &str) -> RequestOp {
-    RequestOp {
-        request: Some(Request::RequestPut(PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn delete_op(key: &str) -> RequestOp {
-    RequestOp {
-        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
-            key: key.into(),
-            ..Default::default()
-        })),
-    }
-}
 
 fn txn(ops: Vec<RequestOp>) -> WriteRequest {
     WriteRequest::Txn(TxnRequest {

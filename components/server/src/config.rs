@@ -29,6 +29,11 @@ pub struct Config {
     pub consistency_check_interval: IntervalOrZero,
     /// Threads driving the node's region replicas (at least 1).
     pub raft_pollers: usize,
+    /// How long a watch asking for progress notifications may stay silent
+    /// before it gets one (etcd's
+    /// `--experimental-watch-progress-notify-interval`).
+    #[serde(rename = "experimental-watch-progress-notify-interval")]
+    pub watch_progress_notify_interval: Interval,
 }
 
 impl Default for Config {
@@ -48,6 +53,7 @@ impl Default for Config {
                 raftstore::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
             ),
             raft_pollers: raftstore::DEFAULT_POLLERS,
+            watch_progress_notify_interval: Interval(std::time::Duration::from_secs(600)),
         }
     }
 }

@@ -3,9 +3,9 @@
 //! [`node::start`] opens the node's engines, joins or bootstraps the cluster
 //! through the placement driver (embedded in dev mode), and serves etcd's
 //! gRPC services plus etcd's HTTP `/version` and `/health` on the client
-//! URLs. KV, Maintenance (with etcd's alarms, kept in PD: [`alarm`]) and
-//! Cluster are served here; services not built
-//! yet (Watch, Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
+//! URLs. KV, Maintenance (with etcd's alarms, kept in PD: [`alarm`]),
+//! Cluster and Watch ([`watch`]) are served here; services not built
+//! yet (Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
 //! Request errors carry etcd's codes and texts ([`errors`]). Raft messages
 //! between nodes travel over gRPC on the peer URLs ([`raft_transport`]), and
 //! so do requests forwarded to the node holding a region's leader
@@ -25,6 +25,7 @@ mod raft_snapshot;
 pub mod raft_transport;
 mod split_check;
 pub mod units;
+pub mod watch;
 
 use std::sync::Arc;
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use pd::{LocalPdClient, PdClient, PdConfig, PdCore, RpcPdClient, RpcPdClientConfig};
 use proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer,
 };
 use proto::metapb;
 use raftstore::{NodeIdent, Store, StoreOptions};
@@ -23,6 +24,7 @@ use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
 use crate::maintenance::MaintenanceService;
 use crate::raft_transport::{GrpcTransport, PdResolver, RaftTransportService};
 use crate::split_check::SplitLimits;
+use crate::watch::WatchService;
 use crate::NodeContext;
 
 #[derive(Debug, thiserror::Error)]
@@ -245,9 +247,13 @@ fn grpc_routes(ctx: Arc<NodeContext>, pd_core: Option<Arc<PdCore>>) -> tonic::se
         .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
         .max_encoding_message_size(usize::MAX);
     let cluster = ClusterServer::new(ClusterService::new(ctx.clone()));
+    let watch = WatchServer::new(WatchService::new(ctx.clone()))
+        .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
+        .max_encoding_message_size(usize::MAX);
     let mut routes = tonic::service::Routes::new(kv)
         .add_service(maintenance)
-        .add_service(cluster);
+        .add_service(cluster)
+        .add_service(watch);
     if let Some(core) = pd_core {
         routes = routes.add_service(pd::service::PdService::new(core).into_server());
     }

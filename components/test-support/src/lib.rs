@@ -27,6 +27,7 @@ pub mod nemesis;
 pub mod process;
 pub mod proxy;
 pub mod raft_cluster;
+pub mod requests;
 pub mod router_cluster;
 pub mod router_executor;
 

@@ -128,6 +128,7 @@ fn run(
         locks: &[],
         merging: None,
         source_state: &|_, _, _| panic!("no merge in this test"),
+        observe: true,
     };
     let (wb, outcome) = apply_entries(ctx, entries, raft);
     env.kv.write(wb).unwrap();
@@ -231,6 +232,14 @@ fn transaction_commands() {
         .unwrap()
         .unwrap();
     assert_eq!(record.revision, 5);
+    // The change feed gets the writes that applied, in entry order: the
+    // commit at its revision, the put after it.
+    let writes: Vec<(i64, Vec<u8>)> = out
+        .writes
+        .iter()
+        .flat_map(|w| w.mutations.iter().map(|m| (w.revision, m.value.clone())))
+        .collect();
+    assert_eq!(writes, vec![(5, b"txn".to_vec()), (6, b"v6".to_vec())]);
 }
 
 #[test]

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use super::{not_leader, Peer};
 use crate::apply::{self, ApplyContext, ApplyOutcome};
 use crate::compaction;
+use crate::feed::{self, AppliedRun};
 use crate::log_gc;
 use crate::msg::PeerMsg;
 use crate::snapshot;
@@ -134,6 +135,7 @@ impl Peer {
         self.shared.status.lock().merging = installed.merging;
         self.shared.locks.replace(&installed.locks);
         self.locks = installed.locks;
+        self.shared.feed.reset();
         // The snapshot replaced the log: whether it holds our proposals
         // cannot be told any more.
         self.proposals
@@ -205,6 +207,7 @@ impl Peer {
             locks: &self.locks,
             merging: self.merging.as_ref(),
             source_state: &source_state,
+            observe: self.shared.feed.observed(),
         };
         let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
         if outcome.aborted {
@@ -247,8 +250,11 @@ impl Peer {
             waiting_source: _,
             compute_hash,
             verify_hash,
+            writes,
         } = outcome;
         let applied = results.len();
+        let first_index = self.apply_state.applied_index + 1;
+        let old_version = self.region.region_epoch.map(|e| e.version);
         self.apply_state = apply_state;
         if let Some(region) = region {
             self.region = region;
@@ -291,6 +297,18 @@ impl Peer {
             // writers here seeing the lock.
             self.shared.locks.replace(&locks);
             self.locks = locks;
+        }
+        if removed || old_version != self.region.region_epoch.map(|e| e.version) {
+            self.shared.feed.reset();
+        } else {
+            // Every run, written or not: a subscriber counts the indexes
+            // it has seen.
+            self.shared.feed.publish(AppliedRun {
+                first_index,
+                last_index: self.apply_state.applied_index,
+                writes,
+                resolved: self.resolved_revision(),
+            });
         }
         for r in results {
             self.proposals.on_applied(r);
@@ -363,6 +381,14 @@ impl Peer {
         compaction::spawn(self.mvcc.clone(), &self.region, revision, move || {
             let _ = mailbox.send(PeerMsg::CompactionDone { revision });
         });
+    }
+
+    /// The resolved revision of the replica's state (see `feed`).
+    fn resolved_revision(&self) -> i64 {
+        feed::resolved_revision(
+            self.apply_state.applied_revision,
+            self.locks.iter().map(|l| l.base_revision),
+        )
     }
 
     fn after_ready(&mut self) {

@@ -1,0 +1,266 @@
+//! Watches over many regions: [`Router::watch`] turns the change feeds of
+//! the regions holding a key range into etcd's one revision-ordered
+//! stream of events (the watch aggregator of docs/architecture.md,
+//! "Watch").
+//!
+//! Contract:
+//! * A [`Watch`] delivers every change to a key in its range at a revision
+//!   from its start revision on, exactly once, in revision order; the
+//!   changes of one revision (several keys of a Txn, in every region it
+//!   touched) come in one [`WatchUpdate::Events`], ordered as the request
+//!   made them (their sub-revisions).
+//! * An update at revision R (its `revision`) means every change in the
+//!   range at or below R has been delivered; [`Watch::delivered`] is the
+//!   highest such R so far, and it moves on without changes too (that is
+//!   what a progress notification reports).
+//! * A change is delivered only once every region of the range has
+//!   resolved its revision: no write at or below it can still appear
+//!   there (`raftstore::feed` for a replica's own bound; the resolved
+//!   revisions its leader publishes, `crate::resolved`, for regions
+//!   without writes). Within one region changes go out as the replica
+//!   applies them; a range over several regions waits for the slowest
+//!   region's resolved revision.
+//! * A start revision below a region's compaction revision ends the watch
+//!   with [`WatchUpdate::Compacted`] (etcd's compacted watch cancel).
+//! * Splits, merges, snapshots, removed replicas and lagging feeds are
+//!   invisible: the watch takes the range's regions again and catches up
+//!   from MVCC after the last revision it delivered. Errors that cannot
+//!   be retried end the watch with `Err`.
+//! * Each region of the range is followed through this node's replica
+//!   (leader or follower). A region without a replica here ends the
+//!   watch with `Error::NoRegion` after the retry deadline (served through
+//!   its leader's node: not built yet).
+//! * Dropping the [`Watch`] stops it.
+
+mod piece;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mvcc::KeyRange;
+use proto::mvccpb::Event;
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use crate::{Error, Result, Router, RETRY_DEADLINE};
+use piece::{Piece, PieceEnd};
+
+/// How often a watch looks at the regions' published resolved revisions
+/// while no region applies anything.
+const RESOLVED_POLL: Duration = Duration::from_millis(100);
+/// How many updates may wait for the consumer before the watch stops
+/// reading its regions (their feeds then lag, and it catches up from
+/// MVCC once read again).
+const UPDATE_QUEUE: usize = 64;
+
+/// What a watch delivers (see the contract).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchUpdate {
+    /// Every change in the range at revisions above the previous update's
+    /// and at or below `revision`, in revision order.
+    Events { events: Vec<Event>, revision: i64 },
+    /// The range's history is compacted above the revision the watch was
+    /// to deliver next; nothing more comes.
+    Compacted { compact_revision: i64 },
+}
+
+/// A running watch; dropping it stops it.
+pub struct Watch {
+    updates: mpsc::Receiver<Result<WatchUpdate>>,
+    delivered: watch::Receiver<i64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    /// The next update; `None` once the watch ended (after its last
+    /// update or error).
+    pub async fn next(&mut self) -> Option<Result<WatchUpdate>> {
+        self.updates.recv().await
+    }
+
+    /// Every change at or below this revision has been handed to
+    /// [`Watch::next`]'s queue.
+    pub fn delivered(&self) -> i64 {
+        *self.delivered.borrow()
+    }
+
+    /// Whether every update delivered so far has been taken by
+    /// [`Watch::next`]: then everything up to the [`Watch::delivered`]
+    /// read before this call has been taken.
+    pub fn is_drained(&self) -> bool {
+        self.updates.is_empty()
+    }
+
+    /// Waits until [`Watch::delivered`] reaches `revision` (or the watch
+    /// ends); the revision delivered then.
+    pub async fn wait_delivered(&mut self, revision: i64) -> i64 {
+        let _ = self.delivered.wait_for(|d| *d >= revision).await;
+        *self.delivered.borrow()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where a watch's delivery stands, shared with its [`Watch`].
+struct Delivery {
+    updates: mpsc::Sender<Result<WatchUpdate>>,
+    delivered: watch::Sender<i64>,
+}
+
+impl Delivery {
+    fn delivered(&self) -> i64 {
+        *self.delivered.borrow()
+    }
+
+    /// Hands `events` (all changes in `(delivered, revision]`) over.
+    /// `false`: the watch was dropped.
+    async fn deliver(&self, events: Vec<Event>, revision: i64) -> bool {
+        if !events.is_empty() {
+            let update = WatchUpdate::Events { events, revision };
+            if self.updates.send(Ok(update)).await.is_err() {
+                return false;
+            }
+        }
+        self.delivered.send_replace(revision);
+        true
+    }
+
+    async fn end(&self, last: Result<WatchUpdate>) {
+        let _ = self.updates.send(last).await;
+    }
+}
+
+impl Router {
+    /// Watches the keys of `range` from revision `start_revision` on (0:
+    /// from the revision after the current one), with each event's
+    /// previous version if `prev_kv` (see the contract).
+    pub async fn watch(
+        self: &Arc<Router>,
+        range: KeyRange,
+        start_revision: i64,
+        prev_kv: bool,
+    ) -> Result<Watch> {
+        let start = if start_revision > 0 {
+            start_revision
+        } else {
+            self.current_revision().await? + 1
+        };
+        let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
+        let (delivered_tx, delivered) = watch::channel(start - 1);
+        let delivery = Delivery {
+            updates: updates_tx,
+            delivered: delivered_tx,
+        };
+        let task = tokio::spawn(run(self.clone(), range, prev_kv, delivery));
+        Ok(Watch {
+            updates,
+            delivered,
+            task,
+        })
+    }
+
+    /// The resolved revision the leader of `region_id` published, with
+    /// the log index a replica must have applied to rely on it.
+    pub(crate) fn published_resolved(&self, region_id: u64) -> Option<(i64, u64)> {
+        self.resolved.get(region_id)
+    }
+}
+
+/// The watch's task: rounds over the range's regions as they are, until
+/// the watch is dropped or fails.
+async fn run(router: Arc<Router>, range: KeyRange, prev_kv: bool, delivery: Delivery) {
+    let mut failing_since = None;
+    loop {
+        let result = round(&router, &range, prev_kv, &delivery).await;
+        match result {
+            Ok(RoundEnd::Dropped) => return,
+            Ok(RoundEnd::Compacted(compact_revision)) => {
+                delivery
+                    .end(Ok(WatchUpdate::Compacted { compact_revision }))
+                    .await;
+                return;
+            }
+            Ok(RoundEnd::LayoutChanged) => failing_since = None,
+            Err(e) if e.is_retryable() || e.layout_changed() => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= RETRY_DEADLINE {
+                    delivery.end(Err(e)).await;
+                    return;
+                }
+                debug!("watch retries: {e}");
+            }
+            Err(e) => {
+                delivery.end(Err(e)).await;
+                return;
+            }
+        }
+        if delivery.updates.is_closed() {
+            return;
+        }
+        tokio::time::sleep(crate::MIN_BACKOFF).await;
+    }
+}
+
+enum RoundEnd {
+    /// The regions changed: take them again.
+    LayoutChanged,
+    Compacted(i64),
+    Dropped,
+}
+
+/// One round: follows the regions holding `range` now, from the revision
+/// after the last delivered one, until they change.
+async fn round(
+    router: &Arc<Router>,
+    range: &KeyRange,
+    prev_kv: bool,
+    delivery: &Delivery,
+) -> Result<RoundEnd> {
+    let from = delivery.delivered() + 1;
+    let mut pieces = Vec::new();
+    for (region, span) in router.region_pieces(range).await? {
+        let handle = router
+            .store
+            .region(region.id)
+            .ok_or_else(|| Error::NoRegion(span.start.clone()))?;
+        match Piece::start(router, handle, span, from, prev_kv)? {
+            Ok(piece) => pieces.push(piece),
+            Err(compact_revision) => return Ok(RoundEnd::Compacted(compact_revision)),
+        }
+    }
+    loop {
+        let resolved = pieces.iter().map(|p| p.resolved(router)).min().unwrap_or(0);
+        if resolved > delivery.delivered() {
+            let mut changes: Vec<(i64, u32, Event)> =
+                pieces.iter_mut().flat_map(|p| p.take(resolved)).collect();
+            changes.sort_by_key(|(rev, sub, _)| (*rev, *sub));
+            let events = changes.into_iter().map(|(_, _, e)| e).collect();
+            if !delivery.deliver(events, resolved).await {
+                return Ok(RoundEnd::Dropped);
+            }
+        }
+        let next = futures::future::select_all(pieces.iter_mut().map(|p| Box::pin(p.recv())));
+        let woke = tokio::select! {
+            (end, i, rest) = next => {
+                drop(rest);
+                end.map(|end| (end, i))
+            }
+            _ = tokio::time::sleep(RESOLVED_POLL) => None,
+            _ = delivery.updates.closed() => return Ok(RoundEnd::Dropped),
+        };
+        if let Some((end, i)) = woke {
+            debug!(
+                region_id = pieces[i].region_id(),
+                "watch takes its regions again: {end:?}"
+            );
+            return match end {
+                PieceEnd::LayoutChanged => Ok(RoundEnd::LayoutChanged),
+                PieceEnd::Failed(e) => Err(e),
+            };
+        }
+    }
+}
