@@ -23,7 +23,7 @@ use proto::etcdserverpb::*;
 use proto::mvccpb::Event;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use test_support::{client, metastore_ctl, Etcd, Node};
+use test_support::{client, metastore_ctl, Etcd, Node, Pd};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -508,4 +508,54 @@ async fn idle_watches_get_progress_notifications() {
         }
     }
     assert!(progress.iter().all(|r| *r >= current), "{progress:?}");
+}
+
+/// With one replica per region (PD's `--max-replicas 1`) over two nodes,
+/// the node without the replica serves a watch on its keys through the
+/// leader's node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_replica_serves_the_watch() {
+    let pd = Pd::start_cluster_with(1, |_, _| vec!["--max-replicas".into(), "1".into()]);
+    let pd_endpoint = pd[0].endpoint();
+    let nodes: Vec<Node> = ["n1", "n2"]
+        .iter()
+        .map(|name| Node::start_dev_with(&["--name", name, "--pd-endpoints", &pd_endpoint]))
+        .collect();
+    let mut writer = client(&nodes[0].endpoint()).await;
+    let first = writer
+        .put("r/a", "1", None)
+        .await
+        .expect("put")
+        .header()
+        .unwrap()
+        .revision();
+    let out = metastore_ctl(&pd_endpoint, &["region", "list", "-w", "json"]);
+    let regions: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let holders: Vec<u64> = regions["regions"][0]["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| p["node_id"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(holders.len(), 1, "{regions}");
+    for node in &nodes {
+        let mut c = client(&node.endpoint()).await;
+        let opts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(first);
+        let mut stream = c.watch("r/", Some(opts)).await.expect("watch");
+        let last = writer.put("r/b", node.endpoint(), None).await.expect("put");
+        let last = last.header().unwrap().revision();
+        let mut seen = Vec::new();
+        while seen.last().is_none_or(|r| *r < last) {
+            let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("events in time")
+                .expect("stream")
+                .expect("open");
+            assert!(!resp.canceled(), "{resp:?}");
+            seen.extend(resp.events().iter().map(|e| e.kv().unwrap().mod_revision()));
+        }
+        assert_eq!(seen.first(), Some(&first), "{seen:?}");
+    }
 }

@@ -320,3 +320,64 @@ async fn watches_on_every_node_stay_exact_under_raft_faults() {
         check(&updates, &expected);
     }
 }
+
+/// A node holding no replica of the watched regions serves the watch
+/// through their leaders' nodes; once a replica moves onto it, it follows
+/// that one instead — exact history throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_without_replicas_watches_through_the_leaders() {
+    let cluster = RouterCluster::with_spare(3, 1, Default::default()).await;
+    let leader = cluster.leader().await;
+    let router = cluster.router(leader).unwrap();
+    let first = must_write(&router, put("s/a", "start")).await;
+    must_split(&cluster, "s/m").await;
+    let spare = cluster.router(4).unwrap();
+    assert!(spare.store().regions().is_empty());
+    let range = prefix("s/");
+    let mut watch = spare.watch(range.clone(), first, true).await.unwrap();
+    let writer = tokio::spawn({
+        let router = router.clone();
+        async move {
+            for i in 0..60 {
+                let req = if i % 5 == 0 {
+                    WriteRequest::Txn(TxnRequest {
+                        success: vec![
+                            put_op(&format!("s/b{i}"), "t"),
+                            put_op(&format!("s/x{i}"), "t"),
+                        ],
+                        ..Default::default()
+                    })
+                } else {
+                    put(&format!("s/{}", ["c", "y"][i % 2]), &format!("v{i}"))
+                };
+                must_write(&router, req).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let region = cluster
+        .router(leader)
+        .unwrap()
+        .store()
+        .regions()
+        .into_iter()
+        .find(|h| h.status().region.start_key.is_empty())
+        .unwrap()
+        .region_id();
+    let from = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != 4 && *id != leader)
+        .unwrap();
+    cluster
+        .move_replica(region, from, 4)
+        .await
+        .expect("move a replica");
+    writer.await.unwrap();
+    let last = must_write(&router, put("s/z", "end")).await;
+    let updates = collect_until(&mut watch, last).await;
+    let expected = history(&router, &range, first, last);
+    check(&updates, &expected);
+    assert!(!spare.store().regions().is_empty(), "the replica moved");
+}

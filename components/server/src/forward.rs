@@ -17,7 +17,7 @@ use proto::forwardpb::region_forward_server::{RegionForward, RegionForwardServer
 use proto::forwardpb::{
     self, write_request as wreq, write_response as wresp, CompactRequest, CompactResponse,
     HashRequest, HashResponse, RangeRequest, RangeResponse, ReadIndexRequest, ReadIndexResponse,
-    TxnStepRequest, TxnStepResponse,
+    TxnStepRequest, TxnStepResponse, WatchChange, WatchEventsRequest, WatchEventsResponse,
 };
 use router::forward::wire::error_to_wire;
 use router::Router;
@@ -168,6 +168,46 @@ impl RegionForward for ForwardService {
             Err(e) => TxnStepResponse {
                 error: wire_error(&e),
                 result: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn watch_events(
+        &self,
+        req: Request<WatchEventsRequest>,
+    ) -> Result<Response<WatchEventsResponse>, Status> {
+        let req = req.into_inner();
+        let span = mvcc::KeyRange {
+            start: req.start,
+            end: Some(req.end),
+        };
+        let resp = match self
+            .router
+            .serve_forwarded_watch_events(
+                req.header.as_ref(),
+                &span,
+                req.from_revision,
+                req.prev_kv,
+            )
+            .await
+        {
+            Ok(c) => WatchEventsResponse {
+                error: None,
+                changes: c
+                    .changes
+                    .into_iter()
+                    .map(|(sub, event)| WatchChange {
+                        sub,
+                        event: Some(event),
+                    })
+                    .collect(),
+                resolved: c.resolved,
+                compact_revision: c.compact_revision,
+            },
+            Err(e) => WatchEventsResponse {
+                error: wire_error(&e),
+                ..Default::default()
             },
         };
         Ok(Response::new(resp))

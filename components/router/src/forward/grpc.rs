@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::debug;
 
 use super::wire::error_from_wire;
-use super::{span_bounds, Forward, ReadIndex, RegionHash, Target};
+use super::{span_bounds, Forward, ReadIndex, RegionChanges, RegionHash, Target};
 use crate::resolve::Resolver;
 use crate::{Error, Result, RETRY_DEADLINE};
 
@@ -228,6 +228,40 @@ impl Forward for GrpcForwarder {
             },
             compact_revision: resp.compact_revision,
             revision: resp.hash_revision,
+        })
+    }
+
+    async fn watch_events(
+        &self,
+        target: &Target,
+        span: &KeyRange,
+        from: i64,
+        prev_kv: bool,
+    ) -> Result<RegionChanges> {
+        let (start, end) = span_bounds(span);
+        let msg = forwardpb::WatchEventsRequest {
+            header: Some(target.header()),
+            start,
+            end,
+            from_revision: from,
+            prev_kv,
+        };
+        let resp = self
+            .call(target.node_id, true, |mut c| async move {
+                c.watch_events(msg).await
+            })
+            .await?;
+        if let Some(e) = resp.error {
+            return Err(error_from_wire(e));
+        }
+        Ok(RegionChanges {
+            changes: resp
+                .changes
+                .into_iter()
+                .map(|c| (c.sub, c.event.unwrap_or_default()))
+                .collect(),
+            resolved: resp.resolved,
+            compact_revision: resp.compact_revision,
         })
     }
 

@@ -23,7 +23,7 @@ use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use tokio::sync::watch;
 
-use super::{Forward, ReadIndex, RegionHash, Target};
+use super::{Forward, ReadIndex, RegionChanges, RegionHash, Target};
 use crate::{Error, Result, Router};
 
 /// What happens to one forwarded request.
@@ -242,6 +242,24 @@ impl Forward for LocalForwarder {
             .run(
                 false,
                 router.serve_forwarded_hash(Some(&header), span, revision),
+            )
+            .await;
+        read_reply(target.node_id, delivery, res)
+    }
+
+    async fn watch_events(
+        &self,
+        target: &Target,
+        span: &KeyRange,
+        from: i64,
+        prev_kv: bool,
+    ) -> Result<RegionChanges> {
+        let (router, delivery, served) = self.net.route(self.from, target.node_id)?;
+        let header = target.header();
+        let res = served
+            .run(
+                false,
+                router.serve_forwarded_watch_events(Some(&header), span, from, prev_kv),
             )
             .await;
         read_reply(target.node_id, delivery, res)

@@ -63,6 +63,18 @@ pub struct ReadIndex {
     pub resolved: i64,
 }
 
+/// A region leader's changes of a key range (see
+/// [`Forward::watch_events`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RegionChanges {
+    /// (sub-revision, event), in (revision, sub) order.
+    pub changes: Vec<(u32, proto::mvccpb::Event)>,
+    /// Every change up to this revision is in `changes`.
+    pub resolved: i64,
+    /// Non-zero: the region is compacted above the revision asked from.
+    pub compact_revision: i64,
+}
+
 /// A region leader's HashKV of a key range (see `Router::hash_kv`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionHash {
@@ -103,6 +115,17 @@ pub trait Forward: Send + Sync {
     /// The leader's hash of the keys of `span` (which must lie in the
     /// region) at `revision` (0: its linearizable revision).
     async fn hash(&self, target: &Target, span: &KeyRange, revision: i64) -> Result<RegionHash>;
+
+    /// The leader's changes of the keys of `span` (which must lie in the
+    /// region) from revision `from` up to its resolved revision
+    /// (`Router::serve_forwarded_watch_events`).
+    async fn watch_events(
+        &self,
+        target: &Target,
+        span: &KeyRange,
+        from: i64,
+        prev_kv: bool,
+    ) -> Result<RegionChanges>;
 }
 
 /// `span`'s bounds as a key range hash takes them: `[lower, upper)`, an

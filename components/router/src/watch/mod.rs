@@ -27,12 +27,13 @@
 //!   from MVCC after the last revision it delivered. Errors that cannot
 //!   be retried end the watch with `Err`.
 //! * Each region of the range is followed through this node's replica
-//!   (leader or follower). A region without a replica here ends the
-//!   watch with `Error::NoRegion` after the retry deadline (served through
-//!   its leader's node: not built yet).
+//!   (leader or follower); a region without a replica here through its
+//!   leader's node, asked for the changes up to the region's resolved
+//!   revision every 100 ms (`remote`).
 //! * Dropping the [`Watch`] stops it.
 
 mod piece;
+mod remote;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,7 @@ use proto::mvccpb::Event;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use crate::{Error, Result, Router, RETRY_DEADLINE};
+use crate::{Result, Router, RETRY_DEADLINE};
 use piece::{Piece, PieceEnd};
 
 /// How often a watch looks at the regions' published resolved revisions
@@ -223,10 +224,10 @@ async fn round(
     let from = delivery.delivered() + 1;
     let mut pieces = Vec::new();
     for (region, span) in router.region_pieces(range).await? {
-        let handle = router
-            .store
-            .region(region.id)
-            .ok_or_else(|| Error::NoRegion(span.start.clone()))?;
+        let Some(handle) = router.store.region(region.id) else {
+            pieces.push(Piece::start_remote(router, region.id, span, from, prev_kv));
+            continue;
+        };
         match Piece::start(router, handle, span, from, prev_kv)? {
             Ok(piece) => pieces.push(piece),
             Err(compact_revision) => return Ok(RoundEnd::Compacted(compact_revision)),
@@ -259,6 +260,7 @@ async fn round(
             );
             return match end {
                 PieceEnd::LayoutChanged => Ok(RoundEnd::LayoutChanged),
+                PieceEnd::Compacted(c) => Ok(RoundEnd::Compacted(c)),
                 PieceEnd::Failed(e) => Err(e),
             };
         }

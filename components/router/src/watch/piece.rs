@@ -1,9 +1,13 @@
 //! One region's part of a watch: the changes of the watched keys the
 //! region holds, caught up from MVCC and then followed through this node's
-//! replica's change feed (`raftstore::feed`), kept until the aggregator
-//! (`super`) delivers them.
+//! replica's change feed (`raftstore::feed`) — or, without a replica
+//! here, asked of the region's leader's node (`super::remote`) — kept
+//! until the aggregator (`super`) delivers them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use mvcc::{KeyRange, MvccStore};
 use proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -12,6 +16,8 @@ use raftstore::feed::{AppliedRun, FeedEvent, FeedReceiver};
 use raftstore::RegionHandle;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::remote::REMOTE_POLL;
+use crate::forward::RegionChanges;
 use crate::leader::check_spans;
 use crate::{Error, Result, Router};
 
@@ -21,23 +27,39 @@ pub(super) enum PieceEnd {
     /// The region changed (split, merge, snapshot, replica gone) or the
     /// feed lagged: catch up from MVCC again.
     LayoutChanged,
+    /// The region is compacted above the revision the watch was at.
+    Compacted(i64),
     Failed(Error),
 }
 
 pub(super) struct Piece {
-    handle: RegionHandle,
+    region_id: u64,
     span: KeyRange,
-    feed: FeedReceiver,
-    mvcc: MvccStore,
     prev_kv: bool,
-    /// The changes of the log up to this index are in `pending` (or
-    /// delivered, or below the watch's start).
-    applied_index: u64,
     /// No change at or below this revision can still come from the
-    /// region (its replica's own bound).
+    /// region (the replica's own bound, or the one its leader answered).
     resolved: i64,
     /// Changes not delivered yet, by (revision, sub-revision).
     pending: BTreeMap<(i64, u32), Event>,
+    source: Source,
+}
+
+/// Where a piece's changes come from.
+enum Source {
+    Local {
+        feed: FeedReceiver,
+        mvcc: MvccStore,
+        /// The changes of the log up to this index are in `pending` (or
+        /// delivered, or below the watch's start).
+        applied_index: u64,
+    },
+    /// The answers of the region's leader's node, asked every
+    /// [`REMOTE_POLL`] by a task of the piece's own (so that a busy local
+    /// region's feed cannot keep cancelling the asking).
+    Remote {
+        answers: mpsc::Receiver<Result<RegionChanges>>,
+        _task: AbortOnDrop,
+    },
 }
 
 impl Piece {
@@ -71,28 +93,81 @@ impl Piece {
         }
         drop(view);
         Ok(Ok(Piece {
-            handle,
+            region_id: handle.region_id(),
             span,
-            feed,
-            mvcc,
             prev_kv,
-            applied_index: state.applied_index,
             resolved,
             pending,
+            source: Source::Local {
+                feed,
+                mvcc,
+                applied_index: state.applied_index,
+            },
         }))
     }
 
+    /// Starts following the keys of `span` in region `region_id`, which
+    /// has no replica here, from revision `from`: a task asks the region's
+    /// leader's node at once, then every [`REMOTE_POLL`] after each
+    /// answer, for the changes after the last resolved revision.
+    pub fn start_remote(
+        router: &Arc<Router>,
+        region_id: u64,
+        span: KeyRange,
+        from: i64,
+        prev_kv: bool,
+    ) -> Piece {
+        let (tx, answers) = mpsc::channel(1);
+        let task = tokio::spawn({
+            let router = Arc::downgrade(router);
+            let span = span.clone();
+            async move {
+                let mut from = from;
+                loop {
+                    let Some(router) = router.upgrade() else {
+                        return;
+                    };
+                    let answer = router.remote_changes(&span, from, prev_kv).await;
+                    drop(router);
+                    if let Ok(a) = &answer {
+                        from = from.max(a.resolved + 1);
+                    }
+                    let failed = answer.is_err();
+                    if tx.send(answer).await.is_err() || failed {
+                        return;
+                    }
+                    tokio::time::sleep(REMOTE_POLL).await;
+                }
+            }
+        });
+        Piece {
+            region_id,
+            span,
+            prev_kv,
+            resolved: from - 1,
+            pending: BTreeMap::new(),
+            source: Source::Remote {
+                answers,
+                _task: AbortOnDrop(task),
+            },
+        }
+    }
+
     pub fn region_id(&self) -> u64 {
-        self.handle.region_id()
+        self.region_id
     }
 
     /// The revision at or below which the region can add no change: the
     /// replica's own bound, or the one its leader published once the
-    /// replica's changes up to the index that came with it are here.
+    /// replica's changes up to the index that came with it are here; for
+    /// a region without a replica here, the leader's last answer.
     pub fn resolved(&self, router: &Router) -> i64 {
+        let Source::Local { applied_index, .. } = &self.source else {
+            return self.resolved;
+        };
         let published = router
-            .published_resolved(self.handle.region_id())
-            .filter(|(_, index)| *index <= self.applied_index)
+            .published_resolved(self.region_id)
+            .filter(|(_, index)| index <= applied_index)
             .map_or(0, |(revision, _)| revision);
         self.resolved.max(published)
     }
@@ -107,10 +182,17 @@ impl Piece {
             .collect()
     }
 
-    /// Takes the replica's next apply run; `Some` when the piece cannot
-    /// go on. Cancel-safe.
+    /// Takes the replica's next apply run, or the leader's node's next
+    /// answer; `Some` when the piece cannot go on. Cancel-safe.
     pub async fn recv(&mut self) -> Option<PieceEnd> {
-        match self.feed.recv().await {
+        let feed = match &mut self.source {
+            Source::Local { feed, .. } => feed,
+            Source::Remote { answers, .. } => {
+                let answer = answers.recv().await;
+                return self.on_answer(answer);
+            }
+        };
+        match feed.recv().await {
             Ok(FeedEvent::Applied(run)) => self.on_run(&run).err().map(PieceEnd::Failed),
             Ok(FeedEvent::Reset) | Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
                 Some(PieceEnd::LayoutChanged)
@@ -118,12 +200,44 @@ impl Piece {
         }
     }
 
+    /// Takes the leader's node's answer (`None`: its task ended).
+    fn on_answer(&mut self, answer: Option<Result<RegionChanges>>) -> Option<PieceEnd> {
+        match answer {
+            Some(Ok(answer)) if answer.compact_revision > 0 => {
+                Some(PieceEnd::Compacted(answer.compact_revision))
+            }
+            Some(Ok(answer)) => {
+                for (sub, event) in answer.changes {
+                    let revision = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                    if revision > self.resolved {
+                        self.pending.insert((revision, sub), event);
+                    }
+                }
+                self.resolved = self.resolved.max(answer.resolved);
+                None
+            }
+            // Leader moved, region split or merged, a replica arrived
+            // here, node unreachable: take the regions again.
+            Some(Err(e)) if e.is_retryable() || e.layout_changed() => Some(PieceEnd::LayoutChanged),
+            Some(Err(e)) => Some(PieceEnd::Failed(e)),
+            None => Some(PieceEnd::LayoutChanged),
+        }
+    }
+
     fn on_run(&mut self, run: &AppliedRun) -> Result<()> {
-        if run.last_index <= self.applied_index {
+        let Source::Local {
+            mvcc,
+            applied_index,
+            ..
+        } = &mut self.source
+        else {
+            return Ok(());
+        };
+        if run.last_index <= *applied_index {
             // Read from MVCC at the start already.
             return Ok(());
         }
-        let view = self.prev_kv.then(|| self.mvcc.snapshot());
+        let view = self.prev_kv.then(|| mvcc.snapshot());
         for write in &run.writes {
             for m in write
                 .mutations
@@ -138,7 +252,7 @@ impl Piece {
                     .insert((write.revision, m.sub), event(m, write.revision, prev_kv));
             }
         }
-        self.applied_index = run.last_index;
+        *applied_index = run.last_index;
         self.resolved = self.resolved.max(run.resolved);
         Ok(())
     }
@@ -175,5 +289,14 @@ fn event(m: &Mutation, revision: i64, prev_kv: Option<KeyValue>) -> Event {
         r#type: kind as i32,
         kv: Some(kv),
         prev_kv,
+    }
+}
+
+/// Stops its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
