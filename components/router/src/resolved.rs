@@ -86,6 +86,20 @@ impl Router {
         futures::future::join_all(asks).await;
     }
 
+    /// Asks the leaders of `handles`' regions for their resolved
+    /// revisions now (all concurrently) and keeps the answers, as a
+    /// refresh of the tracker does: for a watch waiting on these regions.
+    pub(crate) async fn refresh_resolved_of(&self, handles: Vec<RegionHandle>) {
+        let asks = handles.into_iter().map(|handle| async move {
+            let start_key = handle.status().region.start_key;
+            match self.ask_read_index(&handle, start_key).await {
+                Ok(ri) => self.resolved.note(handle.region_id(), ri),
+                Err(e) => debug!(region_id = handle.region_id(), "no resolved revision: {e}"),
+            }
+        });
+        futures::future::join_all(asks).await;
+    }
+
     async fn ask_read_index(&self, handle: &RegionHandle, start_key: Vec<u8>) -> Result<ReadIndex> {
         if handle.status().ready_leader {
             return self

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use mvcc::KeyRange;
 use proto::mvccpb::Event;
+use raftstore::RegionHandle;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
@@ -49,6 +50,9 @@ use piece::{Piece, PieceEnd};
 /// How often a watch looks at the regions' published resolved revisions
 /// while no region applies anything.
 const RESOLVED_POLL: Duration = Duration::from_millis(100);
+/// The least time between two batches of resolved-revision asks of one
+/// watch.
+const ASK_SPACING: Duration = Duration::from_millis(10);
 /// How many updates may wait for the consumer before the watch stops
 /// reading its regions (their feeds then lag, and it catches up from
 /// MVCC once read again).
@@ -233,6 +237,7 @@ async fn round(
             Err(compact_revision) => return Ok(RoundEnd::Compacted(compact_revision)),
         }
     }
+    let mut asker = Asker::new();
     loop {
         let resolved = pieces.iter().map(|p| p.resolved(router)).min().unwrap_or(0);
         if resolved > delivery.delivered() {
@@ -244,12 +249,23 @@ async fn round(
                 return Ok(RoundEnd::Dropped);
             }
         }
+        if let Some(wanted) = pieces.iter().filter_map(Piece::highest_pending).max() {
+            // Changes wait for other regions: ask those regions' leaders
+            // now rather than at the tracker's next refresh.
+            let lagging = pieces
+                .iter()
+                .filter(|p| p.resolved(router) < wanted)
+                .filter_map(|p| p.local_replica().cloned())
+                .collect();
+            asker.ask(router, lagging);
+        }
         let next = futures::future::select_all(pieces.iter_mut().map(|p| Box::pin(p.recv())));
         let woke = tokio::select! {
             (end, i, rest) = next => {
                 drop(rest);
                 end.map(|end| (end, i))
             }
+            _ = asker.answered() => None,
             _ = tokio::time::sleep(RESOLVED_POLL) => None,
             _ = delivery.updates.closed() => return Ok(RoundEnd::Dropped),
         };
@@ -263,6 +279,59 @@ async fn round(
                 PieceEnd::Compacted(c) => Ok(RoundEnd::Compacted(c)),
                 PieceEnd::Failed(e) => Err(e),
             };
+        }
+    }
+}
+
+/// Asks regions' leaders for their resolved revisions on a watch's behalf
+/// (`Router::refresh_resolved_of`), one batch at a time and at most one
+/// batch per [`ASK_SPACING`] (a follower still applying, or a transaction
+/// holding its locks, keeps a region behind however often it is asked);
+/// dropping it stops the batch asked.
+struct Asker {
+    task: Option<tokio::task::JoinHandle<()>>,
+    last: Option<tokio::time::Instant>,
+    done_tx: mpsc::Sender<()>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Asker {
+    fn new() -> Asker {
+        let (done_tx, done) = mpsc::channel(1);
+        Asker {
+            task: None,
+            last: None,
+            done_tx,
+            done,
+        }
+    }
+
+    /// Asks for `regions` unless a batch is still being asked.
+    fn ask(&mut self, router: &Arc<Router>, regions: Vec<RegionHandle>) {
+        let busy = self.task.as_ref().is_some_and(|t| !t.is_finished());
+        let recent = self.last.is_some_and(|t| t.elapsed() < ASK_SPACING);
+        if regions.is_empty() || busy || recent {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        let router = router.clone();
+        let done = self.done_tx.clone();
+        self.task = Some(tokio::spawn(async move {
+            router.refresh_resolved_of(regions).await;
+            let _ = done.try_send(());
+        }));
+    }
+
+    /// Resolves when a batch was answered. Cancel-safe.
+    async fn answered(&mut self) {
+        let _ = self.done.recv().await;
+    }
+}
+
+impl Drop for Asker {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 }

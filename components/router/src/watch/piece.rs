@@ -47,6 +47,7 @@ pub(super) struct Piece {
 /// Where a piece's changes come from.
 enum Source {
     Local {
+        handle: RegionHandle,
         feed: FeedReceiver,
         mvcc: MvccStore,
         /// The changes of the log up to this index are in `pending` (or
@@ -99,6 +100,7 @@ impl Piece {
             resolved,
             pending,
             source: Source::Local {
+                handle,
                 feed,
                 mvcc,
                 applied_index: state.applied_index,
@@ -155,6 +157,22 @@ impl Piece {
 
     pub fn region_id(&self) -> u64 {
         self.region_id
+    }
+
+    /// This node's replica, if the piece follows one.
+    pub fn local_replica(&self) -> Option<&RegionHandle> {
+        match &self.source {
+            Source::Local { handle, .. } => Some(handle),
+            Source::Remote { .. } => None,
+        }
+    }
+
+    /// The highest revision of a change waiting for delivery.
+    pub fn highest_pending(&self) -> Option<i64> {
+        self.pending
+            .keys()
+            .next_back()
+            .map(|(revision, _)| *revision)
     }
 
     /// The revision at or below which the region can add no change: the
