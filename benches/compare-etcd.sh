@@ -18,6 +18,10 @@
 #                with its count, and whole paged lists (pages of 500 at the
 #                first page's revision, each counting the rest), as
 #                Kubernetes lists
+#   --watch      the watch workloads instead: 1, 100 and 10,000 watchers of
+#                one key each stream set, events timed from just before
+#                their put to their arrival (req/s is events/s, p99 the
+#                event latency)
 #   --rounds N   A/B rounds per workload (default 3, quick 1)
 #   --replicas N members per system (default 1; 3 = a 3-member etcd vs
 #                3 metastore-pd members + 3 nodes with 3 replicas)
@@ -38,6 +42,7 @@ BUILD=1
 OUT=""
 KEEP=0
 COUNT=0
+WATCH=0
 COUNT_KEYS=200000
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -45,6 +50,7 @@ while [[ $# -gt 0 ]]; do
         --rounds) ROUNDS="$2"; shift ;;
         --replicas) REPLICAS="$2"; shift ;;
         --count) COUNT=1 ;;
+        --watch) WATCH=1 ;;
         --count-keys) COUNT_KEYS="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT="$2"; shift ;;
@@ -271,6 +277,15 @@ if [[ $COUNT == 1 ]]; then
         "count_only $COUNT_KEYS keys, 1 client|--conns=1 --clients=1|range $PODS --count-only --total=$C"
         "first page of 500 with count, 1 client|--conns=1 --clients=1|range $PODS --limit=500 --total=$C"
         "paged list of $COUNT_KEYS keys (limit 500), 1 client|--conns=1 --clients=1|list /registry/pods/ --limit=500 --total=$L"
+    )
+fi
+
+if [[ $WATCH == 1 ]]; then
+    if [[ $QUICK == 1 ]]; then P1=500 P100=200 P10K=20; else P1=2000 P100=1000 P10K=100; fi
+    WORKLOADS=(
+        "watch 1 watcher|--conns=1 --clients=1|watch --streams=1 --watch-per-stream=1 --put-total=$P1"
+        "watch 100 watchers|--conns=10 --clients=10|watch --streams=10 --watch-per-stream=10 --put-total=$P100"
+        "watch 10000 watchers|--conns=10 --clients=10|watch --streams=100 --watch-per-stream=100 --put-total=$P10K"
     )
 fi
 
