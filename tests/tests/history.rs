@@ -11,6 +11,13 @@
 //!   3-member etcd, where the checker must find nothing (calibration);
 //! * a paused leader woken up with read-only txns queued for it.
 //!
+//! The first three runs also record watches through the same faults (one
+//! per node of the workload's prefix, a sub-range and a single key, with
+//! prev_kv, progress notifications and filters; resumed after breaks) and
+//! check them against the history (`test_support::watch_recorder`:
+//! ordered, unique, atomic, reliable, valid, bookmarkable, prev_kv,
+//! filtered, resumable); against etcd, a calibration of that checker.
+//!
 //! Each run prints its seeds: `METASTORE_SEED=<seed>` replays the workload,
 //! `NEMESIS_SEED=<seed>` the fault choices (timing still varies).
 
@@ -31,21 +38,28 @@ use test_support::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dev_node_cas_chains_with_cancelling_clients() {
     let seed = history::seed("dev_node_cas_chains_with_cancelling_clients");
-    let node = Node::start_dev();
+    let node = Node::start_dev_with(&[PROGRESS_NOTIFY_INTERVAL, "500ms"]);
     let executor = Arc::new(EtcdExecutor::connect(&[node.endpoint()], Claims::MetaStore).await);
     let mut cfg = RunConfig::cas_chains(seed, "cas", 60);
     cfg.duration = history::duration(Duration::from_secs(8));
-    let hist = history::run(executor.clone(), &cfg).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
     let report = history::check(executor.as_ref(), &hist, "dev_node_cas").await;
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}");
     assert!(report.ok > 300, "too few operations completed: {report}");
+    let watched = watches.check(&hist, "dev_node_cas").await;
+    assert!(watched.is_ok(), "seed {seed}:\n{watched}");
 }
 
+/// MetaStore's flag for periodic progress notifications (to watches that
+/// ask for them), set low so the recorded watches get some.
+const PROGRESS_NOTIFY_INTERVAL: &str = "--experimental-watch-progress-notify-interval";
+
 /// A workload under the nemesis with every fault `cluster` takes, MultiPuts
-/// (one Txn over several keys) and RangeAlls (a prefix Range) mixed in;
-/// checks the history, that enough multi-key operations completed and
-/// that every fault was injected.
+/// (one Txn over several keys) and RangeAlls (a prefix Range) mixed in,
+/// watches recorded next to it; checks the history and the watches, that
+/// enough multi-key operations completed and that every fault was
+/// injected.
 async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Claims) -> C {
     let seed = history::seed(name);
     let mut cluster = cluster;
@@ -69,7 +83,7 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
     cfg.duration = history::duration(Duration::from_secs(25));
     cfg.cancel_percent = 10;
     cfg.deadline = Duration::from_secs(5);
-    let hist = history::run(executor.clone(), &cfg).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
     let (cluster, log) = nemesis.stop().await;
     println!("{log}");
     cluster.leader_index().await;
@@ -84,6 +98,11 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
         report.multi_puts > 50 && report.range_alls > 40,
         "too few multi-key operations completed: {report}"
     );
+    let watched = watches.check(&hist, name).await;
+    assert!(
+        watched.is_ok(),
+        "{name} seed {seed}:\n{watched}\nfaults:\n{log}"
+    );
     for f in faults {
         assert!(log.injected(f) > 0, "{f} was never injected:\n{log}");
     }
@@ -94,7 +113,7 @@ async fn under_nemesis<C: Cluster + 'static>(name: &str, cluster: C, claims: Cla
 async fn metastore_cluster_under_nemesis() {
     let cluster = ProcessCluster::start_with(ProcessClusterOptions {
         pd_proxies: true,
-        ..Default::default()
+        node_args: vec![PROGRESS_NOTIFY_INTERVAL.into(), "500ms".into()],
     })
     .await;
     under_nemesis("metastore_nemesis", cluster, Claims::MetaStore).await;

@@ -7,6 +7,12 @@
 //! keys); where region boundaries fall between the keys (the split and
 //! merge runs) those are two-phase commits and multi-region reads.
 //!
+//! Every run also records watches (one per node of the workload's prefix,
+//! a sub-range and a single key; resumed after breaks) through the same
+//! faults, and checks them against the history
+//! (`test_support::watch_recorder`: ordered, unique, atomic, reliable,
+//! valid, bookmarkable, prev_kv, resumable).
+//!
 //! Each run prints its seed; `METASTORE_SEED=<seed>` replays the same
 //! workload and fault choices (timing still varies).
 
@@ -22,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use test_support::history::{self, RunConfig};
 use test_support::{
     OracleFault, RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster, RouterExecutor,
+    WatchRecorder,
 };
 
 /// One node, compare-and-swap chains from 16 clients, 40 % of calls
@@ -42,12 +49,14 @@ async fn cas_chains_with_cancelling_clients() {
     cfg.duration = history::duration(Duration::from_secs(6));
     cfg.deadline = Duration::from_secs(5);
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
-    let hist = history::run(executor.clone(), &cfg).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
     cluster.oracle(1).set_fault(OracleFault::None);
     let report = history::check(executor.as_ref(), &hist, "cas_chains").await;
     println!("{report}");
     assert!(report.is_ok(), "seed {seed}:\n{report}");
     assert!(report.ok > 300, "too few operations completed: {report}");
+    let watched = watches.check(&hist, "cas_chains").await;
+    assert!(watched.is_ok(), "seed {seed}:\n{watched}");
 }
 
 /// Three nodes; the raft network partitions the leader or another node,
@@ -102,9 +111,18 @@ async fn three_nodes_under_faults() {
     cfg.cancel_percent = 15;
     cfg.deadline = Duration::from_secs(5);
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
-    let hist = history::run(executor.clone(), &cfg).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
     let _ = chaos.await;
-    judge(&cluster, nemesis, &executor, &hist, "three_nodes", seed).await;
+    judge(
+        &cluster,
+        nemesis,
+        &executor,
+        &hist,
+        watches,
+        "three_nodes",
+        seed,
+    )
+    .await;
 }
 
 /// Weights of MultiPut and RangeAll in the runs that mix them in (the
@@ -151,8 +169,17 @@ async fn snapshots_under_load_and_faults() {
     cfg.cancel_percent = 15;
     cfg.deadline = Duration::from_secs(5);
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
-    let hist = history::run(executor.clone(), &cfg).await;
-    judge(&cluster, nemesis, &executor, &hist, "snapshots", seed).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
+    judge(
+        &cluster,
+        nemesis,
+        &executor,
+        &hist,
+        watches,
+        "snapshots",
+        seed,
+    )
+    .await;
     let delivered = cluster.raft().router.snapshots_delivered();
     println!("region snapshots delivered: {delivered}");
     assert!(delivered > 0, "no follower caught up by snapshot");
@@ -439,9 +466,9 @@ where
     cfg.cancel_percent = 15;
     cfg.deadline = Duration::from_secs(5);
     let executor = Arc::new(RouterExecutor::new(cluster.clone()));
-    let hist = history::run(executor.clone(), &cfg).await;
+    let (hist, watches) = history::run_watched(executor.clone(), &cfg).await;
     let outcome = chaos.await.unwrap_or_default();
-    judge(&cluster, nemesis, &executor, &hist, prefix, seed).await;
+    judge(&cluster, nemesis, &executor, &hist, watches, prefix, seed).await;
     (cluster, outcome)
 }
 
@@ -466,13 +493,15 @@ fn every_raft_fault(
     )
 }
 
-/// Ends the faults, waits for a leader and checks the history: no
-/// violation, and enough operations done to mean something.
+/// Ends the faults, waits for a leader and checks the history and the
+/// watches recorded next to it: no violation, and enough operations done
+/// to mean something.
 async fn judge(
     cluster: &RouterCluster,
     nemesis: RaftNemesis,
     executor: &RouterExecutor,
     hist: &History,
+    watches: WatchRecorder,
     name: &str,
     seed: u64,
 ) {
@@ -499,4 +528,8 @@ async fn judge(
             "too few multi-key operations completed: {report}"
         );
     }
+    let watched = tokio::time::timeout(bound, watches.check(hist, name))
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: checking the watches did not end"));
+    assert!(watched.is_ok(), "seed {seed}:\n{watched}\nfaults:\n{log}");
 }

@@ -16,12 +16,17 @@
 use std::time::Duration;
 
 use checker::{Consistency, KeyKv, Kv, Outcome, Request, RereadResult, Response};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    TxnOpResponse, WatchClient, WatchFilterType, WatchOptions,
 };
 
 use crate::history::Executor;
+use crate::watch_recorder::{WatchSource, WatchStream};
 
 /// Which errors count as "certainly not applied".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +37,7 @@ pub enum Claims {
 
 pub struct EtcdExecutor {
     clients: Vec<KvClient>,
+    watch_clients: Vec<WatchClient>,
     claims: Claims,
 }
 
@@ -39,10 +45,17 @@ impl EtcdExecutor {
     /// Connects one client to each of `endpoints` (all must be up now).
     pub async fn connect(endpoints: &[String], claims: Claims) -> EtcdExecutor {
         let mut clients = Vec::new();
+        let mut watch_clients = Vec::new();
         for ep in endpoints {
-            clients.push(crate::process::client(ep).await.kv_client());
+            let client = crate::process::client(ep).await;
+            clients.push(client.kv_client());
+            watch_clients.push(client.watch_client());
         }
-        EtcdExecutor { clients, claims }
+        EtcdExecutor {
+            clients,
+            watch_clients,
+            claims,
+        }
     }
 
     fn classify(&self, err: etcd_client::Error) -> Outcome {
@@ -293,4 +306,165 @@ fn key_kvs(kvs: &[KeyValue]) -> Vec<KeyKv> {
             kv: to_kv(kv),
         })
         .collect()
+}
+
+/// How often a watch asks for a progress notification (RequestProgress)
+/// while it may.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// With [`Claims::Etcd`], how long a watch must have received nothing
+/// before it asks for progress (once the run is over).
+const ETCD_QUIET: Duration = Duration::from_secs(1);
+
+/// Watches over etcd's Watch RPC, one gRPC stream per watch. A response
+/// is recorded as it came (no fragments: none are asked for); one without
+/// events that is neither created nor canceled is a progress notification
+/// (`requested` when it answers a RequestProgress: watch id -1). Each
+/// watch asks for progress every [`PROGRESS_EVERY`]: with
+/// [`Claims::MetaStore`] all along; with [`Claims::Etcd`] only once the
+/// run is over and the watch has received nothing for [`ETCD_QUIET`] —
+/// etcd 3.4 before 3.4.24 answers RequestProgress at once, ahead of the
+/// events still pending for the watch (etcd-io/etcd#15220), which the
+/// checker rightly reports.
+#[async_trait::async_trait]
+impl WatchSource for EtcdExecutor {
+    fn endpoints(&self) -> usize {
+        self.watch_clients.len()
+    }
+
+    async fn open(
+        &self,
+        endpoint: usize,
+        request: &checker::Watch,
+        catching_up: Arc<AtomicBool>,
+    ) -> Result<(Box<dyn WatchStream>, checker::WatchResponse), String> {
+        let mut options = WatchOptions::new().with_start_revision(request.start_revision);
+        if !request.range_end.is_empty() {
+            options = options.with_range(request.range_end.clone());
+        }
+        if request.prev_kv {
+            options = options.with_prev_key();
+        }
+        if request.progress_notify {
+            options = options.with_progress_notify();
+        }
+        let mut filters = Vec::new();
+        if request.no_put {
+            filters.push(WatchFilterType::NoPut);
+        }
+        if request.no_delete {
+            filters.push(WatchFilterType::NoDelete);
+        }
+        if !filters.is_empty() {
+            options = options.with_filters(filters);
+        }
+        let mut client = self.watch_clients[endpoint].clone();
+        let mut stream = client
+            .watch(request.key.clone(), Some(options))
+            .await
+            .map_err(|e| e.to_string())?;
+        let first = stream
+            .message()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the stream ended before the created response")?;
+        if !first.created() || first.canceled() {
+            return Err(format!("not created: {first:?}"));
+        }
+        let created = checker::WatchResponse {
+            revision: revision(first.header()),
+            created: true,
+            ..Default::default()
+        };
+        let stream = EtcdWatchStream {
+            stream,
+            tick: tokio::time::interval(PROGRESS_EVERY),
+            always: self.claims == Claims::MetaStore,
+            catching_up,
+            last_message: Instant::now(),
+        };
+        Ok((Box::new(stream), created))
+    }
+
+    async fn current_revision(&self) -> Result<i64, String> {
+        let mut last = String::new();
+        for client in &self.clients {
+            let mut kv = client.clone();
+            let get = kv.get(b"watch-recorder/current".to_vec(), None);
+            match tokio::time::timeout(Duration::from_secs(5), get).await {
+                Ok(Ok(r)) => return Ok(revision(r.header())),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// One watch of an [`EtcdExecutor`] (see its [`WatchSource`]).
+struct EtcdWatchStream {
+    stream: etcd_client::WatchStream,
+    tick: tokio::time::Interval,
+    /// Ask for progress all along, not only while catching up.
+    always: bool,
+    catching_up: Arc<AtomicBool>,
+    last_message: Instant,
+}
+
+#[async_trait::async_trait]
+impl WatchStream for EtcdWatchStream {
+    async fn next(&mut self) -> Result<checker::WatchResponse, String> {
+        loop {
+            tokio::select! {
+                m = self.stream.message() => {
+                    self.last_message = Instant::now();
+                    let resp = match m {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => return Err("the stream ended".into()),
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    if resp.canceled() && resp.compact_revision() == 0 {
+                        eprintln!("watch canceled: {:?}", resp.cancel_reason());
+                    }
+                    let events: Vec<checker::WatchEvent> = resp.events().iter().map(to_event).collect();
+                    let progress = events.is_empty() && !resp.created() && !resp.canceled();
+                    return Ok(checker::WatchResponse {
+                        revision: revision(resp.header()),
+                        created: resp.created(),
+                        canceled: resp.canceled(),
+                        compact_revision: resp.compact_revision(),
+                        progress,
+                        requested: progress && resp.watch_id() == -1,
+                        events,
+                    });
+                }
+                _ = self.tick.tick() => {
+                    let ask = self.always
+                        || (self.catching_up.load(Ordering::SeqCst)
+                            && self.last_message.elapsed() >= ETCD_QUIET);
+                    if ask {
+                        self.stream.request_progress().await.map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An etcd-client event as the checker records it.
+fn to_event(e: &etcd_client::Event) -> checker::WatchEvent {
+    let kind = match e.event_type() {
+        etcd_client::EventType::Put => checker::EventType::Put,
+        etcd_client::EventType::Delete => checker::EventType::Delete,
+    };
+    checker::WatchEvent {
+        kind,
+        key: e.kv().map(|kv| kv.key().to_vec()).unwrap_or_default(),
+        kv: e.kv().map(to_kv).unwrap_or(Kv {
+            value: Vec::new(),
+            create_revision: 0,
+            mod_revision: 0,
+            version: 0,
+        }),
+        prev_kv: e.prev_kv().map(to_kv),
+    }
 }

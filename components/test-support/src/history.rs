@@ -12,7 +12,9 @@
 //! and records everything with a [`checker::Recorder`]. [`check`] then
 //! re-reads what the checker asks for (historical reads, once nothing is in
 //! flight) and runs both checks; a failing report comes with the history
-//! written to a JSON file for replay.
+//! written to a JSON file for replay. [`run_watched`] records watches next
+//! to the run (`crate::watch_recorder`), checked against the same history
+//! by [`WatchRecorder::check`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ use checker::{
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::watch_recorder::{WatchRecorder, WatchSource};
 
 /// Carries checker requests to a store.
 #[async_trait::async_trait]
@@ -137,6 +141,19 @@ pub async fn run(executor: Arc<dyn Executor>, cfg: &RunConfig) -> History {
         let _ = t.await;
     }
     recorder.into_history()
+}
+
+/// [`run`] with watches recorded next to it: the watchers of
+/// `crate::watch_recorder` are open before the workload starts and keep
+/// recording (through the faults) until [`WatchRecorder::check`], which is
+/// to be called once nothing is in flight and the faults are healed.
+pub async fn run_watched<E>(executor: Arc<E>, cfg: &RunConfig) -> (History, WatchRecorder)
+where
+    E: Executor + WatchSource + 'static,
+{
+    let watches = WatchRecorder::start(executor.clone(), &cfg.workload.key_prefix).await;
+    let history = run(executor, cfg).await;
+    (history, watches)
 }
 
 /// Re-reads what the checker needs (once nothing is in flight) and checks

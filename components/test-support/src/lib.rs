@@ -18,6 +18,8 @@
 //! - [`history`]: seeded workloads recorded as histories and checked by the
 //!   `checker` crate, through an [`Executor`]: [`EtcdExecutor`] (real
 //!   processes, MetaStore or etcd) or [`RouterExecutor`] (in process).
+//! - [`watch_recorder`]: watches recorded through the same run (both
+//!   executors are [`WatchSource`]s) and checked against its history.
 
 pub mod cluster;
 pub mod etcd_executor;
@@ -30,6 +32,7 @@ pub mod raft_cluster;
 pub mod requests;
 pub mod router_cluster;
 pub mod router_executor;
+pub mod watch_recorder;
 
 pub use cluster::{Cluster, EtcdCluster, PdControl, ProcessCluster, ProcessClusterOptions};
 pub use etcd_executor::{Claims, EtcdExecutor};
@@ -43,6 +46,7 @@ pub use process::{bin_path, client, etcdctl, free_port, metastore_ctl, Etcd, Nod
 pub use proxy::{Proxy, ProxyMode};
 pub use router_cluster::RouterCluster;
 pub use router_executor::RouterExecutor;
+pub use watch_recorder::{WatchRecorder, WatchSource};
 
 /// Sends the logs of in-process nodes to the test's output when `RUST_LOG`
 /// names what to show (e.g. `RUST_LOG=router::txn=debug`); does nothing

@@ -5,15 +5,18 @@
 //! two phases), a RangeAll as a Range over the prefix (or a read-only Txn
 //! holding one; over several regions a multi-region read).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use checker::{Consistency, KeyKv, Kv, Outcome, Request, RereadResult, Response};
 use mvcc::exec::{WriteRequest, WriteResponse};
 use proto::etcdserverpb;
+use router::watch::WatchUpdate;
 use router::Router;
 
 use crate::history::Executor;
+use crate::watch_recorder::{WatchSource, WatchStream};
 use crate::RouterCluster;
 
 /// The checker's requests straight to the routers of a [`RouterCluster`]:
@@ -314,4 +317,150 @@ fn range_or_txn(
         }],
         ..Default::default()
     }))
+}
+
+/// How often a watch of a [`RouterExecutor`] looks whether it has a
+/// progress notification to record.
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+
+/// Watches through the routers' [`Router::watch`] (the aggregator; no
+/// gRPC, no filters): one update is one response (its `revision` the
+/// header revision), `Compacted` a canceled response with its compaction
+/// revision, and every [`PROGRESS_TICK`] a progress notification at the
+/// watch's delivered revision when that rose and every update up to it
+/// has been taken (`Watch::is_drained`). A watch ends when its node stops
+/// (it must not keep the stopped node's router, and with it its store).
+#[async_trait::async_trait]
+impl WatchSource for RouterExecutor {
+    fn endpoints(&self) -> usize {
+        self.cluster.ids().len()
+    }
+
+    fn filters(&self) -> bool {
+        false
+    }
+
+    async fn open(
+        &self,
+        endpoint: usize,
+        request: &checker::Watch,
+        _catching_up: Arc<AtomicBool>,
+    ) -> Result<(Box<dyn WatchStream>, checker::WatchResponse), String> {
+        let id = self.cluster.ids()[endpoint];
+        let mut stopped = Box::pin(self.cluster.stopped(id));
+        let Some(router) = self.cluster.router(id) else {
+            return Err(format!("node {id} is down"));
+        };
+        let range = mvcc::KeyRange::from_etcd(&request.key, &request.range_end);
+        let watch = tokio::select! {
+            w = router.watch(range, request.start_revision, request.prev_kv) => {
+                w.map_err(|e| format!("node {id}: {e}"))?
+            }
+            () = &mut stopped => return Err(format!("node {id} stopped")),
+        };
+        drop(router);
+        let created = checker::WatchResponse {
+            revision: watch.delivered(),
+            created: true,
+            ..Default::default()
+        };
+        let stream = RouterWatchStream {
+            seen: watch.delivered(),
+            watch,
+            stopped,
+            id,
+            tick: tokio::time::interval(PROGRESS_TICK),
+        };
+        Ok((Box::new(stream), created))
+    }
+
+    async fn current_revision(&self) -> Result<i64, String> {
+        let mut last = String::from("no node running");
+        for id in self.cluster.ids() {
+            let Some(router) = self.cluster.router(id) else {
+                continue;
+            };
+            match tokio::time::timeout(REREAD_TIMEOUT, router.current_revision()).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) => last = format!("node {id}: {e}"),
+                Err(_) => last = format!("node {id}: no answer within {REREAD_TIMEOUT:?}"),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// One watch of a [`RouterExecutor`] (see its [`WatchSource`]).
+struct RouterWatchStream {
+    watch: router::watch::Watch,
+    stopped: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    id: u64,
+    tick: tokio::time::Interval,
+    /// The highest revision recorded (events, progress notifications).
+    seen: i64,
+}
+
+#[async_trait::async_trait]
+impl WatchStream for RouterWatchStream {
+    async fn next(&mut self) -> Result<checker::WatchResponse, String> {
+        loop {
+            tokio::select! {
+                update = self.watch.next() => return match update {
+                    Some(Ok(WatchUpdate::Events { events, revision })) => {
+                        let events: Vec<checker::WatchEvent> = events.iter().map(to_event).collect();
+                        if let Some(top) = events.iter().map(|e| e.kv.mod_revision).max() {
+                            self.seen = self.seen.max(top);
+                        }
+                        Ok(checker::WatchResponse {
+                            revision,
+                            events,
+                            ..Default::default()
+                        })
+                    }
+                    Some(Ok(WatchUpdate::Compacted { compact_revision })) => {
+                        Ok(checker::WatchResponse {
+                            revision: compact_revision,
+                            canceled: true,
+                            compact_revision,
+                            ..Default::default()
+                        })
+                    }
+                    Some(Err(e)) => Err(format!("node {}: {e}", self.id)),
+                    None => Err(format!("node {}: the watch ended", self.id)),
+                },
+                () = &mut self.stopped => return Err(format!("node {} stopped", self.id)),
+                _ = self.tick.tick() => {
+                    // Read before looking at the queue: once it is empty,
+                    // every update up to this revision has been taken (and
+                    // recorded: this stream's caller records each before
+                    // asking for the next).
+                    let delivered = self.watch.delivered();
+                    if delivered > self.seen && self.watch.is_drained() {
+                        self.seen = delivered;
+                        return Ok(checker::WatchResponse {
+                            revision: delivered,
+                            progress: true,
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A router event as the checker records it.
+fn to_event(e: &proto::mvccpb::Event) -> checker::WatchEvent {
+    let kind = if e.r#type == proto::mvccpb::event::EventType::Delete as i32 {
+        checker::EventType::Delete
+    } else {
+        checker::EventType::Put
+    };
+    let kv = e.kv.clone().unwrap_or_default();
+    checker::WatchEvent {
+        kind,
+        key: kv.key.clone(),
+        kv: to_kv(&kv),
+        prev_kv: e.prev_kv.as_ref().map(to_kv),
+    }
 }
