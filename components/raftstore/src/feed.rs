@@ -22,7 +22,10 @@
 //!   its lock's base). It never decreases while the region keeps its range.
 //! * [`FeedEvent::Reset`] means what was published can no longer be
 //!   continued: the region's range changed (split, merge), a snapshot
-//!   replaced its data, or the replica was removed. A receiver starts over
+//!   replaced its data, the replica was removed — or the receiver
+//!   subscribed while a run was being applied whose writes were not
+//!   collected (nobody listened when it began), so the run cannot be
+//!   published. A receiver starts over
 //!   from MVCC (and subscribes again, to this or another replica).
 //! * A receiver more than [`FEED_CAPACITY`] events behind misses events:
 //!   its next receive says it lagged (and it must start over from MVCC,

@@ -198,6 +198,9 @@ impl Peer {
             let host = host.upgrade().ok_or(Error::Stopped(region_id))?;
             host.merge_source_state(source, index, term)
         };
+        // Read once: a receiver subscribing after this gets a run whose
+        // writes were not collected, and must be told to start over.
+        let observed = self.shared.feed.observed();
         let ctx = ApplyContext {
             kv: &self.kv,
             mvcc: &self.mvcc,
@@ -207,7 +210,7 @@ impl Peer {
             locks: &self.locks,
             merging: self.merging.as_ref(),
             source_state: &source_state,
-            observe: self.shared.feed.observed(),
+            observe: observed,
         };
         let (wb, outcome) = apply::apply_entries(ctx, entries, |cc| raw.apply_conf_change(cc));
         if outcome.aborted {
@@ -298,7 +301,10 @@ impl Peer {
             self.shared.locks.replace(&locks);
             self.locks = locks;
         }
-        if removed || old_version != self.region.region_epoch.map(|e| e.version) {
+        if removed || !observed || old_version != self.region.region_epoch.map(|e| e.version) {
+            // Nobody listened when the run began (its writes were not
+            // collected): anyone listening now starts over from MVCC,
+            // which a snapshot taken before this write would miss.
             self.shared.feed.reset();
         } else {
             // Every run, written or not: a subscriber counts the indexes
