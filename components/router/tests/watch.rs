@@ -381,3 +381,39 @@ async fn a_node_without_replicas_watches_through_the_leaders() {
     check(&updates, &expected);
     assert!(!spare.store().regions().is_empty(), "the replica moved");
 }
+
+/// A watch nobody reads while thousands of writes apply (its queue fills,
+/// its feeds fall more than their capacity behind) holds up no writer,
+/// and once read delivers the whole history, caught up from MVCC in
+/// batches that never cut a revision; so does a watch started afterwards
+/// from the first revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_read_late_misses_nothing() {
+    let cluster = RouterCluster::new(1).await;
+    cluster.leader().await;
+    let router = cluster.router(1).unwrap();
+    let first = must_write(&router, put("slow/a", "start")).await;
+    must_split(&cluster, "slow/m").await;
+    let range = prefix("slow/");
+    let mut watch = router.watch(range.clone(), first, true).await.unwrap();
+    let mut last = first;
+    for i in 0..(raftstore::feed::FEED_CAPACITY + 500) {
+        // Three changes a revision, on both sides of the split: a batch
+        // of 1,024 ends inside one (the replay below: 1 + 3 × 341).
+        let ops = ["slow/b", "slow/t", "slow/x"]
+            .iter()
+            .map(|k| put_op(&format!("{k}{}", i % 7), &format!("v{i}")))
+            .collect();
+        let req = WriteRequest::Txn(TxnRequest {
+            success: ops,
+            ..Default::default()
+        });
+        last = must_write(&router, req).await;
+    }
+    let expected = history(&router, &range, first, last);
+    let updates = collect_until(&mut watch, last).await;
+    check(&updates, &expected);
+    let mut replay = router.watch(range.clone(), first, true).await.unwrap();
+    let updates = collect_until(&mut replay, last).await;
+    check(&updates, &expected);
+}

@@ -24,7 +24,10 @@
 //!   with [`WatchUpdate::Compacted`] (etcd's compacted watch cancel).
 //! * Splits, merges, snapshots, removed replicas and lagging feeds are
 //!   invisible: the watch takes the range's regions again and catches up
-//!   from MVCC after the last revision it delivered. Errors that cannot
+//!   from MVCC after the last revision it delivered. A long history is
+//!   caught up batch by batch (about a thousand changes per region each,
+//!   a revision never cut), so a watch's memory stays bounded however far
+//!   back it starts and however slowly it is read. Errors that cannot
 //!   be retried end the watch with `Err`.
 //! * Each region of the range is followed through this node's replica
 //!   (leader or follower); a region without a replica here through its
@@ -248,6 +251,10 @@ async fn round(
             if !delivery.deliver(events, resolved).await {
                 return Ok(RoundEnd::Dropped);
             }
+        }
+        if pieces.iter().any(|p| p.backlog_done(delivery.delivered())) {
+            // A batch of history is out: read the next one.
+            return Ok(RoundEnd::LayoutChanged);
         }
         if let Some(wanted) = pieces.iter().filter_map(Piece::highest_pending).max() {
             // Changes wait for other regions: ask those regions' leaders

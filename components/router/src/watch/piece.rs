@@ -61,7 +61,16 @@ enum Source {
         answers: mpsc::Receiver<Result<RegionChanges>>,
         _task: AbortOnDrop,
     },
+    /// A batch of a long history read from this node's replica: every
+    /// change of the piece up to `cap` is in `pending`. Once the watch
+    /// delivered up to `cap` it takes its regions again and reads on.
+    Backlog { cap: i64 },
 }
+
+/// How many changes a piece reads from MVCC at once when it catches up:
+/// more history than this is read batch by batch, one round each, so a
+/// watch's memory stays bounded however far back it starts.
+const CATCH_UP_BATCH: usize = 1024;
 
 impl Piece {
     /// Starts following the keys of `span` (in `handle`'s region) from
@@ -76,8 +85,11 @@ impl Piece {
         from: i64,
         prev_kv: bool,
     ) -> Result<std::result::Result<Piece, i64>> {
-        let feed = handle.subscribe_changes();
         let mvcc = router.mvcc.clone();
+        if let Some(piece) = Self::backlog(router, &mvcc, &handle, &span, from, prev_kv)? {
+            return Ok(piece);
+        }
+        let feed = handle.subscribe_changes();
         let view = mvcc.snapshot();
         let state = handle.read_state(&view)?;
         check_spans(&state.region, std::slice::from_ref(&span))?;
@@ -106,6 +118,71 @@ impl Piece {
                 applied_index: state.applied_index,
             },
         }))
+    }
+
+    /// The first batch of the changes of `span` from `from` on if there
+    /// are more than [`CATCH_UP_BATCH`], as a backlog piece (or the
+    /// compaction revision); `None` if they fit one batch, or the region
+    /// cannot tell yet that no change up to the batch's end is still to
+    /// come (then everything is read at once).
+    fn backlog(
+        router: &Router,
+        mvcc: &MvccStore,
+        handle: &RegionHandle,
+        span: &KeyRange,
+        from: i64,
+        prev_kv: bool,
+    ) -> Result<Option<std::result::Result<Piece, i64>>> {
+        let view = mvcc.snapshot();
+        let state = handle.read_state(&view)?;
+        check_spans(&state.region, std::slice::from_ref(span))?;
+        if from < state.compact_revision {
+            return Ok(Some(Err(state.compact_revision)));
+        }
+        let mut changes = view.changes(span, from, i64::MAX - 1, CATCH_UP_BATCH + 1, prev_kv)?;
+        if changes.len() <= CATCH_UP_BATCH {
+            return Ok(None);
+        }
+        let revision = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        // The last revision read may be cut short: leave it to the next
+        // batch, unless it is the only one (then read it whole).
+        let last = changes.last().map_or(0, |(_, e)| revision(e));
+        changes.retain(|(_, e)| revision(e) < last);
+        let cap = match changes.last() {
+            Some((_, e)) => revision(e),
+            None => {
+                changes = view.changes(span, last, last, 0, prev_kv)?;
+                last
+            }
+        };
+        // The replica's own bound stays at its last single-region write
+        // while only transactions over several regions commit there; the
+        // one its leader published covers those.
+        let published = router
+            .published_resolved(handle.region_id())
+            .filter(|(_, index)| *index <= state.applied_index)
+            .map_or(0, |(revision, _)| revision);
+        if handle.resolved_revision(&view, &state)?.max(published) < cap {
+            return Ok(None);
+        }
+        let pending = changes
+            .into_iter()
+            .map(|(sub, e)| ((revision(&e), sub), e))
+            .collect();
+        Ok(Some(Ok(Piece {
+            region_id: handle.region_id(),
+            span: span.clone(),
+            prev_kv,
+            resolved: cap,
+            pending,
+            source: Source::Backlog { cap },
+        })))
+    }
+
+    /// Whether this piece is a batch of history that the watch has
+    /// delivered up to `delivered` (it then takes its regions again).
+    pub fn backlog_done(&self, delivered: i64) -> bool {
+        matches!(self.source, Source::Backlog { cap } if delivered >= cap)
     }
 
     /// Starts following the keys of `span` in region `region_id`, which
@@ -163,7 +240,7 @@ impl Piece {
     pub fn local_replica(&self) -> Option<&RegionHandle> {
         match &self.source {
             Source::Local { handle, .. } => Some(handle),
-            Source::Remote { .. } => None,
+            Source::Remote { .. } | Source::Backlog { .. } => None,
         }
     }
 
@@ -181,6 +258,7 @@ impl Piece {
     /// a region without a replica here, the leader's last answer.
     pub fn resolved(&self, router: &Router) -> i64 {
         let Source::Local { applied_index, .. } = &self.source else {
+            // Remote: the leader's last answer; backlog: its batch.
             return self.resolved;
         };
         let published = router
@@ -209,6 +287,8 @@ impl Piece {
                 let answer = answers.recv().await;
                 return self.on_answer(answer);
             }
+            // The round ends once its batch is delivered.
+            Source::Backlog { .. } => return std::future::pending().await,
         };
         match feed.recv().await {
             Ok(FeedEvent::Applied(run)) => self.on_run(&run).err().map(PieceEnd::Failed),
