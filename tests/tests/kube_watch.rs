@@ -59,6 +59,16 @@ fn compare_mod(key: &[u8], rev: i64) -> Compare {
     }
 }
 
+/// A Txn operation reading `key`.
+fn get_op(key: &[u8]) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestRange(RangeRequest {
+            key: key.to_vec(),
+            ..Default::default()
+        })),
+    }
+}
+
 /// Kubernetes' writes: create, update and delete of objects, each a Txn
 /// guarded by the mod revision the writer last saw.
 async fn writer(mut kv: KvClient<Channel>, seed: u64, stop: Arc<AtomicBool>) -> usize {
@@ -88,12 +98,7 @@ async fn writer(mut kv: KvClient<Channel>, seed: u64, stop: Arc<AtomicBool>) -> 
         let txn = TxnRequest {
             compare: vec![compare_mod(&key, rev)],
             success: vec![RequestOp { request: Some(op) }],
-            failure: vec![RequestOp {
-                request: Some(Op::RequestRange(RangeRequest {
-                    key: key.clone(),
-                    ..Default::default()
-                })),
-            }],
+            failure: vec![get_op(&key)],
         };
         let Ok(resp) = kv.txn(txn).await else {
             continue;
@@ -150,12 +155,7 @@ async fn compactor(mut kv: KvClient<Channel>, stop: Arc<AtomicBool>) -> usize {
                     ..Default::default()
                 })),
             }],
-            failure: vec![RequestOp {
-                request: Some(Op::RequestRange(RangeRequest {
-                    key: key.clone(),
-                    ..Default::default()
-                })),
-            }],
+            failure: vec![get_op(&key)],
         };
         let Ok(resp) = kv.txn(txn).await else {
             continue;

@@ -286,8 +286,19 @@ async fn differential(node_args: &[&str], seed: u64, min_regions: usize) {
     }
     assert_eq!(revs[0], revs[1], "the same writes, the same revisions");
     let last = revs[0];
-    let regions = regions(&node.endpoint());
-    assert!(regions >= min_regions, "{regions} regions");
+    // The splits run behind the writes (every split check interval).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let regions = regions(&node.endpoint());
+        if regions >= min_regions {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{regions} regions, not {min_regions}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let reqs = watches(seed, last);
     let want = run_watches(&etcd.endpoint(), &reqs).await;
     let got = run_watches(&node.endpoint(), &reqs).await;

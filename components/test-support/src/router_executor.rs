@@ -71,20 +71,6 @@ fn txn_kv(t: &etcdserverpb::TxnResponse) -> Option<Kv> {
 /// How long one node may take to answer a re-read.
 const REREAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The end of etcd's prefix range: the prefix with its last byte below
-/// 0xff raised by one (trailing 0xff bytes dropped); `[0]` (every key) for
-/// an empty or all-0xff prefix, as etcd does.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// The etcd request a checker request stands for.
 fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
     use etcdserverpb::{
@@ -120,7 +106,7 @@ fn to_etcd(req: &Request) -> Result<WriteRequest, etcdserverpb::RangeRequest> {
             txn,
         } => {
             let r = RangeRequest {
-                range_end: prefix_end(prefix),
+                range_end: checker::watch::prefix_end(prefix),
                 ..range(prefix, *consistency == Consistency::Serializable)
             };
             range_or_txn(r, *txn)
