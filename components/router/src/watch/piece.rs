@@ -76,8 +76,10 @@ impl Piece {
     /// Starts following the keys of `span` (in `handle`'s region) from
     /// revision `from`: subscribes to the replica's feed, then reads the
     /// changes it already applied from one MVCC snapshot (the feed repeats
-    /// the runs up to that snapshot; they are skipped). `Ok(Err(c))`: the
-    /// region is compacted at `c`, above `from`.
+    /// the runs up to that snapshot; they are skipped). More than
+    /// [`CATCH_UP_BATCH`] changes make it a backlog piece holding the
+    /// first batch, without the feed. `Ok(Err(c))`: the region is
+    /// compacted at `c`, above `from`.
     pub fn start(
         router: &Router,
         handle: RegionHandle,
@@ -85,11 +87,8 @@ impl Piece {
         from: i64,
         prev_kv: bool,
     ) -> Result<std::result::Result<Piece, i64>> {
-        let mvcc = router.mvcc.clone();
-        if let Some(piece) = Self::backlog(router, &mvcc, &handle, &span, from, prev_kv)? {
-            return Ok(piece);
-        }
         let feed = handle.subscribe_changes();
+        let mvcc = router.mvcc.clone();
         let view = mvcc.snapshot();
         let state = handle.read_state(&view)?;
         check_spans(&state.region, std::slice::from_ref(&span))?;
@@ -99,10 +98,30 @@ impl Piece {
         let resolved = handle.resolved_revision(&view, &state)?;
         // Up to every revision: a transaction's commit may be applied at
         // a revision above the region's applied revision.
-        let mut pending = BTreeMap::new();
-        for (sub, event) in view.changes(&span, from, i64::MAX - 1, 0, prev_kv)? {
-            let revision = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            pending.insert((revision, sub), event);
+        let mut changes = view.changes(&span, from, i64::MAX - 1, CATCH_UP_BATCH + 1, prev_kv)?;
+        if changes.len() > CATCH_UP_BATCH {
+            // The replica's own bound stays at its last single-region
+            // write while only transactions over several regions commit
+            // there; the one its leader published covers those.
+            let published = router
+                .published_resolved(handle.region_id())
+                .filter(|(_, index)| *index <= state.applied_index)
+                .map_or(0, |(revision, _)| revision);
+            let bound = resolved.max(published);
+            match first_batch(&view, &span, changes, prev_kv, bound)? {
+                Some((cap, batch)) => {
+                    return Ok(Ok(Piece {
+                        region_id: handle.region_id(),
+                        span,
+                        prev_kv,
+                        resolved: cap,
+                        pending: batch.into_iter().map(keyed).collect(),
+                        source: Source::Backlog { cap },
+                    }))
+                }
+                // Not known to be complete yet: everything at once.
+                None => changes = view.changes(&span, from, i64::MAX - 1, 0, prev_kv)?,
+            }
         }
         drop(view);
         Ok(Ok(Piece {
@@ -110,7 +129,7 @@ impl Piece {
             span,
             prev_kv,
             resolved,
-            pending,
+            pending: changes.into_iter().map(keyed).collect(),
             source: Source::Local {
                 handle,
                 feed,
@@ -118,65 +137,6 @@ impl Piece {
                 applied_index: state.applied_index,
             },
         }))
-    }
-
-    /// The first batch of the changes of `span` from `from` on if there
-    /// are more than [`CATCH_UP_BATCH`], as a backlog piece (or the
-    /// compaction revision); `None` if they fit one batch, or the region
-    /// cannot tell yet that no change up to the batch's end is still to
-    /// come (then everything is read at once).
-    fn backlog(
-        router: &Router,
-        mvcc: &MvccStore,
-        handle: &RegionHandle,
-        span: &KeyRange,
-        from: i64,
-        prev_kv: bool,
-    ) -> Result<Option<std::result::Result<Piece, i64>>> {
-        let view = mvcc.snapshot();
-        let state = handle.read_state(&view)?;
-        check_spans(&state.region, std::slice::from_ref(span))?;
-        if from < state.compact_revision {
-            return Ok(Some(Err(state.compact_revision)));
-        }
-        let mut changes = view.changes(span, from, i64::MAX - 1, CATCH_UP_BATCH + 1, prev_kv)?;
-        if changes.len() <= CATCH_UP_BATCH {
-            return Ok(None);
-        }
-        let revision = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-        // The last revision read may be cut short: leave it to the next
-        // batch, unless it is the only one (then read it whole).
-        let last = changes.last().map_or(0, |(_, e)| revision(e));
-        changes.retain(|(_, e)| revision(e) < last);
-        let cap = match changes.last() {
-            Some((_, e)) => revision(e),
-            None => {
-                changes = view.changes(span, last, last, 0, prev_kv)?;
-                last
-            }
-        };
-        // The replica's own bound stays at its last single-region write
-        // while only transactions over several regions commit there; the
-        // one its leader published covers those.
-        let published = router
-            .published_resolved(handle.region_id())
-            .filter(|(_, index)| *index <= state.applied_index)
-            .map_or(0, |(revision, _)| revision);
-        if handle.resolved_revision(&view, &state)?.max(published) < cap {
-            return Ok(None);
-        }
-        let pending = changes
-            .into_iter()
-            .map(|(sub, e)| ((revision(&e), sub), e))
-            .collect();
-        Ok(Some(Ok(Piece {
-            region_id: handle.region_id(),
-            span: span.clone(),
-            prev_kv,
-            resolved: cap,
-            pending,
-            source: Source::Backlog { cap },
-        })))
     }
 
     /// Whether this piece is a batch of history that the watch has
@@ -397,4 +357,40 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Changes read from MVCC: (sub-revision, event), in (revision, sub)
+/// order.
+type Changes = Vec<(u32, Event)>;
+
+/// A change keyed by (revision, sub-revision).
+fn keyed((sub, event): (u32, Event)) -> ((i64, u32), Event) {
+    let revision = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+    ((revision, sub), event)
+}
+
+/// The first batch of a history read `changes` found longer than
+/// [`CATCH_UP_BATCH`] (`CATCH_UP_BATCH + 1` of them, from `view`): its
+/// last revision cut off (left to the next batch), unless it is the only
+/// one (then read whole), with the batch's last revision. `None` when the
+/// region cannot tell yet that no change up to it is still to come
+/// (`bound`, its resolved revision, is below).
+fn first_batch(
+    view: &mvcc::MvccSnapshot<'_>,
+    span: &KeyRange,
+    mut changes: Changes,
+    prev_kv: bool,
+    bound: i64,
+) -> Result<Option<(i64, Changes)>> {
+    let revision = |e: &Event| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+    let last = changes.last().map_or(0, |(_, e)| revision(e));
+    changes.retain(|(_, e)| revision(e) < last);
+    let cap = match changes.last() {
+        Some((_, e)) => revision(e),
+        None => {
+            changes = view.changes(span, last, last, 0, prev_kv)?;
+            last
+        }
+    };
+    Ok((bound >= cap).then_some((cap, changes)))
 }
