@@ -63,9 +63,7 @@
 //! * a `ComputeHash` (consistency check) changes nothing but ends the run
 //!   after itself: the outcome names its index (`compute_hash`), and the
 //!   replica hashes its state once the batch is written, before applying
-//!   the rest; a `VerifyHash` changes nothing either and is listed in the
-//!   outcome (`verify_hash`) for the replica to compare (see the
-//!   `consistency` module);
+//!   the rest (see the `consistency` module);
 //! * an undecodable command or one without a body fails with `Corrupted`;
 //! * a membership change is checked and turned into the new region meta by
 //!   the `membership` module; the meta is staged as the region state
@@ -166,8 +164,6 @@ pub(crate) struct ApplyOutcome {
     pub waiting_source: bool,
     /// A `ComputeHash` applied at this index, the run's last entry.
     pub compute_hash: Option<u64>,
-    /// The `VerifyHash`es applied: (`ComputeHash` index, leader's hash).
-    pub verify_hash: Vec<(u64, u32)>,
     /// The writes applied, in entry order, when the context asked for
     /// them (`observe`).
     pub writes: Vec<AppliedWrite>,
@@ -243,7 +239,6 @@ pub(crate) fn apply_entries(
             aborted: false,
             waiting_source: false,
             compute_hash: None,
-            verify_hash: Vec::new(),
             writes: Vec::new(),
         },
     };
@@ -481,10 +476,6 @@ impl Run<'_> {
             }
             Some(Cmd::ComputeHash(_)) => {
                 self.outcome.compute_hash = Some(e.index);
-                Ok(())
-            }
-            Some(Cmd::VerifyHash(v)) => {
-                self.outcome.verify_hash.push((v.index, v.hash));
                 Ok(())
             }
             None => Err(Error::Corrupted("raft command without a body".into())),

@@ -1,5 +1,5 @@
 //! The consistency check of a region's replicas, in the manner of TiKV's
-//! ComputeHash / VerifyHash.
+//! ComputeHash, judged by majority as etcd 3.6's corruption check is.
 //!
 //! 1. Every `StoreOptions::consistency_check_interval` (0: never) a ready
 //!    leader proposes `ComputeHash` (with the region's epoch).
@@ -13,22 +13,35 @@
 //!    only what a compaction leaves, so physical clean-up progress does not
 //!    matter) with its applied and compaction revisions. The answer comes
 //!    back to the replica as `PeerMsg::HashComputed`.
-//! 3. A ready leader whose hash of `I` is done proposes `VerifyHash { I,
-//!    hash }` with the epoch it hashed under. Every replica applying it
-//!    compares its own hash of `I` (now, or once computed); a difference is
-//!    an [`Inconsistency`], logged and published through the store
-//!    (`Store::inconsistencies`) for the node to raise etcd's CORRUPT alarm.
+//! 3. A follower sends its hash of `I` to the leader it knows, in a raft
+//!    message without raft payload (`RaftMessage::hash_report`).
+//! 4. The replica receiving reports (the leader) judges once its own hash
+//!    of `I` is done, and again at every later report ([`Judgement`]):
+//!    when a majority of the region's peers agree on one hash, every peer
+//!    that reported another is an [`Inconsistency`]; when every peer
+//!    reported and no majority agrees, every one is. An inconsistency is
+//!    logged and published through the judging store
+//!    (`Store::inconsistencies`), naming the node whose replica differs,
+//!    for the node to raise etcd's CORRUPT alarm for that member. So a
+//!    leader whose own state went wrong is named by itself, not its
+//!    healthy followers (comparing with the leader alone, as etcd 3.4
+//!    does, would blame them). A check where every peer reported the
+//!    same hash counts as passed (`Store::consistency_checks_passed`).
 //!
 //! No false positives: hashes are compared only for the same index `I`,
 //! and apply is deterministic, so healthy replicas that applied the same
 //! log prefix have equal states there. A replica that did not apply
 //! `ComputeHash` at `I` itself (it got a snapshot past `I`, or restarted
-//! after applying it and before hashing) has no hash of `I` and skips the
-//! comparison; a `VerifyHash` proposed under an epoch version the region
-//! no longer has (a split or merge in between) is refused by apply
-//! (`EpochNotMatch`) on every replica alike. A replica keeps the state of
-//! the latest `ComputeHash` only: an older `VerifyHash` is skipped.
+//! after applying it and before hashing) has no hash of `I` and reports
+//! nothing. A replica keeps the state of the latest `ComputeHash` only:
+//! reports of an older one are dropped; reports of a newer one (a follower
+//! may hash before the leader applied the entry) are kept for it. A
+//! leader change loses the reports sent to the old leader: that check is
+//! judged on what the new one got, or not at all.
+//! A missing report (a replica down, or behind) leaves the check
+//! undecided unless a majority agrees without it.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use engine::cf;
@@ -44,44 +57,61 @@ use crate::{Error, Result};
 /// How often region leaders start a check by default.
 pub const DEFAULT_CONSISTENCY_CHECK_INTERVAL: Duration = Duration::from_secs(600);
 
-/// A replica whose state at a `ComputeHash` index differs from the
-/// leader's.
+/// A replica whose state at a `ComputeHash` index differs from what the
+/// majority of its region's replicas hashed there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inconsistency {
     pub region_id: u64,
-    /// The node of the replica that found the difference (its own state
-    /// differs from the leader's).
+    /// The node of the replica whose state differs.
     pub node_id: u64,
     pub peer_id: u64,
     /// The `ComputeHash` entry's index.
     pub index: u64,
+    /// That replica's hash.
     pub hash: u32,
-    pub leader_hash: u32,
+    /// The hash a majority of the region's replicas agree on; `None` when
+    /// every replica reported and no majority agrees.
+    pub majority_hash: Option<u32>,
 }
 
-/// What a replica knows of the latest `ComputeHash` it applied.
+/// What a replica knows of the latest `ComputeHash` it applied or heard
+/// of.
 #[derive(Debug)]
 struct Computing {
     index: u64,
-    /// The region's epoch version when it was applied.
-    version: u64,
+    /// The region's epoch version when it was applied here (`None`: only
+    /// reports of it arrived yet).
+    version: Option<u64>,
+    /// Our hash of `index`, once computed.
     hash: Option<u32>,
-    /// A `VerifyHash` for `index` applied before `hash` was computed.
-    expected: Option<u32>,
-    /// Reported already (a second `VerifyHash` of the same index, from a
-    /// new leader, says nothing new).
-    reported: bool,
+    /// Other replicas' hashes of `index`, by peer id.
+    reports: HashMap<u64, u32>,
+    /// Peers named inconsistent already (each is named once).
+    named: HashSet<u64>,
+    passed: bool,
 }
 
-/// What a comparison found.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Nothing to compare yet, or nothing to compare with.
-    None,
-    /// The leader's hash and ours agree.
-    Consistent,
-    /// `(ours, the leader's)`, reported once per index.
-    Mismatch(u32, u32),
+impl Computing {
+    fn new(index: u64) -> Computing {
+        Computing {
+            index,
+            version: None,
+            hash: None,
+            reports: HashMap::new(),
+            named: HashSet::new(),
+            passed: false,
+        }
+    }
+}
+
+/// What judging a check found that was not found before.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Judgement {
+    /// Every peer reported, and all agree (once per check).
+    pub passed: bool,
+    /// `(peer id, its hash, the majority's hash)` of each peer newly found
+    /// to differ.
+    pub differing: Vec<(u64, u32, Option<u32>)>,
 }
 
 /// A replica's side of the check (see the module docs).
@@ -116,16 +146,21 @@ impl ConsistencyState {
         true
     }
 
+    /// The check at `index`, made the latest if it is newer; `None` if it
+    /// is older than the latest.
+    fn at(&mut self, index: u64) -> Option<&mut Computing> {
+        if self.computing.as_ref().is_none_or(|c| c.index < index) {
+            self.computing = Some(Computing::new(index));
+        }
+        self.computing.as_mut().filter(|c| c.index == index)
+    }
+
     /// `ComputeHash` applied at `index` under epoch `version`: its hash is
-    /// being computed.
+    /// being computed. Reports of it that came first are kept.
     pub(crate) fn start(&mut self, index: u64, version: u64) {
-        self.computing = Some(Computing {
-            index,
-            version,
-            hash: None,
-            expected: None,
-            reported: false,
-        });
+        if let Some(c) = self.at(index) {
+            c.version = Some(version);
+        }
     }
 
     /// Forgets the check in progress (a snapshot replaced the state).
@@ -133,45 +168,69 @@ impl ConsistencyState {
         self.computing = None;
     }
 
-    /// Our hash of `index` is done. Returns the epoch version to propose
-    /// `VerifyHash` under (if `index` is still the latest check), and the
-    /// verdict against a `VerifyHash` that came first.
-    pub(crate) fn computed(&mut self, index: u64, hash: u32) -> (Option<u64>, Verdict) {
-        let Some(c) = self.computing.as_mut().filter(|c| c.index == index) else {
-            return (None, Verdict::None);
-        };
-        c.hash = Some(hash);
-        let verdict = match c.expected {
-            Some(leader) => compare(c, hash, leader),
-            None => Verdict::None,
-        };
-        (Some(c.version), verdict)
-    }
-
-    /// `VerifyHash { index, hash: leader }` applied.
-    pub(crate) fn verify(&mut self, index: u64, leader: u32) -> Verdict {
-        let Some(c) = self.computing.as_mut().filter(|c| c.index == index) else {
-            return Verdict::None;
-        };
-        match c.hash {
-            Some(ours) => compare(c, ours, leader),
-            None => {
-                c.expected = Some(leader);
-                Verdict::None
+    /// Our hash of `index` is done: whether `index` is still the latest
+    /// check this replica applied (only then is the hash worth reporting).
+    pub(crate) fn computed(&mut self, index: u64, hash: u32) -> bool {
+        match self.computing.as_mut() {
+            Some(c) if c.index == index && c.version.is_some() => {
+                c.hash = Some(hash);
+                true
             }
+            _ => false,
         }
     }
-}
 
-fn compare(c: &mut Computing, ours: u32, leader: u32) -> Verdict {
-    if ours == leader {
-        return Verdict::Consistent;
+    /// Peer `from` hashed `index` to `hash`. Ignored if `index` is older
+    /// than the latest check here.
+    pub(crate) fn report(&mut self, from: u64, index: u64, hash: u32) {
+        if let Some(c) = self.at(index) {
+            c.reports.insert(from, hash);
+        }
     }
-    if c.reported {
-        return Verdict::None;
+
+    /// Judges the latest check as replica `me` of a region whose peers
+    /// are `peers`, once its own hash is done (see the module docs).
+    pub(crate) fn judge(&mut self, me: u64, peers: &[u64]) -> Judgement {
+        let mut found = Judgement::default();
+        let Some(c) = self.computing.as_mut() else {
+            return found;
+        };
+        let Some(own) = c.hash else {
+            return found;
+        };
+        let hashes: Vec<(u64, u32)> = peers
+            .iter()
+            .filter_map(|p| {
+                if *p == me {
+                    Some((me, own))
+                } else {
+                    c.reports.get(p).map(|h| (*p, *h))
+                }
+            })
+            .collect();
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for (_, h) in &hashes {
+            *counts.entry(*h).or_default() += 1;
+        }
+        let majority = counts
+            .iter()
+            .find(|(_, n)| **n > peers.len() / 2)
+            .map(|(h, _)| *h);
+        let all_in = hashes.len() == peers.len();
+        if majority.is_none() && !all_in {
+            return found;
+        }
+        for (peer, h) in hashes {
+            if Some(h) != majority && c.named.insert(peer) {
+                found.differing.push((peer, h, majority));
+            }
+        }
+        if all_in && counts.len() == 1 && !c.passed {
+            c.passed = true;
+            found.passed = true;
+        }
+        found
     }
-    c.reported = true;
-    Verdict::Mismatch(ours, leader)
 }
 
 /// The hash of `region`'s state as of `view`: its MVCC history in its key
@@ -238,24 +297,67 @@ pub(crate) fn spawn(
 mod tests {
     use super::*;
 
+    fn differing(j: &Judgement) -> Vec<(u64, u32, Option<u32>)> {
+        j.differing.clone()
+    }
+
     #[test]
-    fn verify_before_or_after_the_hash_compares_the_same_index_only() {
+    fn a_majority_names_the_replicas_that_differ_even_the_judge() {
+        let peers = [1, 2, 3];
         let mut s = ConsistencyState::new(Duration::ZERO);
-        // Nothing started: nothing to compare.
-        assert_eq!(s.verify(5, 1), Verdict::None);
+        // Nothing computed: nothing to judge.
+        s.report(2, 5, 7);
+        assert_eq!(s.judge(1, &peers), Judgement::default());
+        // A report arrived before the entry applied here: kept.
         s.start(5, 2);
-        assert_eq!(s.computed(5, 7), (Some(2), Verdict::None));
-        assert_eq!(s.verify(5, 7), Verdict::Consistent);
-        assert_eq!(s.verify(4, 8), Verdict::None, "another index");
+        assert!(s.computed(5, 7));
+        assert_eq!(
+            s.judge(1, &peers),
+            Judgement::default(),
+            "2 agree, 3 silent"
+        );
+        s.report(3, 5, 7);
+        let j = s.judge(1, &peers);
+        assert!(j.passed && j.differing.is_empty());
+        assert_eq!(s.judge(1, &peers), Judgement::default(), "passed once");
+
+        // The judge itself differs from the other two.
         s.start(9, 2);
-        assert_eq!(s.verify(9, 3), Verdict::None);
-        assert_eq!(s.computed(9, 4), (Some(2), Verdict::Mismatch(4, 3)));
-        // Reported once.
-        assert_eq!(s.verify(9, 3), Verdict::None);
-        // A stale hash of an older check.
-        assert_eq!(s.computed(5, 1), (None, Verdict::None));
+        assert!(s.computed(9, 4));
+        s.report(2, 9, 3);
+        assert_eq!(s.judge(1, &peers), Judgement::default(), "no majority yet");
+        s.report(3, 9, 3);
+        assert_eq!(differing(&s.judge(1, &peers)), vec![(1, 4, Some(3))]);
+        assert_eq!(s.judge(1, &peers), Judgement::default(), "named once");
+        // Reports of an older check, and a stale hash, are ignored.
+        s.report(2, 5, 1);
+        assert!(!s.computed(5, 1));
+        assert_eq!(s.judge(1, &peers), Judgement::default());
+    }
+
+    #[test]
+    fn a_follower_differing_is_named_and_no_majority_names_everyone() {
+        let mut s = ConsistencyState::new(Duration::ZERO);
+        s.start(4, 1);
+        assert!(s.computed(4, 10));
+        s.report(2, 4, 10);
+        s.report(3, 4, 11);
+        assert_eq!(differing(&s.judge(1, &[1, 2, 3])), vec![(3, 11, Some(10))]);
+        // Two replicas that differ: undecided until a third says.
+        s.start(8, 1);
+        assert!(s.computed(8, 10));
+        s.report(2, 8, 11);
+        assert_eq!(s.judge(1, &[1, 2, 3]), Judgement::default());
+        s.report(3, 8, 12);
+        let mut named = differing(&s.judge(1, &[1, 2, 3]));
+        named.sort();
+        assert_eq!(named, vec![(1, 10, None), (2, 11, None), (3, 12, None)]);
+        // A check whose hash was not computed here is never judged here.
         s.reset();
-        assert_eq!(s.verify(9, 3), Verdict::None);
+        s.report(2, 12, 1);
+        s.report(3, 12, 2);
+        assert!(!s.computed(12, 1), "not applied here");
+        assert_eq!(s.judge(1, &[1, 2, 3]), Judgement::default());
     }
 
     #[test]

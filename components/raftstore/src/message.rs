@@ -260,6 +260,7 @@ pub(crate) fn envelope(
         region_epoch: region.region_epoch,
         message,
         is_tombstone: false,
+        hash_report: None,
     })
 }
 
@@ -294,6 +295,7 @@ pub(crate) fn tombstone_reply(
         region_epoch: region.region_epoch,
         message: Vec::new(),
         is_tombstone: true,
+        hash_report: None,
     }
 }
 
@@ -355,6 +357,7 @@ mod tests {
             region_epoch: None,
             message: protobuf::Message::write_to_bytes(m).unwrap(),
             is_tombstone: false,
+            hash_report: None,
         }
     }
 

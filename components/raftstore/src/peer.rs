@@ -16,7 +16,7 @@
 //! the region (`split`; the store starts the new region) and the replicas'
 //! consistency check (`consistency`: a ready leader proposes `ComputeHash`
 //! every check interval, each replica hashes its state at that entry off
-//! this thread, the leader proposes `VerifyHash` with its hash).
+//! this thread, followers send their hashes to the leader, which judges).
 //!
 //! Each turn (a poller round with mail for the replica, or a tick) drains
 //! the mailbox (so concurrent proposals share one raft-engine fsync),

@@ -17,10 +17,11 @@
 //! `shutdown` began, none starts.
 //!
 //! The consistency check (`consistency`): every inconsistency a replica
-//! here finds (its state at a `ComputeHash` index differs from its
-//! leader's) is kept, in order, in `inconsistencies()`, a watch the node
-//! raises etcd's CORRUPT alarm from; `consistency_checks_passed()` counts
-//! the comparisons that agreed.
+//! here judges (some replica's state at a `ComputeHash` index differs
+//! from its region's majority; the replica may be on another node) is
+//! kept, in order, in `inconsistencies()`, a watch the node raises etcd's
+//! CORRUPT alarm from, for the node named; `consistency_checks_passed()`
+//! counts the checks judged here where every replica agreed.
 //!
 //! Replicas reach their peers on other nodes through the [`Transport`] the
 //! store was opened with; messages from other nodes come in through
@@ -226,9 +227,9 @@ impl Store {
 }
 
 impl StoreCore {
-    /// Every inconsistency the consistency check of this node's replicas
-    /// has found (each replica reports its own differences from its
-    /// leader), oldest first; watch it for new ones.
+    /// Every inconsistency the replicas here judged (each names the node
+    /// of the replica whose state differs from its region's majority; the
+    /// judge is the region's leader), oldest first; watch it for new ones.
     pub fn inconsistencies(&self) -> watch::Receiver<Vec<Inconsistency>> {
         self.inconsistencies.subscribe()
     }
@@ -237,7 +238,8 @@ impl StoreCore {
         self.inconsistencies.send_modify(|all| all.push(found));
     }
 
-    /// How many consistency checks replicas here compared and passed.
+    /// How many consistency checks replicas here judged with every
+    /// replica of the region agreeing.
     pub fn consistency_checks_passed(&self) -> u64 {
         self.checks_passed.load(Ordering::Relaxed)
     }

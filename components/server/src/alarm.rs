@@ -19,9 +19,10 @@
 //!   as etcd's capped applier does; MetaStore enforces no space quota, so
 //!   NOSPACE is only ever activated through the API;
 //! * every inconsistency the node's store reports (`Store::
-//!   inconsistencies`: one of its replicas differs from its region's
-//!   leader) raises CORRUPT with this node's id as member id, retried
-//!   until PD took it.
+//!   inconsistencies`: a replica here, leading its region, found a
+//!   replica that differs from the region's majority) raises CORRUPT with
+//!   that replica's node id as member id (as etcd 3.6 names the
+//!   corrupted member), retried until PD took it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +32,7 @@ use parking_lot::RwLock;
 use pd::PdClient;
 use proto::etcdserverpb::{request_op::Request as Op, RequestOp, TxnRequest};
 use proto::pdpb::{alarm_request::AlarmAction, AlarmMember, AlarmType};
-use raftstore::Store;
+use raftstore::{Inconsistency, Store};
 use tokio::sync::watch;
 use tonic::Status;
 use tracing::{error, warn};
@@ -122,30 +123,32 @@ fn ops(t: &TxnRequest) -> impl Iterator<Item = &RequestOp> {
     t.success.iter().chain(&t.failure)
 }
 
-/// Keeps `alarms` fresh and raises CORRUPT for `node_id` on every
-/// inconsistency `store` reports (see the module docs), until `stopped`.
+/// Keeps `alarms` fresh and raises CORRUPT for the member each
+/// inconsistency `store` reports names (see the module docs), until
+/// `stopped`.
 pub async fn run(
     pd: Arc<dyn PdClient>,
     store: Arc<Store>,
     alarms: Arc<Alarms>,
-    node_id: u64,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut found = store.inconsistencies();
     let mut raised = 0;
     loop {
-        let pending = found.borrow_and_update().len();
-        while raised < pending {
+        let pending: Vec<Inconsistency> = found.borrow_and_update()[raised..].to_vec();
+        for inc in pending {
+            let member = inc.node_id;
             match pd
-                .alarm(AlarmAction::Activate, node_id, AlarmType::Corrupt)
+                .alarm(AlarmAction::Activate, member, AlarmType::Corrupt)
                 .await
             {
                 Ok(_) => {
                     error!(
-                        node_id,
-                        "raised the CORRUPT alarm: a replica here differs from its leader"
+                        member,
+                        region_id = inc.region_id,
+                        "raised the CORRUPT alarm: a replica on that member differs from its region's majority"
                     );
-                    raised = pending;
+                    raised += 1;
                 }
                 Err(e) => {
                     warn!("cannot raise the CORRUPT alarm yet: {e}");

@@ -210,7 +210,6 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         ctx.pd.clone(),
         store.clone(),
         ctx.alarms.clone(),
-        ctx.ident.node_id,
         stopped.clone(),
     ));
     let removal = tokio::spawn(removed_from_cluster(ctx.pd.clone(), ctx.ident.node_id));

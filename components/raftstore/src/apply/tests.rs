@@ -298,10 +298,9 @@ fn data_commands() {
 }
 
 /// A `ComputeHash` ends the run after itself (the replica hashes the
-/// state as of it); `VerifyHash`es are handed over, unless their epoch
-/// is stale.
+/// state as of it).
 #[test]
-fn compute_hash_ends_the_run_and_verify_hash_is_handed_over() {
+fn compute_hash_ends_the_run() {
     let env = env();
     let compute = Some(Cmd::ComputeHash(Default::default()));
     let entries = [
@@ -314,26 +313,6 @@ fn compute_hash_ends_the_run_and_verify_hash_is_handed_over() {
     assert_eq!(out.results.len(), 2);
     assert_eq!(out.apply_state.applied_index, 7);
     assert_eq!(out.apply_state.applied_revision, 3);
-    let verify = |version, hash| {
-        Some(Cmd::VerifyHash(proto::raft_cmdpb::VerifyHashRequest {
-            index: 7,
-            hash,
-        }))
-        .map(|c| (version, c))
-    };
-    let entries: Vec<_> = [verify(1, 9), verify(2, 10)]
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, (version, c))| cmd(6 + i as u64, 1, version, Some(c)))
-        .collect();
-    let out = run(&env, &region(), &entries, no_conf_change);
-    assert_eq!(out.compute_hash, None);
-    assert_eq!(out.verify_hash, vec![(7, 9)]);
-    assert!(matches!(
-        out.results[1].result,
-        Err(Error::EpochNotMatch { .. })
-    ));
 }
 
 /// Mutations computed by a leader of another term never apply: a

@@ -1,16 +1,14 @@
 //! The replica loop's side of the consistency check (see the
 //! `consistency` module): proposing `ComputeHash` on a ready leader,
-//! starting the hash of an applied `ComputeHash`, proposing `VerifyHash`
-//! once the leader's hash is done, and reporting what comparisons found.
+//! starting the hash of an applied `ComputeHash`, sending a follower's
+//! hash to the leader, and judging the hashes a replica has.
 
-use proto::metapb;
-use proto::raft_cmdpb::{
-    raft_cmd_request::Cmd, RaftCmdRequest, RaftRequestHeader, VerifyHashRequest,
-};
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest, RaftRequestHeader};
+use proto::raft_serverpb::{HashReport, RaftMessage};
 use tracing::{debug, error};
 
 use super::Peer;
-use crate::consistency::{self, Inconsistency, Verdict};
+use crate::consistency::{self, Inconsistency};
 use crate::msg::PeerMsg;
 
 impl Peer {
@@ -51,81 +49,77 @@ impl Peer {
         });
     }
 
-    /// This replica's hash of `index` is done: a ready leader proposes
-    /// `VerifyHash` with it (under the epoch version it hashed under),
-    /// and a `VerifyHash` that came first is compared now.
+    /// This replica's hash of `index` is done: a follower reports it to
+    /// the leader it knows; reports that came first are judged now.
     pub(super) fn on_hash_computed(&mut self, index: u64, hash: u32) {
-        let (version, verdict) = self.consistency.computed(index, hash);
+        if !self.consistency.computed(index, hash) {
+            return;
+        }
         debug!(
             region_id = self.region.id,
             index, hash, "consistency hash computed"
         );
-        self.on_verdict(index, verdict);
-        let Some(version) = version else { return };
-        if !self.is_ready_leader() {
-            return;
+        let leader_id = self.raw.raft.leader_id;
+        if leader_id != self.peer_id {
+            let leader = self.region.peers.iter().find(|p| p.id == leader_id);
+            let me = self.region.peers.iter().find(|p| p.id == self.peer_id);
+            if let (Some(leader), Some(me)) = (leader, me) {
+                self.transport.send(RaftMessage {
+                    region_id: self.region.id,
+                    from_peer: Some(*me),
+                    to_peer: Some(*leader),
+                    region_epoch: self.region.region_epoch,
+                    hash_report: Some(HashReport { index, hash }),
+                    ..Default::default()
+                });
+            }
         }
-        let epoch = metapb::RegionEpoch {
-            version,
-            ..self.region.region_epoch.unwrap_or_default()
-        };
-        let cmd = RaftCmdRequest {
-            header: Some(RaftRequestHeader {
-                region_id: self.region.id,
-                region_epoch: Some(epoch),
-                term: 0,
-            }),
-            cmd: Some(Cmd::VerifyHash(VerifyHashRequest { index, hash })),
-        };
-        let region_id = self.region.id;
-        self.propose(
-            cmd,
-            Box::new(move |res| {
-                if let Err(e) = res {
-                    debug!(region_id, index, "consistency check not verified: {e}");
-                }
-            }),
-        );
+        self.judge_consistency(index);
     }
 
-    /// Logs a comparison and reports a mismatch to the store.
-    pub(super) fn on_verdict(&self, index: u64, verdict: Verdict) {
+    /// Peer `from` reported its hash of a `ComputeHash` index.
+    pub(super) fn on_hash_report(&mut self, from: u64, report: HashReport) {
+        self.consistency.report(from, report.index, report.hash);
+        self.judge_consistency(report.index);
+    }
+
+    /// Judges the latest check (see `consistency`): logs a pass, and
+    /// reports each replica found to differ to the store.
+    fn judge_consistency(&mut self, index: u64) {
+        let peers: Vec<u64> = self.region.peers.iter().map(|p| p.id).collect();
+        let found = self.consistency.judge(self.peer_id, &peers);
         let region_id = self.region.id;
-        match verdict {
-            Verdict::None => {}
-            Verdict::Consistent => {
-                debug!(region_id, index, "consistency check passed");
-                if let Some(host) = self.host.upgrade() {
-                    host.note_check_passed();
-                }
-            }
-            Verdict::Mismatch(hash, leader_hash) => {
-                let node_id = self
-                    .region
-                    .peers
-                    .iter()
-                    .find(|p| p.id == self.peer_id)
-                    .map_or(0, |p| p.node_id);
-                error!(
-                    region_id,
-                    index,
-                    node_id,
-                    peer_id = self.peer_id,
-                    hash,
-                    leader_hash,
-                    "consistency check failed: this replica's state differs from the leader's"
-                );
-                if let Some(host) = self.host.upgrade() {
-                    host.report_inconsistency(Inconsistency {
-                        region_id,
-                        node_id,
-                        peer_id: self.peer_id,
-                        index,
-                        hash,
-                        leader_hash,
-                    });
-                }
-            }
+        let Some(host) = self.host.upgrade() else {
+            return;
+        };
+        if found.passed {
+            debug!(region_id, index, "consistency check passed");
+            host.note_check_passed();
+        }
+        for (peer_id, hash, majority_hash) in found.differing {
+            let node_id = self
+                .region
+                .peers
+                .iter()
+                .find(|p| p.id == peer_id)
+                .map_or(0, |p| p.node_id);
+            error!(
+                region_id,
+                index,
+                node_id,
+                peer_id,
+                hash,
+                ?majority_hash,
+                "consistency check failed: a replica's state differs from its region's majority"
+            );
+            host.report_inconsistency(Inconsistency {
+                region_id,
+                node_id,
+                peer_id,
+                index,
+                hash,
+                majority_hash,
+            });
         }
     }
 }

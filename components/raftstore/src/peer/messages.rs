@@ -37,6 +37,13 @@ impl Peer {
             return;
         };
         let from = sender.peer.id;
+        if let Some(report) = msg.hash_report {
+            // No raft payload: a member's hash for the consistency check.
+            if matches!(sender.kind, SenderKind::Member) {
+                self.on_hash_report(from, report);
+            }
+            return;
+        }
         match sender.kind {
             SenderKind::Member => {}
             SenderKind::NewMember => self.region.peers.push(sender.peer),

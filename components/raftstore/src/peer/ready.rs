@@ -252,7 +252,6 @@ impl Peer {
             aborted: _,
             waiting_source: _,
             compute_hash,
-            verify_hash,
             writes,
         } = outcome;
         let applied = results.len();
@@ -324,10 +323,6 @@ impl Peer {
         }
         if let Some(index) = compute_hash {
             self.start_hash(index);
-        }
-        for (index, leader_hash) in verify_hash {
-            let verdict = self.consistency.verify(index, leader_hash);
-            self.on_verdict(index, verdict);
         }
         Ok(applied)
     }
