@@ -521,6 +521,85 @@ async fn idle_watches_get_progress_notifications() {
     assert!(progress.iter().all(|r| *r >= current), "{progress:?}");
 }
 
+/// A progress answer never goes below an event already sent: under a
+/// stream of writes, every `RequestProgress` answer's revision is at
+/// least that of every event the stream delivered before it, whichever
+/// of its watches sent it (Kubernetes takes the answer as its watch
+/// cache's revision).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_never_goes_below_an_event_sent() {
+    let node = Node::start_dev();
+    let ep = node.endpoint();
+    let mut c = client(&ep).await;
+    let mut stream = c
+        .watch(
+            "busy/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .expect("watch");
+    // A second, idle watch on the stream: the answer (watch id -1) is for
+    // both, so it must be at or above the busy one's events too.
+    stream
+        .watch(
+            "idle/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .expect("second watch");
+    // Several writers, so the watch has updates queued at many of the
+    // session's progress ticks.
+    let writer = tokio::spawn(async move {
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let ep = ep.clone();
+                tokio::spawn(async move {
+                    let mut c = client(&ep).await;
+                    for i in 0..500 {
+                        c.put(format!("busy/{w}/{}", i % 16), "v", None)
+                            .await
+                            .expect("put");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.expect("writer");
+        }
+    });
+    let (mut requests, mut responses) = stream.split();
+    let asker = tokio::spawn(async move {
+        while !writer.is_finished() {
+            requests.request_progress().await.expect("progress request");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let mut last_event = 0;
+    let mut answers = 0;
+    while !asker.is_finished() {
+        let Ok(resp) = tokio::time::timeout(Duration::from_millis(100), responses.message()).await
+        else {
+            continue;
+        };
+        // The stream ends once the asker is done (its half closed).
+        let Some(resp) = resp.expect("stream") else {
+            break;
+        };
+        let revision = resp.header().expect("header").revision();
+        let events = resp.events().iter().filter_map(|e| e.kv());
+        if let Some(max) = events.map(|kv| kv.mod_revision()).max() {
+            last_event = last_event.max(max);
+        } else if !resp.created() {
+            answers += 1;
+            assert!(
+                revision >= last_event,
+                "progress at {revision} after an event at {last_event}"
+            );
+        }
+    }
+    assert!(answers > 10, "{answers} progress answers");
+}
+
 /// With one replica per region (PD's `--max-replicas 1`) over two nodes,
 /// the node without the replica serves a watch on its keys through the
 /// leader's node.

@@ -29,7 +29,12 @@
 //!   nothing. A `RequestProgress` is answered with one empty response,
 //!   watch id -1, at a revision R no lower than the current revision when
 //!   it was asked, once every watch of the stream has sent everything up
-//!   to R (Kubernetes reads its watch cache at R on the strength of it).
+//!   to R (Kubernetes reads its watch cache at R on the strength of it),
+//!   and R is no lower than anything a watch of the stream reported (an
+//!   event's revision, a progress notification): the answer is for every
+//!   watch of the stream. While it waits, a watch that has sent up to the
+//!   revision wanted takes no more updates, so the others can catch up
+//!   ([`PROGRESS_PAUSE_MAX`] at most: no watch stalls long for another).
 //! * `require_leader` metadata (`hasleader=true`): refused with etcd's "no
 //!   leader" when this node's main region knows no leader.
 
@@ -58,6 +63,9 @@ use crate::{errors, NodeContext};
 const MAX_RESPONSE_BYTES: usize = 1536 * 1024;
 /// How often a session looks at progress to report.
 const PROGRESS_TICK: Duration = Duration::from_millis(50);
+/// How long watches ahead of a pending `RequestProgress` answer wait for
+/// the others at most.
+const PROGRESS_PAUSE_MAX: Duration = Duration::from_secs(1);
 const ERR_EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 const ERR_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
@@ -95,6 +103,7 @@ impl Watch for WatchService {
             watches: BTreeMap::new(),
             progress_interval: self.ctx.config.watch_progress_notify_interval.0,
             progress_asked: Vec::new(),
+            pause: None,
         };
         tokio::spawn(session.run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -112,6 +121,9 @@ struct Active {
     last_sent: Instant,
     /// Every event at or below this revision has been sent.
     sent: i64,
+    /// The highest revision the client was told of for this watch (an
+    /// event response's, a progress notification's); at most `sent`.
+    reported: i64,
 }
 
 impl Active {
@@ -133,6 +145,9 @@ struct Session {
     progress_interval: Duration,
     /// Revisions `RequestProgress` calls wait to report, oldest first.
     progress_asked: Vec<i64>,
+    /// While an answer waits: watches that have sent up to this revision
+    /// take no updates, and since when.
+    pause: Option<(i64, Instant)>,
 }
 
 /// What woke a session.
@@ -146,9 +161,13 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         loop {
+            let below = self
+                .pause
+                .filter(|(_, since)| since.elapsed() < PROGRESS_PAUSE_MAX)
+                .map(|(target, _)| target);
             let wake = tokio::select! {
                 req = inbound.message() => Wake::Request(req.ok().flatten()),
-                (id, update) = next_update(&mut self.watches) => Wake::Update(id, update),
+                (id, update) = next_update(&mut self.watches, below) => Wake::Update(id, update),
                 _ = tick.tick() => Wake::Tick,
                 _ = self.out.closed() => return,
             };
@@ -277,6 +296,7 @@ impl Session {
                 progress_notify: req.progress_notify,
                 last_sent: Instant::now(),
                 sent: start - 1,
+                reported: 0,
             },
         );
         self.send(WatchResponse {
@@ -295,6 +315,10 @@ impl Session {
                 let Some(active) = self.watches.get_mut(&id) else {
                     return true;
                 };
+                // Every change up to `revision` is delivered: once this
+                // response is on its way, progress may say so (and must
+                // not say less: it would go below an event sent).
+                active.sent = active.sent.max(revision);
                 let events: Vec<Event> = events
                     .into_iter()
                     .filter(|e| {
@@ -305,6 +329,7 @@ impl Session {
                 if events.is_empty() {
                     return true;
                 }
+                active.reported = active.reported.max(revision);
                 active.last_sent = Instant::now();
                 let fragment = active.fragment;
                 let resp = WatchResponse {
@@ -360,6 +385,7 @@ impl Session {
             let sent = active.sent_up_to();
             if active.progress_notify && active.last_sent.elapsed() >= interval {
                 active.last_sent = Instant::now();
+                active.reported = active.reported.max(sent);
                 notify.push((*id, sent));
             }
         }
@@ -376,12 +402,22 @@ impl Session {
         if self.progress_asked.is_empty() {
             return true;
         }
-        let everywhere = self.watches.values_mut().map(Active::sent_up_to).min();
         let asked = self.progress_asked[0];
-        let Some(revision) = everywhere.or(Some(asked)).filter(|r| *r >= asked) else {
+        let everywhere = self.watches.values_mut().map(Active::sent_up_to).min();
+        let revision = everywhere.unwrap_or(asked);
+        let top = self.watches.values().map(|a| a.reported).max();
+        let wanted = top.unwrap_or(0).max(asked);
+        if revision < wanted {
+            // Those ahead wait for the others to reach what they reported.
+            let since = self.pause.map_or_else(Instant::now, |(_, since)| since);
+            self.pause = Some((wanted, since));
             return true;
-        };
+        }
+        self.pause = None;
         self.progress_asked.retain(|r| *r > revision);
+        for active in self.watches.values_mut() {
+            active.reported = active.reported.max(revision);
+        }
         self.send(WatchResponse {
             header: self.header(revision),
             watch_id: -1,
@@ -391,17 +427,21 @@ impl Session {
     }
 }
 
-/// The next update of any of `watches` (never, without watches): the
-/// watch id and the update, `None` once the watch ended.
+/// The next update of any of `watches` that has not sent up to `below`
+/// (never, without such watches): the watch id and the update, `None`
+/// once the watch ended.
 async fn next_update(
     watches: &mut BTreeMap<i64, Active>,
+    below: Option<i64>,
 ) -> (i64, Option<router::Result<WatchUpdate>>) {
-    if watches.is_empty() {
+    let next: Vec<_> = watches
+        .iter_mut()
+        .filter(|(_, active)| below.is_none_or(|b| active.sent < b))
+        .map(|(id, active)| Box::pin(async move { (*id, active.watch.next().await) }))
+        .collect();
+    if next.is_empty() {
         return std::future::pending().await;
     }
-    let next = watches
-        .iter_mut()
-        .map(|(id, active)| Box::pin(async move { (*id, active.watch.next().await) }));
     futures::future::select_all(next).await.0
 }
 
