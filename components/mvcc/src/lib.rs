@@ -50,6 +50,8 @@ pub enum Error {
     DuplicateKey,
     #[error("requested lease not found")]
     LeaseNotFound,
+    #[error("lease already exists")]
+    LeaseExists,
     #[error("required revision has been compacted")]
     Compacted,
     #[error("required revision is a future revision")]

@@ -64,6 +64,9 @@
 //!   after itself: the outcome names its index (`compute_hash`), and the
 //!   replica hashes its state once the batch is written, before applying
 //!   the rest (see the `consistency` module);
+//! * a lease command (`Cmd::Lease`) changes a lease record in the META
+//!   column family, no revision, and is listed in the outcome
+//!   (`lease_changes`) for the leader's clock (the `lease` module);
 //! * an undecodable command or one without a body fails with `Corrupted`;
 //! * a membership change is checked and turned into the new region meta by
 //!   the `membership` module; the meta is staged as the region state
@@ -109,7 +112,10 @@ use crate::storage::{INIT_INDEX, INIT_TERM};
 use crate::txn::{self, TxnApply};
 use crate::{Error, Result};
 
+mod lease;
 mod merging;
+
+pub(crate) use lease::LeaseChange;
 
 /// The outcome of one committed entry, to answer its proposal with.
 #[derive(Debug)]
@@ -167,6 +173,8 @@ pub(crate) struct ApplyOutcome {
     /// The writes applied, in entry order, when the context asked for
     /// them (`observe`).
     pub writes: Vec<AppliedWrite>,
+    /// The lease changes applied, in entry order (see `lease`).
+    pub lease_changes: Vec<LeaseChange>,
 }
 
 /// A source region's revisions once its replica here has applied the
@@ -222,6 +230,7 @@ pub(crate) fn apply_entries(
         merging: ctx.merging.cloned(),
         merging_changed: false,
         merge_records: Vec::new(),
+        leases: Vec::new(),
         source_state: ctx.source_state,
         observe: ctx.observe,
         wb: WriteBatch::default(),
@@ -240,6 +249,7 @@ pub(crate) fn apply_entries(
             waiting_source: false,
             compute_hash: None,
             writes: Vec::new(),
+            lease_changes: Vec::new(),
         },
     };
     for e in entries {
@@ -370,6 +380,9 @@ struct Run<'a> {
     /// Merge records staged by the run (key, record), newest last: later
     /// entries of the run must see them.
     merge_records: Vec<(Vec<u8>, MergeRecord)>,
+    /// Lease records staged by the run (id, record; `None`: deleted),
+    /// newest last.
+    leases: Vec<(i64, Option<proto::raft_serverpb::LeaseRecord>)>,
     source_state: &'a SourceStateFn<'a>,
     observe: bool,
     wb: WriteBatch,
@@ -474,6 +487,7 @@ impl Run<'_> {
                 self.outcome.region = Some(region);
                 Ok(())
             }
+            Some(Cmd::Lease(req)) => self.apply_lease(req),
             Some(Cmd::ComputeHash(_)) => {
                 self.outcome.compute_hash = Some(e.index);
                 Ok(())

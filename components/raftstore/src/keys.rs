@@ -154,6 +154,26 @@ pub fn decode_merge_record_key(key: &[u8]) -> Option<Vec<u8>> {
     (rest.len() == used + 8).then_some(end_key)
 }
 
+const LEASE_RECORD_PREFIX: &[u8] = b"e/";
+
+/// The record of the lease whose owner key (`lease::owner_key`) is
+/// `owner`: keyed by the memcomparable owner key, so the region owning
+/// that key holds it, across splits and merges.
+pub fn lease_record_key(owner: &[u8]) -> Vec<u8> {
+    keyed_bound(LEASE_RECORD_PREFIX, owner)
+}
+
+/// Bounds of the lease records of the owner keys in `[start, end)` (empty
+/// `end`: unbounded).
+pub fn lease_record_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let upper = if end.is_empty() {
+        b"e0".to_vec()
+    } else {
+        keyed_bound(LEASE_RECORD_PREFIX, end)
+    };
+    (keyed_bound(LEASE_RECORD_PREFIX, start), upper)
+}
+
 fn keyed_bound(prefix: &[u8], key: &[u8]) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&mvcc::codec::encode_bytes(key));

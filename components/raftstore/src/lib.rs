@@ -30,6 +30,7 @@ mod consistency;
 mod error;
 pub mod feed;
 mod keys;
+pub mod lease;
 mod log_gc;
 mod membership;
 mod merge;

@@ -93,6 +93,7 @@ use crate::transport::Transport;
 use crate::{Error, Result};
 
 mod consistency_check;
+mod leases;
 mod messages;
 mod ready;
 
@@ -251,6 +252,7 @@ impl Peer {
             }
         }
         self.maybe_check_consistency();
+        self.tend_leases();
     }
 
     /// Whether the replica is to end after this round: removed from its

@@ -30,6 +30,9 @@
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
+//! * `lease_records(view)` lists the leases the region owns as of `view`;
+//!   `renew_lease` and `lease_time_to_live` ask the leases' clock, which
+//!   only the ready leader runs (the `lease` module's contract).
 //! * `status` is a snapshot taken after the replica's last loop turn.
 //! * `change_peers` proposes one raft membership change (`ConfChangeV2`) on
 //!   the leader and resolves once it is applied here, like `propose`. The
@@ -51,13 +54,16 @@
 //!   do not fail writes in flight.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use engine::cf;
 use mvcc::MvccSnapshot;
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_cmdpb::RaftCmdRequest;
-use proto::raft_serverpb::{PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord};
+use proto::raft_serverpb::{
+    LeaseRecord, PeerState, RaftApplyState, RegionLocalState, TxnCommitRecord,
+};
 use raft::eraftpb::ConfChangeType;
 use tokio::sync::oneshot;
 
@@ -65,6 +71,7 @@ use crate::poller::Mailbox;
 
 use crate::feed::FeedReceiver;
 use crate::keys;
+use crate::lease::{self, ClockError, Renewal};
 use crate::msg::{Applied, PeerMsg, ProposeCallback};
 use crate::status::{PeerShared, PeerStatus};
 use crate::txn::{self, LockTable};
@@ -226,6 +233,27 @@ impl RegionHandle {
             state.applied_revision,
             locks.iter().map(|l| l.base_revision),
         ))
+    }
+
+    /// The leases this replica's region owns as of `view` (see `lease`).
+    /// `RegionNotFound` as [`RegionHandle::read_state`].
+    pub fn lease_records(&self, view: &MvccSnapshot<'_>) -> Result<Vec<LeaseRecord>> {
+        let state = self.read_state(view)?;
+        lease::records(view.kv(), &state.region)
+    }
+
+    /// Restarts lease `id`'s TTL on this replica's clock (the `lease`
+    /// contract): only the ready leader runs one (`ClockError::NotRunning`
+    /// elsewhere); the caller confirms the leadership first (a read
+    /// barrier), so a deposed leader does not acknowledge a renewal.
+    pub fn renew_lease(&self, id: i64) -> std::result::Result<Renewal, ClockError> {
+        self.shared.leases.lock().renew(id, Instant::now())
+    }
+
+    /// Lease `id`'s (granted TTL, remaining TTL) on this replica's clock,
+    /// as [`RegionHandle::renew_lease`].
+    pub fn lease_time_to_live(&self, id: i64) -> std::result::Result<(i64, i64), ClockError> {
+        self.shared.leases.lock().time_to_live(id, Instant::now())
     }
 
     /// Waits until the physical clean-up of compaction `revision` is done.

@@ -14,7 +14,8 @@
 //! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
 //! records: tag u8 (1 = MVCC CF, 2 = revision CF, 3 = transaction lock,
 //!          4 = transaction decision, 5 = merge decision, 6 = the region's
-//!          merge state) | key_len u32 | key | value_len u32 | value
+//!          merge state, 7 = a lease) | key_len u32 | key | value_len u32 |
+//!          value
 //!          (an MVCC record: its MVCC CF key and version record, which
 //!          holds the sub-revision, so the version's revision CF entry is
 //!          derived from it and version 4 sends no revision CF records;
@@ -23,7 +24,8 @@
 //!          decision: key = its primary key, value = `TxnCommitRecord`; a
 //!          merge decision: key = the merged source's end key, value =
 //!          `MergeRecord`; the merge state: empty key, value `MergeState`,
-//!          present only while the region is frozen for a merge)
+//!          present only while the region is frozen for a merge; a lease:
+//!          empty key, value `LeaseRecord`)
 //! end:     tag u8 = 0, then nothing
 //! ```
 //!
@@ -70,11 +72,13 @@ use mvcc::{codec, MvccStore};
 use prost::Message as _;
 use proto::metapb;
 use proto::raft_serverpb::{
-    MergeRecord, MergeState, RaftApplyState, RegionLocalState, TxnCommitRecord, TxnLockRecord,
+    LeaseRecord, MergeRecord, MergeState, RaftApplyState, RegionLocalState, TxnCommitRecord,
+    TxnLockRecord,
 };
 use raft::eraftpb::Snapshot;
 
 use crate::keys;
+use crate::lease;
 use crate::txn;
 use crate::{Error, Result};
 
@@ -104,6 +108,7 @@ const TAG_LOCK: u8 = 3;
 const TAG_TXN_RECORD: u8 = 4;
 const TAG_MERGE_RECORD: u8 = 5;
 const TAG_MERGE_STATE: u8 = 6;
+const TAG_LEASE: u8 = 7;
 
 /// The decoded content of a region snapshot.
 #[derive(Debug, Default, PartialEq)]
@@ -123,6 +128,8 @@ pub struct RegionSnapshot {
     pub merge_records: Vec<(Vec<u8>, MergeRecord)>,
     /// Set while the region is frozen as a merge's source.
     pub merging: Option<MergeState>,
+    /// The leases whose owner keys the region holds (see `lease`).
+    pub leases: Vec<LeaseRecord>,
     /// For a snapshot that came as a file (see `file`): the file, whose
     /// MVCC records installing reads; `mvcc` and `revision` are empty.
     pub file: Option<PathBuf>,
@@ -222,6 +229,9 @@ pub fn generate_into(
     drop(it);
     if let Some(m) = &merging {
         put_record(out, TAG_MERGE_STATE, &[], &m.encode_to_vec())?;
+    }
+    for record in lease::records(snap, region)? {
+        put_record(out, TAG_LEASE, &[], &record.encode_to_vec())?;
     }
     out.write_all(&[TAG_END])?;
     Ok((apply_state, region.clone()))
@@ -371,6 +381,7 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
     let region = &snap.region;
     let (mut locks, mut txn_records) = (Vec::new(), Vec::new());
     let (mut merge_records, mut merging) = (Vec::new(), None);
+    let mut leases = Vec::new();
     loop {
         match r.u8()? {
             TAG_END => break,
@@ -425,6 +436,14 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
                 let (_, v) = (r.bytes()?, r.bytes()?);
                 merging = Some(MergeState::decode(v.as_slice()).map_err(|_| bad("merge state"))?);
             }
+            TAG_LEASE => {
+                let (_, v) = (r.bytes()?, r.bytes()?);
+                let record = LeaseRecord::decode(v.as_slice()).map_err(|_| bad("lease"))?;
+                if !in_range(region, &lease::owner_key(record.id)) {
+                    return Err(bad("lease outside the region"));
+                }
+                leases.push(record);
+            }
             _ => return Err(bad("unknown record tag")),
         }
     }
@@ -435,6 +454,7 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
     snap.txn_records = txn_records;
     snap.merge_records = merge_records;
     snap.merging = merging;
+    snap.leases = leases;
     Ok(snap)
 }
 

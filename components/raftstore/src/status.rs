@@ -65,6 +65,9 @@ pub struct PeerShared {
     pub locks: crate::txn::LockTable,
     /// What the replica's apply runs write (see `feed`).
     pub(crate) feed: crate::feed::ChangeFeed,
+    /// The leases' clock, run while the replica is the ready leader (see
+    /// `lease`).
+    pub(crate) leases: Mutex<crate::lease::LeaseClock>,
 }
 
 /// When each peer last sent this replica a message, for down peers.

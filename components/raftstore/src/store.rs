@@ -78,6 +78,9 @@ pub struct StoreOptions {
     pub install_batch_bytes: usize,
     /// Threads driving the replicas (see `poller`; at least one).
     pub pollers: usize,
+    /// How often a region leader checkpoints its leases' remaining TTLs
+    /// (`lease`; etcd's `--lease-checkpoint-interval`); zero: never.
+    pub lease_checkpoint_interval: Duration,
 }
 
 /// Pollers a store runs by default (TiKV's `store-pool-size` default).
@@ -90,6 +93,7 @@ impl Default for StoreOptions {
             consistency_check_interval: crate::consistency::DEFAULT_CONSISTENCY_CHECK_INTERVAL,
             install_batch_bytes: crate::snapshot::INSTALL_BATCH_BYTES,
             pollers: DEFAULT_POLLERS,
+            lease_checkpoint_interval: crate::lease::DEFAULT_CHECKPOINT_INTERVAL,
         }
     }
 }

@@ -35,6 +35,7 @@ pub fn status(err: router::Error) -> Status {
                 Status::invalid_argument("etcdserver: duplicate key given in txn request")
             }
             M::LeaseNotFound => Status::not_found("etcdserver: requested lease not found"),
+            M::LeaseExists => Status::failed_precondition("etcdserver: lease already exists"),
             M::Compacted => {
                 Status::out_of_range("etcdserver: mvcc: required revision has been compacted")
             }

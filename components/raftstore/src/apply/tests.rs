@@ -435,3 +435,91 @@ fn removal_stops_the_run_and_tombstones() {
         vec![peer(2, metapb::PeerRole::Voter)]
     );
 }
+
+fn lease_cmd(op: proto::raft_cmdpb::lease_request::Op) -> Option<Cmd> {
+    Some(Cmd::Lease(proto::raft_cmdpb::LeaseRequest { op: Some(op) }))
+}
+
+/// Lease commands change records, not revisions; later entries of the run
+/// see earlier ones; a grant of a held id, a revoke of an unknown one and
+/// an id owned by another region are refused; a checkpoint skips unknown
+/// ids.
+#[test]
+fn lease_records_change_through_raft_without_a_revision() {
+    use proto::raft_cmdpb::lease_request::Op as L;
+    use proto::raft_cmdpb::{LeaseCheckpoint, LeaseGrant, LeaseRemaining, LeaseRevoke};
+    let env = env();
+    let grant = |id, ttl| lease_cmd(L::Grant(LeaseGrant { id, ttl }));
+    let entries = [
+        cmd(6, 1, 1, put(3)),
+        cmd(7, 1, 1, grant(5, 60)),
+        cmd(8, 1, 1, grant(5, 30)),
+        cmd(9, 1, 1, grant(6, 10)),
+        cmd(10, 1, 1, lease_cmd(L::Revoke(LeaseRevoke { id: 6 }))),
+        cmd(11, 1, 1, lease_cmd(L::Revoke(LeaseRevoke { id: 6 }))),
+        cmd(
+            12,
+            1,
+            1,
+            lease_cmd(L::Checkpoint(LeaseCheckpoint {
+                leases: vec![
+                    LeaseRemaining {
+                        id: 5,
+                        remaining_ttl: 12,
+                    },
+                    LeaseRemaining {
+                        id: 7,
+                        remaining_ttl: 1,
+                    },
+                ],
+            })),
+        ),
+    ];
+    let out = run(&env, &region(), &entries, no_conf_change);
+    let errors: Vec<_> = out
+        .results
+        .iter()
+        .map(|r| r.result.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    let exists = Some(Error::Mvcc(mvcc::Error::LeaseExists).to_string());
+    let not_found = Some(Error::Mvcc(mvcc::Error::LeaseNotFound).to_string());
+    assert_eq!(
+        errors,
+        vec![None, None, exists, None, None, not_found, None],
+        "put, grant, grant again, grant, revoke, revoke again, checkpoint"
+    );
+    assert!(
+        out.results.iter().all(|r| r.revision == 3),
+        "no revision taken"
+    );
+    assert_eq!(out.apply_state.applied_revision, 3);
+    assert_eq!(
+        out.lease_changes,
+        vec![
+            LeaseChange::Granted { id: 5, ttl: 60 },
+            LeaseChange::Granted { id: 6, ttl: 10 },
+            LeaseChange::Revoked(6),
+            LeaseChange::Checkpointed(vec![LeaseRemaining {
+                id: 5,
+                remaining_ttl: 12
+            }]),
+        ]
+    );
+    let records = crate::lease::records(&env.kv.snapshot(), &region()).unwrap();
+    assert_eq!(
+        records,
+        vec![proto::raft_serverpb::LeaseRecord {
+            id: 5,
+            ttl: 60,
+            remaining_ttl: 12
+        }]
+    );
+
+    // A region not holding the owner keys refuses.
+    let left = metapb::Region {
+        end_key: b"a".to_vec(),
+        ..region()
+    };
+    let out = run(&env, &left, &[cmd(13, 1, 1, grant(8, 5))], no_conf_change);
+    assert!(matches!(out.results[0].result, Err(Error::StaleCommand(_))));
+}

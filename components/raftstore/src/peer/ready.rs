@@ -253,6 +253,7 @@ impl Peer {
             waiting_source: _,
             compute_hash,
             writes,
+            lease_changes,
         } = outcome;
         let applied = results.len();
         let first_index = self.apply_state.applied_index + 1;
@@ -324,6 +325,7 @@ impl Peer {
         if let Some(index) = compute_hash {
             self.start_hash(index);
         }
+        self.on_lease_changes(lease_changes);
         Ok(applied)
     }
 

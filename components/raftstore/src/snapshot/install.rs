@@ -30,6 +30,7 @@ use tracing::info;
 use super::file::{self, Descriptor, SnapDir};
 use super::{decode_data, decode_from, open_file, RegionSnapshot, TAG_MVCC, TAG_REVISION};
 use crate::keys;
+use crate::lease;
 use crate::storage::PeerStorage;
 use crate::{Error, Result};
 
@@ -96,6 +97,8 @@ fn clear_region(region: &metapb::Region, out: &mut Batches<'_>) -> Result<()> {
     let (lower, upper) = keys::txn_record_bounds(&region.start_key, &region.end_key);
     kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
     let (lower, upper) = keys::merge_record_bounds(&region.start_key, &region.end_key);
+    kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
+    let (lower, upper) = keys::lease_record_bounds(&region.start_key, &region.end_key);
     kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
     Ok(())
 }
@@ -183,6 +186,14 @@ pub(super) fn write_data(
             &mut wb,
             cf::META,
             &keys::merge_record_key(end_key, record.source_id),
+            &record.encode_to_vec(),
+        );
+    }
+    for record in &snap.leases {
+        kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::lease_record_key(&lease::owner_key(record.id)),
             &record.encode_to_vec(),
         );
     }

@@ -311,6 +311,7 @@ impl StoreCore {
             .0,
             locks: Default::default(),
             feed: Default::default(),
+            leases: Default::default(),
         });
         shared.locks.replace(&txn::load_locks(&self.kv, region.id)?);
         let region_id = region.id;

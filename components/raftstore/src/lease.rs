@@ -1,0 +1,374 @@
+//! etcd's leases, sharded: where a lease's record lives, and the clock a
+//! region's leader keeps for the leases it owns.
+//!
+//! Contract:
+//! * A lease belongs to the region owning its *owner key*
+//!   ([`owner_key`]: [`OWNER_PREFIX`] + the id, big-endian), a position
+//!   in the keyspace used for ownership only: the record is not a key of
+//!   the MVCC store (no read, watch or hash of keys sees it), it lives in
+//!   the META column family keyed by the memcomparable owner key
+//!   (`keys::lease_record_key`), so a split hands it to the side owning
+//!   the owner key, a merge to the merged region, and region snapshots
+//!   carry it.
+//! * Records change only through raft (`Cmd::Lease`, applied by
+//!   `apply::lease`), taking no revision, as etcd's grant, checkpoint and
+//!   key-less revoke take none: a grant of an id the region holds fails
+//!   with `LeaseExists` ("lease already exists"), a revoke of an id it
+//!   does not hold with `LeaseNotFound`, a checkpoint skips ids it does
+//!   not hold; an id whose owner key is outside the region fails with
+//!   `StaleCommand`.
+//! * [`LeaseClock`]: only the region's ready leader runs one (in memory;
+//!   keep-alives never write raft). Taking the lead (and every change of
+//!   the region's range while leading) loads the records it owns: each
+//!   lease gets its checkpointed remaining TTL, or its whole TTL (etcd's
+//!   promote), so a leader change neither expires a lease early nor, with
+//!   checkpoints, extends it forever. A grant applied while leading
+//!   starts a lease at its TTL; a revoke forgets it. An expired lease is
+//!   revoked through raft by the leader (term-bound: an entry of another
+//!   term is refused at apply), retried every [`REVOKE_RETRY`] until
+//!   applied. Losing the lead forgets the clock.
+//! * Renewal ([`LeaseClock::renew`]) restarts a lease's TTL; a lease
+//!   whose last checkpoint recorded a remaining TTL must have that
+//!   checkpoint reset through raft before the renewal is acknowledged
+//!   (a new leader would otherwise promote it with the stale remainder).
+//!   A lease already expired (its revoke in flight) is not renewed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use engine::{cf, KvSnapshot};
+use prost::Message as _;
+use proto::metapb;
+use proto::raft_cmdpb::LeaseRemaining;
+use proto::raft_serverpb::LeaseRecord;
+
+use crate::keys;
+use crate::{Error, Result};
+
+/// Where leases' owner keys sort: near the top of the keyspace, away from
+/// the keys applications use (any key can still be written there; the
+/// records are not MVCC keys).
+pub const OWNER_PREFIX: &[u8] = b"\xff\xfemetastore/lease/";
+
+/// etcd's default lease checkpoint interval.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long an expired lease's revoke may be in flight before the leader
+/// proposes it again.
+pub const REVOKE_RETRY: Duration = Duration::from_secs(1);
+
+/// The owner key of lease `id` (see the module docs).
+pub fn owner_key(id: i64) -> Vec<u8> {
+    let mut k = OWNER_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The record of lease `id` as of `snap` (`None`: not held here).
+pub fn read_record(snap: &KvSnapshot<'_>, id: i64) -> Result<Option<LeaseRecord>> {
+    snap.get(cf::META, &keys::lease_record_key(&owner_key(id)))?
+        .map(|v| LeaseRecord::decode(v.as_slice()).map_err(Error::from))
+        .transpose()
+}
+
+/// Every lease record `region` owns as of `snap`, in owner key order.
+pub fn records(snap: &KvSnapshot<'_>, region: &metapb::Region) -> Result<Vec<LeaseRecord>> {
+    let (lower, upper) = keys::lease_record_bounds(&region.start_key, &region.end_key);
+    let mut out = Vec::new();
+    let mut it = snap.iter(cf::META, &lower, &upper);
+    it.seek(&lower);
+    while let Some(v) = it.value() {
+        out.push(LeaseRecord::decode(v)?);
+        it.next();
+    }
+    it.status().map_err(engine::Error::from)?;
+    Ok(out)
+}
+
+/// A lease the leader's clock runs.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    ttl: i64,
+    deadline: Instant,
+    /// Its last checkpoint recorded a remaining TTL.
+    checkpointed: bool,
+    /// When its revoke was last proposed (expired).
+    revoking: Option<Instant>,
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    /// The lease's TTL, in seconds: its new remaining TTL.
+    pub ttl: i64,
+    /// Its checkpoint must be reset (a `LeaseRemaining` of 0) before the
+    /// renewal is acknowledged.
+    pub reset_checkpoint: bool,
+}
+
+/// The leader's clock of the leases its region owns (see the module docs).
+#[derive(Debug, Default)]
+pub struct LeaseClock {
+    /// The region epoch version the clock was loaded at; `None`: not
+    /// leading.
+    loaded_at: Option<u64>,
+    leases: HashMap<i64, Running>,
+    /// When the leader took the lead or last checkpointed.
+    last_checkpoint: Option<Instant>,
+}
+
+fn seconds(d: Duration) -> i64 {
+    // Whole seconds, rounded up: a lease with 0.2 s left has 1 s left.
+    let s = d.as_secs() as i64;
+    if d.subsec_nanos() > 0 {
+        s + 1
+    } else {
+        s
+    }
+}
+
+impl LeaseClock {
+    /// Whether the clock runs for the region at epoch `version`.
+    pub(crate) fn loaded_at(&self, version: u64) -> bool {
+        self.loaded_at == Some(version)
+    }
+
+    /// Takes the lead, or follows a change of the region's range: runs
+    /// exactly `records`; those already running keep their deadlines, the
+    /// others start at their checkpointed remaining TTL or whole TTL.
+    pub(crate) fn load(&mut self, records: &[LeaseRecord], version: u64, now: Instant) {
+        let mut leases = HashMap::with_capacity(records.len());
+        for r in records {
+            let running = self.leases.get(&r.id).copied().unwrap_or_else(|| {
+                let left = if r.remaining_ttl > 0 {
+                    r.remaining_ttl
+                } else {
+                    r.ttl
+                };
+                Running {
+                    ttl: r.ttl,
+                    deadline: now + Duration::from_secs(left.max(0) as u64),
+                    checkpointed: r.remaining_ttl > 0,
+                    revoking: None,
+                }
+            });
+            leases.insert(r.id, running);
+        }
+        self.leases = leases;
+        self.loaded_at = Some(version);
+        self.last_checkpoint.get_or_insert(now);
+    }
+
+    /// Whether a checkpoint is due (every `interval`, zero: never);
+    /// restarts the interval if so.
+    pub(crate) fn checkpoint_due(&mut self, interval: Duration, now: Instant) -> bool {
+        let Some(last) = self.last_checkpoint else {
+            return false;
+        };
+        if interval.is_zero() || now.saturating_duration_since(last) < interval {
+            return false;
+        }
+        self.last_checkpoint = Some(now);
+        true
+    }
+
+    /// Lost the lead: forgets everything.
+    pub(crate) fn stop(&mut self) {
+        self.loaded_at = None;
+        self.leases.clear();
+        self.last_checkpoint = None;
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.loaded_at.is_some()
+    }
+
+    /// A grant applied.
+    pub(crate) fn granted(&mut self, id: i64, ttl: i64, now: Instant) {
+        if self.is_running() {
+            self.leases.insert(
+                id,
+                Running {
+                    ttl,
+                    deadline: now + Duration::from_secs(ttl.max(0) as u64),
+                    checkpointed: false,
+                    revoking: None,
+                },
+            );
+        }
+    }
+
+    /// A revoke applied.
+    pub(crate) fn revoked(&mut self, id: i64) {
+        self.leases.remove(&id);
+    }
+
+    /// A checkpoint applied.
+    pub(crate) fn checkpointed(&mut self, remaining: &[LeaseRemaining]) {
+        for r in remaining {
+            if let Some(l) = self.leases.get_mut(&r.id) {
+                l.checkpointed = r.remaining_ttl > 0;
+            }
+        }
+    }
+
+    /// Restarts lease `id`'s TTL (see the module docs). `NotRunning`: this
+    /// replica does not run the clock (not the ready leader).
+    pub fn renew(&mut self, id: i64, now: Instant) -> std::result::Result<Renewal, ClockError> {
+        if !self.is_running() {
+            return Err(ClockError::NotRunning);
+        }
+        let l = self.leases.get_mut(&id).ok_or(ClockError::NotFound)?;
+        if l.revoking.is_some() || l.deadline <= now {
+            return Err(ClockError::NotFound);
+        }
+        l.deadline = now + Duration::from_secs(l.ttl.max(0) as u64);
+        Ok(Renewal {
+            ttl: l.ttl,
+            reset_checkpoint: l.checkpointed,
+        })
+    }
+
+    /// Lease `id`'s (granted TTL, remaining TTL) in seconds; the
+    /// remaining TTL is -1 once expired, as etcd answers.
+    pub fn time_to_live(
+        &self,
+        id: i64,
+        now: Instant,
+    ) -> std::result::Result<(i64, i64), ClockError> {
+        if !self.is_running() {
+            return Err(ClockError::NotRunning);
+        }
+        let l = self.leases.get(&id).ok_or(ClockError::NotFound)?;
+        let left = if l.deadline <= now {
+            -1
+        } else {
+            seconds(l.deadline - now)
+        };
+        Ok((l.ttl, left))
+    }
+
+    /// The leases past their deadline whose revoke is to be proposed now
+    /// (first time, or the last proposal is [`REVOKE_RETRY`] old).
+    pub(crate) fn expired(&mut self, now: Instant) -> Vec<i64> {
+        let mut out = Vec::new();
+        for (id, l) in self.leases.iter_mut() {
+            let due = l.deadline <= now
+                && l.revoking
+                    .is_none_or(|at| now.saturating_duration_since(at) >= REVOKE_RETRY);
+            if due {
+                l.revoking = Some(now);
+                out.push(*id);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Every running lease's remaining TTL, for a checkpoint (expired ones
+    /// left out: their revoke is coming).
+    pub(crate) fn remaining(&self, now: Instant) -> Vec<LeaseRemaining> {
+        let mut out: Vec<_> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline > now)
+            .map(|(id, l)| LeaseRemaining {
+                id: *id,
+                remaining_ttl: seconds(l.deadline - now),
+            })
+            .collect();
+        out.sort_unstable_by_key(|r| r.id);
+        out
+    }
+}
+
+/// Why the clock could not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockError {
+    /// This replica is not the region's ready leader.
+    NotRunning,
+    /// No such lease, or it expired.
+    NotFound,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: i64, ttl: i64, remaining_ttl: i64) -> LeaseRecord {
+        LeaseRecord {
+            id,
+            ttl,
+            remaining_ttl,
+        }
+    }
+
+    #[test]
+    fn promote_uses_the_checkpoint_or_the_whole_ttl() {
+        let now = Instant::now();
+        let mut c = LeaseClock::default();
+        assert_eq!(c.renew(1, now), Err(ClockError::NotRunning));
+        c.load(&[record(1, 60, 0), record(2, 60, 5)], 3, now);
+        assert!(c.loaded_at(3) && !c.loaded_at(4));
+        assert_eq!(c.time_to_live(1, now), Ok((60, 60)));
+        assert_eq!(c.time_to_live(2, now), Ok((60, 5)));
+        // A checkpointed lease asks for its checkpoint to be reset.
+        assert_eq!(
+            c.renew(2, now),
+            Ok(Renewal {
+                ttl: 60,
+                reset_checkpoint: true
+            })
+        );
+        c.checkpointed(&[LeaseRemaining {
+            id: 2,
+            remaining_ttl: 0,
+        }]);
+        assert!(!c.renew(2, now).expect("renew").reset_checkpoint);
+        assert_eq!(c.renew(3, now), Err(ClockError::NotFound));
+        // A range change keeps the deadlines of the leases still owned.
+        let later = now + Duration::from_secs(10);
+        c.load(&[record(1, 60, 0), record(4, 30, 0)], 4, later);
+        assert_eq!(c.time_to_live(1, later), Ok((60, 50)));
+        assert_eq!(c.time_to_live(4, later), Ok((30, 30)));
+        assert_eq!(c.time_to_live(2, later), Err(ClockError::NotFound));
+        c.stop();
+        assert_eq!(c.time_to_live(1, later), Err(ClockError::NotRunning));
+    }
+
+    #[test]
+    fn expired_leases_are_revoked_once_per_retry() {
+        let now = Instant::now();
+        let mut c = LeaseClock::default();
+        c.granted(1, 5, now);
+        assert!(
+            c.expired(now + Duration::from_secs(9)).is_empty(),
+            "not running"
+        );
+        c.load(&[], 1, now);
+        c.granted(1, 5, now);
+        c.granted(2, 10, now);
+        let t = now + Duration::from_secs(5);
+        assert_eq!(c.expired(t), vec![1]);
+        assert_eq!(c.time_to_live(1, t), Ok((5, -1)));
+        assert_eq!(c.renew(1, t), Err(ClockError::NotFound), "expired");
+        assert!(c.expired(t + Duration::from_millis(500)).is_empty());
+        assert_eq!(c.expired(t + REVOKE_RETRY), vec![1]);
+        assert_eq!(
+            c.remaining(t),
+            vec![LeaseRemaining {
+                id: 2,
+                remaining_ttl: 5
+            }]
+        );
+        c.revoked(1);
+        assert_eq!(c.time_to_live(1, t), Err(ClockError::NotFound));
+        // Renewing restarts the TTL.
+        let r = c.renew(2, t).expect("renew");
+        assert_eq!(r.ttl, 10);
+        assert_eq!(
+            c.time_to_live(2, t + Duration::from_millis(200)),
+            Ok((10, 10))
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Leases on an in-process 3-node cluster (the `lease` module's
+//! contract): the region's leader expires a lease through raft unless it
+//! is renewed; a new leader gives the leases it takes over their whole
+//! TTL, or their checkpointed remainder; a follower that caught up by a
+//! region snapshot holds the records.
+
+use std::time::{Duration, Instant};
+
+use proto::raft_cmdpb::{
+    lease_request::Op, raft_cmd_request::Cmd, LeaseGrant, LeaseRequest, LeaseRevoke,
+};
+use raftstore::lease::ClockError;
+use raftstore::{RegionHandle, StoreOptions};
+use test_support::raft_cluster::{cmd_for, Cluster, REGION_ID};
+
+async fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn lease_cmd(h: &RegionHandle, op: Op) -> raftstore::Result<()> {
+    let cmd = cmd_for(
+        &h.status().region,
+        Cmd::Lease(LeaseRequest { op: Some(op) }),
+    );
+    h.propose(cmd).await.map(|_| ())
+}
+
+fn held(c: &Cluster, node: u64, id: i64) -> bool {
+    let h = c.handle(node);
+    let mvcc = c.store(node).mvcc();
+    let view = mvcc.snapshot();
+    h.lease_records(&view)
+        .expect("records")
+        .iter()
+        .any(|r| r.id == id)
+}
+
+/// A leader whose clock runs (it may take a tick after the election).
+async fn running_leader(c: &Cluster) -> (u64, RegionHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (id, h) = c.leader().await;
+        if h.lease_time_to_live(i64::MAX) == Err(ClockError::NotFound) {
+            return (id, h);
+        }
+        assert!(Instant::now() < deadline, "no leader runs the clock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_expire_through_raft_unless_renewed() {
+    let c = Cluster::new(3);
+    let (leader, h) = running_leader(&c).await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 7, ttl: 2 }))
+        .await
+        .expect("grant");
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 8, ttl: 2 }))
+        .await
+        .expect("grant");
+    let again = lease_cmd(&h, Op::Grant(LeaseGrant { id: 7, ttl: 5 })).await;
+    assert!(
+        matches!(again, Err(raftstore::Error::Mvcc(mvcc::Error::LeaseExists))),
+        "{again:?}"
+    );
+    assert_eq!(h.lease_time_to_live(7), Ok((2, 2)));
+    // A follower answers nothing of the clock.
+    let follower = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    assert_eq!(
+        c.handle(follower).renew_lease(7),
+        Err(ClockError::NotRunning)
+    );
+
+    // Lease 8 is renewed every 500 ms, lease 7 not.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        h.renew_lease(8).expect("renew 8");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for n in c.nodes() {
+        wait_for("lease 7 revoked everywhere", Duration::from_secs(5), || {
+            !held(&c, n, 7)
+        })
+        .await;
+        assert!(held(&c, n, 8), "renewed lease 8 is gone on node {n}");
+    }
+    assert_eq!(h.lease_time_to_live(7), Err(ClockError::NotFound));
+    assert_eq!(h.renew_lease(7), Err(ClockError::NotFound));
+    lease_cmd(&h, Op::Revoke(LeaseRevoke { id: 8 }))
+        .await
+        .expect("revoke");
+    let again = lease_cmd(&h, Op::Revoke(LeaseRevoke { id: 8 })).await;
+    assert!(
+        matches!(
+            again,
+            Err(raftstore::Error::Mvcc(mvcc::Error::LeaseNotFound))
+        ),
+        "{again:?}"
+    );
+}
+
+/// A new leader starts the leases it takes over at their whole TTL
+/// (etcd's promote): a lease a new leader takes over does not expire
+/// before its TTL from the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_promotes_the_leases() {
+    let c = Cluster::new(3);
+    let (old, h) = running_leader(&c).await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 3, ttl: 4 }))
+        .await
+        .expect("grant");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let target = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != old)
+        .expect("another node");
+    let peer_id = c.handle(target).status().peer_id;
+    h.transfer_leader(peer_id).await.expect("transfer");
+    let moved = Instant::now();
+    wait_for("the new leader's clock", Duration::from_secs(10), || {
+        c.handle(target).lease_time_to_live(3).is_ok()
+    })
+    .await;
+    let (ttl, left) = c.handle(target).lease_time_to_live(3).expect("ttl");
+    assert_eq!(ttl, 4);
+    assert!(left >= 3, "promoted to its whole TTL, {left} s left");
+    // Still there 3 s after the change (2 s + 3 s past the grant).
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(moved.elapsed())).await;
+    assert!(held(&c, target, 3));
+    wait_for("the expiry", Duration::from_secs(5), || {
+        !held(&c, target, 3)
+    })
+    .await;
+}
+
+/// With checkpoints, a new leader starts a lease at its checkpointed
+/// remaining TTL, not its whole TTL; a renewal resets the checkpoint
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_keeps_the_remaining_ttl_across_leaders() {
+    let c = Cluster::with_options(
+        3,
+        StoreOptions {
+            lease_checkpoint_interval: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let (old, h) = running_leader(&c).await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 5, ttl: 600 }))
+        .await
+        .expect("grant");
+    let view_has_checkpoint = |node: u64| {
+        let mvcc = c.store(node).mvcc();
+        let view = mvcc.snapshot();
+        c.handle(node)
+            .lease_records(&view)
+            .expect("records")
+            .iter()
+            .any(|r| r.id == 5 && r.remaining_ttl > 0)
+    };
+    for n in c.nodes() {
+        wait_for("a checkpoint everywhere", Duration::from_secs(10), || {
+            view_has_checkpoint(n)
+        })
+        .await;
+    }
+    let renewal = h.renew_lease(5).expect("renew");
+    assert!(renewal.reset_checkpoint, "the checkpoint is to be reset");
+
+    let target = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != old)
+        .expect("another node");
+    // Another checkpoint: the record holds a remainder below 600 once
+    // time passed; the new leader takes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let peer_id = c.handle(target).status().peer_id;
+    h.transfer_leader(peer_id).await.expect("transfer");
+    wait_for("the new leader's clock", Duration::from_secs(10), || {
+        c.handle(target).lease_time_to_live(5).is_ok()
+    })
+    .await;
+    let (ttl, left) = c.handle(target).lease_time_to_live(5).expect("ttl");
+    assert_eq!(ttl, 600);
+    assert!(
+        left < 600,
+        "promoted at the checkpoint's remainder, {left} s left"
+    );
+}
+
+/// A follower far behind gets the region by snapshot, lease records
+/// included, and runs them once it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_snapshot_carries_the_leases() {
+    let c = Cluster::with_options(
+        3,
+        StoreOptions {
+            log_gc_threshold: 8,
+            ..Default::default()
+        },
+    );
+    let (leader, h) = running_leader(&c).await;
+    let down = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    c.stop_node(down);
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 11, ttl: 600 }))
+        .await
+        .expect("grant");
+    let mut rev = 1;
+    for i in 0..40 {
+        c.must_put(&mut rev, &format!("k{i:02}"), "v").await;
+    }
+    let before = c.router.snapshots_delivered();
+    c.restart_node(down);
+    wait_for("a snapshot", Duration::from_secs(20), || {
+        c.router.snapshots_delivered() > before
+    })
+    .await;
+    wait_for(
+        "the lease on the restarted node",
+        Duration::from_secs(20),
+        || c.try_region(down, REGION_ID).is_some() && held(&c, down, 11),
+    )
+    .await;
+    let peer_id = c.handle(down).status().peer_id;
+    h.transfer_leader(peer_id).await.expect("transfer");
+    wait_for("its clock", Duration::from_secs(10), || {
+        c.handle(down).lease_time_to_live(11).is_ok()
+    })
+    .await;
+}
