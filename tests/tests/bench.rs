@@ -85,19 +85,6 @@ fn assert_all_ok(what: &str, v: &Value, total: u64) {
 
 /// True (after saying so) when the server lacks the service: the bench
 /// must then have counted every request as an error of that kind.
-fn unimplemented(what: &str, v: &Value, total: u64) -> bool {
-    let count = v["errors_by_kind"]["Unimplemented"]["count"].as_u64();
-    match count {
-        Some(c) => {
-            assert_eq!(n(v, "total"), total, "{what}: total in {v}");
-            assert_eq!(c, total, "{what}: all requests must fail alike: {v}");
-            println!("SKIP {what}: the server answers Unimplemented; counts checked only");
-            true
-        }
-        None => false,
-    }
-}
-
 fn check_kv_subcommands(ep: &str) {
     let v = bench(
         ep,
@@ -207,9 +194,6 @@ fn check_watch(ep: &str) {
             "--event-timeout=20s",
         ],
     );
-    if unimplemented("watch", &v, 60) {
-        return;
-    }
     assert_eq!(n(&v, "events_expected"), 60, "{v}");
     assert_eq!(n(&v, "watchers"), 6, "{v}");
     assert_all_ok("watch events", &v, 60);
@@ -222,9 +206,6 @@ fn check_lease(ep: &str) {
         ep,
         &["--conns=2", "--clients=3", "lease-keepalive", "--total=120"],
     );
-    if unimplemented("lease-keepalive", &v, 120) {
-        return;
-    }
     assert_all_ok("lease-keepalive", &v, 120);
 }
 

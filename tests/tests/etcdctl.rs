@@ -155,6 +155,6 @@ fn endpoint_and_member_commands() {
     let hash = ok(&ep, &["endpoint", "hashkv", "-w", "json"]);
     assert!(hash.contains("hash"), "{hash}");
     // Services not built yet say so honestly.
-    let lease = err(&ep, &["lease", "grant", "10"]);
-    assert!(lease.to_lowercase().contains("unimplemented"), "{lease}");
+    let users = err(&ep, &["user", "list"]);
+    assert!(users.to_lowercase().contains("unimplemented"), "{users}");
 }

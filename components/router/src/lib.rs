@@ -13,7 +13,8 @@
 //!   (`compaction`); writes over several regions by two-phase commit
 //!   (`txn`); region merge, driven by the source region's leader
 //!   (`merge`); HashKV of the whole keyspace from every region's replicas
-//!   (`hash`); work that outlives its client's call (`detached`);
+//!   (`hash`); etcd's leases at the leaders of the regions owning them
+//!   (`lease`); work that outlives its client's call (`detached`);
 //! * **the leader-side protocols** ([`leader`], contract in
 //!   `leader/mod.rs`): latches, evaluation, in-flight writes, the
 //!   sequencer that gives writes their revisions in log order, and the read
@@ -37,6 +38,7 @@ pub mod error;
 pub mod forward;
 mod hash;
 pub mod leader;
+pub mod lease;
 mod locate;
 pub mod merge;
 mod regions;

@@ -20,6 +20,7 @@ use proto::forwardpb::{
     TxnStepRequest, TxnStepResponse, WatchChange, WatchEventsRequest, WatchEventsResponse,
 };
 use router::forward::wire::error_to_wire;
+use router::lease::LeaseOp;
 use router::Router;
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -168,6 +169,29 @@ impl RegionForward for ForwardService {
             Err(e) => TxnStepResponse {
                 error: wire_error(&e),
                 result: None,
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn lease(
+        &self,
+        req: Request<forwardpb::LeaseRequest>,
+    ) -> Result<Response<forwardpb::LeaseResponse>, Status> {
+        let req = req.into_inner();
+        let res = match LeaseOp::from_wire(&req) {
+            Ok(op) => {
+                self.router
+                    .serve_forwarded_lease(req.header.as_ref(), op)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let resp = match res {
+            Ok(answer) => answer.to_wire(),
+            Err(e) => forwardpb::LeaseResponse {
+                error: wire_error(&e),
+                ..Default::default()
             },
         };
         Ok(Response::new(resp))

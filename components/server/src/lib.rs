@@ -4,8 +4,9 @@
 //! through the placement driver (embedded in dev mode), and serves etcd's
 //! gRPC services plus etcd's HTTP `/version` and `/health` on the client
 //! URLs. KV, Maintenance (with etcd's alarms, kept in PD: [`alarm`]),
-//! Cluster and Watch ([`watch`]) are served here; services not built
-//! yet (Lease, Auth, Lock, Election) answer gRPC `Unimplemented`.
+//! Cluster, Watch ([`watch`]) and Lease ([`lease`]; keys cannot be
+//! attached to leases yet) are served here; services not built yet (Auth,
+//! Lock, Election) answer gRPC `Unimplemented`.
 //! Request errors carry etcd's codes and texts ([`errors`]). Raft messages
 //! between nodes travel over gRPC on the peer URLs ([`raft_transport`]), and
 //! so do requests forwarded to the node holding a region's leader
@@ -19,6 +20,7 @@ pub mod forward;
 mod heartbeat;
 mod http;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod node;
 mod raft_snapshot;

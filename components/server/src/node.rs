@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use pd::{LocalPdClient, PdClient, PdConfig, PdCore, RpcPdClient, RpcPdClientConfig};
 use proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use proto::metapb;
 use raftstore::{NodeIdent, Store, StoreOptions};
@@ -21,6 +21,7 @@ use crate::cluster::ClusterService;
 use crate::config::{socket_addr, Config};
 use crate::forward::ForwardService;
 use crate::kv::{KvService, MAX_GRPC_RECV_BYTES};
+use crate::lease::LeaseService;
 use crate::maintenance::MaintenanceService;
 use crate::raft_transport::{GrpcTransport, PdResolver, RaftTransportService};
 use crate::split_check::SplitLimits;
@@ -249,10 +250,12 @@ fn grpc_routes(ctx: Arc<NodeContext>, pd_core: Option<Arc<PdCore>>) -> tonic::se
     let watch = WatchServer::new(WatchService::new(ctx.clone()))
         .max_decoding_message_size(MAX_GRPC_RECV_BYTES)
         .max_encoding_message_size(usize::MAX);
+    let lease = LeaseServer::new(LeaseService::new(ctx.clone()));
     let mut routes = tonic::service::Routes::new(kv)
         .add_service(maintenance)
         .add_service(cluster)
-        .add_service(watch);
+        .add_service(watch)
+        .add_service(lease);
     if let Some(core) = pd_core {
         routes = routes.add_service(pd::service::PdService::new(core).into_server());
     }

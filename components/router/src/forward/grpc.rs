@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::wire::error_from_wire;
 use super::{span_bounds, Forward, ReadIndex, RegionChanges, RegionHash, Target};
+use crate::lease::{LeaseAnswer, LeaseOp};
 use crate::resolve::Resolver;
 use crate::{Error, Result, RETRY_DEADLINE};
 
@@ -181,6 +182,19 @@ impl Forward for GrpcForwarder {
             return Err(error_from_wire(e));
         }
         Ok((resp.current_revision, resp.applied_index))
+    }
+
+    async fn lease(&self, target: &Target, op: LeaseOp) -> Result<LeaseAnswer> {
+        let msg = op.to_wire(target.header());
+        let resp = self
+            .call(target.node_id, op.is_idempotent(), |mut c| async move {
+                c.lease(msg).await
+            })
+            .await?;
+        if let Some(e) = resp.error {
+            return Err(error_from_wire(e));
+        }
+        Ok(op.answer_from_wire(resp))
     }
 
     async fn txn_step(

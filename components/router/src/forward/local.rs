@@ -24,6 +24,7 @@ use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use tokio::sync::watch;
 
 use super::{Forward, ReadIndex, RegionChanges, RegionHash, Target};
+use crate::lease::{LeaseAnswer, LeaseOp};
 use crate::{Error, Result, Router};
 
 /// What happens to one forwarded request.
@@ -212,6 +213,26 @@ impl Forward for LocalForwarder {
             return Err(reply_lost());
         }
         let serve = router.serve_forwarded_compact(Some(&header), revision, physical);
+        served.run(true, serve).await
+    }
+
+    async fn lease(&self, target: &Target, op: LeaseOp) -> Result<LeaseAnswer> {
+        let (router, delivery, served) = self.net.route(self.from, target.node_id)?;
+        let header = target.header();
+        if op.is_idempotent() {
+            let res = served
+                .run(false, router.serve_forwarded_lease(Some(&header), op))
+                .await;
+            return read_reply(target.node_id, delivery, res);
+        }
+        if delivery == Delivery::LoseReply {
+            tokio::spawn(async move {
+                let serve = router.serve_forwarded_lease(Some(&header), op);
+                served.run(true, serve).await
+            });
+            return Err(reply_lost());
+        }
+        let serve = router.serve_forwarded_lease(Some(&header), op);
         served.run(true, serve).await
     }
 

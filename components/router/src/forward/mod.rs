@@ -27,6 +27,7 @@ use proto::etcdserverpb::{RangeRequest, RangeResponse};
 use proto::forwardpb::{txn_step_request::Step, txn_step_response};
 use proto::{forwardpb, metapb};
 
+use crate::lease::{LeaseAnswer, LeaseOp};
 use crate::Result;
 
 pub use grpc::GrpcForwarder;
@@ -126,6 +127,10 @@ pub trait Forward: Send + Sync {
         from: i64,
         prev_kv: bool,
     ) -> Result<RegionChanges>;
+
+    /// Runs a lease operation on the leader's node
+    /// (`Router::serve_forwarded_lease`).
+    async fn lease(&self, target: &Target, op: LeaseOp) -> Result<LeaseAnswer>;
 }
 
 /// `span`'s bounds as a key range hash takes them: `[lower, upper)`, an

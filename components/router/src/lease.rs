@@ -1,0 +1,297 @@
+//! etcd's leases over the regions: each lease is served by the leader of
+//! the region owning its owner key (`raftstore::lease`), here or on the
+//! leader's node through forwarding.
+//!
+//! Contract of [`Router::lease`]:
+//! * `Grant` and `Revoke` go through the owning region's raft and answer
+//!   once applied on its leader; "lease already exists" / "requested lease
+//!   not found" are apply's answers. Neither takes a revision. A forwarded
+//!   one whose answer was lost is `OutcomeUnknown` (etcd's "request timed
+//!   out"), never retried.
+//! * `Renew` and `TimeToLive` ask the leader's clock after a read barrier
+//!   (a quorum confirmed the leadership, so a deposed leader acknowledges
+//!   no renewal); a renewal of a lease whose checkpoint holds a remainder
+//!   resets that checkpoint through raft before it answers. No raft write
+//!   otherwise. An unknown or expired lease is `LeaseNotFound`.
+//! * `List` reads every region of the owner key range at its leader
+//!   (after a read barrier), and answers the ids in id order; a region
+//!   that split or merged meanwhile is read again.
+//! * Errors that certainly changed nothing are retried until
+//!   `RETRY_DEADLINE`, as every request of the router.
+//!
+//! Keys are not attached to leases yet: a Put with a lease is refused by
+//! the server, so a revoke has no key to delete.
+
+use std::collections::BTreeSet;
+
+use mvcc::{KeyRange, MvccStore};
+use proto::forwardpb::{self, lease_request::Kind};
+use proto::raft_cmdpb::{
+    lease_request::Op, raft_cmd_request::Cmd, LeaseCheckpoint, LeaseGrant, LeaseRemaining,
+    LeaseRequest, LeaseRevoke, RaftCmdRequest, RaftRequestHeader,
+};
+use raftstore::lease::{owner_key, ClockError, OWNER_PREFIX};
+use raftstore::RegionHandle;
+
+use crate::leader::check_spans;
+use crate::locate::Location;
+use crate::router::retrying;
+use crate::{Error, Result, Router};
+
+/// A lease operation (see the contract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseOp {
+    Grant { id: i64, ttl: i64 },
+    Revoke(i64),
+    Renew(i64),
+    TimeToLive(i64),
+    List,
+}
+
+/// What a lease operation answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseAnswer {
+    /// Grant, Revoke.
+    Done,
+    /// Renew: the lease's TTL, now its remaining TTL.
+    Renewed { ttl: i64 },
+    /// TimeToLive: the granted and remaining TTL (-1: expired).
+    TimeToLive { ttl: i64, remaining: i64 },
+    /// List: lease ids.
+    Listed(Vec<i64>),
+}
+
+impl LeaseOp {
+    /// Whether running it twice is harmless (a lost answer may be asked
+    /// again).
+    pub fn is_idempotent(&self) -> bool {
+        !matches!(self, LeaseOp::Grant { .. } | LeaseOp::Revoke(_))
+    }
+
+    pub fn to_wire(&self, header: forwardpb::RequestHeader) -> forwardpb::LeaseRequest {
+        let (kind, id, ttl) = match *self {
+            LeaseOp::Grant { id, ttl } => (Kind::Grant, id, ttl),
+            LeaseOp::Revoke(id) => (Kind::Revoke, id, 0),
+            LeaseOp::Renew(id) => (Kind::Renew, id, 0),
+            LeaseOp::TimeToLive(id) => (Kind::TimeToLive, id, 0),
+            LeaseOp::List => (Kind::List, 0, 0),
+        };
+        forwardpb::LeaseRequest {
+            header: Some(header),
+            kind: kind as i32,
+            id,
+            ttl,
+        }
+    }
+
+    pub fn from_wire(req: &forwardpb::LeaseRequest) -> Result<LeaseOp> {
+        let kind = Kind::try_from(req.kind)
+            .map_err(|_| Error::Internal(format!("unknown lease request kind {}", req.kind)))?;
+        Ok(match kind {
+            Kind::Grant => LeaseOp::Grant {
+                id: req.id,
+                ttl: req.ttl,
+            },
+            Kind::Revoke => LeaseOp::Revoke(req.id),
+            Kind::Renew => LeaseOp::Renew(req.id),
+            Kind::TimeToLive => LeaseOp::TimeToLive(req.id),
+            Kind::List => LeaseOp::List,
+        })
+    }
+
+    /// `resp` (without error) as this operation's answer.
+    pub fn answer_from_wire(&self, resp: forwardpb::LeaseResponse) -> LeaseAnswer {
+        match self {
+            LeaseOp::Grant { .. } | LeaseOp::Revoke(_) => LeaseAnswer::Done,
+            LeaseOp::Renew(_) => LeaseAnswer::Renewed { ttl: resp.ttl },
+            LeaseOp::TimeToLive(_) => LeaseAnswer::TimeToLive {
+                ttl: resp.ttl,
+                remaining: resp.remaining_ttl,
+            },
+            LeaseOp::List => LeaseAnswer::Listed(resp.ids),
+        }
+    }
+}
+
+impl LeaseAnswer {
+    pub fn to_wire(&self) -> forwardpb::LeaseResponse {
+        let mut resp = forwardpb::LeaseResponse::default();
+        match self {
+            LeaseAnswer::Done => {}
+            LeaseAnswer::Renewed { ttl } => resp.ttl = *ttl,
+            LeaseAnswer::TimeToLive { ttl, remaining } => {
+                resp.ttl = *ttl;
+                resp.remaining_ttl = *remaining;
+            }
+            LeaseAnswer::Listed(ids) => resp.ids = ids.clone(),
+        }
+        resp
+    }
+}
+
+/// The key range of every owner key.
+fn owner_range() -> KeyRange {
+    let mut end = OWNER_PREFIX.to_vec();
+    // The prefix ends in '/': its successor bounds every key under it.
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    KeyRange {
+        start: OWNER_PREFIX.to_vec(),
+        end: Some(end),
+    }
+}
+
+fn owner_of(id: i64) -> KeyRange {
+    KeyRange {
+        start: owner_key(id),
+        end: None,
+    }
+}
+
+impl Router {
+    /// Runs a lease operation (see the contract).
+    pub async fn lease(&self, op: LeaseOp) -> Result<LeaseAnswer> {
+        let id = match op {
+            LeaseOp::List => return self.list_leases().await,
+            LeaseOp::Grant { id, .. }
+            | LeaseOp::Revoke(id)
+            | LeaseOp::Renew(id)
+            | LeaseOp::TimeToLive(id) => id,
+        };
+        let span = owner_of(id);
+        self.lease_in_region(op, &span).await
+    }
+
+    /// Runs `op` on the leader of the region owning `span`.
+    async fn lease_in_region(&self, op: LeaseOp, span: &KeyRange) -> Result<LeaseAnswer> {
+        let spans = std::slice::from_ref(span);
+        retrying(move || async move {
+            match self.locate(spans).await? {
+                Location::Leader(handle, _) => {
+                    lease_on_leader(&self.mvcc, &handle, op, Some(span)).await
+                }
+                Location::Follower(_, target) | Location::Remote(target) => {
+                    self.forwarded(&target, self.forwarder.lease(&target, op))
+                        .await
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list_leases(&self) -> Result<LeaseAnswer> {
+        let range = owner_range();
+        let ids = self
+            .with_pieces(&range, |pieces| async move {
+                let mut ids = BTreeSet::new();
+                for piece in &pieces {
+                    let LeaseAnswer::Listed(found) =
+                        self.lease_in_region(LeaseOp::List, piece).await?
+                    else {
+                        return Err(Error::Internal("a lease list answered otherwise".into()));
+                    };
+                    // A region's list is all it owns; keep this piece's.
+                    ids.extend(
+                        found
+                            .into_iter()
+                            .filter(|id| piece.contains(&owner_key(*id))),
+                    );
+                }
+                Ok(ids)
+            })
+            .await?;
+        Ok(LeaseAnswer::Listed(ids.into_iter().collect()))
+    }
+
+    /// Leader side of a forwarded lease operation.
+    pub async fn serve_forwarded_lease(
+        &self,
+        header: Option<&forwardpb::RequestHeader>,
+        op: LeaseOp,
+    ) -> Result<LeaseAnswer> {
+        let handle = self.forwarded_leader(header)?;
+        lease_on_leader(&self.mvcc, &handle, op, None).await
+    }
+}
+
+/// Runs `op` on this node's replica `handle`, the region's ready leader.
+/// `List` answers what the region owns, checked to still cover `piece`
+/// (forwarded: the sender's epoch was checked instead).
+async fn lease_on_leader(
+    mvcc: &MvccStore,
+    handle: &RegionHandle,
+    op: LeaseOp,
+    piece: Option<&KeyRange>,
+) -> Result<LeaseAnswer> {
+    match op {
+        LeaseOp::Grant { id, ttl } => {
+            propose(handle, Op::Grant(LeaseGrant { id, ttl })).await?;
+            Ok(LeaseAnswer::Done)
+        }
+        LeaseOp::Revoke(id) => {
+            propose(handle, Op::Revoke(LeaseRevoke { id })).await?;
+            Ok(LeaseAnswer::Done)
+        }
+        LeaseOp::Renew(id) => {
+            handle.read_index().await?;
+            let renewal = handle.renew_lease(id).map_err(|e| clock_error(handle, e))?;
+            if renewal.reset_checkpoint {
+                let reset = LeaseRemaining {
+                    id,
+                    remaining_ttl: 0,
+                };
+                let leases = vec![reset];
+                propose(handle, Op::Checkpoint(LeaseCheckpoint { leases })).await?;
+            }
+            Ok(LeaseAnswer::Renewed { ttl: renewal.ttl })
+        }
+        LeaseOp::TimeToLive(id) => {
+            handle.read_index().await?;
+            let (ttl, remaining) = handle
+                .lease_time_to_live(id)
+                .map_err(|e| clock_error(handle, e))?;
+            Ok(LeaseAnswer::TimeToLive { ttl, remaining })
+        }
+        LeaseOp::List => {
+            handle.read_index().await?;
+            let view = mvcc.snapshot();
+            if let Some(piece) = piece {
+                let state = handle.read_state(&view)?;
+                check_spans(&state.region, std::slice::from_ref(piece))?;
+            }
+            let ids = handle
+                .lease_records(&view)?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            Ok(LeaseAnswer::Listed(ids))
+        }
+    }
+}
+
+fn clock_error(handle: &RegionHandle, e: ClockError) -> Error {
+    match e {
+        ClockError::NotRunning => raftstore::Error::NotLeader {
+            region_id: handle.region_id(),
+            leader: None,
+        }
+        .into(),
+        ClockError::NotFound => Error::Mvcc(mvcc::Error::LeaseNotFound),
+    }
+}
+
+/// Proposes a lease command on `handle` under its current epoch.
+async fn propose(handle: &RegionHandle, op: Op) -> Result<()> {
+    let region = handle.status().region;
+    let cmd = RaftCmdRequest {
+        header: Some(RaftRequestHeader {
+            region_id: region.id,
+            region_epoch: region.region_epoch,
+            term: 0,
+        }),
+        cmd: Some(Cmd::Lease(LeaseRequest { op: Some(op) })),
+    };
+    handle.propose(cmd).await?;
+    Ok(())
+}
