@@ -22,6 +22,9 @@
 #                one key each stream set, events timed from just before
 #                their put to their arrival (req/s is events/s, p99 the
 #                event latency)
+#   --lease      the lease workload instead: keep-alives of one lease per
+#                client over a stream each (etcd's `benchmark lease-keepalive`),
+#                1 and 100 clients
 #   --rounds N   A/B rounds per workload (default 3, quick 1)
 #   --replicas N members per system (default 1; 3 = a 3-member etcd vs
 #                3 metastore-pd members + 3 nodes with 3 replicas)
@@ -43,6 +46,7 @@ OUT=""
 KEEP=0
 COUNT=0
 WATCH=0
+LEASE=0
 COUNT_KEYS=200000
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -51,6 +55,7 @@ while [[ $# -gt 0 ]]; do
         --replicas) REPLICAS="$2"; shift ;;
         --count) COUNT=1 ;;
         --watch) WATCH=1 ;;
+        --lease) LEASE=1 ;;
         --count-keys) COUNT_KEYS="$2"; shift ;;
         --no-build) BUILD=0 ;;
         --out) OUT="$2"; shift ;;
@@ -286,6 +291,14 @@ if [[ $WATCH == 1 ]]; then
         "watch 1 watcher|--conns=1 --clients=1|watch --streams=1 --watch-per-stream=1 --put-total=$P1"
         "watch 100 watchers|--conns=10 --clients=10|watch --streams=10 --watch-per-stream=10 --put-total=$P100"
         "watch 10000 watchers|--conns=10 --clients=10|watch --streams=100 --watch-per-stream=100 --put-total=$P10K"
+    )
+fi
+
+if [[ $LEASE == 1 ]]; then
+    if [[ $QUICK == 1 ]]; then K1=1000 K100=5000; else K1=5000 K100=50000; fi
+    WORKLOADS=(
+        "lease-keepalive 1 client|--conns=1 --clients=1|lease-keepalive --total=$K1"
+        "lease-keepalive 100 clients|--conns=10 --clients=100|lease-keepalive --total=$K100"
     )
 fi
 

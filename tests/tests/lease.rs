@@ -5,13 +5,15 @@
 //!   the same answers from a real etcd and a MetaStore dev node;
 //! * etcdctl `lease grant|list|timetolive --keys|keep-alive --once|
 //!   revoke` print what they print against etcd, and a lease expires;
+//! * leases split over two regions are all listed, and each is still
+//!   served (and expires) after the split;
 //! * on 3 nodes, a lease kept alive survives kill -9 of its region's
 //!   leader while one left alone expires, once.
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LeaseGrantOptions, LeaseTimeToLiveOptions};
-use test_support::{client, etcdctl, Etcd, Node, ProcessCluster};
+use test_support::{client, etcdctl, metastore_ctl, Etcd, Node, ProcessCluster};
 
 /// An answer, with what differs between servers (TTLs counting down by
 /// the second) left out.
@@ -216,6 +218,52 @@ async fn etcdctl_lease_commands_print_what_etcd_prints() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!ok(&ep, &["lease", "list"]).contains(&short_id));
+}
+
+/// The owner key of lease `id` (raftstore::lease), in hex.
+fn owner_key_hex(id: i64) -> String {
+    let mut key = b"\xff\xfemetastore/lease/".to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A split in the middle of the leases' key range: the records go with
+/// their keys, every lease is still listed and served, and the short one
+/// on the new region's side expires there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_split_over_regions_are_all_served() {
+    let node = Node::start_dev();
+    let ep = node.endpoint();
+    let mut c = client(&ep).await;
+    for id in [1, 2, 3, 4, 6] {
+        assert_eq!(
+            grant(&mut c, 600, id).await,
+            Answer::Granted { id, ttl: 600 }
+        );
+    }
+    let split = metastore_ctl(&ep, &["--hex", "region", "split", &owner_key_hex(4)]);
+    assert!(split.status.success(), "{split:?}");
+    let regions = metastore_ctl(&ep, &["region", "list", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&regions.stdout).expect("json");
+    assert_eq!(v["regions"].as_array().map_or(0, Vec::len), 2, "{v}");
+
+    // Granted in the new region.
+    assert_eq!(grant(&mut c, 2, 5).await, Answer::Granted { id: 5, ttl: 2 });
+    assert_eq!(leases(&mut c).await, Answer::Leases(vec![1, 2, 3, 4, 5, 6]));
+    for id in [1, 6] {
+        assert_eq!(
+            keep_alive(&mut c, id).await,
+            Answer::KeptAlive { id, ttl: 600 }
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leases(&mut c).await != Answer::Leases(vec![1, 2, 3, 4, 6]) {
+        assert!(Instant::now() < deadline, "lease 5 did not expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(revoke(&mut c, 4).await, Answer::Ok);
+    assert_eq!(revoke(&mut c, 3).await, Answer::Ok);
+    assert_eq!(leases(&mut c).await, Answer::Leases(vec![1, 2, 6]));
 }
 
 /// The index of the node leading the cluster's (only) region.

@@ -18,10 +18,10 @@ use crate::lease;
 impl Peer {
     /// Every tick: the ready leader runs the clock (loading it when it
     /// takes the lead or its range changed), proposes the revoke of each
-    /// expired lease and, when due, a checkpoint; any other replica stops
-    /// it.
+    /// expired lease and, when due, a checkpoint (not while frozen for a
+    /// merge); any other replica stops it.
     pub(super) fn tend_leases(&mut self) {
-        let leading = self.is_ready_leader() && self.merging.is_none() && self.is_initialized();
+        let leading = self.is_ready_leader() && self.is_initialized();
         if !leading {
             let mut clock = self.shared.leases.lock();
             if clock.is_running() {
@@ -55,6 +55,11 @@ impl Peer {
             .upgrade()
             .map(|h| h.options().lease_checkpoint_interval)
             .unwrap_or_default();
+        if self.merging.is_some() {
+            // Frozen for a merge: apply refuses lease commands until the
+            // merge is decided; the clock keeps running meanwhile.
+            return;
+        }
         let (expired, checkpoint) = {
             let mut clock = self.shared.leases.lock();
             let expired = clock.expired(now);
