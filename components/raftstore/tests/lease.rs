@@ -242,3 +242,65 @@ async fn a_region_snapshot_carries_the_leases() {
     })
     .await;
 }
+
+/// The leader is cut off from the others: it cannot revoke (its revokes
+/// never commit, and are refused in any later term), the majority's new
+/// leader promotes the leases, and renewals there keep a lease alive
+/// across the partition and the heal; the lease left alone expires once,
+/// on the majority's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_leader_cannot_expire_a_renewed_lease() {
+    let c = Cluster::new(3);
+    let (old, h) = running_leader(&c).await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 21, ttl: 3 }))
+        .await
+        .expect("grant");
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 22, ttl: 3 }))
+        .await
+        .expect("grant");
+    let majority: Vec<u64> = c.nodes().into_iter().filter(|n| *n != old).collect();
+    for n in &majority {
+        wait_for("the grants everywhere", Duration::from_secs(5), || {
+            held(&c, *n, 21) && held(&c, *n, 22)
+        })
+        .await;
+    }
+    c.partition(&[old], &majority);
+
+    // Renew 21 every 500 ms on whichever replica of the majority runs the
+    // clock, for 8 s (well past its TTL and the old leader's deadline).
+    let started = Instant::now();
+    let mut renewed = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        for n in &majority {
+            if c.handle(*n).renew_lease(21).is_ok() {
+                renewed += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(renewed >= 8, "renewed {renewed} times");
+    for n in &majority {
+        wait_for("lease 22 expired on the majority", Duration::from_secs(5), || {
+            !held(&c, *n, 22)
+        })
+        .await;
+        assert!(held(&c, *n, 21), "renewed lease 21 is gone on node {n}");
+    }
+    // The cut-off leader never applied a revoke of 21.
+    assert!(held(&c, old, 21));
+
+    c.heal();
+    let (_, leader) = c.leader_among(&majority).await;
+    leader.renew_lease(21).expect("renew after the heal");
+    for n in c.nodes() {
+        wait_for("lease 22 gone everywhere", Duration::from_secs(10), || {
+            !held(&c, n, 22)
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for n in c.nodes() {
+        assert!(held(&c, n, 21), "renewed lease 21 is gone on node {n}");
+    }
+}
