@@ -281,9 +281,11 @@ async fn a_partitioned_leader_cannot_expire_a_renewed_lease() {
     }
     assert!(renewed >= 8, "renewed {renewed} times");
     for n in &majority {
-        wait_for("lease 22 expired on the majority", Duration::from_secs(5), || {
-            !held(&c, *n, 22)
-        })
+        wait_for(
+            "lease 22 expired on the majority",
+            Duration::from_secs(5),
+            || !held(&c, *n, 22),
+        )
         .await;
         assert!(held(&c, *n, 21), "renewed lease 21 is gone on node {n}");
     }

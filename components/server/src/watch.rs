@@ -40,10 +40,12 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::future::{AbortHandle, Abortable, Aborted};
+use futures::stream::FuturesUnordered;
+use futures::{Future, Stream, StreamExt};
 use mvcc::KeyRange;
 use prost::Message as _;
 use proto::etcdserverpb::watch_create_request::FilterType;
@@ -51,7 +53,7 @@ use proto::etcdserverpb::watch_request::RequestUnion;
 use proto::etcdserverpb::watch_server::Watch;
 use proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
 use proto::mvccpb::{event::EventType, Event};
-use router::watch::{Watch as RouterWatch, WatchUpdate};
+use router::watch::{Watch as RouterWatch, WatchProgress, WatchUpdate};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -104,15 +106,45 @@ impl Watch for WatchService {
             progress_interval: self.ctx.config.watch_progress_notify_interval.0,
             progress_asked: Vec::new(),
             pause: None,
+            pending: Mutex::new(FuturesUnordered::new()),
         };
         tokio::spawn(session.run(req.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// A watch of a session.
+/// A watch's next update, with the watch (see [`arm`]).
+type NextUpdate = Abortable<
+    Pin<Box<dyn Future<Output = (i64, RouterWatch, Option<router::Result<WatchUpdate>>)> + Send>>,
+>;
+
+/// The session's waits (see `Session::pending`). The lock is never
+/// taken: the session owns it, the mutex only makes the session `Sync`.
+type Pending = Mutex<FuturesUnordered<NextUpdate>>;
+
+fn waits(pending: &mut Pending) -> &mut FuturesUnordered<NextUpdate> {
+    pending.get_mut().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits for `watch`'s next update in `pending`; the handle stops the
+/// wait (and drops the watch).
+fn arm(pending: &mut Pending, id: i64, mut watch: RouterWatch) -> AbortHandle {
+    let (abort, registration) = AbortHandle::new_pair();
+    let next = async move {
+        let update = watch.next().await;
+        (id, watch, update)
+    };
+    waits(pending).push(Abortable::new(Box::pin(next), registration));
+    abort
+}
+
+/// A watch of a session. Its router watch sits in the session's
+/// `pending` set while the session waits for its next update, or in
+/// `held` with an update taken while it was paused.
 struct Active {
-    watch: RouterWatch,
+    progress: WatchProgress,
+    abort: AbortHandle,
+    held: Option<(RouterWatch, Option<router::Result<WatchUpdate>>)>,
     no_put: bool,
     no_delete: bool,
     fragment: bool,
@@ -128,13 +160,21 @@ struct Active {
 
 impl Active {
     /// Every event up to the returned revision is on the wire: the
-    /// router's delivered revision once nothing of it waits in the queue.
+    /// router's delivered revision once nothing of it waits in the queue
+    /// (nor is held here).
     fn sent_up_to(&mut self) -> i64 {
-        let delivered = self.watch.delivered();
-        if self.watch.is_drained() {
+        let delivered = self.progress.delivered();
+        if self.held.is_none() && self.progress.is_drained() {
             self.sent = self.sent.max(delivered);
         }
         self.sent
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // Its router watch, waiting in `pending`, goes too.
+        self.abort.abort();
     }
 }
 
@@ -148,12 +188,17 @@ struct Session {
     /// While an answer waits: watches that have sent up to this revision
     /// take no updates, and since when.
     pause: Option<(i64, Instant)>,
+    /// Every watch's wait for its next update: only the watches woken are
+    /// polled, whatever their number.
+    pending: Pending,
 }
 
 /// What woke a session.
 enum Wake {
     Request(Option<WatchRequest>),
-    Update(i64, Option<router::Result<WatchUpdate>>),
+    Update(i64, RouterWatch, Option<router::Result<WatchUpdate>>),
+    /// A watch's wait was stopped (the watch was cancelled).
+    Stopped,
     Tick,
 }
 
@@ -161,20 +206,21 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         loop {
-            let below = self
-                .pause
-                .filter(|(_, since)| since.elapsed() < PROGRESS_PAUSE_MAX)
-                .map(|(target, _)| target);
+            let no_waits = waits(&mut self.pending).is_empty();
             let wake = tokio::select! {
                 req = inbound.message() => Wake::Request(req.ok().flatten()),
-                (id, update) = next_update(&mut self.watches, below) => Wake::Update(id, update),
+                Some(next) = waits(&mut self.pending).next(), if !no_waits => match next {
+                    Ok((id, watch, update)) => Wake::Update(id, watch, update),
+                    Err(Aborted) => Wake::Stopped,
+                },
                 _ = tick.tick() => Wake::Tick,
                 _ = self.out.closed() => return,
             };
             let alive = match wake {
                 Wake::Request(None) => return,
                 Wake::Request(Some(req)) => self.on_request(req).await,
-                Wake::Update(id, update) => self.on_update(id, update).await,
+                Wake::Update(id, watch, update) => self.take_update(id, watch, update).await,
+                Wake::Stopped => true,
                 Wake::Tick => self.on_tick().await,
             };
             if !alive {
@@ -286,10 +332,14 @@ impl Session {
             }
         };
         let filters = |f: FilterType| req.filters.contains(&(f as i32));
+        let progress = watch.progress();
+        let abort = arm(&mut self.pending, id, watch);
         self.watches.insert(
             id,
             Active {
-                watch,
+                progress,
+                abort,
+                held: None,
                 no_put: filters(FilterType::Noput),
                 no_delete: filters(FilterType::Nodelete),
                 fragment: req.fragment,
@@ -306,6 +356,58 @@ impl Session {
             ..Default::default()
         })
         .await
+    }
+
+    /// The watch paused for a pending progress answer, if `id` is one.
+    fn paused(&self, id: i64) -> bool {
+        let Some((target, since)) = self.pause else {
+            return false;
+        };
+        since.elapsed() < PROGRESS_PAUSE_MAX
+            && self.watches.get(&id).is_some_and(|a| a.sent >= target)
+    }
+
+    /// Watch `id` took `update`: held while the watch is paused, answered
+    /// otherwise, and the watch waits for its next one.
+    async fn take_update(
+        &mut self,
+        id: i64,
+        watch: RouterWatch,
+        update: Option<router::Result<WatchUpdate>>,
+    ) -> bool {
+        if self.paused(id) {
+            if let Some(active) = self.watches.get_mut(&id) {
+                active.held = Some((watch, update));
+            }
+            return true;
+        }
+        let ended = update.is_none();
+        let alive = self.on_update(id, update).await;
+        if let Some(active) = self.watches.get_mut(&id).filter(|_| !ended) {
+            active.abort = arm(&mut self.pending, id, watch);
+        }
+        alive
+    }
+
+    /// Answers the updates held while watches were paused (the pause is
+    /// over).
+    async fn resume_held(&mut self) -> bool {
+        let held: Vec<i64> = self
+            .watches
+            .iter()
+            .filter(|(_, a)| a.held.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            let Some((watch, update)) = self.watches.get_mut(&id).and_then(|a| a.held.take())
+            else {
+                continue;
+            };
+            if !self.take_update(id, watch, update).await {
+                return false;
+            }
+        }
+        true
     }
 
     async fn on_update(&mut self, id: i64, update: Option<router::Result<WatchUpdate>>) -> bool {
@@ -399,6 +501,14 @@ impl Session {
                 return false;
             }
         }
+        // A pause that lasted its longest ends for the updates it held (a
+        // pause that ends with its answer resumes them there).
+        let expired = self
+            .pause
+            .is_some_and(|(_, since)| since.elapsed() >= PROGRESS_PAUSE_MAX);
+        if expired && !self.resume_held().await {
+            return false;
+        }
         if self.progress_asked.is_empty() {
             return true;
         }
@@ -418,31 +528,16 @@ impl Session {
         for active in self.watches.values_mut() {
             active.reported = active.reported.max(revision);
         }
-        self.send(WatchResponse {
-            header: self.header(revision),
-            watch_id: -1,
-            ..Default::default()
-        })
-        .await
+        // Sent before the answer: the held updates are above it.
+        let answered = self
+            .send(WatchResponse {
+                header: self.header(revision),
+                watch_id: -1,
+                ..Default::default()
+            })
+            .await;
+        answered && self.resume_held().await
     }
-}
-
-/// The next update of any of `watches` that has not sent up to `below`
-/// (never, without such watches): the watch id and the update, `None`
-/// once the watch ended.
-async fn next_update(
-    watches: &mut BTreeMap<i64, Active>,
-    below: Option<i64>,
-) -> (i64, Option<router::Result<WatchUpdate>>) {
-    let next: Vec<_> = watches
-        .iter_mut()
-        .filter(|(_, active)| below.is_none_or(|b| active.sent < b))
-        .map(|(id, active)| Box::pin(async move { (*id, active.watch.next().await) }))
-        .collect();
-    if next.is_empty() {
-        return std::future::pending().await;
-    }
-    futures::future::select_all(next).await.0
 }
 
 /// `resp` cut into responses below etcd's request limit, each with at

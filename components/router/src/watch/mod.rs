@@ -38,6 +38,7 @@
 mod piece;
 mod remote;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,17 +76,20 @@ pub enum WatchUpdate {
 /// A running watch; dropping it stops it.
 pub struct Watch {
     updates: mpsc::Receiver<Result<WatchUpdate>>,
-    delivered: watch::Receiver<i64>,
+    progress: WatchProgress,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Watch {
-    /// The next update; `None` once the watch ended (after its last
-    /// update or error).
-    pub async fn next(&mut self) -> Option<Result<WatchUpdate>> {
-        self.updates.recv().await
-    }
+/// Where a watch's delivery stands, readable apart from the [`Watch`]
+/// (a consumer may hold the watch in a pending [`Watch::next`]).
+#[derive(Clone)]
+pub struct WatchProgress {
+    delivered: watch::Receiver<i64>,
+    /// Updates handed over and not yet taken by [`Watch::next`].
+    queued: Arc<AtomicUsize>,
+}
 
+impl WatchProgress {
     /// Every change at or below this revision has been handed to
     /// [`Watch::next`]'s queue.
     pub fn delivered(&self) -> i64 {
@@ -96,14 +100,41 @@ impl Watch {
     /// [`Watch::next`]: then everything up to the [`Watch::delivered`]
     /// read before this call has been taken.
     pub fn is_drained(&self) -> bool {
-        self.updates.is_empty()
+        self.queued.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Watch {
+    /// The next update; `None` once the watch ended (after its last
+    /// update or error).
+    pub async fn next(&mut self) -> Option<Result<WatchUpdate>> {
+        let update = self.updates.recv().await;
+        if update.is_some() {
+            self.progress.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        update
+    }
+
+    /// See [`WatchProgress::delivered`].
+    pub fn delivered(&self) -> i64 {
+        self.progress.delivered()
+    }
+
+    /// See [`WatchProgress::is_drained`].
+    pub fn is_drained(&self) -> bool {
+        self.progress.is_drained()
+    }
+
+    /// A handle on where the watch's delivery stands.
+    pub fn progress(&self) -> WatchProgress {
+        self.progress.clone()
     }
 
     /// Waits until [`Watch::delivered`] reaches `revision` (or the watch
     /// ends); the revision delivered then.
     pub async fn wait_delivered(&mut self, revision: i64) -> i64 {
-        let _ = self.delivered.wait_for(|d| *d >= revision).await;
-        *self.delivered.borrow()
+        let _ = self.progress.delivered.wait_for(|d| *d >= revision).await;
+        self.progress.delivered()
     }
 }
 
@@ -117,6 +148,8 @@ impl Drop for Watch {
 struct Delivery {
     updates: mpsc::Sender<Result<WatchUpdate>>,
     delivered: watch::Sender<i64>,
+    /// Counted before each update is sent (see [`WatchProgress`]).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Delivery {
@@ -129,7 +162,7 @@ impl Delivery {
     async fn deliver(&self, events: Vec<Event>, revision: i64) -> bool {
         if !events.is_empty() {
             let update = WatchUpdate::Events { events, revision };
-            if self.updates.send(Ok(update)).await.is_err() {
+            if !self.send(Ok(update)).await {
                 return false;
             }
         }
@@ -138,7 +171,19 @@ impl Delivery {
     }
 
     async fn end(&self, last: Result<WatchUpdate>) {
-        let _ = self.updates.send(last).await;
+        self.send(last).await;
+    }
+
+    /// Queues `update`, counted first (so a consumer that reads the
+    /// delivered revision and then finds nothing queued has taken every
+    /// update up to it). `false`: the watch was dropped.
+    async fn send(&self, update: Result<WatchUpdate>) -> bool {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if self.updates.send(update).await.is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
     }
 }
 
@@ -159,14 +204,16 @@ impl Router {
         };
         let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
         let (delivered_tx, delivered) = watch::channel(start - 1);
+        let queued = Arc::new(AtomicUsize::new(0));
         let delivery = Delivery {
             updates: updates_tx,
             delivered: delivered_tx,
+            queued: queued.clone(),
         };
         let task = tokio::spawn(run(self.clone(), range, prev_kv, delivery));
         Ok(Watch {
             updates,
-            delivered,
+            progress: WatchProgress { delivered, queued },
             task,
         })
     }
