@@ -41,6 +41,10 @@ struct Nodes {
     net: Arc<LocalNetwork>,
     pds: HashMap<u64, Arc<FaultyPd>>,
     routers: RwLock<HashMap<u64, Arc<Router>>>,
+    /// Each running router's background tasks, stopped with its node (as
+    /// a real node stops them at shutdown): a round in flight holds the
+    /// router, and with it the store the stop waits for.
+    tasks: RwLock<HashMap<u64, Vec<tokio::task::JoinHandle<()>>>>,
     /// The test's runtime, where every router's background tasks run.
     runtime: tokio::runtime::Handle,
 }
@@ -61,11 +65,14 @@ impl Nodes {
             self.net.forwarder(id),
         ));
         self.net.register(id, &router);
-        router.start_lock_resolver();
-        router.start_resolved_tracker();
-        router.start_merge_driver();
-        router.start_compaction_catch_up();
-        start_heartbeats(&router, self.pds[&id].clone());
+        let tasks = vec![
+            router.start_lock_resolver(),
+            router.start_resolved_tracker(),
+            router.start_merge_driver(),
+            router.start_compaction_catch_up(),
+            start_heartbeats(&router, self.pds[&id].clone()),
+        ];
+        self.tasks.write().insert(id, tasks);
         self.routers.write().insert(id, router);
     }
 }
@@ -74,7 +81,7 @@ impl Nodes {
 /// node's heartbeat loop does (PD's operators in the answers are left
 /// alone): a node holding no replica of a region finds it, and its leader,
 /// through PD. It ends with the router.
-fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) {
+fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(router);
     tokio::spawn(async move {
         loop {
@@ -105,7 +112,7 @@ fn start_heartbeats(router: &Arc<Router>, pd: Arc<FaultyPd>) {
                 let _ = pd.region_heartbeats(beats).await;
             }
         }
-    });
+    })
 }
 
 /// Says so if node `id`'s stopped router is still held after 5 s, for
@@ -201,6 +208,7 @@ impl RouterCluster {
                 .map(|id| (id, FaultyPd::new(pd.clone())))
                 .collect(),
             routers: RwLock::new(HashMap::new()),
+            tasks: RwLock::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
         });
         for id in 1..=n + spare {
@@ -216,6 +224,9 @@ impl RouterCluster {
                     // The store closes only once nobody holds it: what the
                     // node serves or runs for itself ends with it.
                     nodes.net.stop(id);
+                    for task in nodes.tasks.write().remove(&id).unwrap_or_default() {
+                        task.abort();
+                    }
                     if let Some(router) = nodes.routers.write().remove(&id) {
                         router.abort_detached();
                         report_if_held(id, Arc::downgrade(&router));
