@@ -22,6 +22,7 @@ use proto::etcdserverpb::{
 use proto::mvccpb::KeyValue;
 use proto::raft_cmdpb::{mutation::Op, Mutation};
 
+use crate::lease::{owner_key, LeaseView};
 use crate::store::{KeyRange, RangeResult};
 use crate::view::ReadView;
 use crate::{Error, Result};
@@ -54,12 +55,27 @@ impl ReadBounds {
     }
 }
 
-/// A write request of the KV service.
+/// A write request of the KV service, or a lease revoke.
 #[derive(Clone, Debug)]
 pub enum WriteRequest {
     Put(PutRequest),
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
+    LeaseRevoke(LeaseRevoke),
+}
+
+/// Revokes a lease and deletes, at one revision, each of `keys` whose
+/// newest version still carries it. `keys` are the keys found attached
+/// (`LeaseView::attached`) before the write latched or locked them: if
+/// more are attached now, the evaluation fails with `LeaseKeysChanged`.
+/// With `expired`, it fails with `LeaseNotExpired` unless the lease's
+/// leader clock has it expired. It fails with `LeaseNotFound` if the
+/// lease does not exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRevoke {
+    pub id: i64,
+    pub keys: Vec<Vec<u8>>,
+    pub expired: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +83,23 @@ pub enum WriteResponse {
     Put(PutResponse),
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
+    /// The revision the revoke committed at.
+    LeaseRevoke {
+        revision: i64,
+    },
+}
+
+impl WriteResponse {
+    /// The revision its header names (0 without a header).
+    pub fn revision(&self) -> i64 {
+        let header = match self {
+            WriteResponse::Put(r) => r.header.as_ref(),
+            WriteResponse::DeleteRange(r) => r.header.as_ref(),
+            WriteResponse::Txn(r) => r.header.as_ref(),
+            WriteResponse::LeaseRevoke { revision } => return *revision,
+        };
+        header.map_or(0, |h| h.revision)
+    }
 }
 
 /// The outcome of evaluating a write: its response (with placeholders) and
@@ -231,27 +264,36 @@ fn sort_kvs(kvs: &mut [KeyValue], order: i32, target: i32) {
     }
 }
 
-/// Evaluates a validated write against the newest state. `lease_exists`
-/// tells whether a lease id is granted.
+/// Evaluates a validated write against the newest state and the leases
+/// as of it. A put with a lease also yields an `Attach` of its key to the
+/// lease (after every change of keys: lease changes take no
+/// sub-revision); a revoke, the deletes of its keys and a `Revoke`.
 pub fn evaluate(
     store: &dyn ReadView,
     req: &WriteRequest,
     bounds: ReadBounds,
-    lease_exists: &dyn Fn(i64) -> bool,
+    leases: &dyn LeaseView,
 ) -> Result<Evaluation> {
     let mut ctx = TxnContext {
         store,
         bounds,
-        lease_exists,
+        leases,
         overlay: BTreeMap::new(),
         mutations: Vec::new(),
+        lease_changes: Vec::new(),
     };
     let response = match req {
         WriteRequest::Put(p) => {
-            if p.lease != 0 && !lease_exists(p.lease) {
+            if p.lease != 0 && !leases.exists(p.lease)? {
                 return Err(Error::LeaseNotFound);
             }
             WriteResponse::Put(ctx.put(p)?)
+        }
+        WriteRequest::LeaseRevoke(r) => {
+            ctx.revoke(r)?;
+            WriteResponse::LeaseRevoke {
+                revision: WRITE_REV,
+            }
         }
         WriteRequest::DeleteRange(d) => WriteResponse::DeleteRange(ctx.delete_range(d)?),
         WriteRequest::Txn(t) => {
@@ -265,9 +307,11 @@ pub fn evaluate(
             WriteResponse::Txn(resp)
         }
     };
+    let mut mutations = ctx.mutations;
+    mutations.extend(ctx.lease_changes);
     Ok(Evaluation {
         response,
-        mutations: ctx.mutations,
+        mutations,
     })
 }
 
@@ -294,6 +338,7 @@ pub fn fill_revisions(resp: &mut WriteResponse, write_rev: i64, read_rev: i64) {
             }
         }
         WriteResponse::Txn(t) => fill_txn(t, &fix),
+        WriteResponse::LeaseRevoke { revision } => fix(revision),
     }
 }
 
@@ -342,10 +387,12 @@ fn fill_txn(t: &mut TxnResponse, fix: &dyn Fn(&mut i64)) {
 struct TxnContext<'a> {
     store: &'a dyn ReadView,
     bounds: ReadBounds,
-    lease_exists: &'a dyn Fn(i64) -> bool,
+    leases: &'a dyn LeaseView,
     /// This request's own changes: `Some` put, `None` deleted.
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     mutations: Vec<Mutation>,
+    /// Its changes of leases (`Attach`, `Revoke`), after `mutations`.
+    lease_changes: Vec<Mutation>,
 }
 
 impl TxnContext<'_> {
@@ -423,6 +470,16 @@ impl TxnContext<'_> {
             lease,
             value: value.clone(),
         });
+        if p.lease != 0 {
+            // A key kept on its lease (`ignore_lease`) is attached already.
+            self.lease_changes.push(Mutation {
+                op: Op::Attach as i32,
+                key: owner_key(p.lease),
+                lease: p.lease,
+                value: p.key.clone(),
+                ..Default::default()
+            });
+        }
         self.overlay.insert(
             p.key.clone(),
             Some(KeyValue {
@@ -445,6 +502,41 @@ impl TxnContext<'_> {
             }),
             prev_kv: if p.prev_kv { prev } else { None },
         })
+    }
+
+    /// A lease revoke (see [`LeaseRevoke`]).
+    fn revoke(&mut self, r: &LeaseRevoke) -> Result<()> {
+        if !self.leases.exists(r.id)? {
+            return Err(Error::LeaseNotFound);
+        }
+        if r.expired && !self.leases.expired(r.id) {
+            return Err(Error::LeaseNotExpired);
+        }
+        let attached = self.leases.attached(r.id)?;
+        if attached.iter().any(|k| !r.keys.contains(k)) {
+            return Err(Error::LeaseKeysChanged);
+        }
+        let mut keys = r.keys.clone();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            if self.current(&key)?.is_some_and(|kv| kv.lease == r.id) {
+                self.mutations.push(Mutation {
+                    op: Op::Delete as i32,
+                    key: key.clone(),
+                    sub: self.mutations.len() as u32,
+                    ..Default::default()
+                });
+                self.overlay.insert(key, None);
+            }
+        }
+        self.lease_changes.push(Mutation {
+            op: Op::Revoke as i32,
+            key: owner_key(r.id),
+            lease: r.id,
+            ..Default::default()
+        });
+        Ok(())
     }
 
     fn delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
@@ -525,7 +617,7 @@ impl TxnContext<'_> {
                 {
                     return Err(Error::KeyNotFound);
                 }
-                if p.lease != 0 && !(self.lease_exists)(p.lease) {
+                if p.lease != 0 && !self.leases.exists(p.lease)? {
                     return Err(Error::LeaseNotFound);
                 }
                 Ok(())

@@ -11,6 +11,8 @@
 //!   overlaps), in etcd's order.
 //! * [`ReadView`] (`view.rs`): what evaluation reads — a node's snapshot, or
 //!   the keys a transaction over several regions fetched from them.
+//! * [`lease`]: where a lease lives in the keyspace, and [`lease::LeaseView`],
+//!   what evaluation knows of leases.
 //! * [`exec`]: etcd's request semantics (Range options, Put flags, DeleteRange,
 //!   nested Txn with compares) evaluated into mutations a raft entry carries.
 //!
@@ -23,6 +25,7 @@ pub mod codec;
 mod compact;
 pub mod exec;
 mod index;
+pub mod lease;
 mod store;
 mod view;
 
@@ -52,6 +55,14 @@ pub enum Error {
     LeaseNotFound,
     #[error("lease already exists")]
     LeaseExists,
+    /// A revoke found keys attached to the lease that it was not given
+    /// (attached since they were listed): list them again and retry.
+    #[error("the keys attached to the lease changed")]
+    LeaseKeysChanged,
+    /// The revoke of an expired lease found it not expired on its leader's
+    /// clock (renewed, or promoted by a new leader).
+    #[error("the lease has not expired")]
+    LeaseNotExpired,
     #[error("required revision has been compacted")]
     Compacted,
     #[error("required revision is a future revision")]

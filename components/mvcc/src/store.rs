@@ -127,11 +127,15 @@ impl MvccStore {
 
     /// Stages the changes of one revision into `batch` (the versions, their
     /// key index entries and the revision index). `create_revision` 0 in a
-    /// put means the key is created by `rev`. The caller guarantees one
-    /// change per key per revision and distinct `sub`s.
+    /// put means the key is created by `rev`; lease changes (`Attach`,
+    /// `Revoke`) are skipped. The caller guarantees one change per key per
+    /// revision and distinct `sub`s.
     pub fn stage_changes(&self, batch: &mut WriteBatch, rev: i64, mutations: &[Mutation]) {
         for m in mutations {
             let version = match m.op() {
+                // Lease changes are not versions of keys (the region's
+                // apply stages them).
+                Op::Attach | Op::Revoke => continue,
                 Op::Put => Version::Put {
                     create_revision: if m.create_revision == 0 {
                         rev

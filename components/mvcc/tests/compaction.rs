@@ -50,14 +50,15 @@ impl Db {
         let mut wb = WriteBatch::default();
         if self.legacy {
             for m in &mutations {
-                let version = match m.op() {
-                    Op::Put => Version::Put {
+                let version = if m.op() == Op::Put {
+                    Version::Put {
                         create_revision: self.rev,
                         version: m.version,
                         lease: 0,
                         value: m.value.clone(),
-                    },
-                    Op::Delete => Version::Tombstone,
+                    }
+                } else {
+                    Version::Tombstone
                 };
                 let key = codec::mvcc_key(&m.key, self.rev);
                 engine.put_to(&mut wb, cf::MVCC, &key, &version.encode_legacy());

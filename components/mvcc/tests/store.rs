@@ -2,7 +2,8 @@
 //! and etcd's request semantics.
 
 use engine::{KvEngine, WriteBatch};
-use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
+use mvcc::exec::{self, LeaseRevoke, ReadBounds, WriteRequest, WriteResponse};
+use mvcc::lease::{owner_key, FetchedLeases, HeldLease};
 use mvcc::{Error, KeyRange, MvccStore};
 use proto::etcdserverpb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
@@ -12,11 +13,14 @@ use proto::etcdserverpb::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use proto::mvccpb::event::EventType;
+use proto::raft_cmdpb::mutation::Op;
 
 struct Db {
     _dir: tempfile::TempDir,
     store: MvccStore,
     rev: i64,
+    /// The leases evaluation sees.
+    leases: FetchedLeases,
 }
 
 const NO_BOUNDS: ReadBounds = ReadBounds {
@@ -32,13 +36,14 @@ impl Db {
             _dir: dir,
             store: MvccStore::new(engine),
             rev: 1,
+            leases: FetchedLeases::default(),
         }
     }
 
     /// Evaluates and applies a write as the region leader would, returning
     /// the response with revisions filled in.
     fn write(&mut self, req: WriteRequest) -> Result<WriteResponse, Error> {
-        let eval = exec::evaluate(&self.store.snapshot(), &req, NO_BOUNDS, &|_| false)?;
+        let eval = exec::evaluate(&self.store.snapshot(), &req, NO_BOUNDS, &self.leases)?;
         let mut resp = eval.response;
         if eval.mutations.is_empty() {
             exec::fill_revisions(&mut resp, self.rev, self.rev);
@@ -659,4 +664,104 @@ fn size_and_split_key_of_a_range() {
     );
     assert_eq!(snap.split_key(b"c", b"d", 0, 0).unwrap(), None);
     assert_eq!(snap.split_key(b"a", b"c", u64::MAX, 5).unwrap(), None);
+}
+
+fn leased_put(key: &str, lease: i64) -> WriteRequest {
+    WriteRequest::Put(PutRequest {
+        key: key.into(),
+        value: b"v".to_vec(),
+        lease,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn puts_attach_keys_and_revokes_delete_those_still_carrying_them() {
+    let mut db = Db::new();
+    assert_eq!(db.write(leased_put("a", 7)), Err(Error::LeaseNotFound));
+    db.leases.held.insert(7, HeldLease::default());
+    // A put with a lease attaches its key, after the key's change and
+    // without a sub-revision of its own.
+    let eval = exec::evaluate(
+        &db.store.snapshot(),
+        &leased_put("a", 7),
+        NO_BOUNDS,
+        &db.leases,
+    )
+    .unwrap();
+    let ops: Vec<_> = eval
+        .mutations
+        .iter()
+        .map(|m| (m.op(), m.key.clone(), m.value.clone()))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (Op::Put, b"a".to_vec(), b"v".to_vec()),
+            (Op::Attach, owner_key(7), b"a".to_vec())
+        ]
+    );
+    db.write(leased_put("a", 7)).unwrap();
+    db.write(leased_put("b", 7)).unwrap();
+    // b leaves the lease; c was attached and deleted.
+    db.put("b", "free");
+    db.write(leased_put("c", 7)).unwrap();
+    db.delete("c", "");
+    let keys = |ks: &[&str]| ks.iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>();
+    db.leases.held.insert(
+        7,
+        HeldLease {
+            keys: keys(&["a", "b", "c", "d"]),
+            expired: false,
+        },
+    );
+    let revoke = |ks: &[&str], expired| {
+        WriteRequest::LeaseRevoke(LeaseRevoke {
+            id: 7,
+            keys: keys(ks),
+            expired,
+        })
+    };
+    // A key attached since the revoke listed them: list again.
+    assert_eq!(
+        db.write(revoke(&["a", "b", "c"], false)),
+        Err(Error::LeaseKeysChanged)
+    );
+    // The revoke of an expired lease that is not.
+    assert_eq!(
+        db.write(revoke(&["a", "b", "c", "d"], true)),
+        Err(Error::LeaseNotExpired)
+    );
+    assert_eq!(
+        db.write(revoke(&["d"], false)),
+        Err(Error::LeaseKeysChanged)
+    );
+    let before = db.rev;
+    let resp = db.write(revoke(&["d", "c", "b", "a"], false)).unwrap();
+    assert_eq!(
+        resp,
+        WriteResponse::LeaseRevoke {
+            revision: before + 1
+        }
+    );
+    let snap = db.store.snapshot();
+    assert_eq!(
+        snap.get(b"a", i64::MAX).unwrap(),
+        None,
+        "a still carried the lease"
+    );
+    assert_eq!(
+        snap.get(b"b", i64::MAX).unwrap().map(|kv| kv.value),
+        Some(b"free".to_vec())
+    );
+    let all = KeyRange::from_etcd(b"\0", b"\0");
+    let events = snap.events(&all, before + 1, before + 1, 0, false).unwrap();
+    assert_eq!(events.len(), 1, "only a is deleted: {events:?}");
+    assert_eq!(
+        events[0].kv.as_ref().map(|kv| kv.key.clone()),
+        Some(b"a".to_vec())
+    );
+    drop(snap);
+    db.leases.held.clear();
+    assert_eq!(db.write(revoke(&[], false)), Err(Error::LeaseNotFound));
 }

@@ -96,7 +96,7 @@ use engine::{cf, KvEngine, WriteBatch};
 use mvcc::MvccStore;
 use prost::Message as _;
 use proto::metapb;
-use proto::raft_cmdpb::{raft_cmd_request::Cmd, RaftCmdRequest, SplitRequest};
+use proto::raft_cmdpb::{raft_cmd_request::Cmd, Mutation, RaftCmdRequest, SplitRequest};
 use proto::raft_serverpb::{
     MergeRecord, MergeState, PeerState, RaftApplyState, RegionLocalState, TxnLockRecord,
 };
@@ -111,6 +111,7 @@ use crate::split;
 use crate::storage::{INIT_INDEX, INIT_TERM};
 use crate::txn::{self, TxnApply};
 use crate::{Error, Result};
+use lease::key_changes;
 
 mod lease;
 mod merging;
@@ -231,6 +232,7 @@ pub(crate) fn apply_entries(
         merging_changed: false,
         merge_records: Vec::new(),
         leases: Vec::new(),
+        lease_keys: Vec::new(),
         source_state: ctx.source_state,
         observe: ctx.observe,
         wb: WriteBatch::default(),
@@ -383,6 +385,9 @@ struct Run<'a> {
     /// Lease records staged by the run (id, record; `None`: deleted),
     /// newest last.
     leases: Vec<(i64, Option<proto::raft_serverpb::LeaseRecord>)>,
+    /// Whether a lease has keys attached, as the run's entries changed it
+    /// (id, attached), newest last.
+    lease_keys: Vec<(i64, bool)>,
     source_state: &'a SourceStateFn<'a>,
     observe: bool,
     wb: WriteBatch,
@@ -431,13 +436,15 @@ impl Run<'_> {
                         w.revision, state.applied_revision
                     )));
                 }
+                self.check_lease_changes(&w.mutations)?;
                 self.mvcc
                     .stage_changes(&mut self.wb, w.revision, &w.mutations);
-                state.applied_revision = w.revision;
+                self.outcome.apply_state.applied_revision = w.revision;
+                self.stage_lease_changes(&w.mutations);
                 if self.observe {
                     self.outcome.writes.push(AppliedWrite {
                         revision: w.revision,
-                        mutations: w.mutations,
+                        mutations: key_changes(w.mutations),
                     });
                 }
                 Ok(())
@@ -457,14 +464,18 @@ impl Run<'_> {
             Some(Cmd::Split(req)) => self.apply_split(&req),
             Some(Cmd::TxnLock(req)) => self.apply_txn(|t| t.lock(&req)),
             Some(Cmd::TxnCommit(req)) => {
+                let region = self.region();
+                let mine: Vec<Mutation> = req
+                    .mutations
+                    .iter()
+                    .filter(|m| split::contains(region, &m.key))
+                    .cloned()
+                    .collect();
+                self.check_lease_changes(&mine)?;
                 self.apply_txn(|t| t.commit(&req))?;
+                self.stage_lease_changes(&mine);
                 if self.observe {
-                    let region = self.region();
-                    let mutations = req
-                        .mutations
-                        .into_iter()
-                        .filter(|m| split::contains(region, &m.key))
-                        .collect();
+                    let mutations = key_changes(mine);
                     self.outcome.writes.push(AppliedWrite {
                         revision: req.revision,
                         mutations,

@@ -174,6 +174,54 @@ pub fn lease_record_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (keyed_bound(LEASE_RECORD_PREFIX, start), upper)
 }
 
+const LEASE_KEY_PREFIX: &[u8] = b"a/";
+
+/// The attachment of the key `key` to the lease whose owner key is
+/// `owner`: keyed by the memcomparable owner key, then the key, so the
+/// region owning the owner key holds it (as the lease's record) and a
+/// lease's attachments are one prefix.
+pub fn lease_key_key(owner: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = lease_key_prefix(owner);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The prefix of every attachment of the lease whose owner key is `owner`.
+pub fn lease_key_prefix(owner: &[u8]) -> Vec<u8> {
+    keyed_bound(LEASE_KEY_PREFIX, owner)
+}
+
+/// Bounds of the attachments of the owner keys in `[start, end)` (empty
+/// `end`: unbounded).
+pub fn lease_key_bounds(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let upper = if end.is_empty() {
+        b"a0".to_vec()
+    } else {
+        keyed_bound(LEASE_KEY_PREFIX, end)
+    };
+    (keyed_bound(LEASE_KEY_PREFIX, start), upper)
+}
+
+/// The owner key and attached key of an attachment key.
+pub fn decode_lease_key_key(key: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let rest = key.strip_prefix(LEASE_KEY_PREFIX)?;
+    let (owner, used) = mvcc::codec::decode_bytes(rest).ok()?;
+    Some((owner, rest[used..].to_vec()))
+}
+
+/// The least key above every key starting with `prefix` (`prefix` does
+/// not consist of 0xff bytes only).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            break;
+        }
+    }
+    end
+}
+
 fn keyed_bound(prefix: &[u8], key: &[u8]) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&mvcc::codec::encode_bytes(key));

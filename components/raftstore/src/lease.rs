@@ -3,30 +3,40 @@
 //!
 //! Contract:
 //! * A lease belongs to the region owning its *owner key*
-//!   ([`owner_key`]: [`OWNER_PREFIX`] + the id, big-endian), a position
-//!   in the keyspace used for ownership only: the record is not a key of
-//!   the MVCC store (no read, watch or hash of keys sees it), it lives in
-//!   the META column family keyed by the memcomparable owner key
-//!   (`keys::lease_record_key`), so a split hands it to the side owning
-//!   the owner key, a merge to the merged region, and region snapshots
-//!   carry it.
-//! * Records change only through raft (`Cmd::Lease`, applied by
-//!   `apply::lease`), taking no revision, as etcd's grant, checkpoint and
+//!   ([`owner_key`], `mvcc::lease`), a position in the keyspace used for
+//!   ownership only: its record is not a key of the MVCC store (no read,
+//!   watch or hash of keys sees it), it lives in the META column family
+//!   keyed by the memcomparable owner key (`keys::lease_record_key`), and
+//!   so does each *attachment* of a key to it (`keys::lease_key_key`:
+//!   the owner key, then the key). So a split hands them to the side
+//!   owning the owner key, a merge to the merged region, and region
+//!   snapshots carry them.
+//! * Records change only through raft. `Cmd::Lease` (applied by
+//!   `apply::lease`) takes no revision, as etcd's grant, checkpoint and
 //!   key-less revoke take none: a grant of an id the region holds fails
 //!   with `LeaseExists` ("lease already exists"), a revoke of an id it
-//!   does not hold with `LeaseNotFound`, a checkpoint skips ids it does
-//!   not hold; an id whose owner key is outside the region fails with
-//!   `StaleCommand`.
+//!   does not hold with `LeaseNotFound`, a revoke of a lease with keys
+//!   attached with `LeaseKeysChanged` (its keys must go at a revision,
+//!   by a write), a revoke while a transaction locks the owner key with
+//!   `StaleCommand`; a checkpoint skips ids it does not hold; an id whose
+//!   owner key is outside the region fails with `StaleCommand`. Writes
+//!   carry `Attach` and `Revoke` mutations (their contract is in
+//!   `raft_cmdpb.Mutation`), which fail the write with `LeaseNotFound`
+//!   unless the region holds the record as of the entry.
 //! * [`LeaseClock`]: only the region's ready leader runs one (in memory;
 //!   keep-alives never write raft). Taking the lead (and every change of
 //!   the region's range while leading) loads the records it owns: each
 //!   lease gets its checkpointed remaining TTL, or its whole TTL (etcd's
 //!   promote), so a leader change neither expires a lease early nor, with
 //!   checkpoints, extends it forever. A grant applied while leading
-//!   starts a lease at its TTL; a revoke forgets it. An expired lease is
-//!   revoked through raft by the leader (term-bound: an entry of another
-//!   term is refused at apply), retried every [`REVOKE_RETRY`] until
-//!   applied. Losing the lead forgets the clock.
+//!   starts a lease at its TTL; a revoke forgets it. An expired lease
+//!   without keys is revoked through raft by the leader (term-bound: an
+//!   entry of another term is refused at apply); one with keys is handed
+//!   over to the router (`RegionHandle::take_expired_leases`), whose
+//!   revoke deletes them at one revision and checks, on the leader
+//!   holding the lease then, that its clock still has it expired. Either
+//!   is retried every [`REVOKE_RETRY`] until applied. Losing the lead
+//!   forgets the clock.
 //! * Renewal ([`LeaseClock::renew`]) restarts a lease's TTL; a lease
 //!   whose last checkpoint recorded a remaining TTL must have that
 //!   checkpoint reset through raft before the renewal is acknowledged
@@ -45,10 +55,7 @@ use proto::raft_serverpb::LeaseRecord;
 use crate::keys;
 use crate::{Error, Result};
 
-/// Where leases' owner keys sort: near the top of the keyspace, away from
-/// the keys applications use (any key can still be written there; the
-/// records are not MVCC keys).
-pub const OWNER_PREFIX: &[u8] = b"\xff\xfemetastore/lease/";
+pub use mvcc::lease::{owner_id, owner_key, OWNER_PREFIX};
 
 /// etcd's default lease checkpoint interval.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
@@ -56,13 +63,6 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
 /// How long an expired lease's revoke may be in flight before the leader
 /// proposes it again.
 pub const REVOKE_RETRY: Duration = Duration::from_secs(1);
-
-/// The owner key of lease `id` (see the module docs).
-pub fn owner_key(id: i64) -> Vec<u8> {
-    let mut k = OWNER_PREFIX.to_vec();
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
 
 /// The record of lease `id` as of `snap` (`None`: not held here).
 pub fn read_record(snap: &KvSnapshot<'_>, id: i64) -> Result<Option<LeaseRecord>> {
@@ -83,6 +83,75 @@ pub fn records(snap: &KvSnapshot<'_>, region: &metapb::Region) -> Result<Vec<Lea
     }
     it.status().map_err(engine::Error::from)?;
     Ok(out)
+}
+
+/// The keys attached to lease `id` as of `snap`, in key order (see
+/// `mvcc::lease::LeaseView::attached`).
+pub fn attached_keys(snap: &KvSnapshot<'_>, id: i64) -> Result<Vec<Vec<u8>>> {
+    let prefix = keys::lease_key_prefix(&owner_key(id));
+    let upper = keys::prefix_end(&prefix);
+    let mut out = Vec::new();
+    let mut it = snap.iter(cf::META, &prefix, &upper);
+    it.seek(&prefix);
+    while let Some(k) = it.key() {
+        out.push(k[prefix.len()..].to_vec());
+        it.next();
+    }
+    it.status().map_err(engine::Error::from)?;
+    Ok(out)
+}
+
+/// Whether any key is attached to lease `id` as of `snap`.
+pub fn has_attached(snap: &KvSnapshot<'_>, id: i64) -> Result<bool> {
+    let prefix = keys::lease_key_prefix(&owner_key(id));
+    let upper = keys::prefix_end(&prefix);
+    let mut it = snap.iter(cf::META, &prefix, &upper);
+    it.seek(&prefix);
+    let found = it.key().is_some();
+    it.status().map_err(engine::Error::from)?;
+    Ok(found)
+}
+
+/// Every attachment (lease id, key) of the leases `region` owns as of
+/// `snap`, in owner key order.
+pub fn attachments(snap: &KvSnapshot<'_>, region: &metapb::Region) -> Result<Vec<(i64, Vec<u8>)>> {
+    let (lower, upper) = keys::lease_key_bounds(&region.start_key, &region.end_key);
+    let mut out = Vec::new();
+    let mut it = snap.iter(cf::META, &lower, &upper);
+    it.seek(&lower);
+    while let Some(k) = it.key() {
+        let (owner, key) = keys::decode_lease_key_key(k)
+            .ok_or_else(|| Error::Corrupted("malformed lease attachment key".into()))?;
+        let id = owner_id(&owner)
+            .ok_or_else(|| Error::Corrupted("lease attachment without a lease".into()))?;
+        out.push((id, key));
+        it.next();
+    }
+    it.status().map_err(engine::Error::from)?;
+    Ok(out)
+}
+
+/// The leases a replica holds as of one snapshot, for evaluating a write
+/// on its region's leader (`expired` asks the leader's clock).
+pub struct ReplicaLeases<'a> {
+    pub(crate) kv: &'a KvSnapshot<'a>,
+    pub(crate) clock: &'a parking_lot::Mutex<LeaseClock>,
+}
+
+impl mvcc::lease::LeaseView for ReplicaLeases<'_> {
+    fn exists(&self, id: i64) -> mvcc::Result<bool> {
+        read_record(self.kv, id)
+            .map(|r| r.is_some())
+            .map_err(|e| mvcc::Error::Storage(e.to_string()))
+    }
+
+    fn attached(&self, id: i64) -> mvcc::Result<Vec<Vec<u8>>> {
+        attached_keys(self.kv, id).map_err(|e| mvcc::Error::Storage(e.to_string()))
+    }
+
+    fn expired(&self, id: i64) -> bool {
+        self.clock.lock().is_expired(id, Instant::now())
+    }
 }
 
 /// A lease the leader's clock runs.
@@ -115,6 +184,9 @@ pub struct LeaseClock {
     leases: HashMap<i64, Running>,
     /// When the leader took the lead or last checkpointed.
     last_checkpoint: Option<Instant>,
+    /// Expired leases with keys attached, for the router to revoke (a
+    /// revoke with keys needs a revision, and maybe other regions).
+    keyed_expired: Vec<i64>,
 }
 
 fn seconds(d: Duration) -> i64 {
@@ -177,6 +249,19 @@ impl LeaseClock {
         self.loaded_at = None;
         self.leases.clear();
         self.last_checkpoint = None;
+        self.keyed_expired.clear();
+    }
+
+    /// Expired lease `id` has keys attached: the router revokes it.
+    pub(crate) fn hand_over(&mut self, id: i64) {
+        if !self.keyed_expired.contains(&id) {
+            self.keyed_expired.push(id);
+        }
+    }
+
+    /// The expired leases with keys handed over since the last call.
+    pub(crate) fn take_handed_over(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.keyed_expired)
     }
 
     pub(crate) fn is_running(&self) -> bool {
@@ -263,6 +348,11 @@ impl LeaseClock {
         }
         out.sort_unstable();
         out
+    }
+
+    /// Whether the clock runs lease `id` and has it past its deadline.
+    pub(crate) fn is_expired(&self, id: i64, now: Instant) -> bool {
+        self.is_running() && self.leases.get(&id).is_some_and(|l| l.deadline <= now)
     }
 
     /// Every running lease's remaining TTL, for a checkpoint (expired ones

@@ -30,9 +30,12 @@
 //! * `wait_applied(index)` resolves once this replica (leader or not) has
 //!   applied `index`, and fails with `Stopped` if the replica stops or is
 //!   removed from the region first. It does not time out.
-//! * `lease_records(view)` lists the leases the region owns as of `view`;
-//!   `renew_lease` and `lease_time_to_live` ask the leases' clock, which
-//!   only the ready leader runs (the `lease` module's contract).
+//! * `lease_records(view)` lists the leases the region owns as of `view`,
+//!   `lease_keys(view, id)` the keys attached to one, `lease_view(view)`
+//!   is what evaluating a write on the leader knows of leases;
+//!   `renew_lease`, `lease_time_to_live` and `take_expired_leases` ask the
+//!   leases' clock, which only the ready leader runs (the `lease` module's
+//!   contract).
 //! * `status` is a snapshot taken after the replica's last loop turn.
 //! * `change_peers` proposes one raft membership change (`ConfChangeV2`) on
 //!   the leader and resolves once it is applied here, like `propose`. The
@@ -254,6 +257,28 @@ impl RegionHandle {
     /// as [`RegionHandle::renew_lease`].
     pub fn lease_time_to_live(&self, id: i64) -> std::result::Result<(i64, i64), ClockError> {
         self.shared.leases.lock().time_to_live(id, Instant::now())
+    }
+
+    /// The leases this replica holds as of `view`, for evaluating a write
+    /// on the region's leader (see `lease::ReplicaLeases`).
+    pub fn lease_view<'a>(&'a self, view: &'a MvccSnapshot<'a>) -> lease::ReplicaLeases<'a> {
+        lease::ReplicaLeases {
+            kv: view.kv(),
+            clock: &self.shared.leases,
+        }
+    }
+
+    /// The keys attached to lease `id` as of `view`, in key order.
+    pub fn lease_keys(&self, view: &MvccSnapshot<'_>, id: i64) -> Result<Vec<Vec<u8>>> {
+        lease::attached_keys(view.kv(), id)
+    }
+
+    /// The expired leases with keys attached that the leader's clock handed
+    /// over since the last call: the router revokes them (a revoke with
+    /// keys takes a revision, and maybe other regions), through the clock's
+    /// check that they are still expired.
+    pub fn take_expired_leases(&self) -> Vec<i64> {
+        self.shared.leases.lock().take_handed_over()
     }
 
     /// Waits until the physical clean-up of compaction `revision` is done.

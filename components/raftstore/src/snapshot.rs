@@ -14,7 +14,8 @@
 //! region_len u32 | region (prost `metapb::Region`: range, epoch, peers)
 //! records: tag u8 (1 = MVCC CF, 2 = revision CF, 3 = transaction lock,
 //!          4 = transaction decision, 5 = merge decision, 6 = the region's
-//!          merge state, 7 = a lease) | key_len u32 | key | value_len u32 |
+//!          merge state, 7 = a lease, 8 = a key attached to a lease) |
+//!          key_len u32 | key | value_len u32 |
 //!          value
 //!          (an MVCC record: its MVCC CF key and version record, which
 //!          holds the sub-revision, so the version's revision CF entry is
@@ -25,7 +26,8 @@
 //!          merge decision: key = the merged source's end key, value =
 //!          `MergeRecord`; the merge state: empty key, value `MergeState`,
 //!          present only while the region is frozen for a merge; a lease:
-//!          empty key, value `LeaseRecord`)
+//!          empty key, value `LeaseRecord`; an attachment: key = the
+//!          attached key, value = the lease id i64)
 //! end:     tag u8 = 0, then nothing
 //! ```
 //!
@@ -109,6 +111,7 @@ const TAG_TXN_RECORD: u8 = 4;
 const TAG_MERGE_RECORD: u8 = 5;
 const TAG_MERGE_STATE: u8 = 6;
 const TAG_LEASE: u8 = 7;
+const TAG_LEASE_KEY: u8 = 8;
 
 /// The decoded content of a region snapshot.
 #[derive(Debug, Default, PartialEq)]
@@ -130,6 +133,8 @@ pub struct RegionSnapshot {
     pub merging: Option<MergeState>,
     /// The leases whose owner keys the region holds (see `lease`).
     pub leases: Vec<LeaseRecord>,
+    /// Their attached keys (lease id, key).
+    pub lease_keys: Vec<(i64, Vec<u8>)>,
     /// For a snapshot that came as a file (see `file`): the file, whose
     /// MVCC records installing reads; `mvcc` and `revision` are empty.
     pub file: Option<PathBuf>,
@@ -232,6 +237,9 @@ pub fn generate_into(
     }
     for record in lease::records(snap, region)? {
         put_record(out, TAG_LEASE, &[], &record.encode_to_vec())?;
+    }
+    for (id, key) in lease::attachments(snap, region)? {
+        put_record(out, TAG_LEASE_KEY, &key, &id.to_be_bytes())?;
     }
     out.write_all(&[TAG_END])?;
     Ok((apply_state, region.clone()))
@@ -381,7 +389,7 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
     let region = &snap.region;
     let (mut locks, mut txn_records) = (Vec::new(), Vec::new());
     let (mut merge_records, mut merging) = (Vec::new(), None);
-    let mut leases = Vec::new();
+    let (mut leases, mut lease_keys) = (Vec::new(), Vec::new());
     loop {
         match r.u8()? {
             TAG_END => break,
@@ -444,6 +452,15 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
                 }
                 leases.push(record);
             }
+            TAG_LEASE_KEY => {
+                let (k, v) = (r.bytes()?, r.bytes()?);
+                let id: [u8; 8] = v.as_slice().try_into().map_err(|_| bad("lease key"))?;
+                let id = i64::from_be_bytes(id);
+                if !in_range(region, &lease::owner_key(id)) {
+                    return Err(bad("lease key outside the region"));
+                }
+                lease_keys.push((id, k));
+            }
             _ => return Err(bad("unknown record tag")),
         }
     }
@@ -455,6 +472,7 @@ fn decode_from(region_id: u64, src: impl Read, on_data: &mut OnData<'_>) -> Resu
     snap.merge_records = merge_records;
     snap.merging = merging;
     snap.leases = leases;
+    snap.lease_keys = lease_keys;
     Ok(snap)
 }
 

@@ -3,11 +3,25 @@
 //! leader's node through forwarding.
 //!
 //! Contract of [`Router::lease`]:
-//! * `Grant` and `Revoke` go through the owning region's raft and answer
-//!   once applied on its leader; "lease already exists" / "requested lease
-//!   not found" are apply's answers. Neither takes a revision. A forwarded
-//!   one whose answer was lost is `OutcomeUnknown` (etcd's "request timed
-//!   out"), never retried.
+//! * `Grant` goes through the owning region's raft and answers once
+//!   applied on its leader; "lease already exists" is apply's answer. It
+//!   takes no revision. A forwarded one whose answer was lost is
+//!   `OutcomeUnknown` (etcd's "request timed out"), never retried.
+//! * `Revoke` lists the keys attached to the lease (`Keys`), then: none,
+//!   the region's raft drops the record, taking no revision (apply refuses
+//!   it if keys were attached meanwhile, and the revoke starts again);
+//!   some, a write over the owner key and those keys deletes, at one
+//!   revision, each still carrying the lease, and drops the record
+//!   (`exec::LeaseRevoke`, run as a transaction over its regions even when
+//!   they are one: its evaluation fails with `LeaseKeysChanged` if more
+//!   keys were attached meanwhile, and the revoke starts again). "requested
+//!   lease not found" if it does not exist. An expired lease with keys is
+//!   revoked the same way by the node leading its region
+//!   ([`Router::start_lease_expiry`]), with the evaluation's check that the
+//!   leader's clock still has it expired.
+//! * `Keys`: after a read barrier on the leader, the keys attached to the
+//!   lease (a superset: a key put again without it, or deleted, stays
+//!   listed until the revoke).
 //! * `Renew` and `TimeToLive` ask the leader's clock after a read barrier
 //!   (a quorum confirmed the leadership, so a deposed leader acknowledges
 //!   no renewal); a renewal of a lease whose checkpoint holds a remainder
@@ -18,13 +32,15 @@
 //!   that split or merged meanwhile is read again.
 //! * Errors that certainly changed nothing are retried until
 //!   `RETRY_DEADLINE`, as every request of the router.
-//!
-//! Keys are not attached to leases yet: a Put with a lease is refused by
-//! the server, so a revoke has no key to delete.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use mvcc::exec::{LeaseRevoke as RevokeRequest, WriteRequest};
+use mvcc::lease::LeaseView;
 use mvcc::{KeyRange, MvccStore};
+use proto::etcdserverpb::RangeRequest;
 use proto::forwardpb::{self, lease_request::Kind};
 use proto::raft_cmdpb::{
     lease_request::Op, raft_cmd_request::Cmd, LeaseCheckpoint, LeaseGrant, LeaseRemaining,
@@ -32,11 +48,18 @@ use proto::raft_cmdpb::{
 };
 use raftstore::lease::{owner_key, ClockError, OWNER_PREFIX};
 use raftstore::RegionHandle;
+use tracing::debug;
 
 use crate::leader::check_spans;
-use crate::locate::Location;
+use crate::locate::{write_spans, Location};
 use crate::router::retrying;
-use crate::{Error, Result, Router};
+use crate::{Error, Result, Router, RETRY_DEADLINE};
+
+/// How often a node hands the expired leases with keys of the regions it
+/// leads to revokes.
+const EXPIRY_INTERVAL: Duration = Duration::from_millis(200);
+/// How many of a lease's keys [`Router::lease_keys`] reads at once.
+const KEY_READS: usize = 64;
 
 /// A lease operation (see the contract).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +69,7 @@ pub enum LeaseOp {
     Renew(i64),
     TimeToLive(i64),
     List,
+    Keys(i64),
 }
 
 /// What a lease operation answers.
@@ -59,6 +83,8 @@ pub enum LeaseAnswer {
     TimeToLive { ttl: i64, remaining: i64 },
     /// List: lease ids.
     Listed(Vec<i64>),
+    /// Keys: the attached keys, in key order.
+    Keys(Vec<Vec<u8>>),
 }
 
 impl LeaseOp {
@@ -75,6 +101,7 @@ impl LeaseOp {
             LeaseOp::Renew(id) => (Kind::Renew, id, 0),
             LeaseOp::TimeToLive(id) => (Kind::TimeToLive, id, 0),
             LeaseOp::List => (Kind::List, 0, 0),
+            LeaseOp::Keys(id) => (Kind::Keys, id, 0),
         };
         forwardpb::LeaseRequest {
             header: Some(header),
@@ -96,6 +123,7 @@ impl LeaseOp {
             Kind::Renew => LeaseOp::Renew(req.id),
             Kind::TimeToLive => LeaseOp::TimeToLive(req.id),
             Kind::List => LeaseOp::List,
+            Kind::Keys => LeaseOp::Keys(req.id),
         })
     }
 
@@ -109,6 +137,7 @@ impl LeaseOp {
                 remaining: resp.remaining_ttl,
             },
             LeaseOp::List => LeaseAnswer::Listed(resp.ids),
+            LeaseOp::Keys(_) => LeaseAnswer::Keys(resp.keys),
         }
     }
 }
@@ -124,6 +153,7 @@ impl LeaseAnswer {
                 resp.remaining_ttl = *remaining;
             }
             LeaseAnswer::Listed(ids) => resp.ids = ids.clone(),
+            LeaseAnswer::Keys(keys) => resp.keys = keys.clone(),
         }
         resp
     }
@@ -151,16 +181,103 @@ fn owner_of(id: i64) -> KeyRange {
 
 impl Router {
     /// Runs a lease operation (see the contract).
-    pub async fn lease(&self, op: LeaseOp) -> Result<LeaseAnswer> {
+    pub async fn lease(self: &Arc<Router>, op: LeaseOp) -> Result<LeaseAnswer> {
         let id = match op {
             LeaseOp::List => return self.list_leases().await,
+            LeaseOp::Revoke(id) => return self.revoke_lease(id, false).await,
             LeaseOp::Grant { id, .. }
-            | LeaseOp::Revoke(id)
             | LeaseOp::Renew(id)
-            | LeaseOp::TimeToLive(id) => id,
+            | LeaseOp::TimeToLive(id)
+            | LeaseOp::Keys(id) => id,
         };
         let span = owner_of(id);
         self.lease_in_region(op, &span).await
+    }
+
+    /// The keys whose newest version carries lease `id` (etcd's TimeToLive
+    /// with keys), in key order: its attached keys, each read
+    /// linearizably. `LeaseNotFound` for an unknown lease.
+    pub async fn lease_keys(self: &Arc<Router>, id: i64) -> Result<Vec<Vec<u8>>> {
+        let LeaseAnswer::Keys(attached) = self.lease(LeaseOp::Keys(id)).await? else {
+            return Err(Error::Internal("a lease's keys answered otherwise".into()));
+        };
+        let mut out = Vec::new();
+        for chunk in attached.chunks(KEY_READS) {
+            let reads = chunk.iter().map(|key| {
+                let req = RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                };
+                async move { self.range(&req).await }
+            });
+            for (key, read) in chunk.iter().zip(futures::future::join_all(reads).await) {
+                if read?.kvs.first().is_some_and(|kv| kv.lease == id) {
+                    out.push(key.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Revokes lease `id` (see the contract); with `expired`, only if its
+    /// leader's clock has it expired (`LeaseNotExpired` otherwise).
+    async fn revoke_lease(self: &Arc<Router>, id: i64, expired: bool) -> Result<LeaseAnswer> {
+        let span = owner_of(id);
+        let deadline = Instant::now() + RETRY_DEADLINE;
+        loop {
+            let keys = match self.lease_in_region(LeaseOp::Keys(id), &span).await? {
+                LeaseAnswer::Keys(keys) => keys,
+                _ => return Err(Error::Internal("a lease's keys answered otherwise".into())),
+            };
+            let revoked = if keys.is_empty() {
+                if expired {
+                    // The leader's clock revokes it, keys gone or not.
+                    return Ok(LeaseAnswer::Done);
+                }
+                self.lease_in_region(LeaseOp::Revoke(id), &span).await
+            } else {
+                let req = WriteRequest::LeaseRevoke(RevokeRequest { id, keys, expired });
+                self.write_across(&req, &write_spans(&req))
+                    .await
+                    .map(|_| LeaseAnswer::Done)
+            };
+            match revoked {
+                Err(Error::Mvcc(mvcc::Error::LeaseKeysChanged)) if Instant::now() < deadline => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Every [`EXPIRY_INTERVAL`], revokes the expired leases with keys the
+    /// clocks of the regions led here handed over (see the contract), one
+    /// task each; a revoke that fails is handed over again by the clock
+    /// (`raftstore::lease::REVOKE_RETRY`). Ends with the router.
+    pub fn start_lease_expiry(self: &Arc<Router>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let revoking = Arc::new(parking_lot::Mutex::new(BTreeSet::new()));
+            loop {
+                tokio::time::sleep(EXPIRY_INTERVAL).await;
+                let Some(router) = weak.upgrade() else {
+                    return;
+                };
+                for handle in router.store.regions() {
+                    for id in handle.take_expired_leases() {
+                        if !revoking.lock().insert(id) {
+                            continue;
+                        }
+                        let (router, revoking) = (router.clone(), revoking.clone());
+                        tokio::spawn(async move {
+                            match router.revoke_lease(id, true).await {
+                                Ok(_) => debug!(id, "expired lease revoked with its keys"),
+                                Err(e) => debug!(id, "revoking an expired lease: {e}"),
+                            }
+                            revoking.lock().remove(&id);
+                        });
+                    }
+                }
+            }
+        })
     }
 
     /// Runs `op` on the leader of the region owning `span`.
@@ -230,8 +347,21 @@ async fn lease_on_leader(
             Ok(LeaseAnswer::Done)
         }
         LeaseOp::Revoke(id) => {
+            // Without keys (apply refuses it if some are attached).
             propose(handle, Op::Revoke(LeaseRevoke { id })).await?;
             Ok(LeaseAnswer::Done)
+        }
+        LeaseOp::Keys(id) => {
+            handle.read_index().await?;
+            let view = mvcc.snapshot();
+            if let Some(piece) = piece {
+                let state = handle.read_state(&view)?;
+                check_spans(&state.region, std::slice::from_ref(piece))?;
+            }
+            if !handle.lease_view(&view).exists(id)? {
+                return Err(Error::Mvcc(mvcc::Error::LeaseNotFound));
+            }
+            Ok(LeaseAnswer::Keys(handle.lease_keys(&view, id)?))
         }
         LeaseOp::Renew(id) => {
             handle.read_index().await?;

@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvcc::exec::WriteRequest;
+use mvcc::lease::owner_key;
 use mvcc::KeyRange;
-use proto::etcdserverpb::{request_op::Request, TxnRequest};
+use proto::etcdserverpb::{request_op::Request, PutRequest, TxnRequest};
 use proto::metapb;
 use raftstore::RegionHandle;
 
@@ -250,15 +251,27 @@ fn node_of(region: &metapb::Region, peer_id: u64) -> Option<u64> {
         .map(|p| p.node_id)
 }
 
-/// Every key range a write may read or change, over both txn branches.
+/// Every key range a write may read or change, over both txn branches;
+/// the owner key of every lease it attaches keys to or revokes.
 pub(crate) fn write_spans(req: &WriteRequest) -> Vec<KeyRange> {
     let mut spans = Vec::new();
     match req {
-        WriteRequest::Put(p) => spans.push(KeyRange::from_etcd(&p.key, &[])),
+        WriteRequest::Put(p) => put_spans(p, &mut spans),
         WriteRequest::DeleteRange(d) => spans.push(KeyRange::from_etcd(&d.key, &d.range_end)),
         WriteRequest::Txn(t) => txn_spans(t, &mut spans),
+        WriteRequest::LeaseRevoke(r) => {
+            spans.push(KeyRange::from_etcd(&owner_key(r.id), &[]));
+            spans.extend(r.keys.iter().map(|k| KeyRange::from_etcd(k, &[])));
+        }
     }
     spans
+}
+
+fn put_spans(p: &PutRequest, spans: &mut Vec<KeyRange>) {
+    spans.push(KeyRange::from_etcd(&p.key, &[]));
+    if p.lease != 0 {
+        spans.push(KeyRange::from_etcd(&owner_key(p.lease), &[]));
+    }
 }
 
 fn txn_spans(t: &TxnRequest, spans: &mut Vec<KeyRange>) {
@@ -268,7 +281,7 @@ fn txn_spans(t: &TxnRequest, spans: &mut Vec<KeyRange>) {
     for op in t.success.iter().chain(&t.failure) {
         match &op.request {
             Some(Request::RequestRange(r)) => spans.push(KeyRange::from_etcd(&r.key, &r.range_end)),
-            Some(Request::RequestPut(p)) => spans.push(KeyRange::from_etcd(&p.key, &[])),
+            Some(Request::RequestPut(p)) => put_spans(p, spans),
             Some(Request::RequestDeleteRange(d)) => {
                 spans.push(KeyRange::from_etcd(&d.key, &d.range_end))
             }

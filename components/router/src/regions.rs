@@ -193,7 +193,7 @@ impl Router {
             }
         }
         let bounds = ReadBounds { current, compacted };
-        let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
+        let eval = exec::evaluate(&view, req, bounds, &mvcc::lease::NoLeases)?;
         if !eval.mutations.is_empty() {
             return Err(Error::CrossRegion);
         }

@@ -349,7 +349,7 @@ impl Router {
             inner: &view,
             at: current,
         };
-        let eval = exec::evaluate(&at, req, bounds, &|_| false)?;
+        let eval = exec::evaluate(&at, req, bounds, &mvcc::lease::NoLeases)?;
         if !eval.mutations.is_empty() {
             return Err(Error::Internal("read-only txn produced changes".into()));
         }
@@ -502,6 +502,7 @@ fn check_write(req: &WriteRequest) -> Result<()> {
         WriteRequest::Put(p) => check::check_put(p)?,
         WriteRequest::DeleteRange(d) => check::check_delete(d)?,
         WriteRequest::Txn(t) => check::check_txn(t)?,
+        WriteRequest::LeaseRevoke(_) => {}
     }
     Ok(())
 }

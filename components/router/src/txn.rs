@@ -64,6 +64,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mvcc::exec::{self, ReadBounds, WriteRequest, WriteResponse};
+use mvcc::lease::{FetchedLeases, HeldLease};
 use mvcc::{FetchedView, KeyRange};
 use proto::etcdserverpb::{request_op::Request, TxnRequest};
 use proto::forwardpb::{
@@ -323,16 +324,26 @@ impl Router {
                 ))
             })??;
         let mut view = FetchedView::default();
+        let mut leases = FetchedLeases::default();
         let mut compacted = 0;
         for l in locked {
             view.insert(i64::MAX, l.latest.iter().cloned());
             for h in &l.historical {
                 view.insert(h.revision, h.kvs.iter().cloned());
             }
+            for held in &l.leases {
+                leases.held.insert(
+                    held.id,
+                    HeldLease {
+                        keys: held.keys.clone(),
+                        expired: held.expired,
+                    },
+                );
+            }
             compacted = compacted.max(l.compact_revision);
         }
         let bounds = ReadBounds { current, compacted };
-        let eval = exec::evaluate(&view, req, bounds, &|_| false)?;
+        let eval = exec::evaluate(&view, req, bounds, &leases)?;
         Ok((eval.response, eval.mutations))
     }
 

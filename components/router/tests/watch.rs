@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mvcc::exec::{WriteRequest, WriteResponse};
+use mvcc::exec::WriteRequest;
 use mvcc::KeyRange;
 use proto::etcdserverpb::{PutRequest, TxnRequest};
 use proto::mvccpb::{event::EventType, Event};
@@ -30,14 +30,7 @@ async fn must_write(router: &Arc<Router>, req: WriteRequest) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match router.write(&req).await {
-            Ok(resp) => {
-                let header = match resp {
-                    WriteResponse::Put(r) => r.header,
-                    WriteResponse::DeleteRange(r) => r.header,
-                    WriteResponse::Txn(r) => r.header,
-                };
-                return header.map_or(0, |h| h.revision);
-            }
+            Ok(resp) => return resp.revision(),
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -80,7 +80,7 @@ impl Alarms {
         }
         let puts = match req {
             WriteRequest::Put(_) => true,
-            WriteRequest::DeleteRange(_) => false,
+            WriteRequest::DeleteRange(_) | WriteRequest::LeaseRevoke(_) => false,
             WriteRequest::Txn(t) => txn_puts(t),
         };
         if puts && self.active(AlarmType::Nospace) {

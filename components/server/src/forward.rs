@@ -82,6 +82,9 @@ impl RegionForward for ForwardService {
                 error: None,
                 response: Some(wresp::Response::Txn(t)),
             },
+            Ok(WriteResponse::LeaseRevoke { .. }) => {
+                return Err(Status::internal("a forwarded write answered as a revoke"))
+            }
             Err(e) => forwardpb::WriteResponse {
                 error: wire_error(&e),
                 response: None,

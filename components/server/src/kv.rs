@@ -6,12 +6,10 @@ use std::sync::Arc;
 use mvcc::exec::{WriteRequest, WriteResponse};
 use prost::Message;
 use proto::etcdserverpb::kv_server::Kv;
-use proto::etcdserverpb::request_op::Request as Op;
 use proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
-use router::lease::LeaseOp;
 use tonic::{Request, Response, Status};
 
 use crate::errors::{self, REQUEST_TOO_LARGE};
@@ -37,48 +35,7 @@ impl KvService {
             return Err(Status::invalid_argument(REQUEST_TOO_LARGE));
         }
         self.ctx.alarms.check_write(&req)?;
-        self.refuse_granted_leases(&req).await?;
         self.ctx.router.write(&req).await.map_err(errors::status)
-    }
-
-    /// Keys cannot be attached to leases yet: a Put (or a Txn's) with a
-    /// lease that exists is refused as `Unimplemented` rather than
-    /// answered as if the lease did not exist; one with an unknown lease
-    /// goes on, to fail as etcd fails it ("requested lease not found",
-    /// after etcd's other checks).
-    async fn refuse_granted_leases(&self, req: &WriteRequest) -> Result<(), Status> {
-        let mut leases = Vec::new();
-        match req {
-            WriteRequest::Put(p) => leases.push(p.lease),
-            WriteRequest::Txn(t) => txn_leases(t, &mut leases),
-            WriteRequest::DeleteRange(_) => {}
-        }
-        leases.retain(|l| *l != 0);
-        leases.sort_unstable();
-        leases.dedup();
-        for id in leases {
-            match self.ctx.router.lease(LeaseOp::TimeToLive(id)).await {
-                Err(router::Error::Mvcc(mvcc::Error::LeaseNotFound)) => {}
-                Err(e) => return Err(errors::status(e)),
-                Ok(_) => return Err(Status::unimplemented(LEASE_ATTACH_UNSUPPORTED)),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What a Put with a granted lease answers until keys can be attached.
-pub const LEASE_ATTACH_UNSUPPORTED: &str =
-    "etcdserver: attaching keys to leases is not supported yet";
-
-/// The leases of every Put in `t`, nested Txns included.
-fn txn_leases(t: &TxnRequest, out: &mut Vec<i64>) {
-    for op in t.success.iter().chain(&t.failure) {
-        match &op.request {
-            Some(Op::RequestPut(p)) => out.push(p.lease),
-            Some(Op::RequestTxn(inner)) => txn_leases(inner, out),
-            _ => {}
-        }
     }
 }
 

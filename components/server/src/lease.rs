@@ -7,15 +7,14 @@
 //!   with "etcdserver: lease already exists" (`FailedPrecondition`). The
 //!   answer carries the id and the TTL granted.
 //! * Revoke: "etcdserver: requested lease not found" (`NotFound`) for an
-//!   unknown id. No key is attached to a lease yet (a Put with a granted
-//!   lease is refused as `Unimplemented`, see `kv`), so there is nothing
-//!   to delete and no revision is taken.
+//!   unknown id; the keys still carrying the lease are deleted at one
+//!   revision (none taken if there are none).
 //! * KeepAlive: a stream; each request is answered in order with the
 //!   lease's TTL, or TTL 0 for an unknown or expired lease (etcd's
 //!   answer, not an error); another error ends the stream with it.
 //! * TimeToLive: the remaining TTL (-1 once expired) and the granted TTL;
-//!   `keys` asks for the attached keys (none yet); an unknown id answers
-//!   TTL -1, as etcd does.
+//!   `keys` asks for the keys carrying the lease (in key order); an
+//!   unknown id answers TTL -1, as etcd does.
 //! * Leases: every lease of the cluster, in id order.
 //!
 //! Every answer's header is at the oracle's current revision.
@@ -145,7 +144,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let id = req.get_ref().id;
+        let (id, with_keys) = (req.get_ref().id, req.get_ref().keys);
         let (granted_ttl, ttl) = match self.ctx.router.lease(LeaseOp::TimeToLive(id)).await {
             Ok(LeaseAnswer::TimeToLive { ttl, remaining }) => (ttl, remaining),
             Ok(other) => return Err(unexpected(other)),
@@ -153,12 +152,21 @@ impl Lease for LeaseService {
             Err(router::Error::Mvcc(mvcc::Error::LeaseNotFound)) => (0, -1),
             Err(e) => return Err(errors::status(e)),
         };
+        let keys = if with_keys && ttl != -1 {
+            match self.ctx.router.lease_keys(id).await {
+                Ok(keys) => keys,
+                Err(router::Error::Mvcc(mvcc::Error::LeaseNotFound)) => Vec::new(),
+                Err(e) => return Err(errors::status(e)),
+            }
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: self.ctx.current_header().await?,
             id,
             ttl,
             granted_ttl,
-            keys: Vec::new(),
+            keys,
         }))
     }
 

@@ -67,6 +67,7 @@ pub struct RunningNode {
     /// Drives the merges of the regions led here (see `router::merge`).
     merge_driver: JoinHandle<()>,
     compaction_catch_up: JoinHandle<()>,
+    lease_expiry: JoinHandle<()>,
     removal: JoinHandle<()>,
 }
 
@@ -218,6 +219,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
     let resolved_tracker = ctx.router.start_resolved_tracker();
     let merge_driver = ctx.router.start_merge_driver();
     let compaction_catch_up = ctx.router.start_compaction_catch_up();
+    let lease_expiry = ctx.router.start_lease_expiry();
     Ok(RunningNode {
         ctx,
         store,
@@ -234,6 +236,7 @@ pub async fn start(config: Config) -> Result<RunningNode, StartError> {
         resolved_tracker,
         merge_driver,
         compaction_catch_up,
+        lease_expiry,
     })
 }
 
@@ -501,6 +504,7 @@ impl RunningNode {
         self.resolved_tracker.abort();
         self.merge_driver.abort();
         self.compaction_catch_up.abort();
+        self.lease_expiry.abort();
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(core) = self.pd_core {

@@ -70,6 +70,7 @@ impl Nodes {
             router.start_resolved_tracker(),
             router.start_merge_driver(),
             router.start_compaction_catch_up(),
+            router.start_lease_expiry(),
             start_heartbeats(&router, self.pds[&id].clone()),
         ];
         self.tasks.write().insert(id, tasks);

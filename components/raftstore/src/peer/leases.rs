@@ -1,7 +1,8 @@
 //! The replica loop's side of leases (the `lease` module's contract):
 //! running the leases' clock while the ready leader, revoking the expired
-//! ones and checkpointing remaining TTLs through raft, and following the
-//! lease changes apply made.
+//! ones without keys (those with keys are handed over to the router,
+//! whose revoke deletes them at a revision) and checkpointing remaining
+//! TTLs through raft, and following the lease changes apply made.
 
 use std::time::Instant;
 
@@ -69,9 +70,27 @@ impl Peer {
                 .filter(|r| !r.is_empty());
             (expired, checkpoint)
         };
-        for id in expired {
-            debug!(region_id = self.region.id, id, "lease expired: revoking");
-            self.propose_lease(Op::Revoke(LeaseRevoke { id }));
+        if !expired.is_empty() {
+            let keyed: Vec<_> = {
+                let snap = self.kv.snapshot();
+                expired
+                    .iter()
+                    .map(|id| lease::has_attached(&snap, *id))
+                    .collect()
+            };
+            for (id, keyed) in expired.into_iter().zip(keyed) {
+                match keyed {
+                    Ok(false) => {
+                        debug!(region_id = self.region.id, id, "lease expired: revoking");
+                        self.propose_lease(Op::Revoke(LeaseRevoke { id }));
+                    }
+                    Ok(true) => {
+                        debug!(region_id = self.region.id, id, "lease with keys expired");
+                        self.shared.leases.lock().hand_over(id);
+                    }
+                    Err(e) => warn!(region_id = self.region.id, id, "cannot read a lease: {e}"),
+                }
+            }
         }
         if let Some(leases) = checkpoint {
             self.propose_lease(Op::Checkpoint(LeaseCheckpoint { leases }));

@@ -100,6 +100,8 @@ fn clear_region(region: &metapb::Region, out: &mut Batches<'_>) -> Result<()> {
     kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
     let (lower, upper) = keys::lease_record_bounds(&region.start_key, &region.end_key);
     kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
+    let (lower, upper) = keys::lease_key_bounds(&region.start_key, &region.end_key);
+    kv.delete_range_to(&mut out.wb, cf::META, &lower, &upper);
     Ok(())
 }
 
@@ -195,6 +197,14 @@ pub(super) fn write_data(
             cf::META,
             &keys::lease_record_key(&lease::owner_key(record.id)),
             &record.encode_to_vec(),
+        );
+    }
+    for (id, key) in &snap.lease_keys {
+        kv.put_to(
+            &mut wb,
+            cf::META,
+            &keys::lease_key_key(&lease::owner_key(*id), key),
+            &[],
         );
     }
     Ok(wb)

@@ -123,6 +123,11 @@ impl Forward for GrpcForwarder {
             WriteRequest::Put(p) => wreq::Request::Put(p),
             WriteRequest::DeleteRange(d) => wreq::Request::DeleteRange(d),
             WriteRequest::Txn(t) => wreq::Request::Txn(t),
+            // Revokes run as transactions over their regions, whose steps
+            // are forwarded instead.
+            WriteRequest::LeaseRevoke(_) => {
+                return Err(Error::Internal("a lease revoke is not forwarded".into()))
+            }
         };
         let msg = forwardpb::WriteRequest {
             header: Some(target.header()),

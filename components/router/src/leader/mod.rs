@@ -146,7 +146,7 @@ impl RegionLeader {
                 current,
                 compacted: state.compact_revision,
             };
-            exec::evaluate(&view, req, bounds, &|_| false)?
+            exec::evaluate(&view, req, bounds, &handle.lease_view(&view))?
         };
         let mut response = eval.response;
         if eval.mutations.is_empty() {

@@ -7,8 +7,10 @@
 //! * `Lock`: latches the spans (so no write of them is in flight), waits
 //!   for other transactions' locks on them to go (see [`wait_unlocked`]),
 //!   proposes the lock in the current term and, once it is applied here,
-//!   answers the live keys of the spans and of the historical reads — which
-//!   cannot change while the lock is held. Not applied: not the ready
+//!   answers the live keys of the spans and of the historical reads, and
+//!   the leases whose owner keys it locked (their attached keys, and
+//!   whether this leader's clock has them expired) — which cannot change
+//!   while the lock is held (renewals aside). Not applied: not the ready
 //!   leader, the spans not in the region, still locked by another
 //!   transaction; outcome unknown: no answer within [`WRITE_TIMEOUT`].
 //! * `Commit`, `Rollback`, `Forget`: proposes the command in the current
@@ -26,9 +28,10 @@
 
 use std::time::{Duration, Instant};
 
+use mvcc::lease::{owner_id, LeaseView};
 use mvcc::KeyRange;
 use proto::forwardpb::{
-    txn_status::Kind, txn_step_request::Step, txn_step_response, KeyValues, TxnHeld,
+    txn_status::Kind, txn_step_request::Step, txn_step_response, KeyValues, LeaseHeld, TxnHeld,
     TxnHeldRequest, TxnLock, TxnLocked, TxnStatus, TxnStatusRequest,
 };
 use proto::raft_cmdpb::raft_cmd_request::Cmd;
@@ -172,11 +175,13 @@ impl RegionLeader {
                 kvs,
             });
         }
+        let leases = held_leases(handle, &view, &spans)?;
         Ok(TxnLocked {
             latest,
             historical,
             compact_revision: state.compact_revision,
             region_id: status.region.id,
+            leases,
         })
     }
 
@@ -258,6 +263,30 @@ impl RegionLeader {
                 mutations: record.mutations,
             }))
     }
+}
+
+/// The leases whose owner keys `spans` lock (as single keys) and that the
+/// region holds as of `view`.
+fn held_leases(
+    handle: &RegionHandle,
+    view: &mvcc::MvccSnapshot<'_>,
+    spans: &[KeyRange],
+) -> Result<Vec<LeaseHeld>> {
+    let leases = handle.lease_view(view);
+    let mut out = Vec::new();
+    for span in spans.iter().filter(|s| s.end.is_none()) {
+        let Some(id) = owner_id(&span.start) else {
+            continue;
+        };
+        if leases.exists(id)? {
+            out.push(LeaseHeld {
+                id,
+                keys: leases.attached(id)?,
+                expired: leases.expired(id),
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn rolled_back() -> TxnStatus {

@@ -300,7 +300,8 @@ impl Piece {
             for m in write
                 .mutations
                 .iter()
-                .filter(|m| self.span.contains(&m.key))
+                // Lease changes are not published; a key change is an event.
+                .filter(|m| self.span.contains(&m.key) && matches!(m.op(), Op::Put | Op::Delete))
             {
                 let prev_kv = match &view {
                     Some(view) => view.get(&m.key, write.revision - 1)?,
@@ -316,7 +317,8 @@ impl Piece {
     }
 }
 
-/// etcd's event for mutation `m` written at `revision`.
+/// etcd's event for the change of a key `m` written at `revision` (lease
+/// changes are filtered out before).
 fn event(m: &Mutation, revision: i64, prev_kv: Option<KeyValue>) -> Event {
     let (kind, kv) = match m.op() {
         Op::Put => (
@@ -334,7 +336,7 @@ fn event(m: &Mutation, revision: i64, prev_kv: Option<KeyValue>) -> Event {
                 lease: m.lease,
             },
         ),
-        Op::Delete => (
+        Op::Delete | Op::Attach | Op::Revoke => (
             EventType::Delete,
             KeyValue {
                 key: m.key.clone(),
