@@ -5,11 +5,15 @@
 //! `RequestProgress` before a consistent read from the cache — kept
 //! against writers doing Kubernetes' optimistic Txns (create if absent,
 //! update and delete if the mod revision is unchanged) and a compactor
-//! doing Kubernetes' compare-on-version Txn then `Compact` every second.
-//! Whenever a progress answer at revision R arrives, the cache must equal
-//! a list at R; at the end, the current state. No event lost, repeated or
-//! out of order across the splits (events are applied with their
-//! prev_kv checked against the cache).
+//! doing Kubernetes' compare-on-version Txn then `Compact` every second,
+//! and Kubernetes events created on leases as the API server makes them
+//! (a 1 h lease shared by the events of a minute, here with a 2 s one
+//! expiring mid-run, and the 1 h one revoked at the end: their events
+//! vanish at one revision each). Whenever a progress answer at revision R
+//! arrives, the cache must equal a list at R; at the end, the current
+//! state. No event lost, repeated, out of order or cut from its revision
+//! across the splits (events are applied with their prev_kv checked
+//! against the cache, and a revision seen again fails).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use proto::etcdserverpb::kv_client::KvClient;
+use proto::etcdserverpb::lease_client::LeaseClient;
 use proto::etcdserverpb::request_op::Request as Op;
 use proto::etcdserverpb::watch_client::WatchClient;
 use proto::etcdserverpb::watch_request::RequestUnion;
@@ -30,8 +35,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-const PREFIX: &[u8] = b"/registry/pods/";
-const PREFIX_END: &[u8] = b"/registry/pods0";
+const PREFIX: &[u8] = b"/registry/";
+const PREFIX_END: &[u8] = b"/registry0";
 const OBJECTS: usize = 60;
 
 async fn channel(endpoint: &str) -> Channel {
@@ -128,6 +133,64 @@ async fn writer(mut kv: KvClient<Channel>, seed: u64, stop: Arc<AtomicBool>) -> 
         }
     }
     done
+}
+
+/// Kubernetes' events, created as the API server creates them (a Txn
+/// putting the event if absent, with the lease of its TTL), a third of
+/// them on a lease of 2 s that expires meanwhile (creations on it fail
+/// from then on, "requested lease not found"), the rest on a lease of
+/// 1 h. The creations, and the 1 h lease.
+async fn event_writer(
+    mut kv: KvClient<Channel>,
+    mut leases: LeaseClient<Channel>,
+    stop: Arc<AtomicBool>,
+) -> (usize, i64) {
+    let grant = |ttl| {
+        let mut leases = leases.clone();
+        async move {
+            leases
+                .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                .await
+                .expect("grant")
+                .into_inner()
+                .id
+        }
+    };
+    let hour = grant(3600).await;
+    let short = grant(2).await;
+    let mut created = 0;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("/registry/events/ns{}/ev{n:05}", n % 3).into_bytes();
+        let lease = if n % 3 == 0 { short } else { hour };
+        let txn = TxnRequest {
+            compare: vec![compare_mod(&key, 0)],
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: format!("event {n}").into_bytes(),
+                    lease,
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![get_op(&key)],
+        };
+        if kv.txn(txn).await.is_ok_and(|r| r.into_inner().succeeded) {
+            created += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let alive = leases
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: short,
+            keys: false,
+        })
+        .await
+        .expect("time to live")
+        .into_inner();
+    assert_eq!(alive.ttl, -1, "the short lease expired");
+    (created, hour)
 }
 
 /// Kubernetes' compactor: claims the compaction with a Txn on the
@@ -316,6 +379,11 @@ async fn a_watch_cache_stays_exact_over_splits_and_compactions() {
         .map(|i| tokio::spawn(writer(KvClient::new(ch.clone()), i, stop.clone())))
         .collect();
     let compactor = tokio::spawn(compactor(KvClient::new(ch.clone()), stop.clone()));
+    let events_writer = tokio::spawn(event_writer(
+        KvClient::new(ch.clone()),
+        LeaseClient::new(ch.clone()),
+        stop.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The watch cache: list, then watch from the list's revision + 1.
@@ -369,6 +437,12 @@ async fn a_watch_cache_stays_exact_over_splits_and_compactions() {
         writes += w.await.unwrap();
     }
     let compactions = compactor.await.unwrap();
+    let (created, hour) = events_writer.await.unwrap();
+    // The 1 h lease's events go at one revision.
+    LeaseClient::new(ch.clone())
+        .lease_revoke(LeaseRevokeRequest { id: hour })
+        .await
+        .expect("revoke");
     // Quiet now: one more progress answer at or above the last write's
     // revision, and the cache is the current state.
     let current = kv
@@ -395,12 +469,18 @@ async fn a_watch_cache_stays_exact_over_splits_and_compactions() {
     }
     let state = state_at(&mut kv, 0).await.expect("current state");
     assert_same(&cache, &state, "the watch cache at the end");
+    let events_left = state
+        .keys()
+        .filter(|k| k.starts_with(b"/registry/events/"))
+        .count();
+    assert_eq!(events_left, 0, "events outlived their leases");
     let out = metastore_ctl(&node.endpoint(), &["region", "list", "-w", "json"]);
     let regions: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let regions = regions["regions"].as_array().map_or(0, Vec::len);
     println!(
-        "{writes} writes, {events} events, {checked} progress checks, {compactions} compactions, {regions} regions"
+        "{writes} writes, {created} Kubernetes events, {events} watch events, {checked} progress checks, {compactions} compactions, {regions} regions"
     );
+    assert!(created >= 20, "{created} Kubernetes events created");
     assert!(regions >= 3, "{regions} regions");
     assert!(checked >= 3, "{checked} progress checks");
     assert!(compactions >= 2, "{compactions} compactions");

@@ -2,12 +2,16 @@
 //! contract): the region's leader expires a lease through raft unless it
 //! is renewed; a new leader gives the leases it takes over their whole
 //! TTL, or their checkpointed remainder; a follower that caught up by a
-//! region snapshot holds the records.
+//! region snapshot holds the records; keys attached by writes travel with
+//! the lease, keep a key-less revoke out, are deleted with it by a write,
+//! and an expired lease with keys is handed over rather than revoked.
 
 use std::time::{Duration, Instant};
 
+use mvcc::lease::owner_key;
 use proto::raft_cmdpb::{
-    lease_request::Op, raft_cmd_request::Cmd, LeaseGrant, LeaseRequest, LeaseRevoke,
+    lease_request::Op, mutation, raft_cmd_request::Cmd, LeaseGrant, LeaseRequest, LeaseRevoke,
+    Mutation, WriteRequest,
 };
 use raftstore::lease::ClockError;
 use raftstore::{RegionHandle, StoreOptions};
@@ -305,4 +309,159 @@ async fn a_partitioned_leader_cannot_expire_a_renewed_lease() {
     for n in c.nodes() {
         assert!(held(&c, n, 21), "renewed lease 21 is gone on node {n}");
     }
+}
+
+/// A write at `rev` of `key` (put with `lease`, or deleted with `lease`
+/// 0) and the lease changes `changes` (op, lease id, attached key).
+async fn write_with(
+    h: &RegionHandle,
+    rev: i64,
+    key: &str,
+    lease: i64,
+    changes: &[(mutation::Op, i64, &str)],
+) -> raftstore::Result<()> {
+    let op = if lease == 0 {
+        mutation::Op::Delete
+    } else {
+        mutation::Op::Put
+    };
+    let mut mutations = vec![Mutation {
+        op: op as i32,
+        key: key.into(),
+        version: 1,
+        lease,
+        value: b"v".to_vec(),
+        ..Default::default()
+    }];
+    mutations.extend(changes.iter().map(|(op, id, key)| Mutation {
+        op: *op as i32,
+        key: owner_key(*id),
+        lease: *id,
+        value: key.as_bytes().to_vec(),
+        ..Default::default()
+    }));
+    let cmd = cmd_for(
+        &h.status().region,
+        Cmd::Write(WriteRequest {
+            revision: rev,
+            mutations,
+        }),
+    );
+    h.propose(cmd).await.map(|_| ())
+}
+
+fn keys_of(c: &Cluster, node: u64, id: i64) -> Vec<Vec<u8>> {
+    let mvcc = c.store(node).mvcc();
+    let view = mvcc.snapshot();
+    c.handle(node).lease_keys(&view, id).expect("lease keys")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attached_keys_travel_with_the_lease_and_go_with_its_revoke() {
+    use mutation::Op::{Attach, Revoke};
+    let c = Cluster::with_options(
+        3,
+        StoreOptions {
+            log_gc_threshold: 8,
+            ..Default::default()
+        },
+    );
+    let (leader, h) = running_leader(&c).await;
+    let down = c
+        .nodes()
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    c.stop_node(down);
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 31, ttl: 600 }))
+        .await
+        .expect("grant");
+    let mut rev = 1;
+    // A lease the region does not hold: the whole write is refused.
+    rev += 1;
+    let refused = write_with(&h, rev, "k", 32, &[(Attach, 32, "k")]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(raftstore::Error::Mvcc(mvcc::Error::LeaseNotFound))
+        ),
+        "{refused:?}"
+    );
+    write_with(&h, rev, "k", 31, &[(Attach, 31, "k")])
+        .await
+        .expect("attach");
+    // A revoke without keys is refused while keys are attached.
+    let keyless = lease_cmd(&h, Op::Revoke(LeaseRevoke { id: 31 })).await;
+    assert!(
+        matches!(
+            keyless,
+            Err(raftstore::Error::Mvcc(mvcc::Error::LeaseKeysChanged))
+        ),
+        "{keyless:?}"
+    );
+    for i in 0..40 {
+        c.must_put(&mut rev, &format!("k{i:02}"), "v").await;
+    }
+    // The follower catches up by snapshot, attachment included.
+    let before = c.router.snapshots_delivered();
+    c.restart_node(down);
+    wait_for("a snapshot", Duration::from_secs(20), || {
+        c.router.snapshots_delivered() > before
+    })
+    .await;
+    wait_for("the attachment there", Duration::from_secs(20), || {
+        c.try_region(down, REGION_ID).is_some() && keys_of(&c, down, 31) == vec![b"k".to_vec()]
+    })
+    .await;
+    // The revoke: the key deleted and the record and attachment dropped
+    // in one write.
+    rev += 1;
+    write_with(&h, rev, "k", 0, &[(Revoke, 31, "")])
+        .await
+        .expect("revoke");
+    for n in c.nodes() {
+        wait_for("the revoke everywhere", Duration::from_secs(10), || {
+            !held(&c, n, 31) && keys_of(&c, n, 31).is_empty()
+        })
+        .await;
+    }
+    rev += 1;
+    let again = write_with(&h, rev, "k", 0, &[(Revoke, 31, "")]).await;
+    assert!(
+        matches!(
+            again,
+            Err(raftstore::Error::Mvcc(mvcc::Error::LeaseNotFound))
+        ),
+        "{again:?}"
+    );
+}
+
+/// An expired lease with keys is not revoked by the clock (its keys must
+/// go at a revision): it is handed over, once per retry, until revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_lease_with_keys_is_handed_over() {
+    let c = Cluster::new(3);
+    let (leader, h) = running_leader(&c).await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 41, ttl: 2 }))
+        .await
+        .expect("grant");
+    write_with(&h, 2, "k", 41, &[(mutation::Op::Attach, 41, "k")])
+        .await
+        .expect("attach");
+    let mut handed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        handed.extend(h.take_expired_leases());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        (2..=5).contains(&handed.len()) && handed.iter().all(|id| *id == 41),
+        "handed over {handed:?}"
+    );
+    assert!(held(&c, leader, 41), "revoked by the clock");
+    write_with(&h, 3, "k", 0, &[(mutation::Op::Revoke, 41, "")])
+        .await
+        .expect("revoke");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(h.take_expired_leases().is_empty());
 }
