@@ -26,7 +26,7 @@ use crate::index::NewestAt;
 use crate::Result;
 
 /// A key range in etcd's terms.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KeyRange {
     pub start: Vec<u8>,
     /// `None`: the single key `start`. `Some(empty)`: every key `>= start`.

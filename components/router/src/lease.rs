@@ -37,6 +37,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use mvcc::exec::{LeaseRevoke as RevokeRequest, WriteRequest};
 use mvcc::lease::LeaseView;
 use mvcc::{KeyRange, MvccStore};
@@ -58,6 +59,8 @@ use crate::{Error, Result, Router, RETRY_DEADLINE};
 /// How often a node hands the expired leases with keys of the regions it
 /// leads to revokes.
 const EXPIRY_INTERVAL: Duration = Duration::from_millis(200);
+/// How many expired leases a node revokes at once.
+const EXPIRY_CONCURRENCY: usize = 16;
 /// How many of a lease's keys [`Router::lease_keys`] reads at once.
 const KEY_READS: usize = 64;
 
@@ -249,33 +252,31 @@ impl Router {
     }
 
     /// Every [`EXPIRY_INTERVAL`], revokes the expired leases with keys the
-    /// clocks of the regions led here handed over (see the contract), one
-    /// task each; a revoke that fails is handed over again by the clock
+    /// clocks of the regions led here handed over (see the contract),
+    /// [`EXPIRY_CONCURRENCY`] at a time, within the task (stopping it stops them); a revoke
+    /// that fails is handed over again by the clock
     /// (`raftstore::lease::REVOKE_RETRY`). Ends with the router.
     pub fn start_lease_expiry(self: &Arc<Router>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let revoking = Arc::new(parking_lot::Mutex::new(BTreeSet::new()));
             loop {
                 tokio::time::sleep(EXPIRY_INTERVAL).await;
                 let Some(router) = weak.upgrade() else {
                     return;
                 };
+                let mut expired = BTreeSet::new();
                 for handle in router.store.regions() {
-                    for id in handle.take_expired_leases() {
-                        if !revoking.lock().insert(id) {
-                            continue;
-                        }
-                        let (router, revoking) = (router.clone(), revoking.clone());
-                        tokio::spawn(async move {
-                            match router.revoke_lease(id, true).await {
-                                Ok(_) => debug!(id, "expired lease revoked with its keys"),
-                                Err(e) => debug!(id, "revoking an expired lease: {e}"),
-                            }
-                            revoking.lock().remove(&id);
-                        });
-                    }
+                    expired.extend(handle.take_expired_leases());
                 }
+                let router = &router;
+                futures::stream::iter(expired)
+                    .for_each_concurrent(EXPIRY_CONCURRENCY, |id| async move {
+                        match router.revoke_lease(id, true).await {
+                            Ok(_) => debug!(id, "expired lease revoked with its keys"),
+                            Err(e) => debug!(id, "revoking an expired lease: {e}"),
+                        }
+                    })
+                    .await;
             }
         })
     }

@@ -75,6 +75,8 @@ pub struct Router {
     pub(crate) merges: crate::merge::MergeDriverState,
     /// Tasks running detached from client calls (see `detached`).
     pub(crate) detached: crate::detached::Detached,
+    /// Watches sharing aggregators (see `watch`).
+    pub(crate) watches: crate::watch::Hub,
 }
 
 impl Router {
@@ -92,6 +94,7 @@ impl Router {
             replicas: LocalReplicas::default(),
             txn_cleanup: Default::default(),
             resolved: Default::default(),
+            watches: Default::default(),
             merges: Default::default(),
             detached: Default::default(),
         }

@@ -410,3 +410,53 @@ async fn a_watch_read_late_misses_nothing() {
     let updates = collect_until(&mut replay, last).await;
     check(&updates, &expected);
 }
+
+/// Watches of one range from now share one aggregator: the fast ones
+/// stay in its stream; one that stops reading falls more than the
+/// stream's backlog behind and catches up alone; one from a past
+/// revision runs its own from the start. Each sees exactly the stored
+/// history from its start revision, a revision never split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watchers_of_a_range_share_an_aggregator_and_a_slow_one_goes_alone() {
+    let cluster = RouterCluster::new(1).await;
+    cluster.leader().await;
+    let router = cluster.router(1).unwrap();
+    let first = must_write(&router, put("s/a", "0")).await;
+    let range = prefix("s/");
+    let mut fast = Vec::new();
+    for _ in 0..10 {
+        fast.push(router.watch(range.clone(), 0, false).await.unwrap());
+    }
+    let mut slow = router.watch(range.clone(), 0, false).await.unwrap();
+    let mut past = router.watch(range.clone(), first, false).await.unwrap();
+    assert!(fast.iter().all(|w| w.progress().is_shared()));
+    assert!(slow.progress().is_shared());
+    assert!(
+        !past.progress().is_shared(),
+        "a watch from the past runs alone"
+    );
+    let mut fast_updates = vec![Vec::new(); fast.len()];
+    let mut last = first;
+    for chunk in 0..6 {
+        for i in 0..50 {
+            let key = format!("s/k{}", i % 7);
+            last = must_write(&router, put(&key, &format!("{chunk}.{i}"))).await;
+        }
+        for (w, updates) in fast.iter_mut().zip(fast_updates.iter_mut()) {
+            updates.extend(collect_until(w, last).await);
+        }
+    }
+    let expected = history(&router, &range, first + 1, last);
+    for (w, updates) in fast.iter().zip(&fast_updates) {
+        check(updates, &expected);
+        assert!(w.progress().is_shared(), "a fast watch left the stream");
+    }
+    let slow_updates = collect_until(&mut slow, last).await;
+    check(&slow_updates, &expected);
+    assert!(
+        !slow.progress().is_shared(),
+        "the slow watch kept its place"
+    );
+    let past_updates = collect_until(&mut past, last).await;
+    check(&past_updates, &history(&router, &range, first, last));
+}

@@ -8,7 +8,8 @@
 //! [`checker::Watch`]:
 //! - one watch of the whole workload prefix per endpoint (node), every
 //!   other one with prev_kv, the others with progress_notify, from now
-//!   (start revision 0);
+//!   (start revision 0), and a twin of the first on the same endpoint (on
+//!   a MetaStore node the two share one aggregator);
 //! - a watch of a sub-range of the workload's keys (`<prefix>1` up to
 //!   `<prefix>3`) with prev_kv, on the last endpoint, and a watch of the
 //!   key `<prefix>0` alone on the first (with the no_put filter where the
@@ -189,6 +190,14 @@ impl WatchRecorder {
                 delay: Duration::ZERO,
             });
         }
+        specs.push(Spec {
+            request: Watch {
+                client: n + 3,
+                ..specs[0].request.clone()
+            },
+            endpoint: 0,
+            delay: Duration::ZERO,
+        });
         let key = |i: usize| [prefix, i.to_string().as_bytes()].concat();
         specs.push(Spec {
             request: Watch {

@@ -33,12 +33,18 @@
 //!   (leader or follower); a region without a replica here through its
 //!   leader's node, asked for the changes up to the region's resolved
 //!   revision every 100 ms (`remote`).
+//! * Watches of one range (and `prev_kv`) from the revision after the
+//!   newest one delivered share one aggregator (`shared`): it reads the
+//!   regions once and each update is one copy every watcher reads; a
+//!   watch from further back, or one that falls behind the shared stream,
+//!   runs its own.
 //! * Dropping the [`Watch`] stops it.
 
 mod piece;
 mod remote;
+mod shared;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +56,8 @@ use tracing::debug;
 
 use crate::{Result, Router, RETRY_DEADLINE};
 use piece::{Piece, PieceEnd};
+pub(crate) use shared::Hub;
+use shared::{SharedCore, SharedUpdate, Subscription};
 
 /// How often a watch looks at the regions' published resolved revisions
 /// while no region applies anything.
@@ -75,32 +83,76 @@ pub enum WatchUpdate {
 
 /// A running watch; dropping it stops it.
 pub struct Watch {
-    updates: mpsc::Receiver<Result<WatchUpdate>>,
+    mode: Mode,
     progress: WatchProgress,
+    router: Arc<Router>,
+    range: KeyRange,
+    prev_kv: bool,
+}
+
+enum Mode {
+    /// Its own aggregator.
+    Own(Own),
+    /// A place in a shared aggregator's stream.
+    Shared(Subscription),
+}
+
+struct Own {
+    updates: mpsc::Receiver<Result<WatchUpdate>>,
+    queued: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Where a watch's delivery stands, readable apart from the [`Watch`]
-/// (a consumer may hold the watch in a pending [`Watch::next`]).
+/// (a consumer may hold the watch in a pending [`Watch::next`]); it
+/// follows the watch from a shared aggregator to its own.
 #[derive(Clone)]
 pub struct WatchProgress {
-    delivered: watch::Receiver<i64>,
-    /// Updates handed over and not yet taken by [`Watch::next`].
-    queued: Arc<AtomicUsize>,
+    of: Arc<parking_lot::Mutex<ProgressOf>>,
+}
+
+enum ProgressOf {
+    Own {
+        delivered: watch::Receiver<i64>,
+        /// Updates handed over and not yet taken by [`Watch::next`].
+        queued: Arc<AtomicUsize>,
+    },
+    Shared {
+        core: Arc<SharedCore>,
+        taken: Arc<AtomicU64>,
+        from: i64,
+    },
 }
 
 impl WatchProgress {
     /// Every change at or below this revision has been handed to
     /// [`Watch::next`]'s queue.
     pub fn delivered(&self) -> i64 {
-        *self.delivered.borrow()
+        match &*self.of.lock() {
+            ProgressOf::Own { delivered, .. } => *delivered.borrow(),
+            ProgressOf::Shared { core, from, .. } => core.delivered().max(*from),
+        }
     }
 
     /// Whether every update delivered so far has been taken by
     /// [`Watch::next`]: then everything up to the [`Watch::delivered`]
     /// read before this call has been taken.
     pub fn is_drained(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) == 0
+        match &*self.of.lock() {
+            ProgressOf::Own { queued, .. } => queued.load(Ordering::SeqCst) == 0,
+            ProgressOf::Shared { core, taken, .. } => core.is_drained(taken.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// Whether the watch reads a shared aggregator's stream.
+    pub fn is_shared(&self) -> bool {
+        matches!(&*self.of.lock(), ProgressOf::Shared { .. })
     }
 }
 
@@ -108,11 +160,59 @@ impl Watch {
     /// The next update; `None` once the watch ended (after its last
     /// update or error).
     pub async fn next(&mut self) -> Option<Result<WatchUpdate>> {
-        let update = self.updates.recv().await;
-        if update.is_some() {
-            self.progress.queued.fetch_sub(1, Ordering::SeqCst);
+        loop {
+            let sub = match &mut self.mode {
+                Mode::Own(own) => {
+                    let update = own.updates.recv().await;
+                    if update.is_some() {
+                        own.queued.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    return update;
+                }
+                Mode::Shared(sub) => sub,
+            };
+            let update = match sub.rx.recv().await {
+                Ok(update) => {
+                    sub.taken.fetch_add(1, Ordering::SeqCst);
+                    update
+                }
+                // Too far behind, or the aggregator is gone: alone from
+                // the last update taken on.
+                Err(_) => {
+                    self.go_alone();
+                    continue;
+                }
+            };
+            match &*update {
+                SharedUpdate::Events { events, revision } => {
+                    sub.last = *revision;
+                    let from = sub.from;
+                    let events: Vec<Event> = events
+                        .iter()
+                        .filter(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision > from))
+                        .cloned()
+                        .collect();
+                    if !events.is_empty() {
+                        let revision = *revision;
+                        return Some(Ok(WatchUpdate::Events { events, revision }));
+                    }
+                }
+                SharedUpdate::End => self.go_alone(),
+            }
         }
-        update
+    }
+
+    /// Leaves the shared stream for an aggregator of its own, from the
+    /// revision after the last update taken (see `shared`).
+    fn go_alone(&mut self) {
+        let Mode::Shared(sub) = &self.mode else {
+            return;
+        };
+        debug!("a watch leaves its shared aggregator at {}", sub.last);
+        let (own, progress) =
+            start_own(&self.router, self.range.clone(), sub.last + 1, self.prev_kv);
+        *self.progress.of.lock() = progress;
+        self.mode = Mode::Own(own);
     }
 
     /// See [`WatchProgress::delivered`].
@@ -129,23 +229,17 @@ impl Watch {
     pub fn progress(&self) -> WatchProgress {
         self.progress.clone()
     }
-
-    /// Waits until [`Watch::delivered`] reaches `revision` (or the watch
-    /// ends); the revision delivered then.
-    pub async fn wait_delivered(&mut self, revision: i64) -> i64 {
-        let _ = self.progress.delivered.wait_for(|d| *d >= revision).await;
-        self.progress.delivered()
-    }
 }
 
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// Where an aggregator's delivery goes: a watch's own queue, or a shared
+/// stream.
+enum Delivery {
+    Own(OwnDelivery),
+    Shared(Arc<SharedCore>),
 }
 
-/// Where a watch's delivery stands, shared with its [`Watch`].
-struct Delivery {
+/// The sending side of a watch's own queue, shared with its [`Watch`].
+struct OwnDelivery {
     updates: mpsc::Sender<Result<WatchUpdate>>,
     delivered: watch::Sender<i64>,
     /// Counted before each update is sent (see [`WatchProgress`]).
@@ -154,26 +248,62 @@ struct Delivery {
 
 impl Delivery {
     fn delivered(&self) -> i64 {
-        *self.delivered.borrow()
+        match self {
+            Delivery::Own(own) => *own.delivered.borrow(),
+            Delivery::Shared(core) => core.delivered(),
+        }
     }
 
     /// Hands `events` (all changes in `(delivered, revision]`) over.
     /// `false`: the watch was dropped.
     async fn deliver(&self, events: Vec<Event>, revision: i64) -> bool {
+        let own = match self {
+            Delivery::Own(own) => own,
+            Delivery::Shared(core) => {
+                core.deliver(events, revision);
+                return true;
+            }
+        };
         if !events.is_empty() {
             let update = WatchUpdate::Events { events, revision };
-            if !self.send(Ok(update)).await {
+            if !own.send(Ok(update)).await {
                 return false;
             }
         }
-        self.delivered.send_replace(revision);
+        own.delivered.send_replace(revision);
         true
     }
 
+    /// The watch ends with `last`; a shared aggregator's subscribers go on
+    /// alone, and find it themselves.
     async fn end(&self, last: Result<WatchUpdate>) {
-        self.send(last).await;
+        match self {
+            Delivery::Own(own) => {
+                own.send(last).await;
+            }
+            Delivery::Shared(core) => core.end(),
+        }
     }
 
+    /// Whether nobody reads the deliveries any more (a shared aggregator
+    /// is stopped by its last subscriber instead).
+    fn is_closed(&self) -> bool {
+        match self {
+            Delivery::Own(own) => own.updates.is_closed(),
+            Delivery::Shared(_) => false,
+        }
+    }
+
+    /// Resolves once [`Delivery::is_closed`].
+    async fn closed(&self) {
+        match self {
+            Delivery::Own(own) => own.updates.closed().await,
+            Delivery::Shared(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl OwnDelivery {
     /// Queues `update`, counted first (so a consumer that reads the
     /// delivered revision and then finds nothing queued has taken every
     /// update up to it). `false`: the watch was dropped.
@@ -185,6 +315,30 @@ impl Delivery {
         }
         true
     }
+}
+
+/// Starts an aggregator of a watch's own, from `start`.
+fn start_own(
+    router: &Arc<Router>,
+    range: KeyRange,
+    start: i64,
+    prev_kv: bool,
+) -> (Own, ProgressOf) {
+    let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
+    let (delivered_tx, delivered) = watch::channel(start - 1);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let delivery = Delivery::Own(OwnDelivery {
+        updates: updates_tx,
+        delivered: delivered_tx,
+        queued: queued.clone(),
+    });
+    let task = tokio::spawn(run(router.clone(), range, prev_kv, delivery));
+    let own = Own {
+        updates,
+        queued: queued.clone(),
+        task,
+    };
+    (own, ProgressOf::Own { delivered, queued })
 }
 
 impl Router {
@@ -202,19 +356,34 @@ impl Router {
         } else {
             self.current_revision().await? + 1
         };
-        let (updates_tx, updates) = mpsc::channel(UPDATE_QUEUE);
-        let (delivered_tx, delivered) = watch::channel(start - 1);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let delivery = Delivery {
-            updates: updates_tx,
-            delivered: delivered_tx,
-            queued: queued.clone(),
+        let joined = self
+            .watches
+            .join(self, &range, start, prev_kv, |router, core| {
+                let range = range.clone();
+                tokio::spawn(run(router, range, prev_kv, Delivery::Shared(core)))
+            });
+        let (mode, progress) = match joined {
+            Some(sub) => {
+                let progress = ProgressOf::Shared {
+                    core: sub.core.clone(),
+                    taken: sub.taken.clone(),
+                    from: sub.from,
+                };
+                (Mode::Shared(sub), progress)
+            }
+            None => {
+                let (own, progress) = start_own(self, range.clone(), start, prev_kv);
+                (Mode::Own(own), progress)
+            }
         };
-        let task = tokio::spawn(run(self.clone(), range, prev_kv, delivery));
         Ok(Watch {
-            updates,
-            progress: WatchProgress { delivered, queued },
-            task,
+            mode,
+            progress: WatchProgress {
+                of: Arc::new(parking_lot::Mutex::new(progress)),
+            },
+            router: self.clone(),
+            range,
+            prev_kv,
         })
     }
 
@@ -253,7 +422,7 @@ async fn run(router: Arc<Router>, range: KeyRange, prev_kv: bool, delivery: Deli
                 return;
             }
         }
-        if delivery.updates.is_closed() {
+        if delivery.is_closed() {
             return;
         }
         tokio::time::sleep(crate::MIN_BACKOFF).await;
@@ -321,7 +490,7 @@ async fn round(
             }
             _ = asker.answered() => None,
             _ = tokio::time::sleep(RESOLVED_POLL) => None,
-            _ = delivery.updates.closed() => return Ok(RoundEnd::Dropped),
+            _ = delivery.closed() => return Ok(RoundEnd::Dropped),
         };
         if let Some((end, i)) = woke {
             debug!(
