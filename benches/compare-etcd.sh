@@ -124,16 +124,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Prints N distinct free loopback ports (all bound at once, so none repeats).
-free_ports() {
-    python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-' "$1"
-}
+# free_ports
+source "$ROOT/benches/lib.sh"
 
 # --- start the systems -------------------------------------------------------
 # Both set URLS to the comma-separated client URLs of the started members.

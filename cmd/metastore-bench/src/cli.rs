@@ -142,6 +142,10 @@ pub struct PutArgs {
     /// exactly the keys written)
     #[arg(long, default_value = "")]
     pub key_prefix: String,
+    /// Put every key with one lease of this TTL in seconds, granted first
+    /// (0: no lease)
+    #[arg(long, default_value_t = 0)]
+    pub lease_ttl: i64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -17,15 +17,18 @@ pub struct PutWorker {
     rng: StdRng,
     value: Arc<Vec<u8>>,
     args: PutArgs,
+    /// The lease every put carries (0: none).
+    lease: i64,
 }
 
 impl PutWorker {
-    pub fn new(ch: Channel, value: Arc<Vec<u8>>, args: &PutArgs) -> Self {
+    pub fn new(ch: Channel, value: Arc<Vec<u8>>, args: &PutArgs, lease: i64) -> Self {
         PutWorker {
             kv: KvClient::new(ch),
             rng: StdRng::from_entropy(),
             value,
             args: args.clone(),
+            lease,
         }
     }
 }
@@ -44,6 +47,7 @@ impl Worker for PutWorker {
         let req = PutRequest {
             key,
             value: self.value.as_ref().clone(),
+            lease: self.lease,
             ..Default::default()
         };
         (0, req)

@@ -39,24 +39,26 @@ fn check(resp: Option<LeaseKeepAliveResponse>) -> Result<(), BenchError> {
     }
 }
 
+/// Grants a lease of `ttl` seconds (the server chooses its id).
+pub async fn grant(ch: Channel, ttl: i64) -> Result<i64, BenchError> {
+    let r = LeaseClient::new(ch)
+        .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+        .await?
+        .into_inner();
+    if r.error.is_empty() {
+        Ok(r.id)
+    } else {
+        Err(BenchError::new("LeaseGrant", r.error))
+    }
+}
+
 impl LeaseWorker {
     /// Grants the lease and opens the stream. A failure is kept and reported
     /// for each of this client's requests, so counts still add up when the
     /// server lacks the Lease service.
     pub async fn new(ch: Channel, ttl: i64) -> Self {
-        let mut client = LeaseClient::new(ch);
-        let lease = client
-            .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-            .await
-            .map_err(BenchError::from)
-            .and_then(|r| {
-                let r = r.into_inner();
-                if r.error.is_empty() {
-                    Ok(r.id)
-                } else {
-                    Err(BenchError::new("LeaseGrant", r.error))
-                }
-            });
+        let lease = grant(ch.clone(), ttl).await;
+        let client = LeaseClient::new(ch);
         let mut w = LeaseWorker {
             client,
             lease,

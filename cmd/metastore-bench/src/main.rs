@@ -108,8 +108,15 @@ async fn run(cli: Cli) -> Result<(String, serde_json::Value), String> {
     match &cli.command {
         Command::Put(a) => {
             let value = Arc::new(keys::random_bytes(a.val_size));
+            let lease = if a.lease_ttl > 0 {
+                lease::grant(ch(0), a.lease_ttl)
+                    .await
+                    .map_err(|e| format!("granting the puts' lease: {e}"))?
+            } else {
+                0
+            };
             let workers = (0..clients)
-                .map(|i| kv::PutWorker::new(ch(i), value.clone(), a))
+                .map(|i| kv::PutWorker::new(ch(i), value.clone(), a, lease))
                 .collect();
             let out = runner::run(workers, a.total, 1, RateLimiter::new(a.rate), Some("put")).await;
             let r = Report {

@@ -284,7 +284,7 @@ pub fn evaluate(
     };
     let response = match req {
         WriteRequest::Put(p) => {
-            if p.lease != 0 && !leases.exists(p.lease)? {
+            if p.lease != 0 && !leases.attachable(p.lease)? {
                 return Err(Error::LeaseNotFound);
             }
             WriteResponse::Put(ctx.put(p)?)
@@ -617,7 +617,7 @@ impl TxnContext<'_> {
                 {
                     return Err(Error::KeyNotFound);
                 }
-                if p.lease != 0 && !self.leases.exists(p.lease)? {
+                if p.lease != 0 && !self.leases.attachable(p.lease)? {
                     return Err(Error::LeaseNotFound);
                 }
                 Ok(())

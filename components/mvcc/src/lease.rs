@@ -37,8 +37,15 @@ pub fn owner_id(key: &[u8]) -> Option<i64> {
 /// asked only about leases whose owner keys lie in the write's spans (so
 /// they are latched or locked with the keys).
 pub trait LeaseView {
-    /// Whether lease `id` is granted.
+    /// Whether lease `id` is granted (being revoked or not).
     fn exists(&self, id: i64) -> Result<bool>;
+
+    /// Whether a key may be attached to lease `id`: [`LeaseView::exists`],
+    /// except that a lease being revoked fails with `LeaseRevoking` (the
+    /// put waits for the revoke, and then finds the lease gone).
+    fn attachable(&self, id: i64) -> Result<bool> {
+        self.exists(id)
+    }
 
     /// The keys attached to lease `id`, in key order: every key put with
     /// it since it was granted (a key put again without it, or deleted,
@@ -72,6 +79,7 @@ impl LeaseView for NoLeases {
 pub struct HeldLease {
     pub keys: Vec<Vec<u8>>,
     pub expired: bool,
+    pub revoking: bool,
 }
 
 /// The leases the participants of a transaction over several regions
@@ -84,6 +92,13 @@ pub struct FetchedLeases {
 impl LeaseView for FetchedLeases {
     fn exists(&self, id: i64) -> Result<bool> {
         Ok(self.held.contains_key(&id))
+    }
+
+    fn attachable(&self, id: i64) -> Result<bool> {
+        match self.held.get(&id) {
+            Some(l) if l.revoking => Err(crate::Error::LeaseRevoking),
+            held => Ok(held.is_some()),
+        }
     }
 
     fn attached(&self, id: i64) -> Result<Vec<Vec<u8>>> {

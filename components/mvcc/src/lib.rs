@@ -63,6 +63,10 @@ pub enum Error {
     /// clock (renewed, or promoted by a new leader).
     #[error("the lease has not expired")]
     LeaseNotExpired,
+    /// A put with a lease whose revoke is under way: retried until the
+    /// revoke is done (then "requested lease not found").
+    #[error("the lease is being revoked")]
+    LeaseRevoking,
     #[error("required revision has been compacted")]
     Compacted,
     #[error("required revision is a future revision")]

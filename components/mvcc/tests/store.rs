@@ -713,6 +713,7 @@ fn puts_attach_keys_and_revokes_delete_those_still_carrying_them() {
         HeldLease {
             keys: keys(&["a", "b", "c", "d"]),
             expired: false,
+            revoking: false,
         },
     );
     let revoke = |ks: &[&str], expired| {
@@ -762,6 +763,15 @@ fn puts_attach_keys_and_revokes_delete_those_still_carrying_them() {
         Some(b"a".to_vec())
     );
     drop(snap);
+    // While a revoke is under way a put with the lease waits (retryable).
+    db.leases.held.insert(
+        8,
+        HeldLease {
+            revoking: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(db.write(leased_put("x", 8)), Err(Error::LeaseRevoking));
     db.leases.held.clear();
     assert_eq!(db.write(revoke(&[], false)), Err(Error::LeaseNotFound));
 }

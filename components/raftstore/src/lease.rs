@@ -42,6 +42,11 @@
 //!   checkpoint reset through raft before the renewal is acknowledged
 //!   (a new leader would otherwise promote it with the stale remainder).
 //!   A lease already expired (its revoke in flight) is not renewed.
+//! * A revoke marks its lease on the leader's clock first
+//!   ([`LeaseClock::begin_revoke`]): until the revoke applies (or for
+//!   [`REVOKING_HOLD`]), a put with the lease evaluated on this leader, or
+//!   locking its owner key, waits (`LeaseRevoking`, retried), so a stream
+//!   of puts cannot keep adding keys the revoke has not listed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -63,6 +68,10 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
 /// How long an expired lease's revoke may be in flight before the leader
 /// proposes it again.
 pub const REVOKE_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a started revoke keeps puts with its lease waiting at most
+/// (a revoke that failed, or whose router went away, lets them go on).
+pub const REVOKING_HOLD: Duration = Duration::from_secs(10);
 
 /// The record of lease `id` as of `snap` (`None`: not held here).
 pub fn read_record(snap: &KvSnapshot<'_>, id: i64) -> Result<Option<LeaseRecord>> {
@@ -145,12 +154,29 @@ impl mvcc::lease::LeaseView for ReplicaLeases<'_> {
             .map_err(|e| mvcc::Error::Storage(e.to_string()))
     }
 
+    fn attachable(&self, id: i64) -> mvcc::Result<bool> {
+        if !self.exists(id)? {
+            return Ok(false);
+        }
+        if self.revoking(id) {
+            return Err(mvcc::Error::LeaseRevoking);
+        }
+        Ok(true)
+    }
+
     fn attached(&self, id: i64) -> mvcc::Result<Vec<Vec<u8>>> {
         attached_keys(self.kv, id).map_err(|e| mvcc::Error::Storage(e.to_string()))
     }
 
     fn expired(&self, id: i64) -> bool {
         self.clock.lock().is_expired(id, Instant::now())
+    }
+}
+
+impl ReplicaLeases<'_> {
+    /// Whether this leader's clock has a revoke of lease `id` under way.
+    pub fn revoking(&self, id: i64) -> bool {
+        self.clock.lock().is_revoking(id, Instant::now())
     }
 }
 
@@ -187,6 +213,9 @@ pub struct LeaseClock {
     /// Expired leases with keys attached, for the router to revoke (a
     /// revoke with keys needs a revision, and maybe other regions).
     keyed_expired: Vec<i64>,
+    /// Leases whose revoke started (see [`LeaseClock::begin_revoke`]), and
+    /// when.
+    revoking: HashMap<i64, Instant>,
 }
 
 fn seconds(d: Duration) -> i64 {
@@ -250,6 +279,38 @@ impl LeaseClock {
         self.leases.clear();
         self.last_checkpoint = None;
         self.keyed_expired.clear();
+        self.revoking.clear();
+    }
+
+    /// A revoke of lease `id` starts: until it is applied, or for
+    /// [`REVOKING_HOLD`] at most, keys are not attached to it here (the
+    /// puts wait), so the keys it lists stay all there are. `NotRunning`:
+    /// not the ready leader; `NotFound`: with `expired`, the lease is not
+    /// expired on this clock.
+    pub fn begin_revoke(
+        &mut self,
+        id: i64,
+        expired: bool,
+        now: Instant,
+    ) -> std::result::Result<(), ClockError> {
+        if !self.is_running() {
+            return Err(ClockError::NotRunning);
+        }
+        if expired && !self.is_expired(id, now) {
+            return Err(ClockError::NotFound);
+        }
+        self.revoking
+            .retain(|_, at| now.saturating_duration_since(*at) < REVOKING_HOLD);
+        self.revoking.insert(id, now);
+        Ok(())
+    }
+
+    /// Whether a revoke of lease `id` started less than [`REVOKING_HOLD`]
+    /// ago and is not applied yet.
+    pub(crate) fn is_revoking(&self, id: i64, now: Instant) -> bool {
+        self.revoking
+            .get(&id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < REVOKING_HOLD)
     }
 
     /// Expired lease `id` has keys attached: the router revokes it.
@@ -286,6 +347,8 @@ impl LeaseClock {
     /// A revoke applied.
     pub(crate) fn revoked(&mut self, id: i64) {
         self.leases.remove(&id);
+        self.keyed_expired.retain(|i| *i != id);
+        self.revoking.remove(&id);
     }
 
     /// A checkpoint applied.
@@ -460,5 +523,46 @@ mod tests {
             c.time_to_live(2, t + Duration::from_millis(200)),
             Ok((10, 10))
         );
+    }
+
+    #[test]
+    fn leases_handed_over_go_once_taken_or_revoked() {
+        let now = Instant::now();
+        let mut c = LeaseClock::default();
+        c.load(&[], 1, now);
+        c.hand_over(1);
+        c.hand_over(1);
+        c.hand_over(2);
+        assert_eq!(c.take_handed_over(), vec![1, 2]);
+        assert!(c.take_handed_over().is_empty());
+        c.hand_over(3);
+        c.revoked(3);
+        assert!(c.take_handed_over().is_empty(), "revoked meanwhile");
+        c.hand_over(4);
+        c.stop();
+        assert!(c.take_handed_over().is_empty(), "the lead lost");
+    }
+
+    #[test]
+    fn a_revoke_begun_holds_attachments_until_applied() {
+        let now = Instant::now();
+        let mut c = LeaseClock::default();
+        assert_eq!(c.begin_revoke(1, false, now), Err(ClockError::NotRunning));
+        c.load(&[], 1, now);
+        c.granted(1, 5, now);
+        assert_eq!(
+            c.begin_revoke(1, true, now),
+            Err(ClockError::NotFound),
+            "not expired"
+        );
+        assert!(!c.is_revoking(1, now));
+        c.begin_revoke(1, false, now).expect("begin");
+        assert!(c.is_revoking(1, now));
+        assert!(
+            !c.is_revoking(1, now + REVOKING_HOLD),
+            "held for a while only"
+        );
+        c.revoked(1);
+        assert!(!c.is_revoking(1, now));
     }
 }

@@ -273,6 +273,19 @@ impl RegionHandle {
         lease::attached_keys(view.kv(), id)
     }
 
+    /// Starts a revoke of lease `id` on this replica's clock (see
+    /// `LeaseClock::begin_revoke`), as [`RegionHandle::renew_lease`].
+    pub fn begin_lease_revoke(
+        &self,
+        id: i64,
+        expired: bool,
+    ) -> std::result::Result<(), ClockError> {
+        self.shared
+            .leases
+            .lock()
+            .begin_revoke(id, expired, Instant::now())
+    }
+
     /// The expired leases with keys attached that the leader's clock handed
     /// over since the last call: the router revokes them (a revoke with
     /// keys takes a revision, and maybe other regions), through the clock's

@@ -33,14 +33,14 @@ async fn lease_cmd(h: &RegionHandle, op: Op) -> raftstore::Result<()> {
     h.propose(cmd).await.map(|_| ())
 }
 
+/// Whether `node`'s replica holds lease `id` (not while it cannot be
+/// read: installing a snapshot).
 fn held(c: &Cluster, node: u64, id: i64) -> bool {
     let h = c.handle(node);
     let mvcc = c.store(node).mvcc();
     let view = mvcc.snapshot();
     h.lease_records(&view)
-        .expect("records")
-        .iter()
-        .any(|r| r.id == id)
+        .is_ok_and(|records| records.iter().any(|r| r.id == id))
 }
 
 /// A leader whose clock runs (it may take a tick after the election).
@@ -202,10 +202,9 @@ async fn a_checkpoint_keeps_the_remaining_ttl_across_leaders() {
     );
 }
 
-/// A follower far behind gets the region by snapshot, lease records
-/// included, and runs them once it leads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_region_snapshot_carries_the_leases() {
+/// A cluster whose log is truncated early, its leader's clock running,
+/// and a follower stopped: the cluster, the leader, the follower.
+async fn a_follower_down() -> (Cluster, RegionHandle, u64) {
     let c = Cluster::with_options(
         3,
         StoreOptions {
@@ -220,12 +219,14 @@ async fn a_region_snapshot_carries_the_leases() {
         .find(|n| *n != leader)
         .expect("a follower");
     c.stop_node(down);
-    lease_cmd(&h, Op::Grant(LeaseGrant { id: 11, ttl: 600 }))
-        .await
-        .expect("grant");
-    let mut rev = 1;
+    (c, h, down)
+}
+
+/// Writes past the log's truncation (from revision `rev`) and restarts
+/// the stopped follower `down`, which catches up by a region snapshot.
+async fn catch_up_by_snapshot(c: &Cluster, down: u64, rev: &mut i64) {
     for i in 0..40 {
-        c.must_put(&mut rev, &format!("k{i:02}"), "v").await;
+        c.must_put(rev, &format!("k{i:02}"), "v").await;
     }
     let before = c.router.snapshots_delivered();
     c.restart_node(down);
@@ -233,6 +234,17 @@ async fn a_region_snapshot_carries_the_leases() {
         c.router.snapshots_delivered() > before
     })
     .await;
+}
+
+/// A follower far behind gets the region by snapshot, lease records
+/// included, and runs them once it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_region_snapshot_carries_the_leases() {
+    let (c, h, down) = a_follower_down().await;
+    lease_cmd(&h, Op::Grant(LeaseGrant { id: 11, ttl: 600 }))
+        .await
+        .expect("grant");
+    catch_up_by_snapshot(&c, down, &mut 1).await;
     wait_for(
         "the lease on the restarted node",
         Duration::from_secs(20),
@@ -350,29 +362,18 @@ async fn write_with(
     h.propose(cmd).await.map(|_| ())
 }
 
+/// The keys attached to lease `id` on `node`'s replica (none while it
+/// cannot be read).
 fn keys_of(c: &Cluster, node: u64, id: i64) -> Vec<Vec<u8>> {
     let mvcc = c.store(node).mvcc();
     let view = mvcc.snapshot();
-    c.handle(node).lease_keys(&view, id).expect("lease keys")
+    c.handle(node).lease_keys(&view, id).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn attached_keys_travel_with_the_lease_and_go_with_its_revoke() {
     use mutation::Op::{Attach, Revoke};
-    let c = Cluster::with_options(
-        3,
-        StoreOptions {
-            log_gc_threshold: 8,
-            ..Default::default()
-        },
-    );
-    let (leader, h) = running_leader(&c).await;
-    let down = c
-        .nodes()
-        .into_iter()
-        .find(|n| *n != leader)
-        .expect("a follower");
-    c.stop_node(down);
+    let (c, h, down) = a_follower_down().await;
     lease_cmd(&h, Op::Grant(LeaseGrant { id: 31, ttl: 600 }))
         .await
         .expect("grant");
@@ -399,16 +400,8 @@ async fn attached_keys_travel_with_the_lease_and_go_with_its_revoke() {
         ),
         "{keyless:?}"
     );
-    for i in 0..40 {
-        c.must_put(&mut rev, &format!("k{i:02}"), "v").await;
-    }
     // The follower catches up by snapshot, attachment included.
-    let before = c.router.snapshots_delivered();
-    c.restart_node(down);
-    wait_for("a snapshot", Duration::from_secs(20), || {
-        c.router.snapshots_delivered() > before
-    })
-    .await;
+    catch_up_by_snapshot(&c, down, &mut rev).await;
     wait_for("the attachment there", Duration::from_secs(20), || {
         c.try_region(down, REGION_ID).is_some() && keys_of(&c, down, 31) == vec![b"k".to_vec()]
     })

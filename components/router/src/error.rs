@@ -74,6 +74,8 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Region(e) => e.is_retryable(),
+            // A put waiting for its lease's revoke.
+            Error::Mvcc(mvcc::Error::LeaseRevoking) => true,
             Error::NoRegion(_) | Error::Unreachable { .. } => true,
             Error::Pd(e) => matches!(e, PdError::NotLeader(_) | PdError::Unavailable(_)),
             Error::Mvcc(_) | Error::CrossRegion | Error::OutcomeUnknown(_) | Error::Internal(_) => {

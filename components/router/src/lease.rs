@@ -67,12 +67,22 @@ const KEY_READS: usize = 64;
 /// A lease operation (see the contract).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeaseOp {
-    Grant { id: i64, ttl: i64 },
+    Grant {
+        id: i64,
+        ttl: i64,
+    },
     Revoke(i64),
     Renew(i64),
     TimeToLive(i64),
     List,
     Keys(i64),
+    /// `Keys`, after marking the lease as being revoked on its leader's
+    /// clock (puts with it wait meanwhile); with `expired`, only if that
+    /// clock has it expired (`LeaseNotExpired` otherwise).
+    BeginRevoke {
+        id: i64,
+        expired: bool,
+    },
 }
 
 /// What a lease operation answers.
@@ -98,6 +108,7 @@ impl LeaseOp {
     }
 
     pub fn to_wire(&self, header: forwardpb::RequestHeader) -> forwardpb::LeaseRequest {
+        let expired = matches!(self, LeaseOp::BeginRevoke { expired: true, .. });
         let (kind, id, ttl) = match *self {
             LeaseOp::Grant { id, ttl } => (Kind::Grant, id, ttl),
             LeaseOp::Revoke(id) => (Kind::Revoke, id, 0),
@@ -105,12 +116,14 @@ impl LeaseOp {
             LeaseOp::TimeToLive(id) => (Kind::TimeToLive, id, 0),
             LeaseOp::List => (Kind::List, 0, 0),
             LeaseOp::Keys(id) => (Kind::Keys, id, 0),
+            LeaseOp::BeginRevoke { id, .. } => (Kind::BeginRevoke, id, 0),
         };
         forwardpb::LeaseRequest {
             header: Some(header),
             kind: kind as i32,
             id,
             ttl,
+            expired,
         }
     }
 
@@ -127,6 +140,10 @@ impl LeaseOp {
             Kind::TimeToLive => LeaseOp::TimeToLive(req.id),
             Kind::List => LeaseOp::List,
             Kind::Keys => LeaseOp::Keys(req.id),
+            Kind::BeginRevoke => LeaseOp::BeginRevoke {
+                id: req.id,
+                expired: req.expired,
+            },
         })
     }
 
@@ -140,7 +157,7 @@ impl LeaseOp {
                 remaining: resp.remaining_ttl,
             },
             LeaseOp::List => LeaseAnswer::Listed(resp.ids),
-            LeaseOp::Keys(_) => LeaseAnswer::Keys(resp.keys),
+            LeaseOp::Keys(_) | LeaseOp::BeginRevoke { .. } => LeaseAnswer::Keys(resp.keys),
         }
     }
 }
@@ -191,7 +208,8 @@ impl Router {
             LeaseOp::Grant { id, .. }
             | LeaseOp::Renew(id)
             | LeaseOp::TimeToLive(id)
-            | LeaseOp::Keys(id) => id,
+            | LeaseOp::Keys(id)
+            | LeaseOp::BeginRevoke { id, .. } => id,
         };
         let span = owner_of(id);
         self.lease_in_region(op, &span).await
@@ -228,7 +246,8 @@ impl Router {
         let span = owner_of(id);
         let deadline = Instant::now() + RETRY_DEADLINE;
         loop {
-            let keys = match self.lease_in_region(LeaseOp::Keys(id), &span).await? {
+            let begin = LeaseOp::BeginRevoke { id, expired };
+            let keys = match self.lease_in_region(begin, &span).await? {
                 LeaseAnswer::Keys(keys) => keys,
                 _ => return Err(Error::Internal("a lease's keys answered otherwise".into())),
             };
@@ -253,8 +272,8 @@ impl Router {
 
     /// Every [`EXPIRY_INTERVAL`], revokes the expired leases with keys the
     /// clocks of the regions led here handed over (see the contract),
-    /// [`EXPIRY_CONCURRENCY`] at a time, within the task (stopping it stops them); a revoke
-    /// that fails is handed over again by the clock
+    /// [`EXPIRY_CONCURRENCY`] at a time, within the task (stopping it
+    /// stops them); a revoke that fails is handed over again by the clock
     /// (`raftstore::lease::REVOKE_RETRY`). Ends with the router.
     pub fn start_lease_expiry(self: &Arc<Router>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
@@ -352,17 +371,9 @@ async fn lease_on_leader(
             propose(handle, Op::Revoke(LeaseRevoke { id })).await?;
             Ok(LeaseAnswer::Done)
         }
-        LeaseOp::Keys(id) => {
-            handle.read_index().await?;
-            let view = mvcc.snapshot();
-            if let Some(piece) = piece {
-                let state = handle.read_state(&view)?;
-                check_spans(&state.region, std::slice::from_ref(piece))?;
-            }
-            if !handle.lease_view(&view).exists(id)? {
-                return Err(Error::Mvcc(mvcc::Error::LeaseNotFound));
-            }
-            Ok(LeaseAnswer::Keys(handle.lease_keys(&view, id)?))
+        LeaseOp::Keys(id) => attached_keys(mvcc, handle, id, piece, None).await,
+        LeaseOp::BeginRevoke { id, expired } => {
+            attached_keys(mvcc, handle, id, piece, Some(expired)).await
         }
         LeaseOp::Renew(id) => {
             handle.read_index().await?;
@@ -399,6 +410,44 @@ async fn lease_on_leader(
             Ok(LeaseAnswer::Listed(ids))
         }
     }
+}
+
+/// The keys attached to lease `id` on the leader `handle`, after a read
+/// barrier; with `revoke` (`Some(expired)`), once its revoke is marked
+/// begun on the clock, so no key is attached to it meanwhile (a put
+/// evaluated before the mark and applied after it is found by the
+/// revoke's lock, and the revoke lists the keys again).
+async fn attached_keys(
+    mvcc: &MvccStore,
+    handle: &RegionHandle,
+    id: i64,
+    piece: Option<&KeyRange>,
+    revoke: Option<bool>,
+) -> Result<LeaseAnswer> {
+    handle.read_index().await?;
+    let exists = |view: &mvcc::MvccSnapshot<'_>| -> Result<()> {
+        if let Some(piece) = piece {
+            let state = handle.read_state(view)?;
+            check_spans(&state.region, std::slice::from_ref(piece))?;
+        }
+        match handle.lease_view(view).exists(id)? {
+            true => Ok(()),
+            false => Err(Error::Mvcc(mvcc::Error::LeaseNotFound)),
+        }
+    };
+    if let Some(expired) = revoke {
+        // Marked only once it is known to exist; listed after the mark.
+        exists(&mvcc.snapshot())?;
+        handle
+            .begin_lease_revoke(id, expired)
+            .map_err(|e| match e {
+                ClockError::NotFound => Error::Mvcc(mvcc::Error::LeaseNotExpired),
+                e => clock_error(handle, e),
+            })?;
+    }
+    let view = mvcc.snapshot();
+    exists(&view)?;
+    Ok(LeaseAnswer::Keys(handle.lease_keys(&view, id)?))
 }
 
 fn clock_error(handle: &RegionHandle, e: ClockError) -> Error {

@@ -254,11 +254,21 @@ fn node_of(region: &metapb::Region, peer_id: u64) -> Option<u64> {
 /// Every key range a write may read or change, over both txn branches;
 /// the owner key of every lease it attaches keys to or revokes.
 pub(crate) fn write_spans(req: &WriteRequest) -> Vec<KeyRange> {
+    spans_of(req, true)
+}
+
+/// [`write_spans`] without the owner keys of the leases a put attaches
+/// keys to: what a region leader latches (see `leader`).
+pub(crate) fn key_spans(req: &WriteRequest) -> Vec<KeyRange> {
+    spans_of(req, false)
+}
+
+fn spans_of(req: &WriteRequest, owners: bool) -> Vec<KeyRange> {
     let mut spans = Vec::new();
     match req {
-        WriteRequest::Put(p) => put_spans(p, &mut spans),
+        WriteRequest::Put(p) => put_spans(p, owners, &mut spans),
         WriteRequest::DeleteRange(d) => spans.push(KeyRange::from_etcd(&d.key, &d.range_end)),
-        WriteRequest::Txn(t) => txn_spans(t, &mut spans),
+        WriteRequest::Txn(t) => txn_spans(t, owners, &mut spans),
         WriteRequest::LeaseRevoke(r) => {
             spans.push(KeyRange::from_etcd(&owner_key(r.id), &[]));
             spans.extend(r.keys.iter().map(|k| KeyRange::from_etcd(k, &[])));
@@ -267,25 +277,25 @@ pub(crate) fn write_spans(req: &WriteRequest) -> Vec<KeyRange> {
     spans
 }
 
-fn put_spans(p: &PutRequest, spans: &mut Vec<KeyRange>) {
+fn put_spans(p: &PutRequest, owners: bool, spans: &mut Vec<KeyRange>) {
     spans.push(KeyRange::from_etcd(&p.key, &[]));
-    if p.lease != 0 {
+    if owners && p.lease != 0 {
         spans.push(KeyRange::from_etcd(&owner_key(p.lease), &[]));
     }
 }
 
-fn txn_spans(t: &TxnRequest, spans: &mut Vec<KeyRange>) {
+fn txn_spans(t: &TxnRequest, owners: bool, spans: &mut Vec<KeyRange>) {
     for c in &t.compare {
         spans.push(KeyRange::from_etcd(&c.key, &c.range_end));
     }
     for op in t.success.iter().chain(&t.failure) {
         match &op.request {
             Some(Request::RequestRange(r)) => spans.push(KeyRange::from_etcd(&r.key, &r.range_end)),
-            Some(Request::RequestPut(p)) => put_spans(p, spans),
+            Some(Request::RequestPut(p)) => put_spans(p, owners, spans),
             Some(Request::RequestDeleteRange(d)) => {
                 spans.push(KeyRange::from_etcd(&d.key, &d.range_end))
             }
-            Some(Request::RequestTxn(inner)) => txn_spans(inner, spans),
+            Some(Request::RequestTxn(inner)) => txn_spans(inner, owners, spans),
             None => {}
         }
     }

@@ -337,6 +337,7 @@ impl Router {
                     HeldLease {
                         keys: held.keys.clone(),
                         expired: held.expired,
+                        revoking: held.revoking,
                     },
                 );
             }

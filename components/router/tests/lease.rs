@@ -12,24 +12,8 @@ use proto::etcdserverpb::PutRequest;
 use proto::mvccpb::event::EventType;
 use router::lease::{LeaseAnswer, LeaseOp};
 use router::Router;
+use test_support::router_cluster::must;
 use test_support::RouterCluster;
-
-async fn must<T, F, Fut>(what: &str, mut op: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = router::Result<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{what} failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
 
 fn leased_put(key: &str, lease: i64) -> WriteRequest {
     WriteRequest::Put(PutRequest {
@@ -121,4 +105,65 @@ async fn expired_keys_over_regions_vanish_at_one_revision_once() {
     };
     let b = must("get b", || r1.range(&get_b)).await;
     assert_eq!(b.kvs.first().map(|kv| kv.lease), Some(8), "{b:?}");
+}
+
+/// Puts with one lease race its revoke, in one region and with the lease
+/// in another region than the keys: afterwards no key carries the lease
+/// (each put either came before the revoke, which deleted its key, or
+/// failed with "requested lease not found").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn puts_racing_a_revoke_leave_no_key_on_it() {
+    let cluster = RouterCluster::new(3).await;
+    cluster.leader().await;
+    let router = cluster.router(1).expect("node 1");
+    for (round, split) in [(1, None), (2, Some(&b"\xff\xfe"[..]))] {
+        if let Some(key) = split {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while let Err(e) = cluster.split(key).await {
+                assert!(Instant::now() < deadline, "split: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let id = 100 + round;
+        must("grant", || lease(&router, LeaseOp::Grant { id, ttl: 600 })).await;
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let mut written = 0;
+                    for i in 0.. {
+                        let req = leased_put(&format!("r{round}/w{w}/{i:04}"), id);
+                        match router.write(&req).await {
+                            Ok(_) => written += 1,
+                            Err(router::Error::Mvcc(mvcc::Error::LeaseNotFound)) => break,
+                            Err(_) => {}
+                        }
+                    }
+                    written
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        must("revoke", || lease(&router, LeaseOp::Revoke(id))).await;
+        let mut written = 0;
+        for w in writers {
+            written += w.await.expect("writer");
+        }
+        assert!(
+            written > 0,
+            "round {round}: nothing written before the revoke"
+        );
+        let all = proto::etcdserverpb::RangeRequest {
+            key: format!("r{round}/").into_bytes(),
+            range_end: format!("r{round}0").into_bytes(),
+            ..Default::default()
+        };
+        let left = must("range", || router.range(&all)).await;
+        let on_lease: Vec<_> = left.kvs.iter().filter(|kv| kv.lease == id).collect();
+        assert!(
+            on_lease.is_empty(),
+            "round {round}: {} of {written} keys outlived their lease",
+            on_lease.len()
+        );
+    }
 }

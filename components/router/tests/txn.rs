@@ -23,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use router::Router;
 use test_support::history;
 use test_support::requests::{delete_op, put_op};
+use test_support::router_cluster::must;
 use test_support::{OracleFault, RaftFault, RaftNemesis, RaftNemesisConfig, RouterCluster};
 
 fn txn(ops: Vec<RequestOp>) -> WriteRequest {
@@ -48,23 +49,6 @@ fn from_a() -> RangeRequest {
         key: b"a".to_vec(),
         range_end: vec![0],
         ..Default::default()
-    }
-}
-
-async fn must<T, F, Fut>(what: &str, mut op: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = router::Result<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{what} failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 }
 

@@ -38,7 +38,9 @@ pub fn status(err: router::Error) -> Status {
             M::LeaseExists => Status::failed_precondition("etcdserver: lease already exists"),
             // A revoke that kept meeting new attachments until its retries
             // ran out: nothing applied, a client may try again.
-            M::LeaseKeysChanged => Status::unavailable("etcdserver: leader changed"),
+            M::LeaseKeysChanged | M::LeaseRevoking => {
+                Status::unavailable("etcdserver: leader changed")
+            }
             // Only the revokes of expired leases ask for it.
             M::LeaseNotExpired => Status::internal("etcdserver: the lease has not expired"),
             M::Compacted => {

@@ -503,3 +503,23 @@ impl RouterCluster {
         }
     }
 }
+
+/// Runs `op` until it succeeds (30 s at most, then fails the test with
+/// `what` and the last error): for requests a fault may refuse for a
+/// while.
+pub async fn must<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = router::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what} failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

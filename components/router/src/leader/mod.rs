@@ -8,8 +8,12 @@
 //! A write, step by step (one future, the caller's; nothing it holds is
 //! lost if the caller goes away):
 //! 1. latch the keys it touches ([`latches`]): single keys by hashed slot,
-//!    any key range the whole region; then wait until no transaction over
-//!    several regions holds a lock on them ([`txn`]);
+//!    any key range the whole region — not the owner keys of the leases it
+//!    attaches keys to: attachments of different keys commute, apply
+//!    refuses one whose lease is gone, and a revoke (a transaction) finds
+//!    an attachment applied before its lock, so puts with one lease run
+//!    side by side; then wait until no transaction over several regions
+//!    holds a lock on them, owner keys included ([`txn`]);
 //! 2. on the ready leader of term T, evaluate it (`mvcc::exec`) against one
 //!    RocksDB snapshot, with the compaction revision read from the same
 //!    snapshot;
@@ -85,6 +89,8 @@ use crate::locate::covers;
 use crate::{Error, Result};
 use inflight::Inflight;
 use latches::{LatchSet, Latches};
+
+use crate::locate::key_spans;
 use sequencer::{Job, Sequencer};
 
 /// How long a write waits for its outcome before answering "outcome
@@ -122,7 +128,7 @@ impl RegionLeader {
         req: &WriteRequest,
         spans: &[KeyRange],
     ) -> Result<WriteResponse> {
-        let latches = self.latches.acquire(LatchSet::of(spans)).await;
+        let latches = self.latches.acquire(LatchSet::of(&key_spans(req))).await;
         // A transaction over several regions holding some of the keys
         // commits without latches; its lock is what keeps this write out.
         txn::wait_unlocked(handle, spans, 0).await?;

@@ -283,6 +283,7 @@ fn held_leases(
                 id,
                 keys: leases.attached(id)?,
                 expired: leases.expired(id),
+                revoking: leases.revoking(id),
             });
         }
     }
