@@ -512,13 +512,13 @@ impl TxnContext<'_> {
         if r.expired && !self.leases.expired(r.id) {
             return Err(Error::LeaseNotExpired);
         }
-        let attached = self.leases.attached(r.id)?;
-        if attached.iter().any(|k| !r.keys.contains(k)) {
-            return Err(Error::LeaseKeysChanged);
-        }
         let mut keys = r.keys.clone();
         keys.sort_unstable();
         keys.dedup();
+        let attached = self.leases.attached(r.id)?;
+        if attached.iter().any(|k| keys.binary_search(k).is_err()) {
+            return Err(Error::LeaseKeysChanged);
+        }
         for key in keys {
             if self.current(&key)?.is_some_and(|kv| kv.lease == r.id) {
                 self.mutations.push(Mutation {

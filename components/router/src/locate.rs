@@ -18,11 +18,12 @@
 //! becomes the hint; any region error or unreachable node drops a hint
 //! pointing at the node that failed.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mvcc::exec::WriteRequest;
-use mvcc::lease::owner_key;
+use mvcc::lease::{owner_id, owner_key};
 use mvcc::KeyRange;
 use proto::etcdserverpb::{request_op::Request, PutRequest, TxnRequest};
 use proto::metapb;
@@ -257,10 +258,18 @@ pub(crate) fn write_spans(req: &WriteRequest) -> Vec<KeyRange> {
     spans_of(req, true)
 }
 
-/// [`write_spans`] without the owner keys of the leases a put attaches
-/// keys to: what a region leader latches (see `leader`).
-pub(crate) fn key_spans(req: &WriteRequest) -> Vec<KeyRange> {
-    spans_of(req, false)
+/// What a region leader latches of a write's `spans` (its
+/// [`write_spans`]): all but the owner keys of the leases a put attaches
+/// keys to (see `leader`); `spans` themselves when there are none.
+pub(crate) fn latch_spans<'a>(req: &WriteRequest, spans: &'a [KeyRange]) -> Cow<'a, [KeyRange]> {
+    let leased = spans
+        .iter()
+        .any(|s| s.end.is_none() && owner_id(&s.start).is_some());
+    if leased {
+        Cow::Owned(spans_of(req, false))
+    } else {
+        Cow::Borrowed(spans)
+    }
 }
 
 fn spans_of(req: &WriteRequest, owners: bool) -> Vec<KeyRange> {

@@ -90,7 +90,7 @@ use crate::{Error, Result};
 use inflight::Inflight;
 use latches::{LatchSet, Latches};
 
-use crate::locate::key_spans;
+use crate::locate::latch_spans;
 use sequencer::{Job, Sequencer};
 
 /// How long a write waits for its outcome before answering "outcome
@@ -128,7 +128,10 @@ impl RegionLeader {
         req: &WriteRequest,
         spans: &[KeyRange],
     ) -> Result<WriteResponse> {
-        let latches = self.latches.acquire(LatchSet::of(&key_spans(req))).await;
+        let latches = self
+            .latches
+            .acquire(LatchSet::of(&latch_spans(req, spans)))
+            .await;
         // A transaction over several regions holding some of the keys
         // commits without latches; its lock is what keeps this write out.
         txn::wait_unlocked(handle, spans, 0).await?;
